@@ -1,0 +1,22 @@
+"""User-facing errors: one line that names the problem and the fix.
+
+The CLI and the trainer scripts catch :class:`BNASError` and print ``error: <message>`` without a
+traceback, then exit with status 2.
+"""
+from __future__ import annotations
+
+
+class BNASError(Exception):
+    """A mistake in the user's input (a file, a name, a flag) rather than a bug in bnas-nni."""
+
+
+class ConfigError(BNASError):
+    """A YAML file, config key or command-line override is invalid."""
+
+
+class CheckpointError(BNASError):
+    """A checkpoint does not fit the network it is loaded into."""
+
+
+class DatasetError(BNASError):
+    """A dataset is missing or laid out differently than the loader expects."""
