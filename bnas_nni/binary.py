@@ -26,7 +26,8 @@ from typing import Callable, Dict, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .errors import ConfigError
 
 __all__ = [
     'ActivationQuantizer', 'WeightBinarizer', 'register_activation', 'register_binarizer',
@@ -64,7 +65,7 @@ def get_activation(name: str) -> ActivationQuantizer:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise KeyError(f'unknown activation quantizer {name!r}; choose one of {sorted(ACTIVATIONS)}') from None
+        raise ConfigError(f'unknown activation quantizer {name!r}; choose one of {sorted(ACTIVATIONS)}') from None
 
 
 class _SignSTE(torch.autograd.Function):
@@ -142,7 +143,7 @@ def get_binarizer(name: str) -> WeightBinarizer:
     try:
         return BINARIZERS[name]
     except KeyError:
-        raise KeyError(f'unknown weight binarizer {name!r}; choose one of {sorted(BINARIZERS)}') from None
+        raise ConfigError(f'unknown weight binarizer {name!r}; choose one of {sorted(BINARIZERS)}') from None
 
 
 def _xnor_constrain(w: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""The ``bnas-nni`` command line: ``search``, ``train``, ``eval``, ``summary``, ``data``.
+
+Each subcommand lives beside the code it drives and registers itself through a
+``register(subparsers)`` function that adds its parser and sets ``func``; heavy imports (NNI,
+Lightning) happen inside ``func`` so ``bnas-nni --help`` stays fast. User mistakes surface as one
+line (``error: ...``) and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from typing import List, Optional
+
+from .errors import BNASError
+
+# subcommand modules, each with ``register(subparsers)``
+COMMAND_MODULES = (
+    'bnas_nni.strategy.search_cli',   # search
+    'bnas_nni.training.cli',          # train, eval
+    'bnas_nni.summary',               # summary
+    'bnas_nni.data',                  # data
+)
+
+
+def quiet_warnings() -> None:
+    """Silence known-harmless warnings of NNI 3.0 on torch 2.14 / Lightning 2.6 (see the README)."""
+    warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+    warnings.filterwarnings('ignore', message='.*LeafSpec.*')
+    warnings.filterwarnings('ignore', category=DeprecationWarning)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='bnas-nni', description=__doc__.splitlines()[0])
+    from . import __version__
+    parser.add_argument('--version', action='version', version=f'bnas-nni {__version__}')
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # not written yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    quiet_warnings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, 'func', None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except BNASError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted; the run directory is resumable with --resume', file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())
