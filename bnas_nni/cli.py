@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from typing import List, Optional
 
-from .errors import BNASError
+# Spinning OpenMP workers slow torch 30-100x on a busy 2-core machine; sleeping ones cost ~nothing.
+# Must be set before torch is imported; a user's own setting wins.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+from .errors import BNASError  # noqa: E402
 
 # subcommand modules, each with ``register(subparsers)``
 COMMAND_MODULES = (

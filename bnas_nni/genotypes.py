@@ -135,7 +135,10 @@ def load_genotype(name_or_path: str | os.PathLike) -> Genotype:
         return name_or_path
     path = resolve_named_file(name_or_path, genotypes_dir(), 'genotype')
     data = load_yaml(path)
-    return Genotype.from_dict(data, name=path.stem)
+    try:
+        return Genotype.from_dict(data, name=path.stem)
+    except ConfigError as exc:
+        raise ConfigError(f'{path}: {exc}') from None
 
 
 def save_genotype(genotype: Genotype, path: str | os.PathLike, **meta: Any) -> Path:
