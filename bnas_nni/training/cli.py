@@ -1,0 +1,156 @@
+"""``bnas-nni train`` and ``bnas-nni eval``.
+
+``train`` resolves ``--config`` plus the flags below once (see :mod:`bnas_nni.training.config`),
+saves the result in the run directory and trains; under ``torchrun`` every rank runs it. ``eval``
+scores a checkpoint (ours, or an official one with ``--official``) and prints top-1/top-5.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Dict, List, Optional
+
+__all__ = ['register', 'add_common_arguments', 'overrides_from_args', 'train_main']
+
+# flag -> config key (None values are "not given")
+_FLAGS = (
+    ('--model', 'model', str, 'model config name (search_spaces/models.yaml): bnas-a, bnas-d .. bnas-h'),
+    ('--arch', 'genotype', str, 'genotype name or YAML path (overrides the model config\'s)'),
+    ('--layers', 'layers', int, 'number of cells'),
+    ('--init-channels', 'init_channels', int, 'initial channels C'),
+    ('--num-classes', 'num_classes', int, 'classifier outputs'),
+    ('--precision-rule', 'precision_rule', str, 'standard | official-2020-11 | official-2020-08'),
+    ('--dataset', 'dataset', str, 'cifar10 | fashion-mnist | imagenet'),
+    ('--data', 'data', str, 'dataset root'),
+    ('--batch-size', 'batch_size', int, 'batch size per process'),
+    ('--workers', 'workers', int, 'data loader workers per process'),
+    ('--device', 'device', str, 'auto | cpu | cuda | cuda:N'),
+    ('--amp', 'amp', str, 'mixed precision: bf16 | fp16 (default: fp32)'),
+    ('--threads', 'threads', int, 'CPU threads (torch.set_num_threads)'),
+    ('--max-val-batches', 'max_val_batches', int, 'stop validation after N batches (smoke runs)'),
+    ('--val-subset', 'val_subset', int, 'use only the first N validation images'),
+)
+_TRAIN_FLAGS = (
+    ('--epochs', 'epochs', int, 'training epochs'),
+    ('--lr', 'lr', float, 'peak learning rate'),
+    ('--weight-decay', 'weight_decay', float, 'SGD weight decay'),
+    ('--momentum', 'momentum', float, 'SGD momentum (the one-cycle schedule overrides it per step)'),
+    ('--drop-path-prob', 'drop_path_prob', float, 'final drop-path probability'),
+    ('--label-smoothing', 'label_smoothing', float, 'label smoothing epsilon'),
+    ('--grad-clip', 'grad_clip', float, 'max gradient norm'),
+    ('--seed', 'seed', int, 'random seed'),
+    ('--run-dir', 'run_dir', str, 'run directory (default runs/<name>, or the NNI trial folder)'),
+    ('--name', 'name', str, 'run name'),
+    ('--train-subset', 'train_subset', int, 'use only the first N training images'),
+    ('--max-train-batches', 'max_train_batches', int, 'stop each epoch after N batches (smoke runs)'),
+    ('--report-freq', 'report_freq', int, 'log a train/valid line every N steps'),
+)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, train: bool = True) -> None:
+    """The flags shared by ``bnas-nni train``, ``trainers/*.py`` and (without training ones) ``eval``."""
+    p.add_argument('--config', default=None, help='trainer YAML (experiments/train_*.yaml)')
+    for flag, key, typ, help_ in _FLAGS + (_TRAIN_FLAGS if train else ()):
+        p.add_argument(flag, dest=key, type=typ, default=None, help=help_)
+    p.add_argument('--channels-last', dest='channels_last', action='store_const', const=True, default=None,
+                   help='channels-last memory format')
+    p.add_argument('--set', dest='set_items', action='append', default=[], metavar='KEY=VALUE',
+                   help='any other config key, e.g. --set schedule=constant (repeatable)')
+
+
+def overrides_from_args(args: argparse.Namespace, train: bool = True) -> Dict[str, Any]:
+    from .config import parse_set_items
+
+    out = {key: getattr(args, key) for _, key, _, _ in _FLAGS + (_TRAIN_FLAGS if train else ())}
+    out['channels_last'] = args.channels_last
+    out.update(parse_set_items(args.set_items))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _cmd_train(args: argparse.Namespace, task: Optional[str] = None) -> int:
+    from ..cli import quiet_warnings
+    from .engine import run_training
+
+    quiet_warnings()
+    resume = args.resume
+    run_training(args.config, overrides_from_args(args), task=task or args.task, resume=resume)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from .checkpoint import read_checkpoint
+    from .config import resolve_config
+    from .engine import run_evaluation
+
+    overrides = overrides_from_args(args, train=False)
+    base_cfg: Optional[Dict[str, Any]] = None
+    if not args.official and args.config is None:
+        obj = read_checkpoint(args.checkpoint)
+        if isinstance(obj, dict) and isinstance(obj.get('config'), dict):
+            base_cfg = obj['config']       # our checkpoint: evaluate it as it was trained
+    if base_cfg is not None:
+        from .config import apply_overrides
+
+        cfg = dict(base_cfg)
+        apply_overrides(cfg, overrides, 'command line')
+    else:
+        if args.official and 'precision_rule' not in overrides:
+            overrides['precision_rule'] = 'official-2020-08'
+        if 'model' not in overrides and args.config is None:
+            raise ConfigError('eval needs --model (or --config) to know which network the checkpoint holds')
+        task = args.task
+        if task is None and args.config is None:
+            from ..networks import model_config
+
+            task = 'imagenet' if model_config(overrides['model']).get('dataset') == 'imagenet' else 'cifar'
+        cfg = resolve_config(args.config, overrides, task)
+    res = run_evaluation(cfg, args.checkpoint, official=args.official)
+    print(f"top1 {res['top1']:.4f} top5 {res['top5']:.4f} loss {res['loss']:.6f} "
+          f"({res['n']} images, {cfg['dataset']})")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``train`` and ``eval`` to the ``bnas-nni`` command line."""
+    t = subparsers.add_parser('train', help='train a derived architecture (CIFAR-10 or ImageNet recipe)',
+                              description='Train a derived BNAS architecture. Under torchrun every rank runs this.')
+    add_common_arguments(t)
+    t.add_argument('--task', choices=('cifar', 'imagenet'), default=None,
+                   help='trainer (default: the config\'s task, or imagenet for dataset imagenet)')
+    t.add_argument('--resume', nargs='?', const=True, default=None, metavar='CHECKPOINT',
+                   help='continue the run directory\'s checkpoint, or the given checkpoint / run dir')
+    t.set_defaults(func=_cmd_train)
+
+    e = subparsers.add_parser('eval', help='top-1/top-5 of a checkpoint (ours or official)',
+                              description='Evaluate a checkpoint on the validation set and print top-1/top-5.')
+    e.add_argument('--checkpoint', required=True, help='checkpoint file or run directory')
+    add_common_arguments(e, train=False)
+    e.add_argument('--task', choices=('cifar', 'imagenet'), default=None)
+    e.add_argument('--official', action='store_true',
+                   help='the checkpoint comes from gistvision/bnas (maps its key names; precision rule '
+                        'official-2020-08 unless --precision-rule says otherwise)')
+    e.set_defaults(func=_cmd_eval)
+
+
+def train_main(task: str, argv: Optional[List[str]] = None) -> int:
+    """Entry of ``trainers/train_{cifar10,imagenet}.py``: the ``train`` flags with the task fixed;
+    user mistakes print one line and exit 2, like ``bnas-nni``."""
+    from ..cli import quiet_warnings
+    from ..errors import BNASError
+
+    quiet_warnings()
+    p = argparse.ArgumentParser(prog=f'train_{"cifar10" if task == "cifar" else task}.py',
+                                description=f'BNAS {task} trainer (see experiments/train_*.yaml).')
+    add_common_arguments(p)
+    p.add_argument('--resume', nargs='?', const=True, default=None, metavar='CHECKPOINT')
+    args = p.parse_args(argv)
+    args.task = task
+    try:
+        return _cmd_train(args, task)
+    except BNASError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted; continue with --resume', file=sys.stderr)
+        return 130

@@ -1,0 +1,263 @@
+"""One training epoch and one evaluation pass, as in the official ``train``/``infer`` functions.
+
+Log lines keep the official format so logs can be compared side by side::
+
+    epoch 1 lr 2.675926e-03
+    train 050 1.234567e+00 55.000000 93.000000      (step, running loss, top-1 %, top-5 %)
+    train_acc 57.120000
+    valid 000 ...
+    valid_acc 61.430000
+
+Training metrics are averaged over this rank's samples while the epoch runs and summed over all
+ranks at the end; evaluation metrics are exact over the whole validation set (every rank sees a
+disjoint shard, counts are all-reduced).
+
+Gradient clipping (ImageNet recipe): the official code clipped the gradient with respect to the
+*binary* weights, before ``BinOp`` rescaled it into the latent-weight gradient. Our binary convs do
+that rescale inside autograd, so :func:`clip_binary_grad_norm_` recovers the binary-weight gradient
+from the latent one (the map is linear and invertible per filter), measures the official norm, and
+scales all gradients by the same coefficient, which is exactly what the official step did.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..binary import BinaryConv2d, binary_convs, get_binarizer
+from .distributed import DistContext, all_reduce_sums
+
+__all__ = ['AverageMeter', 'accuracy', 'make_criterion', 'binary_weight_grad', 'clip_binary_grad_norm_',
+           'autocast_context', 'train_one_epoch', 'evaluate', 'progress', 'LOGGER']
+
+LOGGER = logging.getLogger('bnas_nni.train')
+
+
+class AverageMeter:
+    """Running average weighted by sample count (the official ``AvgrageMeter``)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum = 0.0
+        self.cnt = 0
+        self.avg = 0.0
+
+    def update(self, val: float, n: int = 1) -> None:
+        self.sum += float(val) * n
+        self.cnt += n
+        self.avg = self.sum / max(self.cnt, 1)
+
+
+@torch.no_grad()
+def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1, 5)) -> list:
+    """Top-k accuracies in percent; k is capped at the number of classes."""
+    maxk = min(max(topk), logits.size(1))
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target.view(-1, 1))
+    return [hit[:, :min(k, maxk)].any(dim=1).float().mean().item() * 100.0 for k in topk]
+
+
+def _correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> int:
+    k = min(k, logits.size(1))
+    return int(logits.topk(k, dim=1).indices.eq(target.view(-1, 1)).any(dim=1).sum())
+
+
+def make_criterion(label_smoothing: float = 0.0) -> nn.Module:
+    """Cross entropy; with ``label_smoothing`` = eps the targets are (1 - eps) one-hot + eps / K and the
+    loss is the batch mean of the sum over classes, i.e. the official ``CrossEntropyLabelSmooth``."""
+    return nn.CrossEntropyLoss(label_smoothing=float(label_smoothing or 0.0))
+
+
+# --------------------------------------------------------------------------- gradient clipping
+
+
+def _constrained(m: BinaryConv2d) -> torch.Tensor:
+    return get_binarizer(m.binarizer).constrain(m.weight.detach())
+
+
+@torch.no_grad()
+def binary_weight_grad(m: BinaryConv2d) -> torch.Tensor:
+    r"""The gradient w.r.t. the binary weights of ``m``, recovered from ``m.weight.grad``.
+
+    For the ``xnor`` binarizer the latent gradient is :math:`h\,c = (\alpha_o g + s\,\overline{s g}_o)\,c`
+    with :math:`s = \mathrm{sign}(W)`, :math:`c = (1 - 1/C_{in})\,n`, so per filter
+    :math:`\overline{s h} = \overline{s g}(\alpha_o + \overline{s^2})` and
+    :math:`g = (h - s\,\overline{s g}) / \alpha_o`. Other binarizers pass the latent gradient through.
+    """
+    g_lat = m.weight.grad
+    if m.binarizer != 'xnor' or g_lat is None:
+        return g_lat
+    wc = _constrained(m).to(torch.float64)
+    n = wc[0].numel()
+    c_in = wc.shape[1]
+    factor = (1.0 - 1.0 / c_in) * n
+    if factor == 0:
+        return g_lat
+    h = g_lat.to(torch.float64) / factor
+    s = torch.sign(wc)
+    alpha = wc.abs().sum(dim=(1, 2, 3), keepdim=True) / n
+    mean_sh = (s * h).sum(dim=(1, 2, 3), keepdim=True) / n
+    mean_s2 = (s * s).sum(dim=(1, 2, 3), keepdim=True) / n
+    m_sg = mean_sh / (alpha + mean_s2)
+    safe = alpha.clamp_min(1e-30)
+    g = torch.where(alpha > 0, (h - s * m_sg) / safe, torch.zeros_like(h))
+    return g.to(g_lat.dtype)
+
+
+@torch.no_grad()
+def clip_binary_grad_norm_(model: nn.Module, max_norm: float, mode: str = 'binary') -> float:
+    """Clip gradients to ``max_norm``; returns the total norm before clipping.
+
+    ``mode='latent'`` is ``torch.nn.utils.clip_grad_norm_`` on the parameters as they are.
+    ``mode='binary'`` (official) measures binary convs by the gradient w.r.t. their binary weights and
+    scales every gradient by ``min(1, max_norm / (norm + 1e-6))``.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if mode == 'latent':
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    binary = {id(m.weight): m for m in binary_convs(model)}
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else 'cpu')
+    for p in params:
+        g = binary_weight_grad(binary[id(p)]) if id(p) in binary else p.grad
+        sq += g.to(torch.float64).pow(2).sum()
+    total = float(sq.sqrt())
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return total
+
+
+# --------------------------------------------------------------------------- loops
+
+
+def autocast_context(device: torch.device, amp: Optional[str]):
+    """``torch.autocast`` for ``amp`` in (bf16, fp16), else a no-op context."""
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def progress(iterable: Iterable, *, total: Optional[int], desc: str, enabled: bool):
+    """A tqdm bar when ``enabled`` (rank 0 on a terminal), else the iterable itself."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _limit(loader: Iterable, max_batches: Optional[int]):
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        yield batch
+
+
+def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
+                    epoch: int, ctx: DistContext, schedule: Any = None, grad_clip: Optional[float] = None,
+                    grad_clip_mode: str = 'binary', amp: Optional[str] = None, scaler: Any = None,
+                    channels_last: bool = False, report_freq: int = 50, max_batches: Optional[int] = None,
+                    show_progress: bool = False, log: Callable[[str], None] = LOGGER.info,
+                    on_step: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+    """Train for one epoch; returns ``{'loss', 'top1', 'top5', 'n'}`` summed over all ranks.
+
+    ``schedule`` is a :class:`~bnas_nni.training.schedules.IterationSchedule`; the latent-weight
+    constraint runs from the optimizer's pre-step hook (see :func:`bnas_nni.binary.attach_latent_constraint`).
+    ``on_step(epoch, step)`` is called after each optimizer step (fault injection in tests, profiling).
+    """
+    model.train()
+    device = ctx.device
+    iters = len(loader) if max_batches is None else min(len(loader), max_batches)
+    loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
+    sums = {'loss': 0.0, 'c1': 0.0, 'c5': 0.0, 'n': 0.0}
+    bar = progress(_limit(loader, max_batches), total=iters, desc=f'train {epoch}', enabled=show_progress)
+    for step, (x, y) in enumerate(bar):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if schedule is not None:
+            schedule.before_step(epoch, step, iters)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, amp):
+            logits = model(x)
+            loss = criterion(logits, y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            clip_binary_grad_norm_(model, grad_clip, grad_clip_mode)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if schedule is not None:
+            schedule.after_step()
+        n = y.size(0)
+        logits = logits.detach().float()
+        c1, c5 = _correct(logits, y, 1), _correct(logits, y, 5)
+        lv = float(loss.detach())
+        sums['loss'] += lv * n
+        sums['c1'] += c1
+        sums['c5'] += c5
+        sums['n'] += n
+        loss_m.update(lv, n)
+        top1_m.update(100.0 * c1 / n, n)
+        top5_m.update(100.0 * c5 / n, n)
+        if report_freq and step % report_freq == 0:
+            log(f'train {step:03d} {loss_m.avg:e} {top1_m.avg:f} {top5_m.avg:f}')
+        if show_progress and hasattr(bar, 'set_postfix'):
+            bar.set_postfix(loss=f'{loss_m.avg:.3f}', top1=f'{top1_m.avg:.1f}')
+        if not math.isfinite(lv):
+            raise FloatingPointError(f'training loss is {lv} at epoch {epoch} step {step}; lower lr or disable fp16')
+        if on_step is not None:
+            on_step(epoch, step)
+    return _finish(sums, ctx)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, criterion: nn.Module, *, ctx: DistContext, amp: Optional[str] = None,
+             channels_last: bool = False, report_freq: int = 50, max_batches: Optional[int] = None,
+             show_progress: bool = False, log: Callable[[str], None] = LOGGER.info) -> Dict[str, float]:
+    """Top-1/top-5 and mean loss over the whole (sharded) loader, exact over all ranks."""
+    model.eval()
+    device = ctx.device
+    sums = {'loss': 0.0, 'c1': 0.0, 'c5': 0.0, 'n': 0.0}
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = progress(_limit(loader, max_batches), total=total, desc='valid', enabled=show_progress)
+    for step, (x, y) in enumerate(bar):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        loss = criterion(logits, y)
+        n = y.size(0)
+        sums['loss'] += float(loss) * n
+        sums['c1'] += _correct(logits, y, 1)
+        sums['c5'] += _correct(logits, y, 5)
+        sums['n'] += n
+        if report_freq and step % report_freq == 0:
+            k = max(sums['n'], 1)
+            log(f"valid {step:03d} {sums['loss'] / k:e} {100 * sums['c1'] / k:f} {100 * sums['c5'] / k:f}")
+    return _finish(sums, ctx)
+
+
+def _finish(sums: Dict[str, float], ctx: DistContext) -> Dict[str, float]:
+    tot = all_reduce_sums(sums, ctx)
+    n = max(tot['n'], 1.0)
+    return {'loss': tot['loss'] / n, 'top1': 100.0 * tot['c1'] / n, 'top5': 100.0 * tot['c5'] / n, 'n': int(tot['n'])}

@@ -1,0 +1,96 @@
+"""The ImageNet trainer under ``torchrun`` with 2 gloo processes on a tiny ImageFolder of real images.
+
+The images are real Fashion-MNIST pictures rendered as 64 px RGB JPEGs in synset-named folders,
+prepared with ``bnas-nni data prepare-imagenet``; the run uses the shipped ImageNet recipe with a
+toy network and image size from the command line. torchrun runs in a private network namespace
+where one exists (its rendezvous store would otherwise listen on every interface).
+"""
+import csv
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnas_nni.cli import main
+from bnas_nni.data import DEBIAN_FASHION_MNIST
+from bnas_nni.nni_support import loopback_namespace_prefix
+from bnas_nni.paths import REPO_ROOT, experiments_dir
+
+FASHION = Path(os.environ.get('BNAS_FASHION_MNIST') or DEBIAN_FASHION_MNIST)
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (FASHION / 't10k-images-idx3-ubyte.gz').is_file(),
+                                 reason='Debian dataset-fashion-mnist is not installed')]
+
+CLASSES = {0: 'n00000000', 1: 'n00000001', 7: 'n00000007', 9: 'n00000009'}   # t-shirt, trouser, sneaker, boot
+PER_CLASS = {'train': 12, 'val': 5}
+N_VAL = len(CLASSES) * PER_CLASS['val'] + 1       # one extra: the shards of the 2 ranks differ in size
+
+
+def _build_imagefolder(root: Path) -> None:
+    from PIL import Image
+
+    images = np.frombuffer(gzip.open(FASHION / 't10k-images-idx3-ubyte.gz').read(), np.uint8, offset=16)
+    images = images.reshape(-1, 28, 28)
+    labels = np.frombuffer(gzip.open(FASHION / 't10k-labels-idx1-ubyte.gz').read(), np.uint8, offset=8)
+    taken = {split: {k: 0 for k in CLASSES} for split in PER_CLASS}
+    extra = True
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        lab = int(lab)
+        if lab not in CLASSES:
+            continue
+        split = 'train' if taken['train'][lab] < PER_CLASS['train'] else 'val'
+        limit = PER_CLASS[split] + (1 if split == 'val' and extra and lab == 0 else 0)
+        if taken[split][lab] >= limit:
+            continue
+        taken[split][lab] += 1
+        out = root / split / CLASSES[lab] / f'{CLASSES[lab]}_{i}.JPEG'
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).convert('RGB').resize((64, 64), Image.BILINEAR).save(out, quality=92)
+        if all(taken[s][k] >= PER_CLASS[s] + (1 if s == 'val' and k == 0 else 0) for s in PER_CLASS for k in CLASSES):
+            break
+    assert sum(taken['val'].values()) == N_VAL
+
+
+def _torchrun():
+    exe = Path(sys.executable).with_name('torchrun')
+    return [str(exe)] if exe.exists() else [sys.executable, '-m', 'torch.distributed.run']
+
+
+def test_torchrun_two_gloo_processes_on_real_images(tmp_path, capsys):
+    data = tmp_path / 'imnet'
+    _build_imagefolder(data)
+    assert main(['data', 'prepare-imagenet', str(data)]) == 0
+    assert sorted(os.listdir(data / 'val')) == ['0', '1', '2', '3']
+    run = tmp_path / 'run'
+    cmd = [*loopback_namespace_prefix(), *_torchrun(), '--nnodes=1', '--nproc_per_node=2', '--rdzv-backend=c10d',
+           '--rdzv-endpoint=127.0.0.1:0', 'trainers/train_imagenet.py',
+           '--config', str(experiments_dir() / 'train_imagenet_bnas.yaml'), '--data', str(data),
+           '--model', 'bnas-d', '--init-channels', '8', '--layers', '3', '--num-classes', '4', '--batch-size', '8',
+           '--epochs', '2', '--workers', '0', '--threads', '1', '--device', 'cpu', '--run-dir', str(run),
+           '--report-freq', '1', '--set', 'image_size=64', '--set', 'val_resize=72', '--set', 'progress=never']
+    env = {**os.environ, 'GLOO_SOCKET_IFNAME': 'lo', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    log = (run / 'log.txt').read_text()
+    assert 'world 2 on cpu; gloo' in log and 'classes=4' in log
+    # 48 training images over 2 ranks in batches of 8: 3 steps per rank per epoch, logged by rank 0 only
+    assert log.count('train 000') == 2 and log.count('train 002') == 2 and 'train 003' not in log
+    assert proc.stdout.count('epoch 1 lr') == 1                        # rank 1 is silent
+    with open(run / 'metrics.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    import math
+    assert float(rows[0]['lr']) == pytest.approx(0.05)
+    assert float(rows[1]['lr']) == pytest.approx(0.05 * (1 + math.cos(math.pi * 1 / 50)) / 2)
+    # validation top-1 over both ranks' shards equals a single-process evaluation of the checkpoint
+    capsys.readouterr()
+    assert main(['eval', '--checkpoint', str(run), '--threads', '1', '--workers', '0']) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    top1 = float(out.split()[1])
+    assert f'({N_VAL} images' in out
+    assert top1 == pytest.approx(float(rows[-1]['valid_top1']), abs=1e-3)
+    assert float(out.split()[3]) == pytest.approx(float(rows[-1]['valid_top5']), abs=1e-3)
