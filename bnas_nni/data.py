@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 

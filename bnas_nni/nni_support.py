@@ -194,7 +194,8 @@ def rest_get(port: int, path: str, timeout: float = 10) -> Any:
 
 
 def wait_for_experiment(port: int, timeout: float, poll: float = 2.0) -> str:
-    """Poll ``check-status`` until the experiment is DONE/STOPPED/ERROR or ``timeout`` passes."""
+    """Poll ``check-status`` until the experiment is DONE, STOPPED or ERROR, or ``timeout`` passes;
+    returns the last status seen."""
     deadline = time.monotonic() + timeout
     status = 'UNKNOWN'
     while time.monotonic() < deadline:
@@ -202,7 +203,7 @@ def wait_for_experiment(port: int, timeout: float, poll: float = 2.0) -> str:
             status = rest_get(port, 'check-status').get('status', status)
         except OSError:
             pass
-        if status in ('DONE', 'STOPPED', 'ERROR', 'NO_MORE_TRIAL'):
+        if status in ('DONE', 'STOPPED', 'ERROR'):       # NO_MORE_TRIAL: trials still running
             return status
         time.sleep(poll)
     return status

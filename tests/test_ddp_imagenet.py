@@ -7,6 +7,7 @@ where one exists (its rendezvous store would otherwise listen on every interface
 """
 import csv
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from bnas_nni.cli import main
 from bnas_nni.data import DEBIAN_FASHION_MNIST
@@ -55,6 +57,28 @@ def _build_imagefolder(root: Path) -> None:
     assert sum(taken['val'].values()) == N_VAL
 
 
+# An NNI trial command channel (NNI_TRIAL_COMMAND_CHANNEL=import://module.Class, NNI's own hook) that
+# hands out one parameter set and records who asked and what was reported, one JSON line per call.
+CHANNEL = """
+import json, os
+from nni.runtime.trial_command_channel.base import TrialCommandChannel
+
+def _record(**row):
+    row['rank'] = os.environ.get('RANK')
+    with open(os.environ['BNAS_TEST_CHANNEL_LOG'], 'a') as f:
+        f.write(json.dumps(row) + '\\n')
+
+class RecordingChannel(TrialCommandChannel):
+    def receive_parameter(self):
+        _record(call='receive_parameter')
+        return {'parameter_id': 7, 'parameter_source': 'algorithm', 'parameter_index': 0,
+                'parameters': {'init_channels': 6, 'weight_decay': 1e-4}}
+
+    def send_metric(self, type, parameter_id, trial_job_id, sequence, value):
+        _record(call='send_metric', type=type, parameter_id=parameter_id, value=value)
+"""
+
+
 def _torchrun():
     exe = Path(sys.executable).with_name('torchrun')
     return [str(exe)] if exe.exists() else [sys.executable, '-m', 'torch.distributed.run']
@@ -72,17 +96,38 @@ def test_torchrun_two_gloo_processes_on_real_images(tmp_path, capsys):
            '--model', 'bnas-d', '--init-channels', '8', '--layers', '3', '--num-classes', '4', '--batch-size', '8',
            '--epochs', '2', '--workers', '0', '--threads', '1', '--device', 'cpu', '--run-dir', str(run),
            '--report-freq', '1', '--set', 'image_size=64', '--set', 'val_resize=72', '--set', 'progress=never']
-    env = {**os.environ, 'GLOO_SOCKET_IFNAME': 'lo', 'OMP_NUM_THREADS': '1'}
+    chan = tmp_path / 'chan'
+    chan.mkdir()
+    (chan / 'bnas_test_channel.py').write_text(CHANNEL)
+    record = tmp_path / 'channel.jsonl'
+    env = {**os.environ, 'GLOO_SOCKET_IFNAME': 'lo', 'OMP_NUM_THREADS': '1', 'NNI_PLATFORM': 'local',
+           'NNI_TRIAL_COMMAND_CHANNEL': 'import://bnas_test_channel.RecordingChannel',
+           'BNAS_TEST_CHANNEL_LOG': str(record), 'NNI_OUTPUT_DIR': str(tmp_path / 'nni-trial'),
+           'PYTHONPATH': os.pathsep.join(filter(None, [str(chan), os.environ.get('PYTHONPATH')]))}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     log = (run / 'log.txt').read_text()
     assert 'world 2 on cpu; gloo' in log and 'classes=4' in log
+    # NNI: rank 0 alone took the parameters, both ranks used them (DDP refuses differently shaped
+    # replicas, and the CLI asked for C=8), and rank 0 alone reported 2 intermediate + 1 final results
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [c['rank'] for c in calls if c['call'] == 'receive_parameter'] == ['0']
+    assert 'C=6 L=3' in log
+    saved = yaml.safe_load((run / 'config.yaml').read_text())
+    assert saved['init_channels'] == 6 and saved['weight_decay'] == 1e-4
+    metrics = [c for c in calls if c['call'] == 'send_metric']
+    assert {c['rank'] for c in metrics} == {'0'} and [c['type'] for c in metrics] == ['PERIODICAL'] * 2 + ['FINAL']
+    assert all(c['parameter_id'] == 7 for c in metrics)
+    reported = [json.loads(c['value']) if isinstance(c['value'], str) else c['value'] for c in metrics]
+    assert set(reported[0]) == {'default', 'top5', 'loss'} and reported[2]['default'] == reported[1]['default']
     # 48 training images over 2 ranks in batches of 8: 3 steps per rank per epoch, logged by rank 0 only
     assert log.count('train 000') == 2 and log.count('train 002') == 2 and 'train 003' not in log
-    assert proc.stdout.count('epoch 1 lr') == 1                        # rank 1 is silent
+    assert log.count('epoch 1 lr') == 1                                 # rank 1 does not log
+    assert 'PRINT' in (tmp_path / 'nni-trial' / 'trial.log').read_text()    # NNI captures stdout there
     with open(run / 'metrics.csv', newline='') as f:
         rows = list(csv.DictReader(f))
     assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert [float(r['valid_top1']) for r in rows] == pytest.approx([m['default'] for m in reported[:2]])
     import math
     assert float(rows[0]['lr']) == pytest.approx(0.05)
     assert float(rows[1]['lr']) == pytest.approx(0.05 * (1 + math.cos(math.pi * 1 / 50)) / 2)

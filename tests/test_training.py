@@ -63,12 +63,12 @@ def test_run_directory_logs_and_checkpoint(trained, capsys):
     assert cfg['dataset'] == 'fashion-mnist' and cfg['schedule'] == 'onecycle' and cfg['run_dir'] == str(trained)
     rows = _rows(trained)
     assert [int(r['epoch']) for r in rows] == [0, 1]
-    assert float(rows[0]['lr']) == pytest.approx(0.05 * 0.05)          # the one-cycle start, 0.05 * lr
+    assert float(rows[0]['lr']) == pytest.approx(0.05 * cfg['lr'])       # the one-cycle start, 0.05 * lr
     assert float(rows[1]['drop_path_prob']) == pytest.approx(0.2 * 1 / 2)
     for r in rows:
         assert 0 <= float(r['valid_top1']) <= float(r['valid_top5']) <= 100 and float(r['train_loss']) > 0
     log = (trained / 'log.txt').read_text()
-    for line in ('epoch 0 lr 2.500000e-03', 'train 000 ', 'train_acc ', 'valid_acc ', 'valid_acc_top5 '):
+    for line in (f"epoch 0 lr {0.05 * cfg['lr']:e}", 'train 000 ', 'train_acc ', 'valid_acc ', 'valid_acc_top5 '):
         assert line in log
     assert list((trained / 'tb').glob('events.out.tfevents.*'))
     ck = read_checkpoint(trained / 'checkpoint.pt')                     # weights_only=True inside
@@ -222,3 +222,28 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
                   'tensorboard=false') == 0
     row = _rows(tmp_path / 'r')[0]
     assert float(row['train_loss']) > 0 and 0 <= float(row['valid_top1']) <= 100
+
+
+def test_eval_of_an_official_layout_checkpoint(trained, tmp_path, capsys):
+    """Our weights re-saved the way the official train.py did (DataParallel ``module.`` prefix,
+    ``_ops`` names, a bare state dict) evaluate to the same numbers through ``--official``."""
+    from bnas_nni.checkpoints import ours_to_official
+    from bnas_nni.training.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(trained)
+    official = ours_to_official(ck['state_dict'], 'cifar', prefix='module.')
+    assert any('._ops.' in k for k in official) and all(k.startswith('module.') for k in official)
+    path = tmp_path / 'weights.pt'
+    torch.save(official, path)
+    flags = ['--config', QUICK, '--init-channels', '4', '--layers', '3', '--val-subset', '48', '--threads', '1']
+    capsys.readouterr()
+    assert main(['eval', '--checkpoint', str(path), '--official', '--precision-rule', 'standard', *flags]) == 0
+    ours = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(ours.split()[1]) == pytest.approx(float(_rows(trained)[-1]['valid_top1']), abs=1e-3)
+    # by default --official binarizes as the first release did (which convs stay full precision differs)
+    assert main(['eval', '--checkpoint', str(path), '--official', *flags]) == 0
+    assert 'precision rule official-2020-08' in capsys.readouterr().out
+    # the official file into the wrong network: one line listing the mis-shaped keys
+    assert main(['eval', '--checkpoint', str(path), '--official', '--config', QUICK, '--init-channels', '8',
+                 '--layers', '3']) == 2
+    _one_line_error(capsys, 'does not fit the model', 'mis-shaped')

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..io import load_yaml
 
 __all__ = ['TASKS', 'DEFAULTS', 'ALIASES', 'default_config', 'apply_overrides', 'load_config',
-           'resolve_config', 'parse_set_items', 'task_for']
+           'resolve_config', 'parse_set_items', 'task_for', 'default_run_dir']
 
 TASKS = ('cifar', 'imagenet')
 

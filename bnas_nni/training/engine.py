@@ -7,7 +7,6 @@ checkpoint, CSV/TensorBoard. :func:`run_evaluation` scores a bnas-nni or officia
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import math
 import sys
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
