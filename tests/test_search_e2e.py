@@ -1,0 +1,102 @@
+"""``bnas-nni search`` end to end on real Fashion-MNIST: a genotype file that builds and trains."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+
+from bnas_nni.binary import attach_latent_constraint, binary_convs  # noqa: E402
+from bnas_nni.cli import main  # noqa: E402
+from bnas_nni.genotypes import load_genotype  # noqa: E402
+from bnas_nni.networks import build_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PRESET = REPO / 'experiments' / 'search_quick_fashion.yaml'
+
+
+@pytest.fixture(autouse=True)
+def _needs_fashion():
+    from bnas_nni.data import fashion_mnist_root
+    from bnas_nni.errors import DatasetError
+
+    try:
+        fashion_mnist_root()
+    except DatasetError as exc:
+        pytest.skip(str(exc))
+
+
+def _train_a_few_steps(genotype_path: Path) -> None:
+    from bnas_nni.data import FashionMNIST32
+
+    model = build_model({'genotype': str(genotype_path), 'init_channels': 8, 'layers': 3, 'num_classes': 10})
+    ds = FashionMNIST32(train=True, subset=96, augment=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    attach_latent_constraint(opt, model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
+    model.train()
+    for x, y in loader:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(m.weight.abs().max() <= 1.0 for m in binary_convs(model))
+
+
+def test_quick_search_cli_writes_genotypes_that_build_and_train(tmp_path, capsys):
+    run_dir, out = tmp_path / 'run', tmp_path / 'genotypes'
+    rc = main(['search', '--config', str(PRESET), '--epochs', '2', '--set', 'train_subset=256', '--save', 'e2e',
+               '--out', str(out), '--run-dir', str(run_dir)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert 'genotype (CIFAR):' in printed and 'Genotype(e2e:' in printed
+    cifar, imagenet = load_genotype(out / 'e2e.yaml'), load_genotype(out / 'e2e_imagenet.yaml')
+    assert cifar.name == 'e2e' and imagenet.name == 'e2e_imagenet' and cifar.num_nodes == 2
+    meta = yaml.safe_load((out / 'e2e.yaml').read_text())['meta']
+    assert meta['source'] == 'bnas-nni search' and meta['epoch'] in (1, 2)
+    # run directory: resolved config, alpha history per epoch, TensorBoard, checkpoint, genotypes
+    saved = yaml.safe_load((run_dir / 'config.yaml').read_text())
+    assert saved['epochs'] == 2 and saved['train_subset'] == 256 and saved['space'] == 'bnas-tiny'
+    import json
+
+    history = json.loads((run_dir / 'alpha_history.json').read_text())
+    assert [h['epoch'] for h in history] == [0, 1]
+    assert len(history[0]['alphas']['normal']) == 5 and len(history[0]['alphas']['normal'][0]) == 7
+    assert any(p.name.startswith('events.out.tfevents') for p in (run_dir / 'tb').iterdir())
+    assert (run_dir / 'checkpoint.pt').is_file()
+    assert load_genotype(run_dir / 'genotype.yaml') == cifar
+    # never into Python sources, and a second run may replace its own files but not others'
+    assert not list(out.glob('*.py'))
+    (out / 'handmade.yaml').write_text((out / 'e2e.yaml').read_text().split('meta:')[0])
+    rc = main(['search', '--config', str(PRESET), '--epochs', '1', '--set', 'train_subset=64', '--save', 'handmade',
+               '--out', str(out), '--run-dir', str(tmp_path / 'run2')])
+    assert rc == 2 and 'not written by bnas-nni search' in capsys.readouterr().err
+    # a finished run resumes as a no-op with the same genotype
+    assert main(['search', '--config', str(PRESET), '--epochs', '2', '--set', 'train_subset=256',
+                 '--run-dir', str(run_dir), '--resume']) == 0
+    assert load_genotype(run_dir / 'genotype.yaml') == cifar
+    _train_a_few_steps(out / 'e2e.yaml')
+
+
+@pytest.mark.slow
+def test_quick_preset_as_shipped(tmp_path, capsys):
+    """The README's first half exactly: the shipped quick preset, timed."""
+    t0 = time.time()
+    rc = main(['search', '--config', str(PRESET), '--save', 'quick', '--out', str(tmp_path / 'g'),
+               '--run-dir', str(tmp_path / 'run')])
+    seconds = time.time() - t0
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert 'kept epoch' in printed
+    assert seconds < 300, f'quick preset took {seconds:.0f}s'
+    _train_a_few_steps(tmp_path / 'g' / 'quick.yaml')
