@@ -251,7 +251,9 @@ def default_run_dir(cfg: Mapping[str, Any]) -> Path:
         return Path(cfg['run_dir'])
     if os.environ.get('NNI_OUTPUT_DIR'):
         return Path(os.environ['NNI_OUTPUT_DIR']) / 'search'
-    return Path('runs') / f'search-{cfg.get("save") or cfg.get("name") or "bnas"}'
+    if cfg.get('save'):
+        return Path('runs') / f'search-{cfg["save"]}'
+    return Path('runs') / str(cfg.get('name') or 'search')
 
 
 def save_named_genotypes(cifar: Any, imagenet: Any, name: str, out: Optional[str | os.PathLike] = None,
@@ -307,6 +309,15 @@ def _prepare_run_dir(cfg: Dict[str, Any], resume: bool) -> Tuple[Dict[str, Any],
     from ..io import dump_yaml, load_yaml, atomic_write_text
 
     run_dir = default_run_dir(cfg)
+    if not cfg.get('run_dir') and not os.environ.get('NNI_OUTPUT_DIR'):
+        # default run dirs are numbered: runs/search-NAME, runs/search-NAME-2, ...; a new search takes
+        # the first free one, --resume the last one used
+        taken = [run_dir] + [run_dir.with_name(f'{run_dir.name}-{i}') for i in range(2, 1000)]
+        used = [d for d in taken if (d / 'config.yaml').exists()]
+        if resume:
+            run_dir = used[-1] if used else run_dir
+        else:
+            run_dir = next(d for d in taken if not (d / 'config.yaml').exists())
     saved_path = run_dir / 'config.yaml'
     if resume:
         if not saved_path.is_file():
@@ -381,7 +392,8 @@ def _finish(cfg: Mapping[str, Any], summary: Dict[str, Any], log) -> None:
     kept = (f'kept epoch {summary["best_epoch"] + 1} (supernet val acc {100 * acc:.2f}%)'
             if acc is not None and acc >= 0 else 'kept the final alphas')
     log(f'genotype (CIFAR):    {cifar}')
-    log(f'genotype (ImageNet, gamma={cfg["gamma"]:g}): {imagenet}')
+    if cfg['strategy'] == 'binary-darts':
+        log(f'genotype (ImageNet, gamma={cfg["gamma"]:g}): {imagenet}')
     log(kept)
     if cfg['save']:
         paths = save_named_genotypes(cifar, imagenet, cfg['save'], cfg['out'], source='bnas-nni search',
@@ -404,6 +416,14 @@ def _run_nni_strategy(cfg: Dict[str, Any], space: Any, train: Any, val: Any, run
     from .evaluators import BinaryClassification
     from .nni_strategies import get_strategy
 
+    import logging
+    import warnings
+
+    for name in ('pytorch_lightning', 'lightning.pytorch', 'lightning_fabric'):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in ('.*number of training batches.*', '.*does not have many workers.*', '.*LeafSpec.*',
+                    '.*litlogger.*'):
+        warnings.filterwarnings('ignore', message=message)
     kwargs = {'arc_learning_rate': cfg['arc_lr']} if cfg['strategy'] in ('darts', 'gumbel-darts') else {}
     strategy = get_strategy(cfg['strategy'], **kwargs)
     trainer_kwargs = dict(max_epochs=cfg['epochs'], accelerator='gpu' if device.type == 'cuda' else 'cpu',
@@ -470,7 +490,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``bnas-nni search``."""
     p = subparsers.add_parser('search', help='search BNAS cells (BinaryDARTS or an NNI one-shot strategy)',
-                              description=__doc__.splitlines()[0].strip('`') + '.',
+                              description='Search BNAS cells from a YAML preset in experiments/ (default: the '
+                                          "paper's CIFAR-10 search); see bnas_nni/strategy/search_cli.py.",
                               epilog='example: bnas-nni search --config experiments/search_quick_fashion.yaml '
                                      '--save quick_fashion')
     p.add_argument('--config', default=None, help='YAML preset (experiments/search_*.yaml); default: the paper search')
@@ -486,7 +507,8 @@ def register(subparsers: Any) -> None:
     p.add_argument('--data', default=None, help='dataset folder')
     p.add_argument('--save', default=None, metavar='NAME', help='write NAME.yaml and NAME_imagenet.yaml genotypes')
     p.add_argument('--out', default=None, metavar='DIR', help='folder for --save (default search_spaces/genotypes)')
-    p.add_argument('--run-dir', default=None, metavar='DIR', help='run directory (default runs/search-NAME)')
+    p.add_argument('--run-dir', default=None, metavar='DIR', help='run directory (default runs/search-NAME with --save, else '
+                   'runs/<config name>; numbered -2, -3 ... when taken)')
     p.add_argument('--resume', action='store_true', help='continue the search in the run directory')
     p.add_argument('--set', action='append', metavar='KEY=VALUE', help='override any config key (repeatable)')
     p.set_defaults(func=_cmd_search)
