@@ -362,8 +362,7 @@ class BinaryDartsModule(DartsLightningModule):
             if not isinstance(m, BinaryMixedCell):
                 sample.update(m.export(memo=sample))
         cifar, _ = self.genotypes()
-        labels = list(binary_cells(self))
-        sample.update(cifar.to_arch_dict(labels=labels if len(labels) == 2 else ('normal', 'reduce')))
+        sample.update(cifar.to_arch_dict())
         return sample
 
 

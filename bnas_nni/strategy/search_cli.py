@@ -440,8 +440,11 @@ def _run_nni_strategy(cfg: Dict[str, Any], space: Any, train: Any, val: Any, run
     exp = NasExperiment(space, evaluator, strategy)
     exp.config.experiment_working_directory = str((run_dir / 'nni-experiments').resolve())
     log(f'search: {cfg["strategy"]} (NNI) on {cfg["dataset"]}, {cfg["epochs"]} epochs, run dir {run_dir}')
-    exp.run()
-    arch = exp.export_top_models(formatter='dict')[0]
+    try:
+        exp.run()
+        arch = exp.export_top_models(formatter='dict')[0]
+    finally:
+        exp.stop()
     genotype = Genotype.from_arch_dict(arch, name=cfg['save'] or cfg['name'] or 'search')
     from ..genotypes import save_genotype
 

@@ -172,6 +172,9 @@ def run_trial(config: Optional[str], overrides: Mapping[str, Any], final_overrid
     overrides.setdefault('run_dir', str(out_dir / 'search'))
     overrides.setdefault('progress', 'never')
     cfg = resolve_search_config(config, overrides, nni_params=search_params)
+    if cfg['strategy'] != 'binary-darts':
+        raise ConfigError(f'search trials run binary-darts (per-epoch reports); got strategy {cfg["strategy"]!r}. '
+                          "NNI's own strategies have their experiments/strategy_*.yaml")
     if params:
         log(f'trial parameters: {params}')
 
@@ -179,7 +182,9 @@ def run_trial(config: Optional[str], overrides: Mapping[str, Any], final_overrid
         channel.intermediate({'default': float(result['val_acc']), 'arch_entropy': float(result['entropy']),
                               'arch_ce': float(result['arch_ce']), 'epoch': int(result['epoch']) + 1})
 
-    summary = run_search(cfg, epoch_callbacks=[report_epoch], log=log)
+    # a trial NNI restarts continues its own search instead of failing on the existing run directory
+    resume = (Path(cfg['run_dir']) / 'config.yaml').is_file()
+    summary = run_search(cfg, resume=resume, epoch_callbacks=[report_epoch], log=log)
     cifar, imagenet = summary['genotype'], summary['genotype_imagenet']
     meta = {'source': 'bnas-nni search', 'trial': os.environ.get('NNI_TRIAL_JOB_ID', 'standalone'),
             'params': {k: v for k, v in params.items()}, 'supernet_val_acc': summary['supernet_val_acc']}
