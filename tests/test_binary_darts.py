@@ -11,7 +11,7 @@ import torch.utils.data as tud
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
-from bnas_nni.binary import BinaryConv2d, binary_convs  # noqa: E402
+from bnas_nni.binary import binary_convs  # noqa: E402
 from bnas_nni.cli import main  # noqa: E402
 from bnas_nni.genotypes import Genotype  # noqa: E402
 from bnas_nni.space import BNASSpace  # noqa: E402

@@ -47,7 +47,8 @@ def test_nnictl_search_grid_reports_intermediate_and_final(tmp_path):
     config = yaml.safe_load((REPO / 'experiments' / 'nnictl_search_grid.yml').read_text())
     assert config['trialCommand'].startswith('python trainers/search_trial.py')
     # the shipped grid, shrunk to two tiny trials
-    config['searchSpace'] = {'seed': {'_type': 'choice', '_value': [1, 2]}, 'lamda': {'_type': 'choice', '_value': [1.0]}}
+    config['searchSpace'] = {'seed': {'_type': 'choice', '_value': [1, 2]},
+                             'lamda': {'_type': 'choice', '_value': [1.0]}}
     config['maxTrialNumber'] = 2
     config['trialConcurrency'] = 2
     config['trialCommand'] = (

@@ -51,12 +51,10 @@ Two ways to run it
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -322,8 +320,9 @@ class BinaryDartsModule(DartsLightningModule):
 
     def on_train_epoch_end(self) -> None:
         # without a validation loader, keep the last alphas (select has nothing to rank)
-        if not self.trainer.val_dataloaders and (not self.history or self.history[-1]['epoch'] != self.trainer.current_epoch):
-            self._record_epoch(self.trainer.current_epoch, None)
+        epoch = self.trainer.current_epoch
+        if not self.trainer.val_dataloaders and (not self.history or self.history[-1]['epoch'] != epoch):
+            self._record_epoch(epoch, None)
         return super().on_train_epoch_end()
 
     def _record_epoch(self, epoch: int, acc: Optional[float]) -> None:

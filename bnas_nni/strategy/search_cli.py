@@ -81,8 +81,8 @@ DEFAULTS: Dict[str, Any] = {
 
 STRATEGY_NAMES = ('binary-darts', 'darts', 'gumbel-darts', 'random-one-shot')
 
-_INT = {'image_size', 'init_channels', 'layers', 'num_nodes', 'train_subset', 'epochs', 'batch_size', 'seed', 'workers', 'threads',
-        'max_train_batches', 'max_eval_batches', 'log_prob_every'}
+_INT = {'image_size', 'init_channels', 'layers', 'num_nodes', 'train_subset', 'epochs', 'batch_size', 'seed',
+        'workers', 'threads', 'max_train_batches', 'max_eval_batches', 'log_prob_every'}
 _FLOAT = {'train_portion', 'lr', 'lr_min', 'momentum', 'weight_decay', 'grad_clip', 'arc_lr', 'arc_weight_decay',
           'lamda', 'tau', 'gamma'}
 _BOOL = {'download', 'tensorboard', 'channels_last'}
@@ -510,8 +510,9 @@ def register(subparsers: Any) -> None:
     p.add_argument('--data', default=None, help='dataset folder')
     p.add_argument('--save', default=None, metavar='NAME', help='write NAME.yaml and NAME_imagenet.yaml genotypes')
     p.add_argument('--out', default=None, metavar='DIR', help='folder for --save (default search_spaces/genotypes)')
-    p.add_argument('--run-dir', default=None, metavar='DIR', help='run directory (default runs/search-NAME with --save, else '
-                   'runs/<config name>; numbered -2, -3 ... when taken)')
+    p.add_argument('--run-dir', default=None, metavar='DIR',
+                   help='run directory (default runs/search-NAME with --save, else runs/<config name>; '
+                        'numbered -2, -3 ... when taken)')
     p.add_argument('--resume', action='store_true', help='continue the search in the run directory')
     p.add_argument('--set', action='append', metavar='KEY=VALUE', help='override any config key (repeatable)')
     p.set_defaults(func=_cmd_search)
