@@ -9,7 +9,12 @@ What differs from NNI's stock ``DARTS``
 * **Order of an iteration** (first-order DARTS, as ``search.py``): an architecture step on a batch of
   the validation half, then a weight step on a batch of the training half. Both forwards use the
   binarized weights (the binary convs binarize inside their forward); the weight optimizer carries the
-  binarizer's persistent latent-weight step (:func:`bnas_nni.binary.attach_latent_constraint`).
+  binarizer's persistent latent-weight step (:func:`bnas_nni.binary.attach_latent_constraint`). BN
+  running statistics are updated by both forwards, as in the official code. Architecture batches come
+  from cycling through the shuffled validation half (the official code draws ``next(iter(valid_queue))``,
+  a fresh random batch, every iteration: the same distribution, without rebuilding a loader each step).
+  :class:`SearchRunner` skips the weight gradients during the architecture step and the alpha gradients
+  during the weight step (they are discarded anyway), which leaves every update unchanged.
 * **Objective of the architecture step**, the paper's diversity term:
 
   .. math::
