@@ -479,6 +479,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from ..cli import quiet_warnings
 
     quiet_warnings()
+    if args.config:
+        from .multi_trial import is_strategy_config
+
+        if is_strategy_config(args.config):  # experiments/strategy_*.yaml: sectioned NNI-strategy preset
+            return _cmd_strategy_preset(args)
     overrides = _parse_set(args.set)
     overrides.update({k: v for k, v in {
         'space': args.space, 'epochs': args.epochs, 'batch_size': args.batch_size, 'lamda': args.lamda,
@@ -490,6 +495,33 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_strategy_preset(args: argparse.Namespace) -> int:
+    """``--config experiments/strategy_*.yaml``: any NNI strategy (one-shot or multi-trial) on the space."""
+    from .multi_trial import run_nni_strategy
+
+    if args.resume:
+        raise ConfigError('--resume is not available for NNI strategy presets; rerun with a new --run-dir')
+    flat_only = {'--space': args.space, '--strategy': args.strategy, '--lamda': args.lamda, '--tau': args.tau,
+                 '--gamma': args.gamma, '--dataset': args.dataset}
+    given = [flag for flag, v in flat_only.items() if v is not None]
+    if given:
+        raise ConfigError(f'{", ".join(given)}: not used by {args.config}; use --set section.key=VALUE '
+                          '(e.g. --set strategy.arc_learning_rate=0.01)')
+    overrides = _parse_set(args.set)
+    overrides.update({k: v for k, v in {'seed': args.seed, 'save': args.save, 'out': args.out,
+                                        'train.epochs': args.epochs, 'data.batch_size': args.batch_size,
+                                        'data.root': args.data}.items() if v is not None})
+    result = run_nni_strategy(args.config, run_dir=args.run_dir, overrides=overrides)
+    derived = (result.get('metrics') or {}).get('derived')
+    if derived:
+        print(f'derived network: val acc {100 * derived["default"]:.2f}%')
+    for path in result.get('saved') or []:
+        print(f'saved {path}')
+    print(f'genotype: {result["genotype"]}')
+    print(f'run directory: {result["run_dir"]}')
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add ``bnas-nni search``."""
     p = subparsers.add_parser('search', help='search BNAS cells (BinaryDARTS or an NNI one-shot strategy)',
@@ -497,7 +529,7 @@ def register(subparsers: Any) -> None:
                                           "paper's CIFAR-10 search); see bnas_nni/strategy/search_cli.py.",
                               epilog='example: bnas-nni search --config experiments/search_quick_fashion.yaml '
                                      '--save quick_fashion')
-    p.add_argument('--config', default=None, help='YAML preset (experiments/search_*.yaml); default: the paper search')
+    p.add_argument('--config', default=None, help='YAML preset (experiments/search_*.yaml or strategy_*.yaml); default: the paper search')
     p.add_argument('--space', default=None, help='search space name in search_spaces/ or a YAML path')
     p.add_argument('--strategy', default=None, help=f'one of {", ".join(STRATEGY_NAMES)} (default binary-darts)')
     p.add_argument('--epochs', type=int, default=None)
