@@ -28,11 +28,11 @@ def _strategy(cell_cls):
     return _S()
 
 
-def _pair(dtype=torch.float32, **space_kwargs):
+def _pair(dtype=torch.float32, fast_cls=FastBinaryMixedCell, **space_kwargs):
     """The same supernet twice (straightforward, fast) with identical parameters and buffers."""
     ref = _strategy(BinaryMixedCell).mutate_model(BNASSpace(**space_kwargs))
-    fast = _strategy(FastBinaryMixedCell).mutate_model(BNASSpace(**space_kwargs))
-    assert any(type(m) is FastBinaryMixedCell for m in fast.modules())
+    fast = _strategy(fast_cls).mutate_model(BNASSpace(**space_kwargs))
+    assert any(type(m) is fast_cls for m in fast.modules())
     assert not any(isinstance(m, FastBinaryMixedCell) for m in ref.modules())
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -115,6 +115,15 @@ def test_tiny_space_training_and_eval_match(dtype):
     x, x2 = torch.randn(4, 3, 16, 16, generator=g), torch.randn(3, 3, 16, 16, generator=g)
     y = torch.randint(0, 10, (4,), generator=g)
     _compare_training_step(ref, fast, x.to(dtype), y, x2.to(dtype), TOL[dtype])
+
+
+def test_channels_last_variant_matches():
+    cl = type('FastBinaryMixedCellCL', (FastBinaryMixedCell,), {'channels_last': True})
+    ref, fast = _pair(torch.float64, cl, init_channels=4, layers=3, num_nodes=2)
+    g = torch.Generator().manual_seed(4)
+    x, x2 = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (2,), generator=g)
+    _compare_training_step(ref, fast, x.double(), y, x2.double(), TOL[torch.float64])
 
 
 def test_paper_size_cells_match():

@@ -1,39 +1,47 @@
 """A faster, leaner drop-in for :class:`~bnas_nni.strategy.mixed_cell.BinaryMixedCell`.
 
-:class:`FastBinaryMixedCell` computes the same function as ``BinaryMixedCell`` (same modules, same
-parameters and buffers, same state dict, same alphas shared per label, same export) but reorganises the
-work of a search cell around its *states* instead of its edges:
+:class:`FastBinaryMixedCell` computes the same function as ``BinaryMixedCell`` (same modules, parameters,
+buffers and state dict, same alphas shared per label, same export) but organises a search cell's work
+around its *states* instead of its edges:
 
-* **One normalisation per state.** Every search op that reads state ``s_j`` starts with a non-affine
-  ``BatchNorm2d`` (the binary ops directly, the pools after pooling). In training mode all of them
-  normalise with the same batch statistics, so ``BN(s_j)`` and its sign are computed once per state and
-  shared by every binary op on every edge leaving ``s_j`` (4 ops x up to 4 edges in the paper cell).
-  Each BN module's running statistics are still updated exactly as its own forward would (same batch
-  mean, unbiased variance, momentum, ``num_batches_tracked``), with a few ``_foreach`` ops on
-  C-vectors. In eval mode the BNs normalise with their own running statistics; BNs whose running
-  statistics are equal (always the case when the supernet was trained as a whole from a common init)
-  share one normalisation, and BNs that differ get their own -- so eval mode is exact too.
-* **One conv per kernel type per state.** The binary convs of one kind (kernel, dilation, padding,
-  stride) leaving the same state are run as one convolution whose weight is the concatenation, along
-  output channels, of each op's *separately* binarized weight (``conv.effective_weight()``; per-filter
-  XNOR scales and the binarizer's gradient stay per op).
-* **Softmax weights folded into the weights.** A softmax weight ``p > 0``, so
-  ``p * ReLU(conv(x, W)) == ReLU(conv(x, p * W))``: the edge weight multiplies the small binarized weight
-  tensor instead of the activation, and the gradient w.r.t. ``p`` flows through the weight.
-* **Pools once per state.** Max/avg pooling of a state is shared by the edges leaving it, then its
-  (shared) normalisation; the per-edge weighted sums are accumulated without ``torch.stack``.
-* **Zeroise costs nothing.** Its output is zero, so it is skipped; its logit still takes softmax mass
-  and still gets a gradient through the softmax.
+* **One normalisation and one sign per state.** Every binary op reading state ``s_j`` starts with a
+  non-affine ``BatchNorm2d``. In training mode they all normalise with the same batch statistics, so
+  ``sign(BN(s_j))`` is computed once and shared by every binary op on every edge leaving ``s_j`` (4 ops x up
+  to 4 edges in the paper cell); BN and sign are fused (:class:`_BNSignSTE`) so that backward keeps a
+  boolean ``|BN(s_j)| < 1`` mask instead of the float ``BN(s_j)``. Every BN module's running statistics are
+  still updated as its own forward would (batch mean, unbiased variance, momentum or cumulative average,
+  ``num_batches_tracked``), with a few ``_foreach`` ops on C-vectors. In eval mode BNs normalise with their
+  own running statistics: BNs whose statistics are equal (always so when the supernet was trained as a
+  whole from the common init) share one normalisation, BNs whose statistics differ get their own, so eval
+  mode is exact too.
+* **One conv per kernel type per state.** The binary convs of one kind (kernel, dilation, padding, stride)
+  leaving a state run as one convolution over the concatenation, along output channels, of the ops'
+  binarized weights. XNOR scales are per output filter, so binarizing the concatenated latent weights in
+  one call equals binarizing each op's weights (``PER_FILTER_BINARIZERS``; other binarizers go op by op).
+* **ReLU, softmax weight and memory.** :class:`_ConvReLUScale` computes ``p * ReLU(conv(s, W))`` with the
+  ReLU mask on the *unscaled* conv, exactly as the op does, but keeps only a boolean mask, the state's sign
+  as int8 (shared by the state's convs) and the weights for backward; the gradient of ``p`` comes from the
+  adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` (``dW`` is computed for the weights anyway).
+  (Folding ``p`` into the weights, ``ReLU(conv(s, p W))``, was tried and dropped: conv outputs of a binary
+  op are exact multiples of the XNOR scale and often exactly 0, and the scaled sum rounds those ties to
+  +-1 ulp, which flips ReLU gradients.)
+* **Pools once per state.** Max/avg pooling of a state is shared by the edges leaving it, then one
+  normalisation whose per-edge weighting keeps only the pooled tensor for backward (:class:`_BNWeighted`).
+  Node sums are accumulated as they come, never through ``torch.stack`` of all op outputs.
+* **Zeroise costs nothing.** Its output is zero, so it is skipped; its logit still takes softmax mass and
+  still gets its gradient through the softmax.
 
-Any op the fast path does not recognise (custom ops, affine BNs, ...) is run as in ``BinaryMixedCell``
-and added with its softmax weight, so the class is safe for any op set.
+Ops the fast path does not recognise (custom ops, affine BNs, ...) run as in ``BinaryMixedCell`` and are
+added with their softmax weight, so any op set works. Double backward is not supported (first-order
+search only).
 
-Use it as a mutation hook (``FastBinaryMixedCell.mutate``) in place of ``BinaryMixedCell.mutate``.
+Use it as a mutation hook, ``FastBinaryMixedCell.mutate``, in place of ``BinaryMixedCell.mutate``.
+Measured with ``bench/search_step.py``.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -154,6 +162,20 @@ class _BNWeighted(torch.autograd.Function):
             gx = torch.ops.aten.native_batch_norm_backward(gsum, x, None, None, None, mean, invstd, True, ctx.eps,
                                                            [True, False, False])[0]
         return gx, gp, None
+
+
+class _FromChannelsLast(torch.autograd.Function):
+    """``x.contiguous()`` for a channels-last ``x`` whose gradient goes back in channels-last layout too (so
+    the pooling backward also takes its fast NHWC path)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):  # type: ignore[override]
+        return x.contiguous()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return g.contiguous(memory_format=torch.channels_last)
 
 
 class _BNGroup:
@@ -291,6 +313,9 @@ class FastBinaryMixedCell(BinaryMixedCell):
     channels_last : bool
         Run the cell in channels-last memory format (off by default: it was slower on CPU; see
         ``bench/search_step.py --cells fast-cl``).
+    pool_channels_last : bool
+        Pool in channels-last layout on CPU (on by default: PyTorch's NHWC max/avg pooling kernels are several
+        times faster there; the result is the same).
     PER_FILTER_BINARIZERS : frozenset of str
         Binarizers whose ``binarize`` works filter by filter (or element by element), so that binarizing
         the concatenated weights of several convs equals concatenating their binarized weights; convs
@@ -298,6 +323,7 @@ class FastBinaryMixedCell(BinaryMixedCell):
     """
 
     channels_last: bool = False
+    pool_channels_last: bool = True
     PER_FILTER_BINARIZERS = frozenset({'xnor', 'sign'})
 
     def __init__(self, op_factory, num_nodes, num_ops_per_node, num_predecessors, preprocessor, postprocessor,
@@ -373,17 +399,27 @@ class FastBinaryMixedCell(BinaryMixedCell):
                     conv0 = group[0][2].op[0]
                     idx = self._index([row[(i, j)] * n_ops + col[name] for i, name, _ in group], x.device)
                     pw = probs.reshape(-1).index_select(0, idx).to(x.dtype).repeat_interleave(conv0.out_channels)
-                    y = _ConvReLUScale.apply(inputs[sid], self._merged_weight(group), pw, conv0.stride,
-                                             conv0.padding, conv0.dilation, conv0.groups, compact[sid])
+                    if torch.is_grad_enabled():
+                        y = _ConvReLUScale.apply(inputs[sid], self._merged_weight(group), pw, conv0.stride,
+                                                 conv0.padding, conv0.dilation, conv0.groups, compact[sid])
+                    else:  # evaluation: nothing to keep for backward
+                        y = F.conv2d(inputs[sid], self._merged_weight(group), None, conv0.stride, conv0.padding,
+                                     conv0.dilation, conv0.groups).clamp_min_(0).mul_(pw.view(1, -1, 1, 1))
                     # split (one backward node concatenating the grads), not slicing (a zero-filled
                     # full-size grad per slice)
                     for (i, _, _), part in zip(group, y.split(conv0.out_channels, 1) if len(group) > 1 else [y]):
                         add(i, part)
             # pools: pooled once, normalised once, weighted per edge
+            # (on CPU in channels-last layout: PyTorch's NHWC pooling kernels are ~5x faster than NCHW ones)
+            x_pool = x.contiguous(memory_format=torch.channels_last) if plan.pools and self.pool_channels_last \
+                and x.device.type == 'cpu' and x.dim() == 4 else x
             for key, (pool, items) in plan.pools.items():
                 idx = self._index([row[(i, j)] * n_ops + col[name] for i, name, _ in items], x.device)
                 pw = probs.reshape(-1).index_select(0, idx).to(x.dtype)
-                for (i, _, _), t in zip(items, plan.bn_groups[('pool',) + key].normalize_weighted(pool(x), training,
+                pooled = pool(x_pool)
+                if x_pool is not x:
+                    pooled = _FromChannelsLast.apply(pooled)
+                for (i, _, _), t in zip(items, plan.bn_groups[('pool',) + key].normalize_weighted(pooled, training,
                                                                                                  pw)):
                     add(i, t)
             # anything else runs as in BinaryMixedCell
