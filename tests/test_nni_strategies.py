@@ -56,7 +56,7 @@ def tiny_config(name: str, **strategy_kwargs) -> dict:
         'space': {'config': 'bnas-tiny'},
         'data': {'train_size': 64, 'val_size': 64, 'image_size': 16, 'batch_size': 32},
         'train': {'epochs': 1, 'num_threads': 1},
-        'experiment': {'max_trial_number': 2, 'trial_concurrency': 2, 'max_experiment_duration': '5m'},
+        'experiment': {'max_trial_number': 2, 'trial_concurrency': 1, 'max_experiment_duration': '5m'},
         'seed': 0,
     }
 

@@ -61,7 +61,7 @@ def test_two_trials_report_intermediate_and_final_metrics(tmp_path):
                      f'--epochs {EPOCHS} --train-subset 64 --val-subset 32 --batch-size 32 --init-channels 4 '
                      '--layers 3 --threads 1 --set tensorboard=false --set progress=never',
         trialCodeDirectory=str(REPO_ROOT), experimentWorkingDirectory=str(tmp_path / 'experiments'),
-        trialConcurrency=2, maxTrialNumber=2, maxExperimentDuration='10m',
+        trialConcurrency=1, maxTrialNumber=2, maxExperimentDuration='10m',
         searchSpace={'lr': {'_type': 'choice', '_value': LRS}})
     exp.pop('trialGpuNumber', None)
     config = tmp_path / 'exp.yml'
