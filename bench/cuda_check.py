@@ -105,7 +105,7 @@ def throughput(device: torch.device) -> None:
         y = torch.randint(0, net.classifier.out_features, (batch,), device=device)
         torch.cuda.reset_peak_memory_stats(device)
 
-        def step():
+        def step(net=net, opt=opt):
             with torch.autocast('cuda', dtype=torch.bfloat16):
                 loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 import warnings
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 # Spinning OpenMP workers slow torch 30-100x on a busy 2-core machine; sleeping ones cost ~nothing.
 # Must be set before torch is imported; a user's own setting wins.
@@ -59,13 +59,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, 'func', None):
         parser.print_help()
         return 2
+    return run_guarded(lambda: args.func(args))
+
+
+def run_guarded(call: Callable[[], Optional[int]],
+                interrupted: str = 'interrupted; the run directory is resumable with --resume') -> int:
+    """Run an entry point: a user mistake prints one ``error:`` line (exit 2), Ctrl-C a resume hint (130)."""
     try:
-        return int(args.func(args) or 0)
+        return int(call() or 0)
     except BNASError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print('interrupted; the run directory is resumable with --resume', file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
 
 

@@ -11,7 +11,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import yaml
 
@@ -73,3 +73,17 @@ def load_yaml(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise ConfigError(f'file not found: {path}; check the path')
     return parse_yaml(path.read_text(), str(path))
+
+
+def parse_set_items(items: Optional[list]) -> Dict[str, Any]:
+    """``--set key=value`` pairs; values are parsed as YAML scalars (``0.1``, ``true``, ``[1, 2]``)."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        if '=' not in item:
+            raise ConfigError(f'--set {item!r}: expected KEY=VALUE')
+        key, value = item.split('=', 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out

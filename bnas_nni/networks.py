@@ -17,7 +17,7 @@ Module names follow the official state-dict layout (``stem``, ``cells.N.preproce
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 from ..errors import ConfigError
 from ..io import load_yaml, save_yaml
-from .nni_strategies import STRATEGIES, get_strategy, strategy_kind, strategy_kwargs
+from .nni_strategies import get_strategy, strategy_kind, strategy_kwargs
 
 __all__ = ['DEFAULTS', 'SECTIONS', 'resolve_strategy_config', 'is_strategy_config', 'run_nni_strategy',
            'redirected_nni_home', 'free_port']

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
+from ..io import parse_set_items
 
 __all__ = ['DEFAULTS', 'STRATEGY_NAMES', 'resolve_search_config', 'build_search_data', 'build_space',
            'default_run_dir', 'save_named_genotypes', 'run_search', 'register']
@@ -460,19 +461,7 @@ def _run_nni_strategy(cfg: Dict[str, Any], space: Any, train: Any, val: Any, run
 # --------------------------------------------------------------------------- CLI
 
 
-def _parse_set(items) -> Dict[str, Any]:
-    import yaml
-
-    out: Dict[str, Any] = {}
-    for item in items or []:
-        if '=' not in item:
-            raise ConfigError(f'--set {item!r}: expected KEY=VALUE')
-        key, value = item.split('=', 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
+_parse_set = parse_set_items
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
-from ..errors import BNASError, ConfigError
+from ..errors import ConfigError
+from ..io import parse_set_items
 
 __all__ = ['RealTrialChannel', 'FINAL_DEFAULTS', 'brief_train', 'run_trial', 'main']
 
@@ -198,18 +198,13 @@ def run_trial(config: Optional[str], overrides: Mapping[str, Any], final_overrid
     return metric
 
 
-def _parse_set(items: Optional[List[str]]) -> Dict[str, Any]:
-    from .search_cli import _parse_set as parse
-
-    return parse(items)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``trainers/search_trial.py``."""
-    channel = None
-    try:
-        from ..cli import quiet_warnings
+    from ..cli import quiet_warnings, run_guarded
 
+    def trial() -> int:
         quiet_warnings()
         channel = RealTrialChannel()          # capture before any NNI engine can swap it
         p = argparse.ArgumentParser(prog='search_trial.py', description=__doc__.splitlines()[0])
@@ -223,12 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from ..paths import experiments_dir
 
             config = str(experiments_dir() / 'search_quick_fashion.yaml')
-        final = {k if k.startswith('final_') else f'final_{k}': v for k, v in _parse_set(args.final).items()}
-        run_trial(config, _parse_set(args.set), final, channel=channel)
+        final = {k if k.startswith('final_') else f'final_{k}': v for k, v in parse_set_items(args.final).items()}
+        run_trial(config, parse_set_items(args.set), final, channel=channel)
         return 0
-    except BNASError as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('interrupted; the search run directory is resumable with bnas-nni search --resume', file=sys.stderr)
-        return 130
+
+    return run_guarded(trial, 'interrupted; the search run directory is resumable with bnas-nni search --resume')

@@ -7,7 +7,6 @@ scores a checkpoint (ours, or an official one with ``--official``) and prints to
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Dict, List, Optional
 
 __all__ = ['register', 'add_common_arguments', 'overrides_from_args', 'train_main']
@@ -59,7 +58,7 @@ def add_common_arguments(p: argparse.ArgumentParser, train: bool = True) -> None
 
 
 def overrides_from_args(args: argparse.Namespace, train: bool = True) -> Dict[str, Any]:
-    from .config import parse_set_items
+    from ..io import parse_set_items
 
     out = {key: getattr(args, key) for _, key, _, _ in _FLAGS + (_TRAIN_FLAGS if train else ())}
     out['channels_last'] = args.channels_last
@@ -137,7 +136,6 @@ def train_main(task: str, argv: Optional[List[str]] = None) -> int:
     """Entry of ``trainers/train_{cifar10,imagenet}.py``: the ``train`` flags with the task fixed;
     user mistakes print one line and exit 2, like ``bnas-nni``."""
     from ..cli import quiet_warnings
-    from ..errors import BNASError
 
     quiet_warnings()
     p = argparse.ArgumentParser(prog=f'train_{"cifar10" if task == "cifar" else task}.py',
@@ -146,11 +144,6 @@ def train_main(task: str, argv: Optional[List[str]] = None) -> int:
     p.add_argument('--resume', nargs='?', const=True, default=None, metavar='CHECKPOINT')
     args = p.parse_args(argv)
     args.task = task
-    try:
-        return _cmd_train(args, task)
-    except BNASError as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('interrupted; continue with --resume', file=sys.stderr)
-        return 130
+    from ..cli import run_guarded
+
+    return run_guarded(lambda: _cmd_train(args, task), 'interrupted; continue with --resume')

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..io import load_yaml
 
 __all__ = ['TASKS', 'DEFAULTS', 'ALIASES', 'default_config', 'apply_overrides', 'load_config',
-           'resolve_config', 'parse_set_items', 'task_for', 'default_run_dir']
+           'resolve_config', 'task_for', 'default_run_dir']
 
 TASKS = ('cifar', 'imagenet')
 
@@ -186,22 +186,6 @@ def resolve_config(path: Optional[str | os.PathLike] = None, overrides: Optional
     if cfg['batch_size'] is None or cfg['batch_size'] < 1:
         raise ConfigError('batch_size must be at least 1')
     return cfg
-
-
-def parse_set_items(items: Optional[list]) -> Dict[str, Any]:
-    """``--set key=value`` pairs; values are parsed as YAML scalars (``0.1``, ``true``, ``[1, 2]``)."""
-    import yaml
-
-    out: Dict[str, Any] = {}
-    for item in items or []:
-        if '=' not in item:
-            raise ConfigError(f'--set {item!r}: expected KEY=VALUE')
-        key, value = item.split('=', 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
 
 
 def default_run_dir(cfg: Mapping[str, Any]) -> Path:
