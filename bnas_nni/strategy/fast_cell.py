@@ -112,7 +112,7 @@ class _ConvReLUScale(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         s = s.to(ctx.s_dtype)
         need_s, need_w, need_p = ctx.needs_input_grad[:3]
-        gm = g * mask  # gradient w.r.t. p * conv output, before the scale
+        gm = g * mask  # through the ReLU; the gradient w.r.t. the conv output is gm * p
         gs = gw = gp = None
         if need_s:
             # conv^T(gm * p, W) == conv^T(gm, p * W): scale the small weight, not the activation
