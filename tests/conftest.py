@@ -62,3 +62,17 @@ def foolbox_cifar():
     x = torch.stack(images)
     x = (x - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     return x, torch.tensor(labels)
+
+
+@pytest.fixture
+def nni_home(monkeypatch, tmp_path) -> Path:
+    """HOME -> a tmp folder for NNI, including the manifest folder nnictl fixes at import time."""
+    from nni.tools.nnictl import config_utils, constants
+
+    home = tmp_path / 'home'
+    monkeypatch.setenv('HOME', str(home))
+    manifest = str(home / 'nni-experiments')
+    monkeypatch.setattr(constants, 'NNI_HOME_DIR', manifest)
+    monkeypatch.setattr(config_utils, 'NNI_HOME_DIR', manifest, raising=False)
+    monkeypatch.setattr(config_utils.Experiments.__init__, '__defaults__', (manifest,))
+    return home

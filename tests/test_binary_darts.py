@@ -53,17 +53,6 @@ def _runner(tmp_path, halves, *, epochs=2, seed=0, cls=SearchRunner, select='bes
                seed=seed, tensorboard=False, log=lambda s: None, **kw)
 
 
-def _redirect_nni_home(monkeypatch, home):
-    """HOME -> ``home`` for NNI, including the manifest folder nnictl fixed at import time."""
-    from nni.tools.nnictl import config_utils, constants
-
-    monkeypatch.setenv('HOME', str(home))
-    manifest = str(home / 'nni-experiments')
-    monkeypatch.setattr(constants, 'NNI_HOME_DIR', manifest)
-    monkeypatch.setattr(config_utils, 'NNI_HOME_DIR', manifest, raising=False)
-    monkeypatch.setattr(config_utils.Experiments.__init__, '__defaults__', (manifest,))
-
-
 # --------------------------------------------------------------------------- objective
 
 
@@ -324,8 +313,7 @@ def test_cli_resume_without_run_is_an_error(tmp_path, capsys):
 # --------------------------------------------------------------------------- as an NNI strategy
 
 
-def test_binary_darts_in_nas_experiment(tmp_path, monkeypatch, fashion_halves):
-    _redirect_nni_home(monkeypatch, tmp_path / 'home')       # NNI writes ~/nni-experiments
+def test_binary_darts_in_nas_experiment(tmp_path, nni_home, fashion_halves):
     from nni.nas.evaluator.pytorch import DataLoader
     from nni.nas.experiment import NasExperiment
 

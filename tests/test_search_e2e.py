@@ -20,17 +20,6 @@ REPO = Path(__file__).resolve().parent.parent
 PRESET = REPO / 'experiments' / 'search_quick_fashion.yaml'
 
 
-def _redirect_nni_home(monkeypatch, home):
-    """HOME -> ``home`` for NNI, including the manifest folder nnictl fixed at import time."""
-    from nni.tools.nnictl import config_utils, constants
-
-    monkeypatch.setenv('HOME', str(home))
-    manifest = str(home / 'nni-experiments')
-    monkeypatch.setattr(constants, 'NNI_HOME_DIR', manifest)
-    monkeypatch.setattr(config_utils, 'NNI_HOME_DIR', manifest, raising=False)
-    monkeypatch.setattr(config_utils.Experiments.__init__, '__defaults__', (manifest,))
-
-
 @pytest.fixture(autouse=True)
 def _needs_fashion():
     from bnas_nni.data import fashion_mnist_root
@@ -113,9 +102,8 @@ def test_quick_preset_as_shipped(tmp_path, capsys):
     _train_a_few_steps(tmp_path / 'g' / 'quick.yaml')
 
 
-def test_cli_runs_nni_darts_on_the_same_space(tmp_path, monkeypatch, capsys):
+def test_cli_runs_nni_darts_on_the_same_space(tmp_path, nni_home, capsys):
     """``--strategy darts``: NNI's own DARTS through NasExperiment on the BNAS space, genotype written."""
-    _redirect_nni_home(monkeypatch, tmp_path / 'home')     # NasExperiment writes ~/nni-experiments
     rc = main(['search', '--config', str(PRESET), '--strategy', 'darts', '--epochs', '1', '--set', 'train_subset=96',
                '--set', 'batch_size=32', '--run-dir', str(tmp_path / 'run')])
     assert rc == 0, capsys.readouterr().err
