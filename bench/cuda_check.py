@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bnas_nni.binary import attach_latent_constraint, get_activation, get_binarizer
+from bnas_nni.quant import attach_latent_constraint, make_activation, make_binarizer
 from bnas_nni.networks import build_model
 
 FAILED: list = []
@@ -33,7 +33,7 @@ def primitives(device: torch.device) -> None:
     w = torch.randn(32, 16, 3, 3) * 0.7
     g = torch.randn(32, 16, 3, 3)
     for name in ('xnor', 'sign'):
-        b = get_binarizer(name)
+        b = make_binarizer(name)
         outs, grads = [], []
         for dev in (torch.device('cpu'), device):
             wd = w.detach().clone().to(dev).requires_grad_()
@@ -45,7 +45,7 @@ def primitives(device: torch.device) -> None:
         check(f'{name} binarizer grad cuda==cpu', torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4),
               f'max|d|={float((grads[0] - grads[1]).abs().max()):.2e}')
     x = torch.randn(4, 8, 5, 5) * 2
-    act = get_activation('ste_sign')
+    act = make_activation('ste_sign')
     xs = [x.clone().to(d).requires_grad_() for d in (torch.device('cpu'), device)]
     for t in xs:
         act(t).sum().backward()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Throughput and peak memory of one BNAS search step on the paper supernet, per mixed-cell implementation.
 
-For each cell implementation (the straightforward :class:`~bnas_nni.strategy.mixed_cell.BinaryMixedCell` and
-:class:`~bnas_nni.strategy.fast_cell.FastBinaryMixedCell`), batch size and step kind, a fresh subprocess
+For each cell implementation (the straightforward :class:`~bnas_nni.search.mixed_cell.BinaryMixedCell` and
+:class:`~bnas_nni.search.fast_cell.FastBinaryMixedCell`), batch size and step kind, a fresh subprocess
 builds the supernet (default: the ``bnas`` space, C=16, 8 cells, 4 nodes, 7 ops) and times
 
 * ``weight``: a weight step -- binarized forward, cross-entropy, backward, latent-weight constraint and
@@ -36,9 +36,9 @@ import sys
 import time
 
 CELLS = {
-    'straight': 'bnas_nni.strategy.mixed_cell:BinaryMixedCell',
-    'fast': 'bnas_nni.strategy.fast_cell:FastBinaryMixedCell',
-    'fast-cl': 'bnas_nni.strategy.fast_cell:FastBinaryMixedCell',  # channels-last variant
+    'straight': 'bnas_nni.search.mixed_cell:BinaryMixedCell',
+    'fast': 'bnas_nni.search.fast_cell:FastBinaryMixedCell',
+    'fast-cl': 'bnas_nni.search.fast_cell:FastBinaryMixedCell',  # channels-last variant
 }
 MODES = ('weight', 'full')
 MALLOC_ENV = {
@@ -79,8 +79,8 @@ def _child(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from bnas_nni.binary import attach_latent_constraint
-    from bnas_nni.strategy.mixed_cell import BinaryMixedCell
+    from bnas_nni.quant import attach_latent_constraint
+    from bnas_nni.search.mixed_cell import BinaryMixedCell
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

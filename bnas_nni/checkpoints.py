@@ -137,7 +137,7 @@ def describe_model(model: nn.Module) -> Dict[str, Any]:
     Works for :class:`bnas_nni.networks.BNASNetwork` and anything with ``cells``/``classifier``;
     unknown fields are simply left out.
     """
-    from .binary import BinaryConv2d
+    from .quant import BinaryConv2d
 
     model = _unwrap_model(model)
     desc: Dict[str, Any] = {'class': type(model).__name__}

@@ -22,8 +22,8 @@ from .errors import BNASError  # noqa: E402
 
 # subcommand modules, each with ``register(subparsers)``
 COMMAND_MODULES = (
-    'bnas_nni.strategy.search_cli',   # search
-    'bnas_nni.training.cli',          # train, eval
+    'bnas_nni.search.cli',   # search
+    'bnas_nni.train.cli',          # train, eval
     'bnas_nni.summary',               # summary
     'bnas_nni.data',                  # data
 )

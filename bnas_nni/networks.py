@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .binary import BinaryConv2d, get_activation, get_binarizer
+from .quant import BinaryConv2d, QuantizerSpec, make_activation, make_binarizer
 from .errors import ConfigError
 from .genotypes import Genotype, load_genotype
 from .io import load_yaml
@@ -63,8 +63,8 @@ class FixedCell(nn.Module):
     (identity in normal cells, BN + 2x2 stride-2 conv with bias in reduction cells, none in cell 0)."""
 
     def __init__(self, genotype: Genotype, cell_index: int, C_pp: int, C_p: int, C: int, reduction: bool,
-                 reduction_prev: bool, *, family: str = 'cifar', binarizer: Optional[str] = 'xnor',
-                 activation: str = 'ste_sign') -> None:
+                 reduction_prev: bool, *, family: str = 'cifar', binarizer: QuantizerSpec = 'xnor',
+                 activation: QuantizerSpec = 'ste_sign') -> None:
         super().__init__()
         q = dict(binarizer=binarizer, activation=activation)
         self.cell_index = cell_index
@@ -139,13 +139,13 @@ class NetworkForwardMixin:
 
 
 def build_fixed_body(module: nn.Module, genotype: Genotype, *, C: int, layers: int, num_classes: int,
-                     family: str, binarizer: Optional[str], activation: str) -> None:
+                     family: str, binarizer: QuantizerSpec, activation: QuantizerSpec) -> None:
     """Attach stem, cells, pooling and classifier of a fixed network to ``module``."""
     if family not in FAMILIES:
         raise ConfigError(f'unknown network family {family!r}; choose one of {FAMILIES}')
     if binarizer is not None:
-        get_binarizer(binarizer)
-    get_activation(activation)
+        make_binarizer(binarizer)     # a wrong name or option fails here, in one line
+    make_activation(activation)
     stems, C_pp, C_p, reduction_prev = build_stem(family, C)
     for name, m in stems.items():
         setattr(module, name, m)
@@ -174,7 +174,7 @@ class BNASNetwork(NetworkForwardMixin, nn.Module):
     """
 
     def __init__(self, genotype: Genotype | str, *, init_channels: int = 36, layers: int = 20, num_classes: int = 10,
-                 dataset: str = 'cifar10', binarizer: Optional[str] = 'xnor', activation: str = 'ste_sign',
+                 dataset: str = 'cifar10', binarizer: QuantizerSpec = 'xnor', activation: QuantizerSpec = 'ste_sign',
                  precision_rule: str = 'standard', num_skip: Optional[int] = None) -> None:
         super().__init__()
         self.genotype = load_genotype(genotype)
@@ -186,7 +186,7 @@ class BNASNetwork(NetworkForwardMixin, nn.Module):
         apply_precision_rule(self, precision_rule, num_skip=num_skip, binarizer=binarizer)
 
 
-def apply_precision_rule(model: nn.Module, rule: str, *, num_skip: int = 1, binarizer: Optional[str] = 'xnor',
+def apply_precision_rule(model: nn.Module, rule: str, *, num_skip: int = 1, binarizer: QuantizerSpec = 'xnor',
                          search: bool = False) -> None:
     """Choose which convs of ``model`` binarize their weights (see the module docstring)."""
     if rule not in PRECISION_RULES:

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Sequence
 import torch
 import torch.nn as nn
 
-from .binary import BinaryConv2d, get_activation
+from .quant import BinaryConv2d, QuantizerSpec, make_activation
 from .errors import ConfigError
 
 __all__ = ['OPS', 'PRIMITIVES', 'OP_ALIASES', 'Zeroise', 'BNConvReLU', 'make_op', 'canonical_op', 'check_ops']
@@ -46,11 +46,11 @@ class BNConvReLU(nn.Module):
     """
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, dilation: int = 1,
-                 affine: bool = True, *, binarizer: str | None = 'xnor', activation: str = 'ste_sign') -> None:
+                 affine: bool = True, *, binarizer: QuantizerSpec = 'xnor',
+                 activation: QuantizerSpec = 'ste_sign') -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(C_in, affine=affine)
-        self.activation = activation
-        self._quantize = get_activation(activation)
+        self.quantizer = make_activation(activation, channels=C_in)
         self.op = nn.Sequential(
             BinaryConv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False,
                          binarizer=binarizer),
@@ -58,10 +58,12 @@ class BNConvReLU(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(self._quantize(self.bn(x)))
+        return self.op(self.quantizer(self.bn(x)))
 
-    def extra_repr(self) -> str:
-        return f'activation={self.activation}'
+    @property
+    def activation(self) -> str:
+        """The name of the input quantizer (``ste_sign``, ``identity`` ...)."""
+        return self.quantizer.name
 
 
 OpFactory = Callable[..., nn.Module]
@@ -82,8 +84,6 @@ PRIMITIVES: tuple = tuple(OPS)
 #: names used by the official code and other tools, mapped to ours
 OP_ALIASES: Dict[str, str] = {'none': 'zeroise', 'zero': 'zeroise'}
 
-BINARY_OPS = frozenset(n for n in PRIMITIVES if n.startswith('bin_'))
-
 
 def canonical_op(name: str, allowed: Sequence[str] = PRIMITIVES, where: str = '') -> str:
     """Resolve aliases; raise a one-line error naming the op and the allowed list."""
@@ -98,8 +98,8 @@ def check_ops(names: Sequence[str], where: str = '') -> tuple:
     return tuple(canonical_op(n, PRIMITIVES, where) for n in names)
 
 
-def make_op(name: str, C: int, stride: int, *, search: bool = False, binarizer: str | None = 'xnor',
-            activation: str = 'ste_sign') -> nn.Module:
+def make_op(name: str, C: int, stride: int, *, search: bool = False, binarizer: QuantizerSpec = 'xnor',
+            activation: QuantizerSpec = 'ste_sign') -> nn.Module:
     """Build one candidate op: the search variant (non-affine BN, BN after pools) or the final one."""
     name = canonical_op(name)
     op = OPS[name](C, stride, not search, binarizer=binarizer, activation=activation)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from nni.nas.nn.pytorch import Cell, ModelSpace
 from nni.nas.space import current_model, model_context
 
-from .binary import BinaryConv2d
+from .quant import BinaryConv2d, QuantizerSpec
 from .errors import ConfigError
 from .genotypes import Genotype
 from .io import load_yaml
@@ -78,7 +78,7 @@ class CellOutput(nn.Module):
 
 
 def _candidate(node_index: int, op_index: int, input_index: Optional[int], *, name: str, C: int, reduction: bool,
-               binarizer: Optional[str], activation: str) -> nn.Module:
+               binarizer: QuantizerSpec, activation: QuantizerSpec) -> nn.Module:
     # input_index is None while the space is built; an int when an edge is materialised
     stride = 2 if reduction and (input_index is None or input_index < 2) else 1
     return make_op(name, C, stride, search=True, binarizer=binarizer, activation=activation)
@@ -100,8 +100,8 @@ class BNASSpace(NetworkForwardMixin, ModelSpace):
     """
 
     def __init__(self, *, dataset: str = 'cifar10', init_channels: int = 16, layers: int = 8, num_nodes: int = 4,
-                 ops: Sequence[str] = PRIMITIVES, num_classes: int = 10, binarizer: Optional[str] = 'xnor',
-                 activation: str = 'ste_sign', precision_rule: str = 'standard') -> None:
+                 ops: Sequence[str] = PRIMITIVES, num_classes: int = 10, binarizer: QuantizerSpec = 'xnor',
+                 activation: QuantizerSpec = 'ste_sign', precision_rule: str = 'standard') -> None:
         super().__init__()
         self.ops = check_ops(list(ops), where='the space')
         if len(self.ops) < 1:
@@ -125,7 +125,7 @@ class BNASSpace(NetworkForwardMixin, ModelSpace):
         else:
             self._build_supernet(init_channels, layers, num_classes, binarizer, activation)
 
-    def _build_supernet(self, C: int, layers: int, num_classes: int, binarizer: Optional[str], activation: str) -> None:
+    def _build_supernet(self, C: int, layers: int, num_classes: int, binarizer: QuantizerSpec, activation: QuantizerSpec) -> None:
         stems, C_pp, C_p, reduction_prev = build_stem(self.family, C)
         for name, m in stems.items():
             setattr(self, name, m)

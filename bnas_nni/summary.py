@@ -6,13 +6,13 @@ ImageNet) with hooks on every ``Conv2d`` and ``Linear``, and reports:
 
 * **parameters**, per layer (``--verbose``) and in total;
 * **binary MACs** (= BOPs): MACs of convs whose ``binarizer`` is set. The weight bit width comes from
-  the binarizer registry (``get_binarizer(name).precision``); the activation side is 1 bit because
+  conv's binarizer module (its ``precision``); the activation side is 1 bit because
   every binary op binarizes its input with sign. BOPs = MACs x weight bits (= MACs for 1-bit weights);
 * **full-precision MACs** (= FLOPs): all other convs plus the classifier ``Linear``; pools, BN,
   ReLU and additions are not counted (the usual convention);
 * **OPs = BOPs / 64 + FLOPs** (the Bi-Real / XNOR-Net convention);
 * **model size**: binary weights packed at their bit width plus one fp32 scale per output filter
-  when the binarizer scales (detected by probing it, so new binarizers need no change here), and
+  when the binarizer scales (its ``scaled`` attribute), and
   fp32 for everything else that inference needs (full-precision weights, biases, BN affine
   parameters and running statistics); compared with the same model stored all in fp32.
 
@@ -45,10 +45,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .binary import BinaryConv2d, get_binarizer
+from .quant import BinaryConv2d
 from .errors import ConfigError
 
-__all__ = ['LayerStats', 'ModelSummary', 'summarize', 'input_size_for', 'binarizer_scales', 'format_summary',
+__all__ = ['LayerStats', 'ModelSummary', 'summarize', 'input_size_for', 'format_summary',
            'build_from_spec', 'register']
 
 BOPS_PER_OP = 64
@@ -101,23 +101,6 @@ class ModelSummary:
         return out
 
 
-_SCALE_CACHE: Dict[str, bool] = {}
-
-
-def binarizer_scales(name: str) -> bool:
-    """Whether binarizer ``name`` multiplies the signs by a per-filter scale (stored as fp32).
-
-    Probed on a fixed weight: an unscaled binarizer only produces values in {-1, 0, 1}.
-    """
-    if name not in _SCALE_CACHE:
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(4, 3, 3, 3, generator=gen) * 0.1
-        with torch.no_grad():
-            wb = get_binarizer(name).binarize(w)
-        _SCALE_CACHE[name] = not bool(torch.isin(wb.abs(), torch.tensor([0.0, 1.0])).all())
-    return _SCALE_CACHE[name]
-
-
 def input_size_for(model: nn.Module) -> int:
     """224 for ImageNet-family networks, 32 for the CIFAR family."""
     family = getattr(model, 'family', None)
@@ -136,8 +119,8 @@ def _storage_bits(m: nn.Module) -> tuple:
     for pname, p in m.named_parameters(recurse=False):
         fp32 += p.numel() * FP_BITS
         if pname == 'weight' and _is_binary(m):
-            packed += p.numel() * get_binarizer(m.binarizer).precision
-            if binarizer_scales(m.binarizer):
+            packed += p.numel() * m.weight_quantizer.precision
+            if m.weight_quantizer.scaled:
                 packed += p.shape[0] * FP_BITS
         else:
             packed += p.numel() * FP_BITS
@@ -181,7 +164,7 @@ def summarize(model: nn.Module, input_size: Optional[int] = None, *, in_channels
                          size_bits=packed, fp32_bits=fp32)
         if _is_binary(m):
             row.binarizer = m.binarizer
-            row.weight_bits = get_binarizer(m.binarizer).precision
+            row.weight_bits = m.weight_quantizer.precision
         rows[name] = row
         if computes:
             handles.append(m.register_forward_hook(hook(name)))
@@ -229,7 +212,8 @@ def format_summary(s: ModelSummary, title: str = '', verbose: bool = False) -> s
         lines.append(title)
     lines.append(f'input                  {"x".join(map(str, s.input_shape))}')
     lines.append(f'parameters             {s.params:,}')
-    bins = ', '.join(f'{b} ({get_binarizer(b).precision}-bit)' for b in s.binarizers) or 'none'
+    bits = {r.binarizer: r.weight_bits for r in s.layers if r.binarizer}
+    bins = ', '.join(f'{b} ({bits.get(b, 1)}-bit)' for b in s.binarizers) or 'none'
     lines.append(f'binary MACs (BOPs)     {s.binary_macs:.3e}  ({s.binary_convs} binary convs; binarizer {bins})')
     lines.append(f'full-precision MACs    {s.fp_macs:.3e}  ({s.fp_convs} full-precision convs, {s.linears} linear)')
     lines.append(f'OPs = BOPs/64 + FLOPs  {s.ops:.3e}')

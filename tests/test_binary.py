@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bnas_nni.binary import (ACTIVATIONS, BINARIZERS, BinaryConv2d, attach_latent_constraint, binary_convs,
-                             constrain_latent_weights_, get_activation, get_binarizer)
+from bnas_nni.quant import (ACTIVATIONS, WEIGHT_BINARIZERS, BinaryConv2d, attach_latent_constraint, binary_convs,
+                             constrain_latent_weights_, make_activation, make_binarizer)
 from bnas_nni.errors import BNASError, ConfigError
 
 
@@ -16,7 +16,7 @@ from bnas_nni.errors import BNASError, ConfigError
 
 def test_ste_sign_forward_and_clipped_gradient():
     x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.3, 0.999, 1.0, 3.0], requires_grad=True)
-    act = get_activation('ste_sign')
+    act = make_activation('ste_sign')
     y = act(x)
     assert y.tolist() == [-1.0, -1.0, -1.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # sign(0) = 0 as in the official code
     g = torch.arange(1.0, 9.0)
@@ -28,7 +28,7 @@ def test_ste_sign_forward_and_clipped_gradient():
 
 def test_identity_activation_is_full_precision():
     x = torch.randn(5, requires_grad=True)
-    act = get_activation('identity')
+    act = make_activation('identity')
     act(x).sum().backward()
     assert torch.equal(act(x), x) and torch.equal(x.grad, torch.ones(5))
     assert act.precision == 32
@@ -46,13 +46,13 @@ def test_xnor_forward_is_sign_times_filter_mean_abs():
     w = torch.randn(6, 5, 3, 3, dtype=torch.float64) * 0.9
     wc = _constrain(w)
     alpha = torch.stack([wc[o].abs().mean() for o in range(6)]).view(6, 1, 1, 1)
-    wb = get_binarizer('xnor').binarize(w)
+    wb = make_binarizer('xnor')(w)
     assert torch.allclose(wb, wc.sign() * alpha, atol=1e-12)
     # one magnitude per output filter
     for o in range(6):
         mags = wb[o].abs().unique()
         assert mags.numel() == 1 and abs(mags.item() - alpha[o].item()) < 1e-12
-    assert not torch.allclose(get_binarizer('xnor').constrain(w), w)  # the constraint really changes w
+    assert not torch.allclose(make_binarizer('xnor').constrain(w), w)  # the constraint really changes w
 
 
 @pytest.mark.parametrize('c_in', [1, 3, 8])
@@ -60,7 +60,7 @@ def test_xnor_gradient_closed_form(c_in):
     O, k = 4, 3
     w = (torch.randn(O, c_in, k, k, dtype=torch.float64) * 1.5).requires_grad_()
     g = torch.randn(O, c_in, k, k, dtype=torch.float64)
-    (get_binarizer('xnor').binarize(w) * g).sum().backward()
+    (make_binarizer('xnor')(w) * g).sum().backward()
 
     wc = _constrain(w.detach())
     n = c_in * k * k
@@ -154,7 +154,7 @@ class _TinyNet(nn.Module):
 
 
 def _train_pair(steps: int, hook: bool = True):
-    ours = _TinyNet(lambda *a, **k: BinaryConv2d(*a, binarizer='xnor', **k), get_activation('ste_sign')).double()
+    ours = _TinyNet(lambda *a, **k: BinaryConv2d(*a, binarizer='xnor', **k), make_activation('ste_sign')).double()
     with torch.no_grad():  # latent weights outside [-1, 1] and off-centre, so the constraint matters
         ours.conv1.weight.mul_(8).add_(0.3)
         ours.conv2.weight.mul_(4)
@@ -223,7 +223,7 @@ def test_constraint_helpers_touch_only_binary_convs_of_the_optimizer():
 
 def test_sign_binarizer_no_scale_identity_gradient():
     w = (torch.randn(3, 2, 3, 3) * 2).requires_grad_()
-    binz = get_binarizer('sign')
+    binz = make_binarizer('sign')
     wb = binz.binarize(w)
     assert torch.equal(wb, w.detach().sign())
     g = torch.randn_like(w)
@@ -237,7 +237,7 @@ def test_binary_conv_uses_named_binarizer_and_none_is_full_precision():
     x = torch.randn(2, 3, 6, 6)
     for name in ('xnor', 'sign'):
         conv = BinaryConv2d(3, 4, 3, padding=1, bias=False, binarizer=name)
-        expected = F.conv2d(x, get_binarizer(name).binarize(conv.weight), padding=1)
+        expected = F.conv2d(x, make_binarizer(name)(conv.weight), padding=1)
         assert torch.allclose(conv(x), expected)
     conv.binarizer = None
     assert torch.allclose(conv(x), F.conv2d(x, conv.weight, padding=1))
@@ -245,12 +245,12 @@ def test_binary_conv_uses_named_binarizer_and_none_is_full_precision():
 
 
 def test_registries_report_unknown_names_with_choices():
-    assert {'xnor', 'sign'} <= set(BINARIZERS) and {'ste_sign', 'identity'} <= set(ACTIVATIONS)
+    assert {'xnor', 'sign'} <= set(WEIGHT_BINARIZERS) and {'ste_sign', 'identity'} <= set(ACTIVATIONS)
     with pytest.raises(ConfigError) as e:
-        get_binarizer('dorefa')
+        make_binarizer('dorefa')
     assert 'dorefa' in str(e.value) and 'xnor' in str(e.value) and 'sign' in str(e.value)
     with pytest.raises(ConfigError) as e:
-        get_activation('tanh')
+        make_activation('tanh')
     assert 'tanh' in str(e.value) and 'ste_sign' in str(e.value)
     with pytest.raises(BNASError):
         BinaryConv2d(3, 3, 3, binarizer='nope')

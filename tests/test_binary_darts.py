@@ -11,14 +11,14 @@ import torch.utils.data as tud
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
-from bnas_nni.binary import binary_convs  # noqa: E402
+from bnas_nni.quant import binary_convs  # noqa: E402
 from bnas_nni.cli import main  # noqa: E402
 from bnas_nni.genotypes import Genotype  # noqa: E402
 from bnas_nni.space import BNASSpace  # noqa: E402
-from bnas_nni.strategy.darts import (BinaryDARTS, SearchRunner, alpha_matrices, binary_cells,  # noqa: E402
+from bnas_nni.search.binary_darts import (BinaryDARTS, SearchRunner, alpha_matrices, binary_cells,  # noqa: E402
                                      derive_from_model, diversity_weight, mean_edge_entropy, search_lr)
-from bnas_nni.strategy.mixed_cell import BinaryMixedCell  # noqa: E402
-from bnas_nni.strategy.search_cli import Resized  # noqa: E402
+from bnas_nni.search.mixed_cell import BinaryMixedCell  # noqa: E402
+from bnas_nni.search.cli import Resized  # noqa: E402
 
 OPS = ('zeroise', 'max_pool_3x3', 'avg_pool_3x3', 'bin_dil_conv_3x3', 'bin_dil_conv_5x5', 'bin_conv_3x3',
        'bin_conv_5x5')
@@ -145,9 +145,9 @@ def test_alphas_move_and_weights_stay_binarized_in_forward(tmp_path, fashion_hal
     # alpha scale of the forward equals mean |constrained latent| per filter
     m = convs[0]
     w_eff = m.effective_weight().detach()
-    from bnas_nni.binary import get_binarizer
+    from bnas_nni.quant import make_binarizer
 
-    wc = get_binarizer('xnor').constrain(m.weight.detach())
+    wc = make_binarizer('xnor').constrain(m.weight.detach())
     torch.testing.assert_close(w_eff.abs().flatten(1)[:, 0], wc.abs().flatten(1).mean(1))
 
 
@@ -317,7 +317,7 @@ def test_binary_darts_in_nas_experiment(tmp_path, nni_home, fashion_halves):
     from nni.nas.evaluator.pytorch import DataLoader
     from nni.nas.experiment import NasExperiment
 
-    from bnas_nni.strategy.evaluators import BinaryClassification
+    from bnas_nni.search.evaluators import BinaryClassification
 
     train, val = fashion_halves
     evaluator = BinaryClassification(learning_rate=0.025, num_classes=10, max_epochs=2, limit_train_batches=2,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bnas_nni.binary import BinaryConv2d
+from bnas_nni.quant import BinaryConv2d
 from bnas_nni.checkpoints import (FORMAT, describe_model, load_checkpoint_into, official_to_ours, ours_to_official,
                                   save_checkpoint)
 from bnas_nni.cli import main

@@ -14,10 +14,10 @@ warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedCell  # noqa: E402
 from nni.nas.strategy import DARTS  # noqa: E402
 
-from bnas_nni.binary import BinaryConv2d, attach_latent_constraint  # noqa: E402
+from bnas_nni.quant import BinaryConv2d, attach_latent_constraint  # noqa: E402
 from bnas_nni.space import BNASSpace  # noqa: E402
-from bnas_nni.strategy.fast_cell import FastBinaryMixedCell  # noqa: E402
-from bnas_nni.strategy.mixed_cell import BinaryMixedCell  # noqa: E402
+from bnas_nni.search.fast_cell import FastBinaryMixedCell  # noqa: E402
+from bnas_nni.search.mixed_cell import BinaryMixedCell  # noqa: E402
 
 
 def _strategy(cell_cls):
@@ -207,8 +207,8 @@ def test_merged_weight_equals_per_op_binarization():
     for c in convs:
         with torch.no_grad():
             c.weight.copy_(torch.randn(c.weight.shape, generator=g))
-    from bnas_nni.binary import get_binarizer
-    merged = get_binarizer('xnor').binarize(torch.cat([c.weight for c in convs], 0))
+    from bnas_nni.quant import make_binarizer
+    merged = make_binarizer('xnor')(torch.cat([c.weight for c in convs], 0))
     separate = torch.cat([c.effective_weight() for c in convs], 0)
     torch.testing.assert_close(merged, separate, rtol=0, atol=0)
     up = torch.randn(merged.shape, generator=g)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bnas_nni.binary import BinaryConv2d
+from bnas_nni.quant import BinaryConv2d
 from bnas_nni.errors import ConfigError
 from bnas_nni.genotypes import load_genotype
 from bnas_nni.networks import BNASNetwork, build_model, count_parameters, drop_path, reduction_indices

@@ -21,16 +21,16 @@ from bnas_nni.errors import ConfigError
 
 pytest.importorskip('nni')
 
-from bnas_nni.binary import _xnor_constrain, binary_convs  # noqa: E402
+from bnas_nni.quant import xnor_constrain, binary_convs  # noqa: E402
 from bnas_nni.data import fashion_mnist_root  # noqa: E402
 from bnas_nni.errors import DatasetError  # noqa: E402
 from bnas_nni.genotypes import Genotype, load_genotype  # noqa: E402
 from bnas_nni.io import load_yaml  # noqa: E402
 from bnas_nni.space import BNASSpace  # noqa: E402
-from bnas_nni.strategy import nni_strategies as ns  # noqa: E402
-from bnas_nni.strategy.evaluators import (BinaryClassificationModule, DatasetView, evaluate_derived,  # noqa: E402
+from bnas_nni.search import nni_strategies as ns  # noqa: E402
+from bnas_nni.search.evaluators import (BinaryClassificationModule, DatasetView, evaluate_derived,  # noqa: E402
                                           search_datasets)
-from bnas_nni.strategy.multi_trial import resolve_strategy_config, run_nni_strategy  # noqa: E402
+from bnas_nni.search.experiment import resolve_strategy_config, run_nni_strategy  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / 'experiments'
 ONE_SHOT = ['darts', 'gumbel-darts', 'random-one-shot']
@@ -105,7 +105,7 @@ def test_unknown_strategy_and_bad_options_are_one_line_errors():
 
 
 def test_config_overrides_and_schema_detection(tmp_path):
-    from bnas_nni.strategy.multi_trial import is_strategy_config
+    from bnas_nni.search.experiment import is_strategy_config
 
     cfg = resolve_strategy_config(EXPERIMENTS / 'strategy_random.yaml',
                                   {'train.epochs': 5, 'seed': 9, 'strategy.dedup': False, 'data.image_size': 16})
@@ -127,7 +127,7 @@ def test_config_overrides_and_schema_detection(tmp_path):
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
-    from bnas_nni.strategy.multi_trial import main
+    from bnas_nni.search.experiment import main
 
     preset = str(EXPERIMENTS / 'strategy_random.yaml')
     run_dir = str(tmp_path / 'run')
@@ -212,7 +212,7 @@ def test_binary_module_applies_latent_step_before_each_weight_step():
     conv = binary_convs(net)[0]
     with torch.no_grad():
         conv.weight.mul_(10.0)  # far outside [-1, 1]
-    expected = _xnor_constrain(conv.weight.detach().clone())
+    expected = xnor_constrain(conv.weight.detach().clone())
     opt.zero_grad(set_to_none=True)  # no gradients: the step itself changes nothing
     opt.step()
     assert torch.equal(conv.weight.detach(), expected)
@@ -348,7 +348,7 @@ def _experiment_processes(exp_id: str, pgid: int):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize('name', MULTI_TRIAL)
 def test_multi_trial_strategy_over_rest_api(name, tmp_path):
-    from bnas_nni.nni_support import rest_get
+    from bnas_nni.nni.manager import rest_get
 
     kwargs = {'population_size': 2, 'sample_size': 1} if name == 'regularized-evolution' else {}
     cfg = tiny_config(name, **kwargs)

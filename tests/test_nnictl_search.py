@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnas_nni.nni_support import nni_environment, nnictl_create, nnictl_stop, rest_get, wait_for_experiment
+from bnas_nni.nni.manager import nni_environment, nnictl_create, nnictl_stop, rest_get, wait_for_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnas_nni import nni_support
+from bnas_nni.nni import manager as nni_support
 from bnas_nni.data import DEBIAN_FASHION_MNIST
 from bnas_nni.paths import REPO_ROOT, experiments_dir
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bnas_nni.binary import BinaryConv2d, get_binarizer
+from bnas_nni.quant import BinaryConv2d, make_binarizer
 from bnas_nni.errors import ConfigError
 from bnas_nni.ops import OPS, PRIMITIVES, BNConvReLU, Zeroise, make_op
 
@@ -128,4 +128,4 @@ def test_unknown_op_names_it_and_the_allowed_list():
 def test_ops_accept_another_binarizer():
     op = make_op('bin_conv_3x3', 4, 1, binarizer='sign')
     assert op.op[0].binarizer == 'sign'
-    assert torch.equal(op.op[0].effective_weight(), get_binarizer('sign').binarize(op.op[0].weight))
+    assert torch.equal(op.op[0].effective_weight(), make_binarizer('sign')(op.op[0].weight))

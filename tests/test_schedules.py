@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from bnas_nni.paths import experiments_dir
-from bnas_nni.training.config import resolve_config
-from bnas_nni.training.loops import make_criterion
-from bnas_nni.training.schedules import IterationSchedule, OneCycleLR, build_schedule, cosine_restarts
+from bnas_nni.train.config import resolve_config
+from bnas_nni.train.loops import make_criterion
+from bnas_nni.train.schedules import IterationSchedule, OneCycleLR, build_schedule, cosine_restarts
 
 ITERS = 196          # ceil(50000 / 256)
 EPOCHS = 600

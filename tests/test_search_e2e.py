@@ -11,7 +11,7 @@ import yaml
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
-from bnas_nni.binary import attach_latent_constraint, binary_convs  # noqa: E402
+from bnas_nni.quant import attach_latent_constraint, binary_convs  # noqa: E402
 from bnas_nni.cli import main  # noqa: E402
 from bnas_nni.genotypes import load_genotype  # noqa: E402
 from bnas_nni.networks import build_model  # noqa: E402

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # a fresh clone without `pip install -e .`
 
-from bnas_nni.strategy.search_trial import main  # noqa: E402
+from bnas_nni.search.trial import main  # noqa: E402
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""A faster, leaner drop-in for :class:`~bnas_nni.strategy.mixed_cell.BinaryMixedCell`.
+"""A faster, leaner drop-in for :class:`~bnas_nni.search.mixed_cell.BinaryMixedCell`.
 
 :class:`FastBinaryMixedCell` computes the same function as ``BinaryMixedCell`` (same modules, parameters,
 buffers and state dict, same alphas shared per label, same export) but organises a search cell's work
@@ -17,7 +17,7 @@ around its *states* instead of its edges:
 * **One conv per kernel type per state.** The binary convs of one kind (kernel, dilation, padding, stride)
   leaving a state run as one convolution over the concatenation, along output channels, of the ops'
   binarized weights. XNOR scales are per output filter, so binarizing the concatenated latent weights in
-  one call equals binarizing each op's weights (``PER_FILTER_BINARIZERS``; other binarizers go op by op).
+  one call equals binarizing each op's weights (binarizers with ``per_filter`` and no state; others go op by op).
 * **ReLU, softmax weight and memory.** :class:`_ConvReLUScale` computes ``p * ReLU(conv(s, W))`` with the
   ReLU mask on the *unscaled* conv, exactly as the op does, but keeps only a boolean mask, the state's sign
   as int8 (shared by the state's convs) and the weights for backward; the gradient of ``p`` comes from the
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from nni.nas.oneshot.pytorch.supermodule.sampling import preprocess_cell_inputs
 
-from ..binary import BinaryConv2d, get_binarizer
+from ..quant import BinaryConv2d, SteSign
 from ..ops import BNConvReLU, Zeroise
 from .mixed_cell import BinaryMixedCell
 
@@ -212,10 +212,12 @@ class _BNGroup:
                 out.append(t)
         return out
 
-    def normalize_quantize(self, x: torch.Tensor, training: bool, activation: str, quantize) -> List[torch.Tensor]:
-        """``quantize(BN(x))`` per BN, shared where the normalisations are shared (fused for ``ste_sign``)."""
+    def normalize_quantize(self, x: torch.Tensor, training: bool, quantize: nn.Module) -> List[torch.Tensor]:
+        """``quantize(BN(x))`` per BN, shared where the normalisations are shared (fused for ``ste_sign``).
+
+        ``quantize`` is the (stateless) quantizer module of one of the ops; they are interchangeable."""
         bns = self.bns
-        if training and activation == 'ste_sign':
+        if training and type(quantize) is SteSign:
             signed, mean, invstd = _BNSignSTE.apply(x, self.eps)
             tracked = [bn for bn in bns if bn.track_running_stats and bn.running_mean is not None]
             if tracked:
@@ -265,7 +267,7 @@ class _StatePlan:
     """What to compute from one cell state: shared binary-conv groups, shared pools, other ops."""
 
     def __init__(self) -> None:
-        # binary ops: activation name -> list of (node, op_name, BNConvReLU); one BN group per activation
+        # binary ops: (quantizer share key, eps, C) -> list of (node, op_name, BNConvReLU); one BN group each
         self.binary: Dict[Tuple, List[Tuple[int, str, BNConvReLU]]] = OrderedDict()
         # pools: pool signature -> (pool module, list of (node, op_name, bn))
         self.pools: Dict[Tuple, Tuple[nn.Module, List[Tuple[int, str, nn.BatchNorm2d]]]] = OrderedDict()
@@ -295,7 +297,9 @@ def _classify(op: nn.Module):
         return ('zero',)
     if type(op) is BNConvReLU and _plain_bn(op.bn) and len(op.op) == 2 and isinstance(op.op[0], BinaryConv2d) \
             and type(op.op[1]) is nn.ReLU and op.op[0].bias is None and op.op[0].padding_mode == 'zeros':
-        return ('binary', (op.activation, op.bn.eps, op.bn.num_features))
+        share = op.quantizer.share_key()
+        if share is not None:  # a stateful (e.g. learnable) quantizer runs per op, never shared
+            return ('binary', (share, op.bn.eps, op.bn.num_features))
     if type(op) is nn.Sequential and len(op) == 2 and _pool_key(op[0]) is not None and _plain_bn(op[1]) \
             and not getattr(op[0], 'return_indices', False):
         return ('pool', _pool_key(op[0]) + (op[1].eps,), op[0], op[1])
@@ -316,15 +320,10 @@ class FastBinaryMixedCell(BinaryMixedCell):
     pool_channels_last : bool
         Pool in channels-last layout on CPU (on by default: PyTorch's NHWC max/avg pooling kernels are several
         times faster there; the result is the same).
-    PER_FILTER_BINARIZERS : frozenset of str
-        Binarizers whose ``binarize`` works filter by filter (or element by element), so that binarizing
-        the concatenated weights of several convs equals concatenating their binarized weights; convs
-        with other binarizers are binarized one by one.
     """
 
     channels_last: bool = False
     pool_channels_last: bool = True
-    PER_FILTER_BINARIZERS = frozenset({'xnor', 'sign'})
 
     def __init__(self, op_factory, num_nodes, num_ops_per_node, num_predecessors, preprocessor, postprocessor,
                  concat_dim, memo, mutate_kwargs, label):
@@ -384,16 +383,15 @@ class FastBinaryMixedCell(BinaryMixedCell):
             plan = self._plans[j]
             # binary ops: one normalisation and sign per BN group, one conv per kernel type
             for key, items in plan.binary.items():
-                activation = key[0]
-                signed = plan.bn_groups[('binary',) + key].normalize_quantize(x, training, activation,
-                                                                             items[0][2]._quantize)
+                quantizer = items[0][2].quantizer
+                signed = plan.bn_groups[('binary',) + key].normalize_quantize(x, training, quantizer)
                 convs: Dict[Tuple, List[Tuple[int, str, BNConvReLU]]] = OrderedDict()
                 inputs: Dict[int, torch.Tensor] = {}
                 for (i, name, op), sx in zip(items, signed):
                     inputs[id(sx)] = sx
                     convs.setdefault((id(sx), _conv_key(op.op[0])), []).append((i, name, op))
                 # the sign is saved once per state as int8 for the weight gradients (exact: values -1, 0, 1)
-                compact = {sid: sx.to(torch.int8) if activation == 'ste_sign' and torch.is_grad_enabled() else None
+                compact = {sid: sx.to(torch.int8) if type(quantizer) is SteSign and torch.is_grad_enabled() else None
                            for sid, sx in inputs.items()}
                 for (sid, _), group in convs.items():
                     conv0 = group[0][2].op[0]
@@ -446,9 +444,11 @@ class FastBinaryMixedCell(BinaryMixedCell):
         convs = [op.op[0] for _, _, op in group]
         if len(convs) == 1:
             return convs[0].effective_weight()
-        b = convs[0].binarizer
-        if b in self.PER_FILTER_BINARIZERS and all(c.binarizer == b for c in convs):
-            return get_binarizer(b).binarize(torch.cat([c.weight for c in convs], 0))
+        q = convs[0].weight_quantizer
+        key = q.share_key() if q is not None and q.per_filter else None
+        if key is not None and all(c.weight_quantizer is not None and c.weight_quantizer.share_key() == key
+                                   for c in convs):
+            return q(torch.cat([c.weight for c in convs], 0))
         return torch.cat([c.effective_weight() for c in convs], 0)
 
     def _zero_state(self, states: List[torch.Tensor], i: int) -> torch.Tensor:

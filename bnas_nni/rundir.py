@@ -6,7 +6,7 @@ Layout::
     <run_dir>/log.txt          the log lines, as printed
     <run_dir>/metrics.csv      one row per finished epoch
     <run_dir>/tb/              TensorBoard event files (train/valid top1, top5, loss; lr)
-    <run_dir>/checkpoint.pt    the latest epoch (see :mod:`bnas_nni.training.checkpoint`)
+    <run_dir>/checkpoint.pt    the latest epoch (see :mod:`bnas_nni.train.checkpoint`)
 
 On resume the CSV keeps only rows of epochs before the resume point, so a run killed between the
 CSV row and the checkpoint does not end up with a duplicated epoch.
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..io import atomic_write_text, save_yaml
+from .io import atomic_write_text, save_yaml
 
 __all__ = ['RunDir', 'setup_logging', 'CSV_FIELDS']
 

@@ -3,13 +3,13 @@ r"""BinaryDARTS: the BNAS search (Kim, Singh, Choi, ECCV 2020) as an NNI ``DARTS
 What differs from NNI's stock ``DARTS``
 ---------------------------------------
 
-* **Mixed cell.** :class:`~bnas_nni.strategy.mixed_cell.BinaryMixedCell` (or a subclass given with
+* **Mixed cell.** :class:`~bnas_nni.search.mixed_cell.BinaryMixedCell` (or a subclass given with
   ``mixed_cell=``): one logit per named candidate and a softmax over exactly those seven ops. Zeroise is
   a real candidate that can win an edge; there is no hidden zero logit.
 * **Order of an iteration** (first-order DARTS, as ``search.py``): an architecture step on a batch of
   the validation half, then a weight step on a batch of the training half. Both forwards use the
   binarized weights (the binary convs binarize inside their forward); the weight optimizer carries the
-  binarizer's persistent latent-weight step (:func:`bnas_nni.binary.attach_latent_constraint`). BN
+  binarizer's persistent latent-weight step (:func:`bnas_nni.quant.attach_latent_constraint`). BN
   running statistics are updated by both forwards, as in the official code. Architecture batches come
   from cycling through the shuffled validation half (the official code draws ``next(iter(valid_queue))``,
   a fresh random batch, every iteration: the same distribution, without rebuilding a loader each step).
@@ -47,7 +47,7 @@ Two ways to run it
 
 * ``NasExperiment(space, evaluator, BinaryDARTS(...)).run()``: NNI's sequential engine and Lightning,
   with the weight optimizer of the evaluator (use
-  :class:`bnas_nni.strategy.evaluators.BinaryClassification` for the paper's SGD + cosine). The
+  :class:`bnas_nni.search.evaluators.BinaryClassification` for the paper's SGD + cosine). The
   Lightning module :class:`BinaryDartsModule` does the steps above, runs a validation pass each epoch
   and ``export()`` returns the kept (best-epoch) architecture.
 * :class:`SearchRunner` (what ``bnas-nni search`` uses): the same supernet (built by
@@ -75,7 +75,7 @@ from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule
 from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedCell
 from nni.nas.strategy import DARTS
 
-from ..binary import attach_latent_constraint
+from ..quant import attach_latent_constraint
 from ..errors import ConfigError
 from ..genotypes import Genotype, derive_genotype
 from ..io import atomic_torch_save, atomic_write_text
@@ -194,7 +194,7 @@ def resolve_mixed_cell(spec: Union[None, str, Type[BinaryMixedCell]]) -> Type[Bi
             cands = [v for v in vars(fast_cell).values()
                      if isinstance(v, type) and issubclass(v, BinaryMixedCell) and v is not BinaryMixedCell]
             if not cands:
-                raise ConfigError('bnas_nni.strategy.fast_cell defines no BinaryMixedCell subclass')
+                raise ConfigError('bnas_nni.search.fast_cell defines no BinaryMixedCell subclass')
             cls = cands[0]
         return cls
     if isinstance(spec, type) and issubclass(spec, BinaryMixedCell):

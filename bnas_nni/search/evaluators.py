@@ -3,7 +3,7 @@
 * :class:`BinaryClassification` -- a ``Classification``-style Lightning evaluator for the one-shot
   strategies (``DARTS``, ``GumbelDARTS``, ``RandomOneShot``). Its module builds the weight optimizer
   itself (SGD or Adam, cosine schedule per epoch) and attaches the binarizers' latent-weight step
-  (:func:`bnas_nni.binary.attach_latent_constraint`) to it, so the latent weights of every binary conv
+  (:func:`bnas_nni.quant.attach_latent_constraint`) to it, so the latent weights of every binary conv
   are constrained before each weight step exactly as in the official code, whichever strategy drives
   the optimizer (automatic optimization, or the one-shot modules' manual ``advance_optimization``).
 * :func:`evaluate_derived` -- the target of a ``FunctionalEvaluator`` for the multi-trial strategies
@@ -33,7 +33,7 @@ from nni.nas.evaluator import FunctionalEvaluator
 from nni.nas.evaluator.pytorch import DataLoader, Lightning, Trainer
 from nni.nas.evaluator.pytorch.lightning import ClassificationModule
 
-from ..binary import attach_latent_constraint, binary_convs
+from ..quant import attach_latent_constraint, binary_convs
 from ..errors import ConfigError
 
 __all__ = ['DatasetView', 'search_datasets', 'make_loader', 'BinaryClassificationModule', 'BinaryClassification',

@@ -1,6 +1,6 @@
 """``bnas-nni train`` and ``bnas-nni eval``.
 
-``train`` resolves ``--config`` plus the flags below once (see :mod:`bnas_nni.training.config`),
+``train`` resolves ``--config`` plus the flags below once (see :mod:`bnas_nni.train.config`),
 saves the result in the run directory and trains; under ``torchrun`` every rank runs it. ``eval``
 scores a checkpoint (ours, or an official one with ``--official``) and prints top-1/top-5.
 """

@@ -27,7 +27,7 @@ def recipe() -> Dict[str, Any]:
 def train(config: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
           resume: Any = None) -> Dict[str, Any]:
     """Run the CIFAR trainer in this process (every torchrun rank calls it); see
-    :func:`bnas_nni.training.engine.run_training`."""
+    :func:`bnas_nni.train.engine.run_training`."""
     from .engine import run_training
 
     return run_training(config, overrides, task=TASK, resume=resume)

@@ -149,7 +149,7 @@ def _merge(cfg: Dict[str, Any], data: Optional[Mapping[str, Any]], source: str) 
 
 
 def _validate(cfg: Dict[str, Any]) -> None:
-    from .darts import check_hparams
+    from .binary_darts import check_hparams
 
     check_hparams(cfg['lamda'], cfg['tau'], cfg['gamma'], cfg['select'])
     if cfg['epochs'] < 1 or cfg['batch_size'] < 1:
@@ -363,7 +363,7 @@ def run_search(cfg: Dict[str, Any], *, resume: bool = False, epoch_callbacks=(),
     if cfg['strategy'] != 'binary-darts':
         return _run_nni_strategy(cfg, space, train, val, run_dir, device, log)
 
-    from .darts import BinaryDARTS, SearchRunner
+    from .binary_darts import BinaryDARTS, SearchRunner
 
     strategy = BinaryDARTS(arc_learning_rate=cfg['arc_lr'], arc_betas=tuple(cfg['arc_betas']),
                            arc_weight_decay=cfg['arc_weight_decay'], lamda=cfg['lamda'], tau=cfg['tau'],
@@ -469,7 +469,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     quiet_warnings()
     if args.config:
-        from .multi_trial import is_strategy_config
+        from .experiment import is_strategy_config
 
         if is_strategy_config(args.config):  # experiments/strategy_*.yaml: sectioned NNI-strategy preset
             return _cmd_strategy_preset(args)
@@ -486,7 +486,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_strategy_preset(args: argparse.Namespace) -> int:
     """``--config experiments/strategy_*.yaml``: any NNI strategy (one-shot or multi-trial) on the space."""
-    from .multi_trial import run_nni_strategy
+    from .experiment import run_nni_strategy
 
     if args.resume:
         raise ConfigError('--resume is not available for NNI strategy presets; rerun with a new --run-dir')

@@ -5,12 +5,12 @@
 genotype YAML:
 
 * **one-shot** (``darts``, ``gumbel-darts``, ``random-one-shot``): sequential engine in this process,
-  :class:`~bnas_nni.strategy.evaluators.BinaryClassification` trains the supernet (weights on the
+  :class:`~bnas_nni.search.evaluators.BinaryClassification` trains the supernet (weights on the
   train half, architecture on the validation half); no NNI manager is started;
 * **multi-trial** (``random``, ``regularized-evolution``, ``tpe``): the NNI manager on 127.0.0.1 (a
   ``NODE_OPTIONS`` preload, NNI has no host option) spawns ``python -m nni.nas.execution.training_service
   trial`` processes in the current directory; each trains one frozen derived network with
-  :func:`~bnas_nni.strategy.evaluators.evaluate_derived` and reports per-epoch and final accuracy.
+  :func:`~bnas_nni.search.evaluators.evaluate_derived` and reports per-epoch and final accuracy.
   Trials and metrics are visible in the web UI and over ``http://127.0.0.1:PORT/api/v1/nni/...``
   while the experiment runs; a snapshot of ``trial-jobs`` and ``metric-data`` is kept in the result.
 
@@ -38,7 +38,7 @@ __all__ = ['DEFAULTS', 'SECTIONS', 'resolve_strategy_config', 'is_strategy_confi
            'redirected_nni_home', 'free_port']
 
 #: The config schema with its defaults. ``strategy`` holds ``name`` plus the strategy's keyword
-#: arguments (see :func:`bnas_nni.strategy.nni_strategies.strategy_kwargs`); ``space`` holds
+#: arguments (see :func:`bnas_nni.search.nni_strategies.strategy_kwargs`); ``space`` holds
 #: ``config`` (a ``search_spaces/`` name or path) plus ``BNASSpace`` keyword overrides.
 DEFAULTS: Dict[str, Any] = {
     'description': None,
@@ -196,7 +196,7 @@ def free_port() -> int:
 def redirected_nni_home(run_dir: Path, manager: bool) -> Iterator[Dict[str, str]]:
     """Point ``HOME`` (and NNI's manifest folder) into ``run_dir`` and, for the NNI manager, preload
     the localhost-only binding; restore everything afterwards."""
-    from ..nni_support import nni_environment
+    from ..nni.manager import nni_environment
     from nni.tools.nnictl import config_utils
 
     env = nni_environment(run_dir)
@@ -219,7 +219,7 @@ def redirected_nni_home(run_dir: Path, manager: bool) -> Iterator[Dict[str, str]
 
 
 def _rest_snapshot(port: int) -> Dict[str, Any]:
-    from ..nni_support import rest_get
+    from ..nni.manager import rest_get
 
     snap: Dict[str, Any] = {}
     for key, path in (('status', 'check-status'), ('trial_jobs', 'trial-jobs'), ('metric_data', 'metric-data'),
@@ -459,7 +459,7 @@ def _run(cfg: Dict[str, Any], name: str, kind: str, run_path: Path, on_running, 
             'space': str(cfg['space']['config']), 'run_dir': str(run_path)}
     result['genotype_file'] = str(save_genotype(genotype, run_path / 'genotype.yaml', **meta))
     if cfg['save']:
-        from .search_cli import save_named_genotypes  # same files and overwrite rules as BinaryDARTS runs
+        from .cli import save_named_genotypes  # same files and overwrite rules as BinaryDARTS runs
 
         result['saved'] = [str(p) for p in save_named_genotypes(genotype, genotype, cfg['save'], cfg['out'], **meta)]
     log(f'[{name}] {genotype}')
@@ -480,7 +480,7 @@ def _run(cfg: Dict[str, Any], name: str, kind: str, run_path: Path, on_running, 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m bnas_nni.strategy.multi_trial CONFIG [--run-dir DIR] [--set section.key=VALUE ...]``."""
+    """``python -m bnas_nni.search.experiment CONFIG [--run-dir DIR] [--set section.key=VALUE ...]``."""
     import argparse
     import sys
 
@@ -488,7 +488,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from ..errors import BNASError
 
-    p = argparse.ArgumentParser(prog='python -m bnas_nni.strategy.multi_trial',
+    p = argparse.ArgumentParser(prog='python -m bnas_nni.search.experiment',
                                 description='Run an experiments/strategy_*.yaml preset (any NNI strategy).')
     p.add_argument('config', help='a strategy preset, e.g. experiments/strategy_tpe.yaml')
     p.add_argument('--run-dir', default=None, help='run directory (default runs/<name>)')

@@ -1,15 +1,4 @@
-"""Running bnas-nni code as NNI trials, and running NNI itself safely on a shared machine.
-
-Inside a trial (what the trainers use):
-
-* :func:`under_nni` is true when NNI launched this process (``NNI_PLATFORM`` is set);
-* :func:`trial_parameters` lets rank 0 alone call ``nni.get_next_parameter()`` (every torchrun rank
-  inherits the NNI variables, but the manager hands out one parameter set per trial) and broadcasts
-  the result to the other ranks;
-* :class:`TrialReporter` reports one intermediate result per epoch,
-  ``{'default': top1, 'top5': ..., 'loss': ...}``, and exactly one final result, from rank 0 only.
-
-Around ``nnictl`` (what tests and launch scripts use):
+"""Running the NNI manager safely on a shared machine (what ``bnas-nni nni``, tests and launch scripts use).
 
 * :func:`write_localhost_preload` writes ``localhost-only.js``: loaded through ``NODE_OPTIONS`` it
   makes the NNI manager (which has no host option) listen on 127.0.0.1 only;
@@ -35,60 +24,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ['under_nni', 'trial_parameters', 'TrialReporter', 'LOCALHOST_ONLY_JS', 'write_localhost_preload',
+__all__ = ['LOCALHOST_ONLY_JS', 'write_localhost_preload',
            'nni_environment', 'loopback_namespace_prefix', 'nnictl_create', 'nnictl_stop', 'rest_get',
            'wait_for_experiment']
-
-
-def under_nni() -> bool:
-    """True when this process is an NNI trial (NNI sets ``NNI_PLATFORM``; standalone runs lack it)."""
-    return bool(os.environ.get('NNI_PLATFORM'))
-
-
-def trial_parameters(ctx: Any = None) -> Dict[str, Any]:
-    """This trial's hyperparameters: ``nni.get_next_parameter()`` on rank 0, broadcast to all ranks.
-
-    ``ctx`` is a :class:`bnas_nni.training.distributed.DistContext` (or None for one process).
-    Returns ``{}`` outside NNI. Call it once per trial, before any report.
-    """
-    is_main = ctx is None or ctx.is_main
-    params: Dict[str, Any] = {}
-    if is_main and under_nni():
-        import nni
-
-        params = dict(nni.get_next_parameter() or {})
-    if ctx is not None and getattr(ctx, 'distributed', False):
-        from .training.distributed import broadcast_object
-
-        params = broadcast_object(params, ctx)
-    return params
-
-
-class TrialReporter:
-    """Per-epoch and final metrics to NNI from rank 0; does nothing outside NNI or on other ranks."""
-
-    def __init__(self, enabled: Optional[bool] = None, is_main: bool = True) -> None:
-        self.enabled = (under_nni() if enabled is None else enabled) and is_main
-        self.final_sent = False
-
-    @staticmethod
-    def _metric(top1: float, **extra: float) -> Dict[str, float]:
-        return {'default': float(top1), **{k: float(v) for k, v in extra.items() if v is not None}}
-
-    def intermediate(self, top1: float, **extra: float) -> None:
-        """``nni.report_intermediate_result({'default': top1, **extra})``, e.g. ``top5=…, loss=…``."""
-        if self.enabled:
-            import nni
-
-            nni.report_intermediate_result(self._metric(top1, **extra))
-
-    def final(self, top1: float, **extra: float) -> None:
-        """The trial's one final result; later calls are ignored."""
-        if self.enabled and not self.final_sent:
-            import nni
-
-            nni.report_final_result(self._metric(top1, **extra))
-            self.final_sent = True
 
 
 # --------------------------------------------------------------------------- NNI manager hygiene

@@ -67,7 +67,7 @@ def make_loaders(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, ctx: Any):
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    from .distributed import ShardSampler
+    from ..distributed import ShardSampler
 
     train_sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                        seed=int(cfg['seed']), drop_last=False)
@@ -104,14 +104,14 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
     True to continue from the run directory's checkpoint (or start fresh if none was written yet),
     or a checkpoint path / run directory to continue from.
     """
-    from .. import nni_support
+    from ..nni import trial as nni_trial
     from .checkpoint import (load_training_checkpoint, resolve_checkpoint_path, restore_rng,
                              save_training_checkpoint, unwrap)
-    from .distributed import broadcast_buffers, cleanup, init_distributed
+    from ..distributed import broadcast_buffers, cleanup, init_distributed
     from .loops import evaluate, make_criterion, train_one_epoch
-    from .rundir import RunDir, setup_logging
+    from ..rundir import RunDir, setup_logging
     from .schedules import build_schedule
-    from ..binary import attach_latent_constraint
+    from ..quant import attach_latent_constraint
     from ..data import build_datasets
 
     cfg = resolve_config(config_path, overrides, task)            # a bad config stops here, before any file
@@ -120,7 +120,7 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
     ctx = init_distributed(cfg['device'])
     run = None
     try:
-        nni_params = nni_support.trial_parameters(ctx)
+        nni_params = nni_trial.trial_parameters(ctx)
         if nni_params:
             cfg = resolve_config(config_path, overrides, task, nni_params)
         model_cfg = resolve_model_config(cfg)
@@ -206,7 +206,7 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
             if changed:
                 log('note: the config differs from the checkpoint\'s in ' + ', '.join(changed)
                     + '; optimizer and schedule state continue from the checkpoint')
-        reporter = nni_support.TrialReporter(is_main=ctx.is_main)
+        reporter = nni_trial.TrialReporter(is_main=ctx.is_main)
         show = _show_progress(cfg, ctx)
         epochs = int(cfg['epochs'])
 
@@ -262,9 +262,9 @@ def run_evaluation(cfg: Dict[str, Any], checkpoint: str | os.PathLike, *, offici
     from ..checkpoints import load_checkpoint_into
     from ..data import build_dataset
     from .checkpoint import read_checkpoint
-    from .distributed import cleanup, init_distributed
+    from ..distributed import cleanup, init_distributed
     from .loops import evaluate, make_criterion
-    from .rundir import setup_logging
+    from ..rundir import setup_logging
 
     if cfg.get('threads'):
         torch.set_num_threads(int(cfg['threads']))
@@ -287,7 +287,7 @@ def run_evaluation(cfg: Dict[str, Any], checkpoint: str | os.PathLike, *, offici
             model = model.to(memory_format=torch.channels_last)
         from torch.utils.data import DataLoader
 
-        from .distributed import ShardSampler
+        from ..distributed import ShardSampler
 
         loader = DataLoader(val_ds, batch_size=cfg['batch_size'], sampler=ShardSampler(len(val_ds), ctx.rank, ctx.world_size),
                             num_workers=int(cfg['workers']), pin_memory=ctx.device.type == 'cuda')

@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..binary import BinaryConv2d, binary_convs, get_binarizer
-from .distributed import DistContext, all_reduce_sums
+from ..quant import BinaryConv2d, XnorBinarizer, binary_convs
+from ..distributed import DistContext, all_reduce_sums
 
 __all__ = ['AverageMeter', 'accuracy', 'make_criterion', 'binary_weight_grad', 'clip_binary_grad_norm_',
            'autocast_context', 'train_one_epoch', 'evaluate', 'progress', 'LOGGER']
@@ -79,7 +79,7 @@ def make_criterion(label_smoothing: float = 0.0) -> nn.Module:
 
 
 def _constrained(m: BinaryConv2d) -> torch.Tensor:
-    return get_binarizer(m.binarizer).constrain(m.weight.detach())
+    return m.weight_quantizer.constrain(m.weight.detach())
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def binary_weight_grad(m: BinaryConv2d) -> torch.Tensor:
     :math:`g = (h - s\,\overline{s g}) / \alpha_o`. Other binarizers pass the latent gradient through.
     """
     g_lat = m.weight.grad
-    if m.binarizer != 'xnor' or g_lat is None:
+    if not isinstance(m.weight_quantizer, XnorBinarizer) or g_lat is None:
         return g_lat
     wc = _constrained(m).to(torch.float64)
     n = wc[0].numel()
@@ -170,8 +170,8 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
                     on_step: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
     """Train for one epoch; returns ``{'loss', 'top1', 'top5', 'n'}`` summed over all ranks.
 
-    ``schedule`` is a :class:`~bnas_nni.training.schedules.IterationSchedule`; the latent-weight
-    constraint runs from the optimizer's pre-step hook (see :func:`bnas_nni.binary.attach_latent_constraint`).
+    ``schedule`` is a :class:`~bnas_nni.train.schedules.IterationSchedule`; the latent-weight
+    constraint runs from the optimizer's pre-step hook (see :func:`bnas_nni.quant.attach_latent_constraint`).
     ``on_step(epoch, step)`` is called after each optimizer step (fault injection in tests, profiling).
     """
     model.train()

@@ -15,21 +15,21 @@ __all__ = ['run_training', 'run_evaluation', 'resolve_config']
 
 
 def run_training(*args: Any, **kwargs: Any):
-    """See :func:`bnas_nni.training.engine.run_training`."""
+    """See :func:`bnas_nni.train.engine.run_training`."""
     from .engine import run_training as _run
 
     return _run(*args, **kwargs)
 
 
 def run_evaluation(*args: Any, **kwargs: Any):
-    """See :func:`bnas_nni.training.engine.run_evaluation`."""
+    """See :func:`bnas_nni.train.engine.run_evaluation`."""
     from .engine import run_evaluation as _run
 
     return _run(*args, **kwargs)
 
 
 def resolve_config(*args: Any, **kwargs: Any):
-    """See :func:`bnas_nni.training.config.resolve_config`."""
+    """See :func:`bnas_nni.train.config.resolve_config`."""
     from .config import resolve_config as _resolve
 
     return _resolve(*args, **kwargs)

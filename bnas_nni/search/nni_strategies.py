@@ -17,7 +17,7 @@ name                   kind         NNI strategy
 
 The stock one-shot strategies keep NNI's differentiable cell, which appends a hidden zero logit to
 every edge; BNAS's Zeroise is an explicit candidate on top of it, so an exported architecture may
-legitimately pick ``zeroise`` (a BNAS genotype allows it). :class:`~bnas_nni.strategy.darts.BinaryDARTS`
+legitimately pick ``zeroise`` (a BNAS genotype allows it). :class:`~bnas_nni.search.binary_darts.BinaryDARTS`
 is the BNAS-faithful alternative.
 
 Other modules may add entries with :func:`register_strategy`.
@@ -108,7 +108,7 @@ _CELL_TPE = None
 
 
 def __getattr__(name: str):
-    # ``from bnas_nni.strategy.nni_strategies import CellTPE`` builds the class on first use
+    # ``from bnas_nni.search.nni_strategies import CellTPE`` builds the class on first use
     global _CELL_TPE
     if name == 'CellTPE':
         if _CELL_TPE is None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ['DistContext', 'resolve_device', 'init_distributed', 'all_reduce_sums', 'broadcast_object',
            'ShardSampler', 'broadcast_buffers', 'cleanup']

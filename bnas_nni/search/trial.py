@@ -4,7 +4,7 @@ Each trial (``trainers/search_trial.py``, launched by ``experiments/nnictl_searc
 
 1. takes its hyperparameters from NNI (any search config key: ``seed``, ``lamda``, ``tau`` ...; keys
    starting with ``final_`` set the brief final training) on top of ``--config``;
-2. runs the search (:func:`bnas_nni.strategy.search_cli.run_search`) in ``$NNI_OUTPUT_DIR/search`` and
+2. runs the search (:func:`bnas_nni.search.cli.run_search`) in ``$NNI_OUTPUT_DIR/search`` and
    reports, after every epoch, an intermediate result
    ``{'default': supernet val acc, 'arch_entropy': mean edge entropy, 'epoch': n}``;
 3. writes the kept genotypes to ``$NNI_OUTPUT_DIR/genotype.yaml`` and ``genotype_imagenet.yaml``;
@@ -19,16 +19,16 @@ Outside NNI the same script runs standalone and prints what it would report.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 from ..errors import ConfigError
+from ..nni.trial import RealTrialChannel
 from ..io import parse_set_items
 
-__all__ = ['RealTrialChannel', 'FINAL_DEFAULTS', 'brief_train', 'run_trial', 'main']
+__all__ = ['FINAL_DEFAULTS', 'brief_train', 'run_trial', 'main']
 
 #: the brief training of the derived cell that gives the trial's final result
 FINAL_DEFAULTS: Dict[str, Any] = {
@@ -44,46 +44,9 @@ FINAL_DEFAULTS: Dict[str, Any] = {
 }
 
 
-class RealTrialChannel:
-    """The trial command channel of this process, captured at construction.
-
-    ``with channel.active(): nni.report_...(...)`` sends through it even while an NNI engine has
-    swapped the global channel.
-    """
-
-    def __init__(self) -> None:
-        from nni.runtime.trial_command_channel import get_default_trial_command_channel
-
-        self.channel = get_default_trial_command_channel()
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        from nni.runtime.trial_command_channel import (get_default_trial_command_channel,
-                                                       set_default_trial_command_channel)
-
-        inner = get_default_trial_command_channel()
-        set_default_trial_command_channel(self.channel)
-        try:
-            yield
-        finally:
-            set_default_trial_command_channel(inner)
-
-    def intermediate(self, metric: Mapping[str, Any]) -> None:
-        import nni
-
-        with self.active():
-            nni.report_intermediate_result(dict(metric))
-
-    def final(self, metric: Mapping[str, Any]) -> None:
-        import nni
-
-        with self.active():
-            nni.report_final_result(dict(metric))
-
-
 def _final_data(cfg: Mapping[str, Any], final: Mapping[str, Any]):
     from .. import data as D
-    from .search_cli import Resized
+    from .cli import Resized
 
     size = final['final_image_size'] or cfg.get('image_size')
     if cfg['dataset'] == 'fashion-mnist':
@@ -106,7 +69,7 @@ def brief_train(genotype: Any, cfg: Mapping[str, Any], final: Mapping[str, Any],
     import torch.nn.functional as F
     import torch.utils.data as tud
 
-    from ..binary import attach_latent_constraint
+    from ..quant import attach_latent_constraint
     from ..networks import BNASNetwork
 
     torch.manual_seed(seed)
@@ -149,8 +112,8 @@ def run_trial(config: Optional[str], overrides: Mapping[str, Any], final_overrid
               channel: Optional[RealTrialChannel] = None, log=print) -> Dict[str, Any]:
     """Everything a search trial does (see the module docstring); returns the final metric."""
     from ..genotypes import save_genotype
-    from ..nni_support import under_nni
-    from .search_cli import resolve_search_config, run_search
+    from ..nni.trial import under_nni
+    from .cli import resolve_search_config, run_search
 
     channel = channel or RealTrialChannel()
     params: Dict[str, Any] = {}

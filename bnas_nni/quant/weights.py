@@ -1,0 +1,127 @@
+r"""Weight binarizers: what a binary conv does to its latent real weights.
+
+The default, ``xnor``, reproduces the official BNAS ``BinOp`` exactly, but as an autograd function
+instead of swapping ``.data`` in and out around each step:
+
+* latent step (persistent, applied to the latent weights before every optimizer step):
+  :math:`W \leftarrow \mathrm{clip}(W - \bar W_{\text{in}}, -1, 1)` where :math:`\bar W_{\text{in}}`
+  is the mean over input channels;
+* forward: :math:`W_b = \mathrm{sign}(W)\,\alpha_o`, :math:`\alpha_o = \lVert W_o\rVert_1 / n`,
+  :math:`n = C_{in} k_h k_w`;
+* backward, with :math:`g` the gradient w.r.t. :math:`W_b`:
+  :math:`g_W = \bigl(\alpha_o 1_{|W|\le 1}\, g + \mathrm{sign}(W)\,\overline{\mathrm{sign}(W) g}_o\bigr)
+  (1 - 1/C_{in})\, n`.
+
+The forward and backward use the constrained weights :math:`C(W)`, and the optimizer pre-step hook
+(:func:`bnas_nni.quant.attach_latent_constraint`) writes :math:`C(W)` back into the latent weights,
+which is the same sequence of values the official code produces (constrain, forward/backward, step).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..registry import Registry
+from .base import Quantizer, snake_name
+
+__all__ = ['WEIGHT_BINARIZERS', 'WeightBinarizer', 'XnorBinarizer', 'SignBinarizer', 'register_binarizer',
+           'xnor_constrain']
+
+#: name -> weight binarizer class
+WEIGHT_BINARIZERS: Registry = Registry('weight binarizer', normalize=snake_name)
+
+
+def register_binarizer(name: str):
+    """Class decorator: ``@register_binarizer('my_bin')`` makes ``binarizer: my_bin`` usable everywhere."""
+    def deco(cls):
+        cls.name = name
+        WEIGHT_BINARIZERS.register(name, cls)
+        return cls
+    return deco
+
+
+class WeightBinarizer(Quantizer):
+    """Turns latent real weights into binary ones.
+
+    ``forward(w)`` (= :meth:`binarize`) is differentiable w.r.t. the latent weights; :meth:`constrain`
+    is the persistent latent step applied before each optimizer step (identity by default).
+
+    Class attributes: ``per_filter`` (the result for one output filter depends only on that filter,
+    so binarizing concatenated weights equals concatenating binarized ones) and ``scaled`` (the signs
+    are multiplied by one fp32 scale per output filter, which a packed model must store).
+    """
+
+    precision = 1
+    per_filter: ClassVar[bool] = True
+    scaled: ClassVar[bool] = False
+
+    def constrain(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    @torch.no_grad()
+    def constrain_(self, w: torch.Tensor) -> None:
+        w.copy_(self.constrain(w))
+
+    def binarize(self, w: torch.Tensor) -> torch.Tensor:
+        return self(w)
+
+
+def xnor_constrain(w: torch.Tensor) -> torch.Tensor:
+    """The official latent step: mean-centre over input channels, clamp to [-1, 1]."""
+    return (w - w.mean(dim=1, keepdim=True)).clamp(-1.0, 1.0)
+
+
+class _XnorWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        wc = xnor_constrain(w)
+        n = wc[0].numel()
+        alpha = wc.abs().sum(dim=(1, 2, 3), keepdim=True) / n
+        ctx.save_for_backward(wc, alpha)
+        return torch.sign(wc) * alpha
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        wc, alpha = ctx.saved_tensors
+        n = wc[0].numel()
+        c_in = wc.shape[1]
+        sign = torch.sign(wc)
+        inside = (wc.abs() <= 1.0).to(g.dtype)
+        mean_sg = (sign * g).sum(dim=(1, 2, 3), keepdim=True) / n
+        return (alpha * inside * g + sign * mean_sg) * ((1.0 - 1.0 / c_in) * n)
+
+
+@register_binarizer('xnor')
+class XnorBinarizer(WeightBinarizer):
+    """The official BNAS/XNOR-Net scheme (see the module docstring for the formulas)."""
+
+    scaled = True
+
+    def constrain(self, w: torch.Tensor) -> torch.Tensor:
+        return xnor_constrain(w)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _XnorWeight.apply(w)
+
+
+class _SignWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.sign(w)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g
+
+
+@register_binarizer('sign')
+class SignBinarizer(WeightBinarizer):
+    r"""Plain :math:`\mathrm{sign}(W)` without scaling, identity straight-through gradient; latent
+    weights clipped to [-1, 1] (BinaryConnect)."""
+
+    def constrain(self, w: torch.Tensor) -> torch.Tensor:
+        return w.clamp(-1.0, 1.0)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _SignWeight.apply(w)

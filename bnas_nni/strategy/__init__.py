@@ -1,1 +1,0 @@
-"""Search strategies for the BNAS space: BinaryDARTS and fixes that let NNI's own strategies run on it."""
