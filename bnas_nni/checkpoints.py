@@ -7,11 +7,20 @@ Two layouts are read:
   ``{'state_dict': ..., 'amp': ..., ...}`` from an apex-DDP model (``module.`` prefix too). The
   module names equal ours except ``_ops`` -> ``ops`` and, in ImageNet reduction cells,
   ``preprocess0_red``/``preprocess1_red`` -> ``preprocess0``/``preprocess1``.
-* **bnas-nni**: :func:`save_checkpoint` writes ``{'format': 'bnas-nni', 'version': 1,
+* **bnas-nni**: :func:`save_checkpoint` writes ``{'format': 'bnas-nni', 'version': 1, 'kind': ...,
   'state_dict': ..., 'model': <architecture description>, ...extra}``. The description holds only
   plain Python types, so every file loads with ``torch.load(..., weights_only=True)``; it lets
   :func:`load_checkpoint_into` say "this checkpoint is genotype X with C=36, L=20" instead of
-  listing hundreds of mis-shaped tensors.
+  listing hundreds of mis-shaped tensors. ``kind`` says what else the file holds:
+
+  - ``'model'``: weights only (:func:`save_checkpoint` with no training state);
+  - ``'train'``: a trainer's state after ``epoch`` finished epochs: ``optimizer``, ``scheduler``,
+    ``scaler``, ``rng`` (:mod:`bnas_nni.seeding`), ``config`` (the resolved config), ``metrics``,
+    ``best_top1``;
+  - ``'search'``: a search's state (the supernet's weights and alphas, both optimizers, ``rng``,
+    ``history``, ``best``, ``config``).
+
+  A run directory holds its latest one as ``checkpoint.pt`` (:func:`resolve_checkpoint_path`).
 
 Both hold the *latent* real-valued weights; the binarizers derive the binary weights in the forward
 pass, so a loaded model evaluates exactly as the official ``binarization()`` + forward does.
@@ -31,12 +40,15 @@ import torch.nn as nn
 from .errors import CheckpointError
 from .io import atomic_torch_save
 
-__all__ = ['FORMAT', 'FORMAT_VERSION', 'LAYOUTS', 'official_to_ours', 'ours_to_official', 'detect_layout',
-           'describe_model', 'load_checkpoint_file', 'load_checkpoint_into', 'save_checkpoint']
+__all__ = ['FORMAT', 'FORMAT_VERSION', 'LAYOUTS', 'KINDS', 'CHECKPOINT_NAME', 'official_to_ours', 'ours_to_official',
+           'detect_layout', 'describe_model', 'unwrap', 'load_checkpoint_file', 'read_checkpoint',
+           'resolve_checkpoint_path', 'load_checkpoint_into', 'load_run_checkpoint', 'save_checkpoint']
 
 FORMAT = 'bnas-nni'
 FORMAT_VERSION = 1
 LAYOUTS = ('auto', 'official', 'bnas-nni')
+KINDS = ('model', 'train', 'search')
+CHECKPOINT_NAME = 'checkpoint.pt'
 FAMILIES = ('cifar', 'imagenet')
 
 #: at most this many names per category in an error line; the rest become "(+N more)"
@@ -114,11 +126,13 @@ def detect_layout(obj: Any) -> str:
     return 'official'
 
 
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    """The network inside a DataParallel / DDP wrapper (their ``module.`` prefix is not ours)."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network inside DataParallel / DDP / ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(model, 'module', None) or getattr(model, '_orig_mod', None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 # --------------------------------------------------------------------------- model description
@@ -139,7 +153,7 @@ def describe_model(model: nn.Module) -> Dict[str, Any]:
     """
     from .quant import BinaryConv2d
 
-    model = _unwrap_model(model)
+    model = unwrap(model)
     desc: Dict[str, Any] = {'class': type(model).__name__}
     family = getattr(model, 'family', None)
     if family is None:
@@ -160,6 +174,9 @@ def describe_model(model: nn.Module) -> Dict[str, Any]:
     genotype = _genotype_dict(model)
     if genotype is not None:
         desc['genotype'] = genotype
+    config = getattr(model, 'config', None)
+    if isinstance(config, Mapping):
+        desc['config'] = dict(config)      # rebuilds the network (BNASNetwork.from_config)
     desc['parameters'] = int(sum(p.numel() for p in model.parameters()))
     desc['binarizers'] = {n: m.binarizer for n, m in model.named_modules()
                           if isinstance(m, BinaryConv2d) and m.binarizer is not None}
@@ -232,7 +249,7 @@ def _is_tensor_mapping(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _unwrap(obj: Any, source: str) -> Tuple[Mapping[str, torch.Tensor], Dict[str, Any]]:
+def _split_state(obj: Any, source: str) -> Tuple[Mapping[str, torch.Tensor], Dict[str, Any]]:
     """Split a loaded object into (state dict, the other top-level entries)."""
     if isinstance(obj, Mapping) and 'state_dict' in obj and isinstance(obj['state_dict'], Mapping):
         return obj['state_dict'], {k: v for k, v in obj.items() if k != 'state_dict'}
@@ -266,7 +283,7 @@ def load_checkpoint_into(model: nn.Module, path_or_state_dict: str | os.PathLike
     """
     if layout not in LAYOUTS:
         raise CheckpointError(f'unknown checkpoint layout {layout!r}; choose one of {", ".join(LAYOUTS)}')
-    model = _unwrap_model(model)
+    model = unwrap(model)
     source = _describe_source(path_or_state_dict)
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         obj = load_checkpoint_file(path_or_state_dict)
@@ -277,7 +294,7 @@ def load_checkpoint_into(model: nn.Module, path_or_state_dict: str | os.PathLike
         layout = found
     elif layout == 'bnas-nni' and found != 'bnas-nni' and isinstance(obj, Mapping) and 'format' in obj:
         raise CheckpointError(f'{source} has format {obj.get("format")!r}, not {FORMAT!r}')
-    state_dict, info = _unwrap(obj, source)
+    state_dict, info = _split_state(obj, source)
     if layout == 'bnas-nni' and found == 'bnas-nni':
         version = info.get('version')
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -334,15 +351,17 @@ def _check_plain(value: Any, where: str) -> None:
                           '(numbers, strings, lists, dicts, tensors) so it loads with weights_only=True')
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> Path:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, kind: str = 'model', **extra: Any) -> Path:
     """Write ``model``'s state dict in the bnas-nni format, atomically.
 
     The file records :func:`describe_model` (genotype, C, L, classes, which convs are binary) so
-    loading into another architecture fails with a clear message. ``extra`` entries (epoch,
-    optimizer state, metrics, ...) must be plain types or tensors.
+    loading into another architecture fails with a clear message. ``kind`` is one of :data:`KINDS`;
+    ``extra`` entries (epoch, optimizer state, metrics, ...) must be plain types or tensors.
     """
-    model = _unwrap_model(model)
-    reserved = {'format', 'version', 'state_dict', 'model'} & set(extra)
+    if kind not in KINDS:
+        raise CheckpointError(f'unknown checkpoint kind {kind!r}; choose one of {", ".join(KINDS)}')
+    model = unwrap(model)
+    reserved = {'format', 'version', 'kind', 'state_dict', 'model'} & set(extra)
     if reserved:
         raise CheckpointError(f'save_checkpoint: {sorted(reserved)} are reserved names')
     for k, v in extra.items():
@@ -350,10 +369,40 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> 
     payload: Dict[str, Any] = {
         'format': FORMAT,
         'version': FORMAT_VERSION,
+        'kind': kind,
         'model': describe_model(model),
-        'state_dict': OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items()),
+        # plain str keys: NNI names some submodules with str subclasses that weights_only refuses
+        'state_dict': OrderedDict((str(k), v.detach().cpu()) for k, v in model.state_dict().items()),
     }
     payload.update(extra)
     path = Path(path)
     atomic_torch_save(payload, path)
     return path
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory holding ``checkpoint.pt``."""
+    p = Path(path)
+    return p / CHECKPOINT_NAME if p.is_dir() else p
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """:func:`load_checkpoint_file` of a file or a run directory."""
+    return load_checkpoint_file(resolve_checkpoint_path(path))
+
+
+def load_run_checkpoint(path: str | os.PathLike, model: nn.Module, kind: str) -> Dict[str, Any]:
+    """Load the weights of a ``kind`` checkpoint (``'train'`` or ``'search'``) into ``model``, refusing
+    another architecture, and return the rest of it (``epoch``, optimizer states, ``rng`` ...)."""
+    path = resolve_checkpoint_path(path)
+    obj = read_checkpoint(path)
+    found = obj.get('kind') if isinstance(obj, Mapping) else None
+    if found != kind:
+        what = {'train': 'training', 'search': 'search'}[kind]
+        hint = ('use it with `bnas-nni eval` instead of --resume' if found in (None, 'model') else
+                f'it is a {found} checkpoint')
+        raise CheckpointError(f'{path} is not a bnas-nni {what} checkpoint; {hint}')
+    try:
+        return load_checkpoint_into(unwrap(model), obj, layout='bnas-nni')
+    except CheckpointError as exc:
+        raise CheckpointError(f'{path}: {exc}') from None

@@ -22,8 +22,8 @@ from .errors import BNASError  # noqa: E402
 
 # subcommand modules, each with ``register(subparsers)``
 COMMAND_MODULES = (
-    'bnas_nni.search.cli',   # search
-    'bnas_nni.train.cli',          # train, eval
+    'bnas_nni.search.cli',            # search
+    'bnas_nni.train.cli',             # train, eval
     'bnas_nni.summary',               # summary
     'bnas_nni.data',                  # data
 )
@@ -42,13 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--version', action='version', version=f'bnas-nni {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # not written yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

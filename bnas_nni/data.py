@@ -29,7 +29,8 @@ from .io import atomic_write_text
 
 __all__ = ['CIFAR_MEAN', 'CIFAR_STD', 'FASHION_MEAN', 'FASHION_STD', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'fashion_mnist_root', 'FashionMNIST32', 'cifar10', 'cifar_transforms', 'imagenet_transforms',
-           'imagenet_folder', 'check_imagenet_layout', 'prepare_imagenet', 'build_dataset', 'build_datasets', 'traced', 'register']
+           'imagenet_folder', 'check_imagenet_layout', 'prepare_imagenet', 'build_dataset', 'build_datasets', 'traced',
+           'DatasetView', 'search_splits', 'register']
 
 CIFAR_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR_STD = (0.24703233, 0.24348505, 0.26158768)
@@ -136,11 +137,12 @@ def cifar_transforms(train: bool, mean: Sequence[float] = CIFAR_MEAN, std: Seque
 
 
 def cifar10(root: str | os.PathLike = 'data/cifar10', train: bool = True, download: bool = True,
-            transform: Any = None, subset: Optional[int] = None):
-    """``torchvision.datasets.CIFAR10`` with the recipe transform; a one-line error if it is missing."""
+            transform: Any = None, subset: Optional[int] = None, augment: Optional[bool] = None):
+    """``torchvision.datasets.CIFAR10`` with the recipe transform (augmented for ``train`` unless
+    ``augment`` says otherwise); a one-line error if it is missing."""
     import torchvision
 
-    transform = transform if transform is not None else cifar_transforms(train)
+    transform = transform if transform is not None else cifar_transforms(train if augment is None else augment)
     try:
         ds = torchvision.datasets.CIFAR10(str(root), train=train, download=False, transform=transform)
     except RuntimeError:
@@ -293,6 +295,68 @@ def _read_synsets(path: Path) -> List[str]:
     return order
 
 
+# --------------------------------------------------------------------------- search splits
+
+
+class DatasetView:
+    """Images ``[start, stop)`` of ``dataset``, optionally resized to ``image_size`` x ``image_size``.
+
+    A view of an ``nni.trace``'d dataset is itself traceable (see :func:`search_splits`), so an NNI trial
+    ships a few hundred bytes of constructor arguments instead of tensors. Resizing (bilinear,
+    antialiased) lets quick searches run on 16x16 images.
+    """
+
+    def __init__(self, dataset: Any, start: int = 0, stop: Optional[int] = None,
+                 image_size: Optional[int] = None) -> None:
+        n = len(dataset)
+        stop = n if stop is None else min(int(stop), n)
+        if not 0 <= start < stop:
+            raise DatasetError(f'dataset slice [{start}, {stop}) is empty (the dataset has {n} images)')
+        self.dataset, self.start, self.stop = dataset, int(start), stop
+        self.image_size = int(image_size) if image_size else None
+        self.classes = getattr(dataset, 'classes', None)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        x, y = self.dataset[self.start + index]
+        if self.image_size is not None and (x.shape[-1] != self.image_size or x.shape[-2] != self.image_size):
+            import torch.nn.functional as F
+
+            x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode='bilinear',
+                              align_corners=False, antialias=True).squeeze(0)
+        return x, y
+
+
+def _search_base(cfg: Dict[str, Any], augment: bool, wrap: Callable[[Any], Any]):
+    if cfg['dataset'] == 'fashion-mnist':
+        return wrap(FashionMNIST32)(cfg.get('data'), train=True, subset=cfg.get('train_subset'), augment=augment)
+    if cfg['dataset'] == 'cifar10':
+        return wrap(cifar10)(cfg.get('data') or 'data/cifar10', train=True, download=bool(cfg.get('download')),
+                             subset=cfg.get('train_subset'), augment=augment)
+    raise DatasetError(f'unknown search dataset {cfg["dataset"]!r}; choose cifar10 or fashion-mnist')
+
+
+def search_splits(cfg: Dict[str, Any], *, trace: bool = False):
+    """``(weight half, architecture half, architecture half without augmentation)`` of the training
+    split (the official search never touches the test split): the first ``train_portion`` of the
+    (``train_subset`` first) training images train the weights, the rest the architecture.
+    ``trace=True`` builds them ``nni.trace``'d, for NNI trials."""
+    wrap = traced if trace else (lambda f: f)
+    aug = _search_base(cfg, True, wrap)
+    plain = _search_base(cfg, False, wrap)
+    n = len(aug)
+    split = int(np.floor(n * cfg['train_portion']))
+    if split < 1 or split >= n:
+        raise DatasetError(f'train_portion {cfg["train_portion"]} leaves an empty half of {n} images')
+    view = wrap(DatasetView)
+    size = cfg.get('image_size')
+    return view(aug, 0, split, size), view(aug, split, n, size), view(plain, split, n, size)
+
+
 # --------------------------------------------------------------------------- trainer entry
 
 
@@ -305,17 +369,20 @@ def build_dataset(cfg: Dict[str, Any], split: str, *, trace: bool = False):
     train = split == 'train'
     subset = cfg.get('train_subset' if train else 'val_subset')
     name = cfg['dataset']
-    if name == 'fashion-mnist':
-        return wrap(FashionMNIST32)(cfg.get('data'), train=train, subset=subset, augment=train)
-    if name == 'cifar10':
-        root = cfg.get('data') or 'data/cifar10'
-        return wrap(cifar10)(root, train=train, download=cfg.get('download', True), subset=subset)
+    size = cfg.get('image_size')
+    if name in ('fashion-mnist', 'cifar10'):
+        if name == 'fashion-mnist':
+            ds = wrap(FashionMNIST32)(cfg.get('data'), train=train, subset=subset, augment=train)
+        else:
+            ds = wrap(cifar10)(cfg.get('data') or 'data/cifar10', train=train, download=cfg.get('download', True),
+                               subset=subset)
+        return wrap(DatasetView)(ds, image_size=size) if size and size != 32 else ds
     if name == 'imagenet':
         if not cfg.get('data'):
             raise DatasetError('dataset imagenet needs data: PATH (a folder with train/ and val/)')
-        kw = dict(image_size=cfg.get('image_size', 224), val_resize=cfg.get('val_resize', 256))
+        kw = dict(image_size=size or 224, val_resize=cfg.get('val_resize') or 256)
         if train:
-            kw['color_jitter'] = cfg.get('color_jitter', (0.4, 0.4, 0.4, 0.2))
+            kw['color_jitter'] = cfg.get('color_jitter') or (0.4, 0.4, 0.4, 0.2)
         return wrap(imagenet_folder)(cfg['data'], split, subset=subset, **kw)
     raise DatasetError(f'unknown dataset {name!r}; choose cifar10, fashion-mnist or imagenet')
 

@@ -184,6 +184,31 @@ class BNASNetwork(NetworkForwardMixin, nn.Module):
         if num_skip is None:
             num_skip = 3 if self.family == 'imagenet' else 1
         apply_precision_rule(self, precision_rule, num_skip=num_skip, binarizer=binarizer)
+        #: plain-types constructor arguments: ``BNASNetwork.from_config(net.config)`` rebuilds this network
+        self.config = {'genotype': self.genotype.to_dict(), 'init_channels': int(init_channels), 'layers': int(layers),
+                       'num_classes': int(num_classes), 'dataset': str(dataset), 'binarizer': _plain_spec(binarizer),
+                       'activation': _plain_spec(activation), 'precision_rule': precision_rule,
+                       'num_skip': int(num_skip)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> 'BNASNetwork':
+        """Rebuild a network from its :attr:`config` (as stored in bnas-nni checkpoints)."""
+        cfg = dict(config)
+        genotype = cfg.pop('genotype')
+        if isinstance(genotype, Mapping):
+            genotype = Genotype.from_dict(genotype, name=str(genotype.get('name') or ''))
+        return cls(genotype, **cfg)
+
+
+def _plain_spec(spec: QuantizerSpec) -> Any:
+    """A quantizer spec as plain data (a name or a mapping) for configs and checkpoints."""
+    from .quant import Quantizer
+
+    if isinstance(spec, Quantizer):
+        return spec.spec()
+    if isinstance(spec, type) and issubclass(spec, Quantizer):
+        return spec.name
+    return dict(spec) if isinstance(spec, Mapping) else spec
 
 
 def apply_precision_rule(model: nn.Module, rule: str, *, num_skip: int = 1, binarizer: QuantizerSpec = 'xnor',

@@ -1,15 +1,20 @@
-"""The run directory of a training run, written by rank 0 only.
+"""The run directory of a search or a training run: one writer, written by rank 0 only.
 
 Layout::
 
-    <run_dir>/config.yaml      the resolved config (defaults <- YAML <- CLI <- NNI), saved once
+    <run_dir>/config.yaml      the resolved config, saved once (compared on --resume)
     <run_dir>/log.txt          the log lines, as printed
     <run_dir>/metrics.csv      one row per finished epoch
-    <run_dir>/tb/              TensorBoard event files (train/valid top1, top5, loss; lr)
-    <run_dir>/checkpoint.pt    the latest epoch (see :mod:`bnas_nni.train.checkpoint`)
+    <run_dir>/tb/              TensorBoard event files
+    <run_dir>/checkpoint.pt    the latest epoch (bnas_nni.checkpoints)
+    <run_dir>/.lock            held (fcntl.flock) by the process writing the directory; holds its PID
 
-On resume the CSV keeps only rows of epochs before the resume point, so a run killed between the
-CSV row and the checkpoint does not end up with a duplicated epoch.
+A second search or training into a directory in use stops at once with one line naming the holder's
+PID. The lock belongs to the open file, so the kernel drops it when its process dies however it dies
+(kill -9 included): a stale lock file of a dead process is simply taken over.
+
+On resume the CSV keeps only rows of epochs before the resume point, so a run killed between the CSV
+row and the checkpoint does not end up with a duplicated epoch.
 """
 from __future__ import annotations
 
@@ -18,22 +23,36 @@ import io
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .io import atomic_write_text, save_yaml
+from .errors import ConfigError
+from .io import atomic_write_text, load_yaml, save_yaml
 
-__all__ = ['RunDir', 'setup_logging', 'CSV_FIELDS']
+__all__ = ['RunDir', 'setup_logging', 'TqdmLoggingHandler', 'LOGGER']
 
-CSV_FIELDS = ['epoch', 'lr', 'drop_path_prob', 'train_loss', 'train_top1', 'train_top5', 'valid_loss', 'valid_top1',
-              'valid_top5', 'epoch_seconds']
 LOG_FORMAT = '%(asctime)s %(message)s'
 DATE_FORMAT = '%m/%d %I:%M:%S %p'
+LOGGER = logging.getLogger('bnas_nni.run')
+
+
+class TqdmLoggingHandler(logging.StreamHandler):
+    """Writes records through ``tqdm.write`` so an active progress bar is cleared and redrawn around them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
 
 
 def setup_logging(is_main: bool, log_file: Optional[Path] = None) -> logging.Logger:
-    """The ``bnas_nni.train`` logger: stdout on rank 0 (silent elsewhere), plus ``log_file`` if given."""
-    logger = logging.getLogger('bnas_nni.train')
+    """The run logger: stdout on rank 0 (silent elsewhere), plus ``log_file`` if given."""
+    logger = LOGGER
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
     for h in list(logger.handlers):
@@ -41,24 +60,30 @@ def setup_logging(is_main: bool, log_file: Optional[Path] = None) -> logging.Log
         h.close()
     fmt = logging.Formatter(LOG_FORMAT, datefmt=DATE_FORMAT)
     if is_main:
-        sh = logging.StreamHandler(sys.stdout)
+        sh = TqdmLoggingHandler(sys.stdout)
         sh.setFormatter(fmt)
         logger.addHandler(sh)
         if log_file is not None:
-            fh = logging.FileHandler(log_file)
+            fh = logging.FileHandler(log_file, delay=True)   # created with the first line
             fh.setFormatter(fmt)
             logger.addHandler(fh)
     return logger
 
 
 class RunDir:
-    """Files of one run. Every method is a no-op unless ``is_main``."""
+    """Files of one run. Writing methods are no-ops unless ``is_main``."""
 
-    def __init__(self, path: str | os.PathLike, is_main: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, is_main: bool = True, tensorboard: bool = True,
+                 csv_fields: Optional[Sequence[str]] = None) -> None:
         self.path = Path(path)
         self.is_main = is_main
         self.tensorboard = tensorboard
+        self.csv_fields = list(csv_fields) if csv_fields else None
         self._writer = None
+        self._lock_file = None
+        self._created = False
+
+    # ------------------------------------------------------------------ paths
 
     @property
     def config_path(self) -> Path:
@@ -76,14 +101,63 @@ class RunDir:
     def checkpoint_path(self) -> Path:
         return self.path / 'checkpoint.pt'
 
-    def create(self) -> 'RunDir':
-        if self.is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
+    @property
+    def lock_path(self) -> Path:
+        return self.path / '.lock'
+
+    # ------------------------------------------------------------------ one writer
+
+    def acquire(self) -> 'RunDir':
+        """Create the directory and take its lock (rank 0); one-line error when another process holds it."""
+        if not self.is_main or self._lock_file is not None:
+            return self
+        import fcntl
+
+        self._created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.lock_path, 'a+')
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().split()
+            f.close()
+            pid = holder[0] if holder else 'unknown'
+            raise ConfigError(f'{self.path} is in use by another run (PID {pid}); wait for it to finish, stop it, '
+                              'or choose another run directory') from None
+        f.seek(0)
+        f.truncate()
+        f.write(f'{os.getpid()} {time.strftime("%Y-%m-%dT%H:%M:%S")}\n')
+        f.flush()
+        self._lock_file = f
         return self
+
+    def release(self) -> None:
+        """Drop the lock; a directory this run created and never wrote to is removed again."""
+        if self._lock_file is not None:
+            if self._created and [e.name for e in os.scandir(self.path)] == [self.lock_path.name]:
+                self.lock_path.unlink()
+                self.path.rmdir()
+            self._lock_file.close()     # closing the file drops the flock
+            self._lock_file = None
+
+    def __enter__(self) -> 'RunDir':
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ files
 
     def save_config(self, cfg: Mapping[str, Any]) -> None:
         if self.is_main:
             save_yaml(dict(cfg), self.config_path)
+
+    def read_config(self) -> Optional[Dict[str, Any]]:
+        if not self.config_path.is_file():
+            return None
+        data = load_yaml(self.config_path)
+        return dict(data) if isinstance(data, Mapping) else None
 
     def read_rows(self) -> List[Dict[str, str]]:
         if not self.csv_path.is_file():
@@ -96,30 +170,29 @@ class RunDir:
         if not self.is_main or not self.csv_path.is_file():
             return
         rows = [r for r in self.read_rows() if int(r['epoch']) < before_epoch]
+        fields = self.csv_fields or (list(rows[0]) if rows else ['epoch'])
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction='ignore')
         w.writeheader()
         w.writerows(rows)
         atomic_write_text(self.csv_path, buf.getvalue())
 
-    def log_epoch(self, row: Mapping[str, Any]) -> None:
-        """Append one CSV row and the matching TensorBoard scalars."""
+    def log_epoch(self, row: Mapping[str, Any], scalars: Optional[Mapping[str, float]] = None) -> None:
+        """Append one CSV row (columns: ``csv_fields``, else the first row's keys) and TensorBoard scalars."""
         if not self.is_main:
             return
+        fields = self.csv_fields or list(row)
         new = not self.csv_path.is_file()
         with open(self.csv_path, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
             if new:
                 w.writeheader()
-            w.writerow({k: row.get(k, '') for k in CSV_FIELDS})
+            w.writerow({k: row.get(k, '') for k in fields})
         writer = self.writer()
-        if writer is not None:
+        if writer is not None and scalars:
             epoch = int(row['epoch'])
-            for split in ('train', 'valid'):
-                for m in ('top1', 'top5', 'loss'):
-                    if f'{split}_{m}' in row:
-                        writer.add_scalar(f'{split}/{m}', float(row[f'{split}_{m}']), epoch)
-            writer.add_scalar('lr', float(row['lr']), epoch)
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, float(value), epoch)
             writer.flush()
 
     def writer(self):
@@ -136,3 +209,4 @@ class RunDir:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self.release()

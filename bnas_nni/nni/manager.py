@@ -13,8 +13,10 @@ Nothing here imports NNI at module import time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import re
 import shutil
 import subprocess
@@ -22,11 +24,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
-__all__ = ['LOCALHOST_ONLY_JS', 'write_localhost_preload',
-           'nni_environment', 'loopback_namespace_prefix', 'nnictl_create', 'nnictl_stop', 'rest_get',
-           'wait_for_experiment']
+__all__ = ['LOCALHOST_ONLY_JS', 'write_localhost_preload', 'nni_environment', 'loopback_namespace_prefix',
+           'nnictl_create', 'nnictl_stop', 'rest_get', 'wait_for_experiment', 'free_port', 'redirected_nni_home',
+           'rest_snapshot']
 
 
 # --------------------------------------------------------------------------- NNI manager hygiene
@@ -145,3 +147,46 @@ def wait_for_experiment(port: int, timeout: float, poll: float = 2.0) -> str:
             return status
         time.sleep(poll)
     return status
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (NNI also uses the next one up for nothing; we only need one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def redirected_nni_home(run_dir: Path, manager: bool) -> Iterator[Dict[str, str]]:
+    """Point ``HOME`` (and NNI's manifest folder) into ``run_dir`` and, for the NNI manager, preload
+    the localhost-only binding; restore everything afterwards."""
+    from nni.tools.nnictl import config_utils
+
+    env = nni_environment(run_dir)
+    keys = ['HOME', 'NODE_OPTIONS', 'GLOO_SOCKET_IFNAME'] if manager else ['HOME']
+    saved_env = {k: os.environ.get(k) for k in keys}
+    saved_defaults = config_utils.Experiments.__init__.__defaults__
+    try:
+        for k in keys:
+            os.environ[k] = env[k]
+        # nnictl's manifest path is bound at import time from the HOME of that moment
+        config_utils.Experiments.__init__.__defaults__ = (os.path.join(env['HOME'], 'nni-experiments'),)
+        yield env
+    finally:
+        config_utils.Experiments.__init__.__defaults__ = saved_defaults
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def rest_snapshot(port: int) -> Dict[str, Any]:
+    snap: Dict[str, Any] = {}
+    for key, path in (('status', 'check-status'), ('trial_jobs', 'trial-jobs'), ('metric_data', 'metric-data'),
+                      ('experiment', 'experiment')):
+        try:
+            snap[key] = rest_get(port, path)
+        except OSError as exc:
+            snap[key] = {'error': f'{type(exc).__name__}: {exc}'}
+    return snap

@@ -1,35 +1,11 @@
-"""Standalone training of derived BNAS architectures (issue 4).
+"""Training derived BNAS networks: one loop, recipes, and the drivers of ``bnas-nni train`` / ``eval``.
 
-* :mod:`.cifar` / :mod:`.imagenet`: the two paper recipes (``trainers/train_*.py``, ``bnas-nni train``);
-* :mod:`.engine`: the shared driver (:func:`run_training`, :func:`run_evaluation`);
-* :mod:`.config`: flat configs, resolved defaults <- YAML <- CLI <- NNI;
-* :mod:`.schedules`, :mod:`.loops`, :mod:`.checkpoint`, :mod:`.distributed`, :mod:`.rundir`: parts.
-
-Importing this package is cheap; torch-heavy modules load when used.
+* :mod:`.recipes` -- the recipe seam (optimizer, parameter groups, schedule, loss/teacher, stages) and
+  the ``paper`` preset;
+* :mod:`.loop` -- the one train loop and the one evaluation loop (also used by search trials and the
+  multi-trial evaluator);
+* :mod:`.optim`, :mod:`.schedules`, :mod:`.losses`, :mod:`.teacher` -- the pieces recipes are made of;
+* :mod:`.engine` -- :func:`run_training` (stages, resume, NNI reporting, run directory) and
+  :func:`run_evaluation`;
+* :mod:`.cli` -- the command line, thin.
 """
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ['run_training', 'run_evaluation', 'resolve_config']
-
-
-def run_training(*args: Any, **kwargs: Any):
-    """See :func:`bnas_nni.train.engine.run_training`."""
-    from .engine import run_training as _run
-
-    return _run(*args, **kwargs)
-
-
-def run_evaluation(*args: Any, **kwargs: Any):
-    """See :func:`bnas_nni.train.engine.run_evaluation`."""
-    from .engine import run_evaluation as _run
-
-    return _run(*args, **kwargs)
-
-
-def resolve_config(*args: Any, **kwargs: Any):
-    """See :func:`bnas_nni.train.config.resolve_config`."""
-    from .config import resolve_config as _resolve
-
-    return _resolve(*args, **kwargs)

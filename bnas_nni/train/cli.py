@@ -1,8 +1,8 @@
-"""``bnas-nni train`` and ``bnas-nni eval``.
+"""``bnas-nni train`` and ``bnas-nni eval`` (thin: the work is in :mod:`bnas_nni.train.engine`).
 
-``train`` resolves ``--config`` plus the flags below once (see :mod:`bnas_nni.train.config`),
-saves the result in the run directory and trains; under ``torchrun`` every rank runs it. ``eval``
-scores a checkpoint (ours, or an official one with ``--official``) and prints top-1/top-5.
+``train`` resolves ``--config`` plus the flags below once (see :mod:`bnas_nni.config`), saves the
+result in the run directory and trains with the config's recipe; under ``torchrun`` every rank runs
+it. ``eval`` scores a checkpoint (ours, or an official one with ``--official``) and prints top-1/top-5.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ __all__ = ['register', 'add_common_arguments', 'overrides_from_args', 'train_mai
 
 # flag -> config key (None values are "not given")
 _FLAGS = (
+    ('--recipe', 'recipe', str, 'training recipe: paper (the official recipes)'),
     ('--model', 'model', str, 'model config name (search_spaces/models.yaml): bnas-a, bnas-d .. bnas-h'),
     ('--arch', 'genotype', str, 'genotype name or YAML path (overrides the model config\'s)'),
     ('--layers', 'layers', int, 'number of cells'),
@@ -66,21 +67,19 @@ def overrides_from_args(args: argparse.Namespace, train: bool = True) -> Dict[st
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _cmd_train(args: argparse.Namespace, task: Optional[str] = None) -> int:
+def _cmd_train(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = None) -> int:
     from ..cli import quiet_warnings
     from .engine import run_training
 
     quiet_warnings()
-    resume = args.resume
-    run_training(args.config, overrides_from_args(args), task=task or args.task, resume=resume)
+    run_training(args.config, overrides_from_args(args), defaults=defaults, resume=args.resume)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..checkpoints import read_checkpoint
     from ..errors import ConfigError
-    from .checkpoint import read_checkpoint
-    from .config import resolve_config
-    from .engine import run_evaluation
+    from .engine import resolve_train_config, run_evaluation
 
     overrides = overrides_from_args(args, train=False)
     base_cfg: Optional[Dict[str, Any]] = None
@@ -88,22 +87,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         obj = read_checkpoint(args.checkpoint)
         if isinstance(obj, dict) and isinstance(obj.get('config'), dict):
             base_cfg = obj['config']       # our checkpoint: evaluate it as it was trained
-    if base_cfg is not None:
-        from .config import apply_overrides
-
-        cfg = dict(base_cfg)
-        apply_overrides(cfg, overrides, 'command line')
-    else:
+    if base_cfg is None:
         if args.official and 'precision_rule' not in overrides:
             overrides['precision_rule'] = 'official-2020-08'
         if 'model' not in overrides and args.config is None:
             raise ConfigError('eval needs --model (or --config) to know which network the checkpoint holds')
-        task = args.task
-        if task is None and args.config is None:
-            from ..networks import model_config
-
-            task = 'imagenet' if model_config(overrides['model']).get('dataset') == 'imagenet' else 'cifar'
-        cfg = resolve_config(args.config, overrides, task)
+    cfg = resolve_train_config(args.config, overrides, base=base_cfg)
     res = run_evaluation(cfg, args.checkpoint, official=args.official)
     print(f"top1 {res['top1']:.4f} top5 {res['top5']:.4f} loss {res['loss']:.6f} "
           f"({res['n']} images, {cfg['dataset']})")
@@ -112,11 +101,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``train`` and ``eval`` to the ``bnas-nni`` command line."""
-    t = subparsers.add_parser('train', help='train a derived architecture (CIFAR-10 or ImageNet recipe)',
-                              description='Train a derived BNAS architecture. Under torchrun every rank runs this.')
+    from .recipes import RECIPES
+
+    t = subparsers.add_parser('train', help='train a derived architecture with a recipe (CIFAR-10 or ImageNet)',
+                              description='Train a derived BNAS architecture. Under torchrun every rank runs this. '
+                                          f'Recipes: {", ".join(RECIPES.names())}.')
     add_common_arguments(t)
-    t.add_argument('--task', choices=('cifar', 'imagenet'), default=None,
-                   help='trainer (default: the config\'s task, or imagenet for dataset imagenet)')
     t.add_argument('--resume', nargs='?', const=True, default=None, metavar='CHECKPOINT',
                    help='continue the run directory\'s checkpoint, or the given checkpoint / run dir')
     t.set_defaults(func=_cmd_train)
@@ -125,25 +115,21 @@ def register(subparsers: Any) -> None:
                               description='Evaluate a checkpoint on the validation set and print top-1/top-5.')
     e.add_argument('--checkpoint', required=True, help='checkpoint file or run directory')
     add_common_arguments(e, train=False)
-    e.add_argument('--task', choices=('cifar', 'imagenet'), default=None)
     e.add_argument('--official', action='store_true',
                    help='the checkpoint comes from gistvision/bnas (maps its key names; precision rule '
                         'official-2020-08 unless --precision-rule says otherwise)')
     e.set_defaults(func=_cmd_eval)
 
 
-def train_main(task: str, argv: Optional[List[str]] = None) -> int:
-    """Entry of ``trainers/train_{cifar10,imagenet}.py``: the ``train`` flags with the task fixed;
-    user mistakes print one line and exit 2, like ``bnas-nni``."""
-    from ..cli import quiet_warnings
+def train_main(argv: Optional[List[str]] = None, *, prog: str = 'train.py',
+               defaults: Optional[Dict[str, Any]] = None) -> int:
+    """Entry of ``trainers/train_*.py``: the ``train`` flags, with the script's ``defaults`` under the
+    config; user mistakes print one line and exit 2, like ``bnas-nni``."""
+    from ..cli import quiet_warnings, run_guarded
 
     quiet_warnings()
-    p = argparse.ArgumentParser(prog=f'train_{"cifar10" if task == "cifar" else task}.py',
-                                description=f'BNAS {task} trainer (see experiments/train_*.yaml).')
+    p = argparse.ArgumentParser(prog=prog, description='BNAS trainer (see experiments/train_*.yaml).')
     add_common_arguments(p)
     p.add_argument('--resume', nargs='?', const=True, default=None, metavar='CHECKPOINT')
     args = p.parse_args(argv)
-    args.task = task
-    from ..cli import run_guarded
-
-    return run_guarded(lambda: _cmd_train(args, task), 'interrupted; continue with --resume')
+    return run_guarded(lambda: _cmd_train(args, defaults), 'interrupted; continue with --resume')

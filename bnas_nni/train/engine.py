@@ -1,30 +1,61 @@
-"""The training driver shared by the CIFAR and ImageNet trainers, and checkpoint evaluation.
+"""The training driver (trainers, ``bnas-nni train``) and checkpoint evaluation (``bnas-nni eval``).
 
 :func:`run_training` does, in order: resolve the config (nothing is written if it, the model or the
-data are wrong), start the process group, take NNI parameters on rank 0 and broadcast them, build
-model/data/optimizer/schedule, resume if asked, then per epoch: train, validate, report to NNI,
-checkpoint, CSV/TensorBoard. :func:`run_evaluation` scores a bnas-nni or official checkpoint.
+data are wrong), start the process group, take NNI parameters on rank 0 and broadcast them, lock the
+run directory, then run the recipe's stages. A stage builds model/data, the recipe's optimizer,
+schedule and loss, resumes or warm-starts if asked, and per epoch trains, validates, reports to NNI,
+checkpoints and logs a CSV row and TensorBoard scalars. A single-stage recipe (``paper``) uses the
+run directory itself; a multi-stage recipe gives each stage a subdirectory (``<run_dir>/<stage>``) and
+starts each stage from the previous one's final weights when the recipe says so.
+
+Metrics are reported in percent everywhere (logs, CSV, NNI): ``default`` is the validation top-1.
 """
 from __future__ import annotations
 
 import os
-import random
-import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from ..config import TRAIN, family_of, resolve
 from ..errors import CheckpointError, ConfigError, DatasetError
-from .config import default_run_dir, resolve_config
 
-__all__ = ['resolve_model_config', 'build_network', 'make_loaders', 'run_training', 'run_evaluation']
+__all__ = ['resolve_train_config', 'resolve_model_config', 'build_network', 'make_loaders', 'run_training',
+           'run_evaluation', 'default_run_dir', 'TRAIN_CSV_FIELDS']
 
-MODEL_KEYS = ('genotype', 'init_channels', 'layers', 'num_classes', 'precision_rule', 'binarizer')
+TRAIN_CSV_FIELDS = ['epoch', 'lr', 'drop_path_prob', 'train_loss', 'train_top1', 'train_top5', 'valid_loss',
+                    'valid_top1', 'valid_top5', 'epoch_seconds']
+MODEL_KEYS = ('genotype', 'init_channels', 'layers', 'num_classes', 'precision_rule', 'binarizer', 'activation')
+#: keys that matter only for one family; the ``args =`` log line leaves them out elsewhere
+_IMAGENET_ONLY = ('val_resize', 'color_jitter', 'restart_epochs', 'grad_clip_mode')
+_CIFAR_ONLY = ('onecycle_min_factor', 'onecycle_momentum', 'onecycle_annihilation', 'onecycle_reduce_factor')
+
+
+def resolve_train_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
+                         nni_params: Optional[Mapping[str, Any]] = None, *,
+                         defaults: Optional[Mapping[str, Any]] = None,
+                         base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The training config: section defaults <- ``defaults`` (a trainer script's) <- the recipe's defaults
+    <- YAML <- ``overrides`` <- NNI parameters (see :mod:`bnas_nni.config`)."""
+    from .recipes import get_recipe, recipe_defaults_hook
+
+    schema = TRAIN.with_defaults(**dict(defaults or {}))
+    cfg = resolve(schema, path, overrides, nni_params, base=base, defaults_hook=recipe_defaults_hook)
+    get_recipe(cfg['recipe'])       # an unknown recipe is one line
+    return cfg
+
+
+def default_run_dir(cfg: Mapping[str, Any]) -> Path:
+    """``run_dir``, or ``$NNI_OUTPUT_DIR/run`` in an NNI trial, or ``runs/<name>``."""
+    if cfg.get('run_dir'):
+        return Path(cfg['run_dir'])
+    if os.environ.get('NNI_OUTPUT_DIR'):
+        return Path(os.environ['NNI_OUTPUT_DIR']) / 'run'
+    return Path('runs') / (cfg.get('name') or f"{family_of(cfg['dataset'])}-{cfg['model']}")
 
 
 def resolve_model_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -32,9 +63,9 @@ def resolve_model_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     from ..networks import model_config
 
     overrides = {k: cfg.get(k) for k in MODEL_KEYS}
-    overrides['dataset'] = 'imagenet' if cfg['task'] == 'imagenet' else 'cifar10'
+    overrides['dataset'] = 'imagenet' if family_of(cfg['dataset']) == 'imagenet' else 'cifar10'
     mc = model_config(cfg['model'], **overrides)
-    if cfg['task'] == 'cifar' and cfg.get('num_classes') is None:
+    if overrides['dataset'] == 'cifar10' and cfg.get('num_classes') is None:
         mc['num_classes'] = 10
     return mc
 
@@ -83,108 +114,160 @@ def make_loaders(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, ctx: Any):
 
 
 def _show_progress(cfg: Mapping[str, Any], ctx: Any) -> bool:
+    import sys
+
     mode = cfg.get('progress', 'auto')
     if not ctx.is_main or mode == 'never':
         return False
     return mode == 'always' or sys.stderr.isatty()
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
+def _args_line(cfg: Mapping[str, Any]) -> str:
+    """The resolved config for the log, without the other family's keys."""
+    skip = _CIFAR_ONLY if family_of(cfg['dataset']) == 'imagenet' else _IMAGENET_ONLY
+    return 'args = ' + str({k: v for k, v in cfg.items() if k not in skip})
 
 
 def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Any]] = None, *,
-                 task: Optional[str] = None, resume: Any = None,
+                 defaults: Optional[Mapping[str, Any]] = None, resume: Any = None,
                  on_step: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
-    """Train one network; returns ``{'run_dir', 'epochs_run', 'final', 'best_top1'}``.
+    """Train one network with its recipe; returns ``{'run_dir', 'epochs_run', 'final', 'best_top1', 'stages'}``.
 
     ``resume``: None/False to start fresh (refused if the run directory already has a checkpoint),
-    True to continue from the run directory's checkpoint (or start fresh if none was written yet),
-    or a checkpoint path / run directory to continue from.
+    True to continue from the run directory's checkpoint(s) (or start fresh if none was written yet),
+    or a checkpoint path / run directory to continue from (single-stage recipes).
     """
+    from ..distributed import cleanup, init_distributed
     from ..nni import trial as nni_trial
-    from .checkpoint import (load_training_checkpoint, resolve_checkpoint_path, restore_rng,
-                             save_training_checkpoint, unwrap)
-    from ..distributed import broadcast_buffers, cleanup, init_distributed
-    from .loops import evaluate, make_criterion, train_one_epoch
     from ..rundir import RunDir, setup_logging
-    from .schedules import build_schedule
-    from ..quant import attach_latent_constraint
-    from ..data import build_datasets
+    from .recipes import get_recipe
 
-    cfg = resolve_config(config_path, overrides, task)            # a bad config stops here, before any file
+    cfg = resolve_train_config(config_path, overrides, defaults=defaults)   # a bad config stops here, before any file
     if cfg.get('threads'):
         torch.set_num_threads(int(cfg['threads']))
     ctx = init_distributed(cfg['device'])
-    run = None
+    top = None
     try:
         nni_params = nni_trial.trial_parameters(ctx)
         if nni_params:
-            cfg = resolve_config(config_path, overrides, task, nni_params)
-        model_cfg = resolve_model_config(cfg)
-        model_cfg['name'] = cfg['model']
-        net_cfg = {k: v for k, v in model_cfg.items() if k != 'name'}
-        _seed_everything(int(cfg['seed']))                          # the same initial weights on every rank
-        model = build_network(net_cfg)
-        train_ds, val_ds = build_datasets(cfg)
-        _check_data(train_ds, val_ds, int(net_cfg['num_classes']))
-
+            cfg = resolve_train_config(config_path, overrides, nni_params, defaults=defaults)
+        recipe = get_recipe(cfg['recipe'])
+        stages = recipe.stages(cfg)
         run_dir = default_run_dir(cfg)
         cfg['run_dir'] = str(run_dir)
-        run = RunDir(run_dir, ctx.is_main, tensorboard=bool(cfg['tensorboard']))
-        ckpt_path: Optional[Path] = None
-        if resume not in (None, False):
-            ckpt_path = run.checkpoint_path if resume is True else resolve_checkpoint_path(resume)
-            if resume is not True and not ckpt_path.is_file():
-                raise CheckpointError(f'checkpoint {ckpt_path} does not exist')
-            if not ckpt_path.is_file():
-                ckpt_path = None
-        elif run.checkpoint_path.is_file():
+        resume_path = None
+        if resume not in (None, False, True):
+            if len(stages) > 1:
+                raise ConfigError(f'recipe {recipe.name!r} has {len(stages)} stages; resume it with --resume '
+                                  '(its run directory), not a checkpoint path')
+            from ..checkpoints import resolve_checkpoint_path
+
+            resume_path = resolve_checkpoint_path(resume)
+            if not resume_path.is_file():
+                raise CheckpointError(f'checkpoint {resume_path} does not exist')
+        top = RunDir(run_dir, ctx.is_main)
+        stage_dirs = [run_dir if len(stages) == 1 else run_dir / (s.name or f'stage{i + 1}')
+                      for i, s in enumerate(stages)]
+        if not resume and any((d / 'checkpoint.pt').is_file() for d in stage_dirs):
             raise ConfigError(f'{run_dir} already holds a checkpoint; pass --resume to continue it or choose '
                               'another run_dir/name')
+        top.acquire()                                               # one writer per run directory
+        log = setup_logging(ctx.is_main, top.log_path if ctx.is_main else None).info
+        if len(stages) > 1:
+            top.save_config(cfg)
+        reporter = nni_trial.TrialReporter(is_main=ctx.is_main)
+        results: List[Dict[str, Any]] = []
+        previous: Optional[Path] = None
+        for stage, stage_dir in zip(stages, stage_dirs):
+            stage_cfg = resolve_train_config(base=cfg, overrides=dict(stage.overrides)) if stage.overrides else dict(cfg)
+            stage_cfg['run_dir'] = str(stage_dir)
+            if len(stages) > 1:
+                log(f'stage {stage.name}: ' + ', '.join(f'{k}={v!r}' for k, v in stage.overrides.items()))
+            init = previous if stage.init_from_previous else (cfg.get('init_from') or None)
+            results.append(_run_stage(stage_cfg, recipe, ctx, log, reporter, resume=resume, resume_path=resume_path,
+                                      init_from=init, on_step=on_step))
+            previous = stage_dir / 'checkpoint.pt'
+        last = results[-1]
+        if last['final']:
+            f = last['final']
+            reporter.final(f['valid_top1'], top5=f['valid_top5'], loss=f['valid_loss'], best_top1=last['best_top1'])
+            log(f"final valid_acc {f['valid_top1']:f} top5 {f['valid_top5']:f} best {last['best_top1']:f}")
+        return {'run_dir': str(run_dir), 'epochs_run': sum(r['epochs_run'] for r in results), 'final': last['final'],
+                'best_top1': last['best_top1'], 'stages': results}
+    finally:
+        if top is not None:
+            top.close()
+        cleanup(ctx)
 
-        _seed_everything(int(cfg['seed']) + ctx.rank)               # per-rank augmentation / drop path
-        device = ctx.device
-        if device.type == 'cuda':
-            torch.backends.cudnn.benchmark = True
-        model = model.to(device)
-        if cfg['channels_last']:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg['lr'], momentum=cfg['momentum'],
-                                    weight_decay=cfg['weight_decay'])
-        attach_latent_constraint(optimizer, model)
-        train_loader, val_loader, train_sampler = make_loaders(cfg, train_ds, val_ds, ctx)
-        iters = len(train_loader) if cfg['max_train_batches'] is None else min(len(train_loader), cfg['max_train_batches'])
+
+def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], None], reporter: Any, *,
+               resume: Any, resume_path: Optional[Path], init_from: Optional[str | os.PathLike],
+               on_step: Optional[Callable[[int, int], None]]) -> Dict[str, Any]:
+    """One stage: build, resume or warm-start, train ``epochs`` epochs (see the module docstring). The
+    caller holds the run directory's lock."""
+    from ..checkpoints import load_checkpoint_into, load_run_checkpoint, read_checkpoint, save_checkpoint, unwrap
+    from ..data import build_datasets
+    from ..distributed import broadcast_buffers
+    from ..rundir import RunDir
+    from ..seeding import capture_rng, restore_rng, seed_everything
+    from .loop import evaluate, train_one_epoch
+
+    model_cfg = resolve_model_config(cfg)
+    seed_everything(int(cfg['seed']))                               # the same initial weights on every rank
+    model = build_network(model_cfg)
+    train_ds, val_ds = build_datasets(cfg)
+    _check_data(train_ds, val_ds, int(model_cfg['num_classes']))
+
+    run = RunDir(cfg['run_dir'], ctx.is_main, tensorboard=bool(cfg['tensorboard']), csv_fields=TRAIN_CSV_FIELDS)
+    ckpt_path: Optional[Path] = None
+    if resume_path is not None:
+        ckpt_path = resume_path
+    elif resume and run.checkpoint_path.is_file():
+        ckpt_path = run.checkpoint_path
+
+    seed_everything(int(cfg['seed']) + ctx.rank)                    # per-rank augmentation / drop path
+    device = ctx.device
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    model = model.to(device)
+    if cfg['channels_last']:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = recipe.optimizer(model, cfg)
+    train_loader, val_loader, train_sampler = make_loaders(cfg, train_ds, val_ds, ctx)
+    iters = len(train_loader) if cfg['max_train_batches'] is None else min(len(train_loader), cfg['max_train_batches'])
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*lr_scheduler.step.*')
+        schedule = recipe.schedule(optimizer, cfg, iters)
+    scaler = torch.amp.GradScaler(device.type) if cfg['amp'] == 'fp16' else None
+    criterion = recipe.loss(cfg, int(model_cfg['num_classes'])).to(device)
+
+    start_epoch, best_top1, last = 0, 0.0, {}
+    state = None
+    if ckpt_path is not None:
+        state = load_run_checkpoint(ckpt_path, model, 'train')     # refuses another architecture
+        optimizer.load_state_dict(state['optimizer'])
+        schedule.load_state_dict(state['scheduler'])
+        if scaler is not None and state.get('scaler'):
+            scaler.load_state_dict(state['scaler'])
+        start_epoch = int(state['epoch'])
+        best_top1 = float(state.get('best_top1', 0.0))
+        last = dict(state.get('metrics') or {})
+    elif init_from:
         with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='.*lr_scheduler.step.*')
-            schedule = build_schedule(cfg, optimizer, iters)
-        scaler = torch.amp.GradScaler(device.type) if cfg['amp'] == 'fp16' else None
-        criterion = make_criterion(cfg['label_smoothing']).to(device)
-        val_criterion = make_criterion(0.0).to(device)
+            warnings.filterwarnings('ignore', message='.*different binarization.*')
+            load_checkpoint_into(model, read_checkpoint(init_from))    # warm start: weights only
+        log(f'initialised the weights from {init_from}')
 
-        start_epoch, best_top1, last = 0, 0.0, {}
-        state = None
-        if ckpt_path is not None:
-            state = load_training_checkpoint(ckpt_path, model)   # refuses another architecture
-            optimizer.load_state_dict(state['optimizer'])
-            schedule.load_state_dict(state['scheduler'])
-            if scaler is not None and state.get('scaler'):
-                scaler.load_state_dict(state['scaler'])
-            start_epoch = int(state['epoch'])
-            best_top1 = float(state.get('best_top1', 0.0))
-            last = dict(state.get('metrics') or {})
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        has_zero = 'zeroise' in unwrap(model).genotype.ops_used()
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                    find_unused_parameters=has_zero)
 
-            has_zero = 'zeroise' in unwrap(model).genotype.ops_used()
-            model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                        find_unused_parameters=has_zero)
-
-        run.create()
-        log = setup_logging(ctx.is_main, run.log_path if ctx.is_main else None).info
+    if ctx.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+    try:
         if state is None:
             run.save_config(cfg)
         else:
@@ -192,11 +275,12 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
             restore_rng(state['rng'])
             if ctx.rank:
                 torch.manual_seed(int(cfg['seed']) + ctx.rank + 7919 * start_epoch)
-        log(f'args = {cfg}')
-        n_params = sum(p.numel() for p in unwrap(model).parameters())
-        log(f'model {cfg["model"]} genotype {unwrap(model).genotype.name or "<custom>"} '
-            f'C={net_cfg["init_channels"]} L={net_cfg["layers"]} classes={net_cfg["num_classes"]} '
-            f'param size = {n_params / 1e6:f}M; world {ctx.world_size} on {device}'
+        log(_args_line(cfg))
+        net = unwrap(model)
+        n_params = sum(p.numel() for p in net.parameters())
+        log(f'model {cfg["model"]} genotype {net.genotype.name or "<custom>"} '
+            f'C={model_cfg["init_channels"]} L={model_cfg["layers"]} classes={model_cfg["num_classes"]} '
+            f'param size = {n_params / 1e6:f}M; recipe {recipe.name}; world {ctx.world_size} on {device}'
             + (f'; {ctx.backend}' if ctx.backend else ''))
         if state is not None:
             log(f'resumed from {ckpt_path} at epoch {start_epoch} (lr {schedule.lr():e})')
@@ -206,15 +290,13 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
             if changed:
                 log('note: the config differs from the checkpoint\'s in ' + ', '.join(changed)
                     + '; optimizer and schedule state continue from the checkpoint')
-        reporter = nni_trial.TrialReporter(is_main=ctx.is_main)
         show = _show_progress(cfg, ctx)
         epochs = int(cfg['epochs'])
-
         for epoch in range(start_epoch, epochs):
             t0 = time.time()
             train_sampler.set_epoch(epoch)
             drop = float(cfg['drop_path_prob']) * epoch / epochs
-            unwrap(model).drop_path_prob = drop
+            net.drop_path_prob = drop
             schedule.set_epoch_start(epoch)
             lr = schedule.lr()
             log(f'epoch {epoch} lr {lr:e}')
@@ -223,9 +305,10 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
                                  scaler=scaler, channels_last=cfg['channels_last'], report_freq=cfg['report_freq'],
                                  max_batches=cfg['max_train_batches'], show_progress=show, log=log, on_step=on_step)
             log(f"train_acc {tr['top1']:f}")
-            broadcast_buffers(unwrap(model), ctx)                # every rank evaluates rank 0's model
-            va = evaluate(model, val_loader, val_criterion, ctx=ctx, amp=cfg['amp'], channels_last=cfg['channels_last'],
-                          report_freq=cfg['report_freq'], max_batches=cfg['max_val_batches'], show_progress=show, log=log)
+            broadcast_buffers(net, ctx)                              # every rank evaluates rank 0's model
+            va = evaluate(model, val_loader, ctx=ctx, amp=cfg['amp'], channels_last=cfg['channels_last'],
+                          report_freq=cfg['report_freq'], max_batches=cfg['max_val_batches'], show_progress=show,
+                          log=log)
             log(f"valid_acc {va['top1']:f}")
             log(f"valid_acc_top5 {va['top5']:f}")
             best_top1 = max(best_top1, va['top1'])
@@ -234,22 +317,19 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
                     'valid_top5': va['top5'], 'epoch_seconds': round(time.time() - t0, 3)}
             reporter.intermediate(va['top1'], top5=va['top5'], loss=va['loss'])
             if ctx.is_main:
-                save_training_checkpoint(run.checkpoint_path, model=model, optimizer=optimizer,
-                                         scheduler_state=schedule.state_dict(), epoch=epoch + 1, config=cfg,
-                                         scaler=scaler, metrics=last, best_top1=best_top1)
-                run.log_epoch(last)
+                save_checkpoint(net, run.checkpoint_path, kind='train', epoch=epoch + 1,
+                                optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
+                                scaler=scaler.state_dict() if scaler is not None else None, rng=capture_rng(),
+                                config=dict(cfg), metrics=dict(last), best_top1=float(best_top1))
+                run.log_epoch(last, {f'{split}/{m}': last[f'{split}_{m}'] for split in ('train', 'valid')
+                                     for m in ('top1', 'top5', 'loss')} | {'lr': lr})
             ctx.barrier()
         if start_epoch >= epochs:
             log(f'nothing to do: the checkpoint already finished {start_epoch} of {epochs} epochs')
-        if last:
-            reporter.final(last['valid_top1'], top5=last['valid_top5'], loss=last['valid_loss'], best_top1=best_top1)
-            log(f"final valid_acc {last['valid_top1']:f} top5 {last['valid_top5']:f} best {best_top1:f}")
-        return {'run_dir': str(run_dir), 'epochs_run': max(0, epochs - start_epoch), 'final': last,
+        return {'run_dir': str(run.path), 'epochs_run': max(0, epochs - start_epoch), 'final': last,
                 'best_top1': best_top1}
     finally:
-        if run is not None:
-            run.close()
-        cleanup(ctx)
+        run.close()
 
 
 def run_evaluation(cfg: Dict[str, Any], checkpoint: str | os.PathLike, *, official: bool = False,
@@ -259,12 +339,13 @@ def run_evaluation(cfg: Dict[str, Any], checkpoint: str | os.PathLike, *, offici
     ``official``: the file comes from ``gistvision/bnas`` (``_ops``/``preprocess*_red``/``module.``
     keys are mapped). Our own checkpoints are refused if their architecture differs from the model.
     """
-    from ..checkpoints import load_checkpoint_into
+    from torch.utils.data import DataLoader
+
+    from ..checkpoints import load_checkpoint_into, read_checkpoint
     from ..data import build_dataset
-    from .checkpoint import read_checkpoint
-    from ..distributed import cleanup, init_distributed
-    from .loops import evaluate, make_criterion
+    from ..distributed import ShardSampler, cleanup, init_distributed
     from ..rundir import setup_logging
+    from .loop import evaluate
 
     if cfg.get('threads'):
         torch.set_num_threads(int(cfg['threads']))
@@ -285,17 +366,14 @@ def run_evaluation(cfg: Dict[str, Any], checkpoint: str | os.PathLike, *, offici
         model = model.to(ctx.device)
         if cfg['channels_last']:
             model = model.to(memory_format=torch.channels_last)
-        from torch.utils.data import DataLoader
-
-        from ..distributed import ShardSampler
-
-        loader = DataLoader(val_ds, batch_size=cfg['batch_size'], sampler=ShardSampler(len(val_ds), ctx.rank, ctx.world_size),
+        loader = DataLoader(val_ds, batch_size=cfg['batch_size'],
+                            sampler=ShardSampler(len(val_ds), ctx.rank, ctx.world_size),
                             num_workers=int(cfg['workers']), pin_memory=ctx.device.type == 'cuda')
         log(f"evaluating {path} ({info.get('layout')} layout) as {cfg['model']} "
-            f"C={model_cfg['init_channels']} L={model_cfg['layers']} precision rule {model_cfg.get('precision_rule') or 'standard'}")
-        res = evaluate(model, loader, make_criterion(0.0).to(ctx.device), ctx=ctx, amp=cfg['amp'],
-                       channels_last=cfg['channels_last'], report_freq=cfg['report_freq'],
-                       max_batches=cfg['max_val_batches'], show_progress=_show_progress(cfg, ctx), log=log)
-        return res
+            f"C={model_cfg['init_channels']} L={model_cfg['layers']} precision rule "
+            f"{model_cfg.get('precision_rule') or 'standard'}")
+        return evaluate(model, loader, ctx=ctx, amp=cfg['amp'], channels_last=cfg['channels_last'],
+                        report_freq=cfg['report_freq'], max_batches=cfg['max_val_batches'],
+                        show_progress=_show_progress(cfg, ctx), log=log)
     finally:
         cleanup(ctx)

@@ -6,6 +6,8 @@
   step is computed in closed form from the step index.
 * ImageNet: torch's ``CosineAnnealingWarmRestarts(T_0=50, eta_min=0)`` stepped with the fractional
   epoch ``epoch + i / iters`` before each optimizer step (:func:`cosine_restarts`).
+* ``cosine`` (torch's ``CosineAnnealingLR`` to ``lr_min`` over all iterations) and ``linear`` (decay to 0
+  over all iterations, the ReActNet recipe), both stepped after every optimizer step; ``constant``.
 
 Use :class:`IterationSchedule` to drive either from a training loop without caring which.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LRScheduler
+from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmRestarts, LambdaLR, LRScheduler
 
 from ..errors import ConfigError
 
@@ -105,26 +107,27 @@ def cosine_restarts(optimizer: Optimizer, restart_epochs: int = 50, eta_min: flo
 class IterationSchedule:
     """Drives a per-iteration scheduler from the loop: ``before_step(epoch, i, iters)`` then ``after_step()``.
 
-    ``kind`` is ``onecycle`` (stepped after the optimizer step), ``cosine_restarts`` (stepped with
-    the fractional epoch before it) or ``constant``.
+    ``kind`` is ``onecycle``, ``cosine`` or ``linear`` (stepped after the optimizer step),
+    ``cosine_restarts`` (stepped with the fractional epoch before it) or ``constant``.
     """
 
-    def __init__(self, kind: str, scheduler: Optional[LRScheduler]) -> None:
+    AFTER_STEP = ('onecycle', 'cosine', 'linear')
+
+    def __init__(self, kind: str, scheduler: Optional[LRScheduler], optimizer: Optional[Optimizer] = None) -> None:
         self.kind = kind
         self.scheduler = scheduler
+        self.optimizer = optimizer if optimizer is not None else getattr(scheduler, 'optimizer', None)
 
     def before_step(self, epoch: int, i: int, iters: int) -> None:
         if self.kind == 'cosine_restarts':
             self.scheduler.step(epoch + i / iters)
 
     def after_step(self) -> None:
-        if self.kind == 'onecycle':
+        if self.kind in self.AFTER_STEP:
             self.scheduler.step()
 
     def lr(self) -> float:
-        if self.scheduler is None:
-            return float('nan')
-        return float(self.scheduler.optimizer.param_groups[0]['lr'])
+        return float(self.optimizer.param_groups[0]['lr'])
 
     def set_epoch_start(self, epoch: int) -> None:
         """Before logging ``epoch N lr ...``: the cosine schedule shows the value of the epoch's first step."""
@@ -150,6 +153,11 @@ def build_schedule(cfg: Dict[str, Any], optimizer: Optimizer, iters_per_epoch: i
         return IterationSchedule(kind, sched)
     if kind == 'cosine_restarts':
         return IterationSchedule(kind, cosine_restarts(optimizer, cfg['restart_epochs']))
+    total = max(1, cfg['epochs'] * iters_per_epoch)
+    if kind == 'cosine':
+        return IterationSchedule(kind, CosineAnnealingLR(optimizer, T_max=total, eta_min=cfg.get('lr_min', 0.0)))
+    if kind == 'linear':
+        return IterationSchedule(kind, LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total)))
     if kind == 'constant':
-        return IterationSchedule(kind, None)
-    raise ConfigError(f'unknown schedule {kind!r}; choose onecycle, cosine_restarts or constant')
+        return IterationSchedule(kind, None, optimizer)
+    raise ConfigError(f'unknown schedule {kind!r}; choose onecycle, cosine_restarts, cosine, linear or constant')

@@ -1,4 +1,5 @@
-"""One training epoch and one evaluation pass, as in the official ``train``/``infer`` functions.
+"""The one train loop and the one evaluation loop (trainers, search trials and evaluators all use them),
+as in the official ``train``/``infer`` functions.
 
 Log lines keep the official format so logs can be compared side by side::
 
@@ -12,6 +13,10 @@ Training metrics are averaged over this rank's samples while the epoch runs and 
 ranks at the end; evaluation metrics are exact over the whole validation set (every rank sees a
 disjoint shard, counts are all-reduced).
 
+Non-finite values stop a run at the step where they appear, before the optimizer step, with one line
+(:class:`NonFiniteError`): a loss, or (without fp16 loss scaling, which skips such steps by design) a
+gradient. Nothing of that step reaches the weights, so the last checkpoint is the last good state.
+
 Gradient clipping (ImageNet recipe): the official code clipped the gradient with respect to the
 *binary* weights, before ``BinOp`` rescaled it into the latent-weight gradient. Our binary convs do
 that rescale inside autograd, so :func:`clip_binary_grad_norm_` recovers the binary-weight gradient
@@ -21,21 +26,42 @@ scales all gradients by the same coefficient, which is exactly what the official
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import sys
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..quant import BinaryConv2d, XnorBinarizer, binary_convs
 from ..distributed import DistContext, all_reduce_sums
+from ..errors import BNASError
+from ..rundir import LOGGER
 
-__all__ = ['AverageMeter', 'accuracy', 'make_criterion', 'binary_weight_grad', 'clip_binary_grad_norm_',
-           'autocast_context', 'train_one_epoch', 'evaluate', 'progress', 'LOGGER']
+__all__ = ['AverageMeter', 'accuracy', 'binary_weight_grad', 'clip_binary_grad_norm_', 'NonFiniteError',
+           'non_finite_message', 'check_finite_grads', 'autocast_context', 'train_one_epoch', 'evaluate', 'progress']
 
-LOGGER = logging.getLogger('bnas_nni.train')
+
+class NonFiniteError(BNASError):
+    """A NaN or Inf in a loss, gradient or architecture weight: the run stops at that step."""
+
+
+def non_finite_message(what: str, epoch: int, step: int, lr: float, amp: Optional[str] = None) -> str:
+    fix = 'lower the learning rate (lr) or set grad_clip'
+    if amp == 'fp16':
+        fix += ', or train without fp16 (amp: null or bf16)'
+    return (f'non-finite {what} at epoch {epoch} step {step} (lr {lr:.3g}); {fix}; '
+            'the last checkpoint is untouched, continue with --resume after the change')
+
+
+def check_finite_grads(params: Sequence[torch.Tensor]) -> bool:
+    """True when every gradient of ``params`` is finite (one reduction, one device sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return bool(torch.isfinite(torch.stack(norms)).all())
 
 
 class AverageMeter:
@@ -67,12 +93,6 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (
 def _correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> int:
     k = min(k, logits.size(1))
     return int(logits.topk(k, dim=1).indices.eq(target.view(-1, 1)).any(dim=1).sum())
-
-
-def make_criterion(label_smoothing: float = 0.0) -> nn.Module:
-    """Cross entropy; with ``label_smoothing`` = eps the targets are (1 - eps) one-hot + eps / K and the
-    loss is the batch mean of the sum over classes, i.e. the official ``CrossEntropyLabelSmooth``."""
-    return nn.CrossEntropyLoss(label_smoothing=float(label_smoothing or 0.0))
 
 
 # --------------------------------------------------------------------------- gradient clipping
@@ -162,6 +182,10 @@ def _limit(loader: Iterable, max_batches: Optional[int]):
         yield batch
 
 
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]['lr'])
+
+
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
                     epoch: int, ctx: DistContext, schedule: Any = None, grad_clip: Optional[float] = None,
                     grad_clip_mode: str = 'binary', amp: Optional[str] = None, scaler: Any = None,
@@ -170,11 +194,15 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
                     on_step: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
     """Train for one epoch; returns ``{'loss', 'top1', 'top5', 'n'}`` summed over all ranks.
 
+    ``criterion(logits, target, images)`` is a :class:`~bnas_nni.train.losses.TrainLoss`.
+
     ``schedule`` is a :class:`~bnas_nni.train.schedules.IterationSchedule`; the latent-weight
     constraint runs from the optimizer's pre-step hook (see :func:`bnas_nni.quant.attach_latent_constraint`).
     ``on_step(epoch, step)`` is called after each optimizer step (fault injection in tests, profiling).
     """
     model.train()
+    criterion.train()
+    params = [p for group in optimizer.param_groups for p in group['params']]
     device = ctx.device
     iters = len(loader) if max_batches is None else min(len(loader), max_batches)
     loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
@@ -190,12 +218,17 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         optimizer.zero_grad(set_to_none=True)
         with autocast_context(device, amp):
             logits = model(x)
-            loss = criterion(logits, y)
+            loss = criterion(logits, y, x)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise NonFiniteError(non_finite_message('loss', epoch, step, _lr(optimizer), amp))
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
         else:
             loss.backward()
+            if not check_finite_grads(params):
+                raise NonFiniteError(non_finite_message('gradient', epoch, step, _lr(optimizer), amp))
         if grad_clip:
             clip_binary_grad_norm_(model, grad_clip, grad_clip_mode)
         if scaler is not None:
@@ -208,7 +241,6 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         n = y.size(0)
         logits = logits.detach().float()
         c1, c5 = _correct(logits, y, 1), _correct(logits, y, 5)
-        lv = float(loss.detach())
         sums['loss'] += lv * n
         sums['c1'] += c1
         sums['c5'] += c5
@@ -220,18 +252,16 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             log(f'train {step:03d} {loss_m.avg:e} {top1_m.avg:f} {top5_m.avg:f}')
         if show_progress and hasattr(bar, 'set_postfix'):
             bar.set_postfix(loss=f'{loss_m.avg:.3f}', top1=f'{top1_m.avg:.1f}')
-        if not math.isfinite(lv):
-            raise FloatingPointError(f'training loss is {lv} at epoch {epoch} step {step}; lower lr or disable fp16')
         if on_step is not None:
             on_step(epoch, step)
     return _finish(sums, ctx)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, criterion: nn.Module, *, ctx: DistContext, amp: Optional[str] = None,
+def evaluate(model: nn.Module, loader: Any, *, ctx: DistContext, amp: Optional[str] = None,
              channels_last: bool = False, report_freq: int = 50, max_batches: Optional[int] = None,
              show_progress: bool = False, log: Callable[[str], None] = LOGGER.info) -> Dict[str, float]:
-    """Top-1/top-5 and mean loss over the whole (sharded) loader, exact over all ranks."""
+    """Top-1/top-5 and mean (plain) cross entropy over the whole (sharded) loader, exact over all ranks."""
     model.eval()
     device = ctx.device
     sums = {'loss': 0.0, 'c1': 0.0, 'c5': 0.0, 'n': 0.0}
@@ -245,7 +275,7 @@ def evaluate(model: nn.Module, loader: Any, criterion: nn.Module, *, ctx: DistCo
         with autocast_context(device, amp):
             logits = model(x)
         logits = logits.float()
-        loss = criterion(logits, y)
+        loss = F.cross_entropy(logits, y)
         n = y.size(0)
         sums['loss'] += float(loss) * n
         sums['c1'] += _correct(logits, y, 1)

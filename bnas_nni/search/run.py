@@ -1,0 +1,281 @@
+"""One entry for every search: :func:`run_search` (the CLI, search trials, benches and tests call it).
+
+It prepares the run directory (numbered defaults ``runs/<name>``, ``runs/<name>-2`` ...; the resolved
+config saved as ``config.yaml`` and compared on ``--resume``), seeds, builds the space and the strategy
+from the registry (:mod:`bnas_nni.search.strategies`), and dispatches on what the strategy is:
+
+* a :class:`~bnas_nni.search.binary_darts.BinaryDARTS` (or subclass): the resumable
+  :class:`~bnas_nni.search.driver.SearchDriver`, exact resume, CIFAR and ImageNet (gamma) genotypes;
+* anything else: :func:`bnas_nni.search.experiment.run_nni_experiment` (one-shot or multi-trial by the
+  strategy's registered kind); NNI restarts such experiments, so ``--resume`` is refused.
+
+Outputs: the run directory, and with ``save: NAME`` the two genotype files ``NAME.yaml`` and
+``NAME_imagenet.yaml`` in ``search_spaces/genotypes/`` (or ``out``), never Python sources.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from ..config import SEARCH, resolve
+from ..errors import ConfigError
+
+__all__ = ['resolve_search_config', 'run_search', 'default_run_dir', 'save_named_genotypes', 'build_space',
+           'resolve_device']
+
+
+def resolve_search_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
+                          nni_params: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Defaults <- YAML file <- overrides <- NNI trial parameters (see :mod:`bnas_nni.config`), with the
+    strategy, space and ops checked; the run name defaults to the config file's stem."""
+    from ..space import load_space_config
+    from .strategies import check_strategy_options
+
+    cfg = resolve(SEARCH, path, overrides, nni_params)
+    if cfg['name'] is None and path:
+        cfg['name'] = Path(path).stem
+    check_strategy_options(cfg)                               # unknown strategy or option -> one line
+    load_space_config(cfg['space'], **_space_overrides(cfg))  # unknown space or op -> one line
+    return cfg
+
+
+def _space_overrides(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    keys = ('init_channels', 'layers', 'num_nodes', 'ops', 'binarizer', 'activation')
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
+
+
+def build_space(cfg: Mapping[str, Any]):
+    from ..space import BNASSpace
+
+    return BNASSpace.from_config(cfg['space'], **_space_overrides(cfg))
+
+
+def resolve_device(spec: Optional[str]):
+    from ..distributed import resolve_device as resolve
+
+    return resolve(spec)
+
+
+def default_run_dir(cfg: Mapping[str, Any]) -> Path:
+    if cfg.get('run_dir'):
+        return Path(cfg['run_dir'])
+    if os.environ.get('NNI_OUTPUT_DIR'):
+        return Path(os.environ['NNI_OUTPUT_DIR']) / 'search'
+    if cfg.get('save'):
+        return Path('runs') / f'search-{cfg["save"]}'
+    return Path('runs') / str(cfg.get('name') or 'search')
+
+
+def _prepare_run_dir(cfg: Dict[str, Any], resume: bool) -> Tuple[Dict[str, Any], Path]:
+    from ..io import load_yaml, save_yaml
+
+    run_dir = default_run_dir(cfg)
+    if not cfg.get('run_dir') and not os.environ.get('NNI_OUTPUT_DIR'):
+        # default run dirs are numbered: runs/search-NAME, runs/search-NAME-2, ...; a new search takes
+        # the first free one, --resume the last one used
+        taken = [run_dir] + [run_dir.with_name(f'{run_dir.name}-{i}') for i in range(2, 1000)]
+        used = [d for d in taken if (d / 'config.yaml').exists()]
+        if resume:
+            run_dir = used[-1] if used else run_dir
+        else:
+            run_dir = next(d for d in taken if not (d / 'config.yaml').exists())
+    saved_path = run_dir / 'config.yaml'
+    if resume:
+        if not saved_path.is_file():
+            raise ConfigError(f'nothing to resume: {saved_path} does not exist (start without --resume)')
+        saved = resolve(SEARCH, base=load_yaml(saved_path) or {})
+        diff = sorted(k for k in cfg if k not in SEARCH.resume_free and k != 'name' and cfg[k] != saved.get(k)
+                      and cfg[k] != SEARCH.base.get(k))
+        if diff:
+            raise ConfigError(f'--resume: {", ".join(diff)} differ from the run in {run_dir}; '
+                              'resume with the same settings or use a new --run-dir')
+        merged = dict(saved)
+        for k in SEARCH.resume_free:
+            if cfg.get(k) is not None and k != 'run_dir':
+                merged[k] = cfg[k]
+        merged['run_dir'] = str(run_dir)
+        return merged, run_dir
+    if (run_dir / 'checkpoint.pt').exists():
+        raise ConfigError(f'{run_dir} already holds a search; continue it with --resume or pick another --run-dir')
+    cfg = dict(cfg, run_dir=str(run_dir))
+    return cfg, run_dir
+
+
+def save_named_genotypes(cifar: Any, imagenet: Any, name: str, out: Optional[str | os.PathLike] = None,
+                         **meta: Any) -> Tuple[Path, Path]:
+    """Write ``NAME.yaml`` and ``NAME_imagenet.yaml`` (into ``out`` or ``search_spaces/genotypes``).
+
+    An existing file is replaced only if an earlier ``bnas-nni search`` wrote it; hand-written and
+    shipped genotypes are never overwritten.
+    """
+    import dataclasses
+
+    from ..genotypes import save_genotype
+    from ..io import load_yaml
+    from ..paths import genotypes_dir
+
+    folder = Path(out) if out else genotypes_dir()
+    paths = (folder / f'{name}.yaml', folder / f'{name}_imagenet.yaml')
+    check_save_target(paths)
+    save_genotype(dataclasses.replace(cifar, name=name), paths[0], **meta)
+    save_genotype(dataclasses.replace(imagenet, name=f'{name}_imagenet'), paths[1], **meta)
+    return paths
+
+
+def check_save_target(paths: Sequence[Path]) -> None:
+    """Refuse to overwrite genotype files that ``bnas-nni search`` did not write."""
+    from ..io import load_yaml
+
+    for p in paths:
+        if p.exists():
+            try:
+                data = load_yaml(p)
+            except ConfigError:
+                data = None
+            meta = data.get('meta') if isinstance(data, Mapping) else None
+            if not isinstance(meta, Mapping) or meta.get('source') != 'bnas-nni search':
+                raise ConfigError(f'{p} exists and was not written by bnas-nni search; choose another save name')
+
+
+def _show_progress(cfg: Mapping[str, Any]) -> bool:
+    import sys
+
+    return cfg['progress'] == 'always' or (cfg['progress'] == 'auto' and sys.stderr.isatty())
+
+
+def run_search(cfg: Dict[str, Any], *, resume: bool = False,
+               epoch_callbacks: Sequence[Callable[[Dict[str, Any], Any], None]] = (),
+               on_running: Optional[Callable[[Any, Optional[int]], None]] = None,
+               log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the search a resolved config describes; returns a summary (genotypes, best epoch, paths).
+
+    ``epoch_callbacks(record, driver_or_module)`` run after every epoch with the epoch's record
+    (``epoch``, ``val_acc`` in percent, ``entropy`` ...).
+    """
+    import torch
+
+    from ..paths import genotypes_dir
+    from ..seeding import seed_everything
+    from .binary_darts import BinaryDARTS
+    from .strategies import build_strategy, strategy_kind
+
+    if cfg['save']:
+        folder = Path(cfg['out']) if cfg['out'] else genotypes_dir()
+        check_save_target([folder / f'{cfg["save"]}.yaml', folder / f'{cfg["save"]}_imagenet.yaml'])
+    strategy = build_strategy(cfg)
+    if resume and not isinstance(strategy, BinaryDARTS):
+        raise ConfigError(f'--resume is not available for strategy {cfg["strategy"]!r} (NNI restarts its '
+                          'experiments); rerun with a new --run-dir')
+    cfg, run_dir = _prepare_run_dir(cfg, resume)
+    if cfg['threads']:
+        torch.set_num_threads(int(cfg['threads']))
+    device = resolve_device(cfg['device'])
+    from ..data import search_splits
+
+    train, val, val_eval = search_splits(cfg)  # missing data fails here, before any heavy work
+    seed_everything(int(cfg['seed']))
+    space = build_space(cfg)
+    name = cfg['save'] or cfg['name'] or 'search'
+    if isinstance(strategy, BinaryDARTS):
+        summary = _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, name, resume,
+                              epoch_callbacks, log)
+    else:
+        summary = _run_experiment(cfg, strategy, strategy_kind(cfg['strategy']), space, run_dir, device, name,
+                                  epoch_callbacks, on_running, log)
+    _finish(cfg, summary, log)
+    return summary
+
+
+def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, name, resume, epoch_callbacks, log):
+    from .driver import SearchDriver
+
+    driver = SearchDriver(space, strategy, train_data=train, val_data=val, eval_data=val_eval, run_dir=run_dir,
+                          epochs=cfg['epochs'], batch_size=cfg['batch_size'], lr=cfg['lr'], lr_min=cfg['lr_min'],
+                          momentum=cfg['momentum'], weight_decay=cfg['weight_decay'], grad_clip=cfg['grad_clip'],
+                          seed=cfg['seed'], workers=cfg['workers'], max_train_batches=cfg['max_train_batches'],
+                          max_val_batches=cfg['max_val_batches'], device=device, progress=_show_progress(cfg),
+                          channels_last=cfg['channels_last'], tensorboard=cfg['tensorboard'],
+                          log_prob_every=cfg['log_prob_every'], name=name, epoch_callbacks=epoch_callbacks, log=log,
+                          config=cfg)
+    driver.rundir.acquire()                     # before writing config.yaml: one writer per run directory
+    try:
+        if not resume:
+            driver.rundir.save_config(cfg)
+        log(f'search: {cfg["strategy"]} on {cfg["dataset"]} ({len(train)} weight / {len(val)} architecture images), '
+            f'space {cfg["space"]}, mixed cell {cfg["mixed_cell"]}, {cfg["epochs"]} epochs x '
+            f'{driver.batches_per_epoch()} iterations, run dir {run_dir}')
+        cifar, imagenet = driver.run(resume=resume)
+    finally:
+        driver.rundir.close()
+    return {'genotype': cifar, 'genotype_imagenet': imagenet, 'best_epoch': driver.best['epoch'],
+            'supernet_val_acc': driver.best['val_acc'], 'run_dir': run_dir, 'driver': driver, 'saved': None}
+
+
+def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_callbacks, on_running, log):
+    from ..genotypes import Genotype, save_genotype
+    from ..io import save_yaml
+    from ..rundir import RunDir
+    from .experiment import run_nni_experiment
+
+    run = RunDir(run_dir).acquire()
+    try:
+        run.save_config(cfg)
+        result = run_nni_experiment(cfg, strategy, kind, space, run_dir, device=device, progress=_show_progress(cfg),
+                                    epoch_callbacks=epoch_callbacks, on_running=on_running, log=log)
+        genotype = Genotype.from_arch_dict(result['arch'], name=name)
+        meta = {'source': 'bnas-nni search', 'strategy': cfg['strategy'], 'experiment_id': result['experiment_id'],
+                'space': str(cfg['space']), 'run_dir': str(run_dir)}
+        save_genotype(genotype, run_dir / 'genotype.yaml', **meta)
+        # NNI's strategies have no Zeroise transfer: the ImageNet file repeats the same cell
+        save_genotype(genotype, run_dir / 'genotype_imagenet.yaml', **meta)
+        summary = {'genotype': genotype, 'genotype_imagenet': genotype, 'best_epoch': int(cfg['epochs']) - 1,
+                   'supernet_val_acc': None, 'run_dir': run_dir, 'driver': None, 'saved': None, 'result': result}
+        if kind == 'one-shot' and int(cfg['derived_epochs'] or 0) > 0:
+            from ..data import search_splits
+            from .evaluators import evaluate_derived, train_options
+
+            train, _, val_plain = search_splits(cfg)
+            opts = dict(train_options(cfg), epochs=int(cfg['derived_epochs']))
+            result['derived'] = evaluate_derived(space.freeze(result['arch']), train_data=train, val_data=val_plain,
+                                                 report=False, **opts)
+            log(f'[{cfg["strategy"]}] derived network: val acc {result["derived"]["default"]:.2f}%')
+        save_yaml(_plain({k: v for k, v in result.items() if k != 'rest'}), run_dir / 'result.yaml')
+    finally:
+        run.close()
+    return summary
+
+
+def _plain(obj: Any) -> Any:
+    """YAML-safe copy (tensors/numpy scalars to floats, tuples to lists)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, 'item') and callable(obj.item):
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _finish(cfg: Mapping[str, Any], summary: Dict[str, Any], log) -> None:
+    cifar, imagenet = summary['genotype'], summary['genotype_imagenet']
+    acc = summary.get('supernet_val_acc')
+    kept = (f'kept epoch {summary["best_epoch"] + 1} (supernet val acc {acc:.2f}%)'
+            if acc is not None and acc >= 0 else 'kept the final alphas')
+    log(f'genotype (CIFAR):    {cifar}')
+    if summary.get('driver') is not None:
+        log(f'genotype (ImageNet, gamma={cfg["gamma"]:g}): {imagenet}')
+    log(kept)
+    if cfg['save']:
+        paths = save_named_genotypes(cifar, imagenet, cfg['save'], cfg['out'], source='bnas-nni search',
+                                     strategy=cfg['strategy'], run_dir=str(summary['run_dir']),
+                                     epoch=summary['best_epoch'] + 1,
+                                     supernet_val_acc=None if acc is None or acc < 0 else float(acc))
+        summary['saved'] = paths
+        log(f'saved {paths[0]} and {paths[1]}')
+    log(f'run directory: {summary["run_dir"]}')

@@ -1,0 +1,71 @@
+"""Teachers for distillation: a network the project can build, frozen, from a checkpoint or torchvision.
+
+``teacher`` in a config is either
+
+* a bnas-nni checkpoint or run directory: its stored architecture (``BNASNetwork.config``) rebuilds the
+  network and its weights load strictly (a full-precision teacher of the same genotype is a run with
+  ``binarizer: none`` and ``activation: identity``);
+* ``torchvision:NAME=WEIGHTS_FILE``: ``torchvision.models.NAME(num_classes=K)`` with weights read from a
+  local file (nothing is downloaded).
+
+A teacher whose classifier does not match the student's number of classes is refused in one line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, ConfigError
+
+__all__ = ['load_teacher']
+
+
+def _classes_of(model: nn.Module) -> int | None:
+    for m in reversed(list(model.modules())):
+        if isinstance(m, nn.Linear):
+            return int(m.out_features)
+    return None
+
+
+def load_teacher(spec: str, *, num_classes: int, family: str = 'cifar') -> nn.Module:
+    """The frozen teacher described by ``spec`` (see the module docstring), in eval mode."""
+    from ..checkpoints import load_checkpoint_file, load_checkpoint_into, read_checkpoint
+
+    spec = str(spec)
+    if spec.startswith('torchvision:'):
+        import torchvision
+
+        name, sep, weights = spec[len('torchvision:'):].partition('=')
+        if not sep or not weights:
+            raise ConfigError(f'teacher {spec!r}: write torchvision:NAME=WEIGHTS_FILE (weights from a local file)')
+        factory = getattr(torchvision.models, name, None)
+        if not callable(factory):
+            raise ConfigError(f'teacher {spec!r}: torchvision.models has no {name!r}')
+        model = factory(weights=None, num_classes=num_classes)
+        state = load_checkpoint_file(Path(weights))
+        state = state.get('state_dict', state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as exc:
+            raise CheckpointError(f'teacher weights {weights} do not fit torchvision {name} with {num_classes} '
+                                  f'classes: {str(exc).splitlines()[0]}') from None
+    else:
+        from ..networks import BNASNetwork
+
+        obj = read_checkpoint(spec)
+        config = (obj.get('model') or {}).get('config') if isinstance(obj, dict) else None
+        if not isinstance(config, dict):
+            raise CheckpointError(f'teacher {spec}: not a bnas-nni checkpoint with an architecture description; '
+                                  'give a checkpoint written by bnas-nni train, or torchvision:NAME=FILE')
+        model = BNASNetwork.from_config(config)
+        load_checkpoint_into(model, obj, layout='bnas-nni')
+    got = _classes_of(model)
+    if got is not None and got != num_classes:
+        raise ConfigError(f'teacher {spec} predicts {got} classes but the student has {num_classes}; '
+                          'use a teacher trained on the same classes')
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
