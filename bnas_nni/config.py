@@ -332,7 +332,7 @@ class Schema:
         key = key.replace('-', '_')
         key = self.aliases.get(key, key)
         if key not in self.hints:
-            raise ConfigError(f'{source}: unknown key {text!r}; allowed keys: {", ".join(self.keys())}')
+            raise ConfigError(f'{source}: unknown config key {text!r}; allowed keys: {", ".join(self.keys())}')
         if sub and _kind(self.hints[key]) != 'mapping':
             raise ConfigError(f'{source}: {key} is not a mapping, so {text!r} cannot set a part of it')
         return key, (sub or None)

@@ -21,16 +21,16 @@ from bnas_nni.errors import ConfigError
 
 pytest.importorskip('nni')
 
-from bnas_nni.quant import xnor_constrain, binary_convs  # noqa: E402
-from bnas_nni.data import fashion_mnist_root  # noqa: E402
+from bnas_nni.quant import binary_convs, has_latent_constraint, xnor_constrain  # noqa: E402
+from bnas_nni.cli import main  # noqa: E402
+from bnas_nni.data import DatasetView, fashion_mnist_root, search_splits  # noqa: E402
 from bnas_nni.errors import DatasetError  # noqa: E402
 from bnas_nni.genotypes import Genotype, load_genotype  # noqa: E402
 from bnas_nni.io import load_yaml  # noqa: E402
 from bnas_nni.space import BNASSpace  # noqa: E402
-from bnas_nni.search import nni_strategies as ns  # noqa: E402
-from bnas_nni.search.evaluators import (BinaryClassificationModule, DatasetView, evaluate_derived,  # noqa: E402
-                                          search_datasets)
-from bnas_nni.search.experiment import resolve_strategy_config, run_nni_strategy  # noqa: E402
+from bnas_nni.search import strategies as ns  # noqa: E402
+from bnas_nni.search.evaluators import BinaryClassificationModule, evaluate_derived  # noqa: E402
+from bnas_nni.search.run import resolve_search_config, run_search  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / 'experiments'
 ONE_SHOT = ['darts', 'gumbel-darts', 'random-one-shot']
@@ -49,16 +49,17 @@ needs_fashion = pytest.mark.skipif(not _have_fashion(), reason='Fashion-MNIST id
                                    '(Debian dataset-fashion-mnist, or set BNAS_FASHION_MNIST)')
 
 
-def tiny_config(name: str, **strategy_kwargs) -> dict:
+def tiny_config(name: str, options=None, **keys) -> dict:
     """Two weight batches and two architecture batches of 16x16 images, one epoch / trial."""
-    return {
-        'strategy': {'name': name, **strategy_kwargs},
-        'space': {'config': 'bnas-tiny'},
-        'data': {'train_size': 64, 'val_size': 64, 'image_size': 16, 'batch_size': 32},
-        'train': {'epochs': 1, 'num_threads': 1},
-        'experiment': {'max_trial_number': 2, 'trial_concurrency': 1, 'max_experiment_duration': '5m'},
-        'seed': 0,
-    }
+    return resolve_search_config(None, {
+        'strategy': name, 'strategy_options': dict(options or {}), 'space': 'bnas-tiny', 'dataset': 'fashion-mnist',
+        'train_subset': 128, 'train_portion': 0.5, 'image_size': 16, 'batch_size': 32, 'epochs': 1, 'threads': 1,
+        'max_trial_number': 2, 'trial_concurrency': 1, 'max_experiment_duration': '5m', 'seed': 0,
+        'tensorboard': False, 'progress': 'never', **keys})
+
+
+def _strategy(name, **options):
+    return ns.build_strategy(tiny_config(name, options))
 
 
 # --------------------------------------------------------------------------- registry
@@ -67,90 +68,80 @@ def tiny_config(name: str, **strategy_kwargs) -> dict:
 def test_registry_names_kinds_and_classes():
     from nni.nas.strategy import DARTS, TPE, GumbelDARTS, Random, RandomOneShot, RegularizedEvolution
 
-    assert set(ns.STRATEGIES) >= set(ONE_SHOT + MULTI_TRIAL)
+    from bnas_nni.search.binary_darts import BinaryDARTS
+
+    assert set(ns.STRATEGIES) >= set(ONE_SHOT + MULTI_TRIAL + ['binary-darts'])
     expected = {'darts': DARTS, 'gumbel-darts': GumbelDARTS, 'random-one-shot': RandomOneShot, 'random': Random,
-                'regularized-evolution': RegularizedEvolution, 'tpe': TPE}
+                'regularized-evolution': RegularizedEvolution, 'tpe': TPE, 'binary-darts': BinaryDARTS}
     for name, cls in expected.items():
-        s = ns.get_strategy(name)
+        s = _strategy(name)
         assert isinstance(s, cls), (name, type(s))
-        assert ns.strategy_kind(name) == ('one-shot' if name in ONE_SHOT else 'multi-trial')
-    assert type(ns.get_strategy('gumbel-darts')) is GumbelDARTS
-    assert type(ns.get_strategy('tpe')).__name__ == 'CellTPE'
-    assert ns.get_strategy('tpe').tuner.optimize_mode.value == 'maximize'   # trials report accuracy
-    assert ns.get_strategy('Regularized_Evolution', population_size=4, sample_size=2).population_size == 4
-    assert ns.get_strategy('darts', arc_learning_rate=0.01).arc_learning_rate == 0.01
+        assert ns.strategy_kind(name) == ('multi-trial' if name in MULTI_TRIAL else 'one-shot')
+    assert type(_strategy('gumbel-darts')) is GumbelDARTS
+    assert type(_strategy('tpe')).__name__ == 'CellTPE'
+    assert _strategy('tpe').tuner.optimize_mode.value == 'maximize'   # trials report accuracy
+    assert _strategy('Regularized_Evolution', population_size=4, sample_size=2).population_size == 4
+    assert ns.build_strategy(tiny_config('darts', arc_lr=0.01)).arc_learning_rate == 0.01   # shared key names
+    assert ns.build_strategy(tiny_config('binary-darts', arc_lr=0.01, lamda=2.0)).lamda == 2.0
 
 
 def test_unknown_strategy_and_bad_options_are_one_line_errors():
     with pytest.raises(ConfigError) as err:
-        ns.get_strategy('enas')
+        tiny_config('enas')
     msg = str(err.value)
     assert '\n' not in msg and 'enas' in msg
     for name in ONE_SHOT + MULTI_TRIAL:
         assert name in msg
-    with pytest.raises(ConfigError, match='does not take bogus.*allowed: .*population_size'):
-        ns.get_strategy('regularized-evolution', bogus=1)
+    with pytest.raises(ConfigError, match='does not take strategy_options bogus.*allowed: .*population_size'):
+        tiny_config('regularized-evolution', {'bogus': 1})
     with pytest.raises(ConfigError, match='sample_size'):
-        ns.get_strategy('regularized-evolution', population_size=2, sample_size=3)
+        _strategy('regularized-evolution', population_size=2, sample_size=3)
     with pytest.raises(ConfigError, match='optimize_mode'):
-        ns.get_strategy('tpe', optimize_mode='max')
-    with pytest.raises(ConfigError, match='unknown strategy'):
-        resolve_strategy_config({'strategy': {'name': 'proxyless'}})
-    with pytest.raises(ConfigError, match="unknown key 'lr'"):
-        resolve_strategy_config({'strategy': {'name': 'darts'}, 'train': {'lr': 0.1}})
-    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
-        resolve_strategy_config({'strategy': {'name': 'darts'}, 'trainer': {}})
-    with pytest.raises(ConfigError, match='does not take temperature'):
-        resolve_strategy_config({'strategy': {'name': 'darts', 'temperature': 1.0}})
+        _strategy('tpe', optimize_mode='max')
+    with pytest.raises(ConfigError, match="unknown config key 'train'"):
+        resolve_search_config(None, {'strategy': 'darts', 'train': {'lr': 0.1}})
+    with pytest.raises(ConfigError, match='does not take strategy_options temperature'):
+        tiny_config('darts', {'temperature': 1.0})
 
 
-def test_config_overrides_and_schema_detection(tmp_path):
-    from bnas_nni.search.experiment import is_strategy_config
-
-    cfg = resolve_strategy_config(EXPERIMENTS / 'strategy_random.yaml',
-                                  {'train.epochs': 5, 'seed': 9, 'strategy.dedup': False, 'data.image_size': 16})
-    assert (cfg['train']['epochs'], cfg['seed'], cfg['strategy'], cfg['data']['image_size']) == \
-        (5, 9, {'name': 'random', 'dedup': False}, 16)
-    assert cfg['train']['learning_rate'] == 0.025            # untouched keys keep the preset's values
-    cfg = resolve_strategy_config({'strategy': 'tpe', 'space': 'bnas-tiny'}, {'strategy.seed': 4})
-    assert cfg['strategy'] == {'name': 'tpe', 'seed': 4} and cfg['space'] == {'config': 'bnas-tiny'}
-    assert is_strategy_config(EXPERIMENTS / 'strategy_darts.yaml')
-    flat = tmp_path / 'flat.yaml'
-    flat.write_text('strategy: binary-darts\nspace: bnas-tiny\nepochs: 2\n')
-    assert not is_strategy_config(flat)
+def test_config_overrides(tmp_path):
+    cfg = resolve_search_config(EXPERIMENTS / 'strategy_random.yaml',
+                                {'epochs': 5, 'seed': 9, 'strategy_options.dedup': False, 'image_size': 16})
+    assert (cfg['epochs'], cfg['seed'], cfg['strategy'], cfg['strategy_options'], cfg['image_size']) == \
+        (5, 9, 'random', {'dedup': False}, 16)
+    assert cfg['lr'] == 0.025 and cfg['train_subset'] == 2000      # untouched keys keep the preset's values
     with pytest.raises(ConfigError, match='plain name'):
-        resolve_strategy_config({'strategy': {'name': 'random'}, 'save': '../evil'})
+        tiny_config('random', save='../evil')
     with pytest.raises(ConfigError, match='set save'):
-        resolve_strategy_config({'strategy': {'name': 'random'}, 'out': str(tmp_path)})
-    with pytest.raises(ConfigError, match='train.epochs must be >= 1'):
-        resolve_strategy_config({'strategy': {'name': 'random'}}, {'train.epochs': 0})
+        tiny_config('random', out=str(tmp_path))
+    with pytest.raises(ConfigError, match='epochs must be > 0'):
+        tiny_config('random', epochs=0)
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
-    from bnas_nni.search.experiment import main
-
     preset = str(EXPERIMENTS / 'strategy_random.yaml')
     run_dir = str(tmp_path / 'run')
-    assert main([preset, '--run-dir', run_dir, '--set', f'data.root={tmp_path / "missing"}']) == 2
+    assert main(['search', '--config', preset, '--run-dir', run_dir, '--data', str(tmp_path / 'missing')]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: ') and 'missing' in err and '\n' not in err
-    assert main([preset, '--run-dir', run_dir, '--set', 'strategy.name=proxyless']) == 2
+    assert main(['search', '--config', preset, '--run-dir', run_dir, '--set', 'strategy=proxyless']) == 2
     assert 'unknown strategy' in capsys.readouterr().err
-    assert main([preset, '--run-dir', run_dir, '--set', 'experiment.trial_concurrency=0']) == 2
+    assert main(['search', '--config', preset, '--run-dir', run_dir, '--set', 'trial_concurrency=0']) == 2
     assert 'trial_concurrency' in capsys.readouterr().err
-    assert not list((tmp_path / 'run').rglob('nni-experiments'))  # nothing was started
+    assert main(['search', '--config', preset, '--run-dir', run_dir, '--resume']) == 2
+    assert not (tmp_path / 'run').exists()                           # nothing was started
 
 
 @pytest.mark.parametrize('path', sorted(EXPERIMENTS.glob('strategy_*.yaml')), ids=lambda p: p.stem)
 def test_experiment_presets_resolve(path):
-    cfg = resolve_strategy_config(path)
+    cfg = resolve_search_config(path)
     stem = path.stem[len('strategy_'):].replace('_', '-')
-    assert cfg['strategy']['name'] == stem
-    ns.get_strategy(cfg['strategy']['name'], **{k: v for k, v in cfg['strategy'].items() if k != 'name'})
-    BNASSpace.from_config(cfg['space']['config'])
-    assert cfg['data']['dataset'] == 'fashion-mnist'
+    assert cfg['strategy'] == stem
+    ns.build_strategy(cfg)
+    BNASSpace.from_config(cfg['space'])
+    assert cfg['dataset'] == 'fashion-mnist'
     if ns.strategy_kind(stem) == 'multi-trial':
-        assert cfg['experiment']['max_trial_number'] >= 2
+        assert cfg['max_trial_number'] >= 2
 
 
 def test_all_six_presets_exist():
@@ -172,7 +163,7 @@ def test_stock_tpe_cannot_read_cell_inputs_but_cell_tpe_can():
     with pytest.raises(NotImplementedError):
         mutables[inputs[0]].as_legacy_dict()
 
-    strat = ns.get_strategy('tpe', seed=1)
+    strat = ns.build_strategy(tiny_config('tpe', seed=1))
 
     class _Space:  # the only thing _legacy_space needs from the engine-side model space
         def simplify(self):
@@ -207,7 +198,7 @@ def test_binary_module_applies_latent_step_before_each_weight_step():
     module.set_model(net)
     conf = module.configure_optimizers()
     opt = conf['optimizer']
-    assert module.constrained_convs == len(binary_convs(net)) > 0
+    assert has_latent_constraint(opt) and len(binary_convs(net)) > 0
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]['momentum'] == 0.9
     conv = binary_convs(net)[0]
     with torch.no_grad():
@@ -225,24 +216,26 @@ def test_binary_module_applies_latent_step_before_each_weight_step():
 
 @needs_fashion
 def test_search_datasets_are_disjoint_slices_of_the_training_split():
-    train, val = search_datasets({'train_size': 10, 'val_size': 6, 'image_size': 8})
-    assert (len(train), len(val)) == (10, 6)
+    cfg = {'dataset': 'fashion-mnist', 'data': None, 'train_subset': 16, 'train_portion': 10 / 16, 'image_size': 8}
+    train, val, val_plain = search_splits(cfg, trace=True)
+    assert (len(train), len(val), len(val_plain)) == (10, 6, 6)
     x, y = train[0]
     assert x.shape == (3, 8, 8) and 0 <= y < 10
     full = train.dataset
-    assert full.train is True and len(full) == 16
-    assert val.start == train.stop
+    assert full.train is True and len(full) == 16 and full.augment and not val_plain.dataset.augment
+    assert val.start == train.stop == val_plain.start
     # serialises to constructor arguments only, far below NNI's 64 KB payload limit
     from nni.common.serializer import dump
     assert len(dump(train)) < 2000 and 'FashionMNIST32' in dump(train)
-    with pytest.raises(ConfigError):
+    with pytest.raises(DatasetError):
         DatasetView(full, 16, 20)
 
 
 @needs_fashion
 def test_evaluate_derived_trains_and_is_reproducible(tmp_path, monkeypatch):
     monkeypatch.setenv('NNI_OUTPUT_DIR', str(tmp_path))
-    train, val = search_datasets({'train_size': 64, 'val_size': 32, 'image_size': 16})
+    cfg = {'dataset': 'fashion-mnist', 'data': None, 'train_subset': 96, 'train_portion': 64 / 96, 'image_size': 16}
+    train, _, val = search_splits(cfg)
     sample = {}
     BNASSpace.from_config('bnas-tiny').random(memo=sample)
     results = []
@@ -251,7 +244,7 @@ def test_evaluate_derived_trains_and_is_reproducible(tmp_path, monkeypatch):
         results.append(evaluate_derived(net, train_data=train, val_data=val, epochs=2, batch_size=32, seed=3,
                                         report=False))
     a, b = results
-    assert a['epoch'] == 2 and 0.0 <= a['default'] <= 1.0 and a['train_loss'] > 0
+    assert a['epoch'] == 2 and 0.0 <= a['default'] <= 100.0 and a['train_loss'] > 0     # percent
     assert a['default'] == b['default'] and a['train_loss'] == pytest.approx(b['train_loss'])
     assert not (tmp_path / 'genotype.yaml').exists()  # report=False: no trial side effects
 
@@ -262,25 +255,28 @@ def test_evaluate_derived_trains_and_is_reproducible(tmp_path, monkeypatch):
 @needs_fashion
 @pytest.mark.parametrize('name', ONE_SHOT)
 def test_one_shot_strategy_exports_a_working_architecture(name, tmp_path):
-    kwargs = {'arc_learning_rate': 0.05} if name != 'random-one-shot' else {}
-    cfg = tiny_config(name, **kwargs)
-    cfg.update(save=f'nni_{name}', out=str(tmp_path / 'genotypes'))
+    keys = {'arc_lr': 0.05} if name != 'random-one-shot' else {}
+    cfg = tiny_config(name, save=f'nni_{name}', out=str(tmp_path / 'genotypes'), run_dir=str(tmp_path / name), **keys)
     started = time.perf_counter()
-    result = run_nni_strategy(cfg, run_dir=tmp_path / name, log=lambda s: None)
+    epochs = []
+    summary = run_search(cfg, log=lambda s: None, epoch_callbacks=[lambda record, _: epochs.append(record)])
     print(f'{name}: {time.perf_counter() - started:.1f} s')
-    assert result['kind'] == 'one-shot' and result['port'] is None
+    result = summary['result']
+    assert result['port'] is None
     arch = result['arch']
     assert len(arch) == 16
     net = BNASSpace.from_config('bnas-tiny').freeze(arch)
     out = net(torch.randn(2, 3, 16, 16))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     assert torch.isfinite(torch.tensor(result['metrics']['train_loss']))
+    assert [r['epoch'] for r in epochs] == [0]                                       # per-epoch callback
+    assert all(0.0 <= r[k] <= 100.0 for r in epochs for k in ('val_acc', 'train_acc') if r[k] is not None)
     # genotype YAML round trip
-    g = load_genotype(result['genotype_file'])
+    g = load_genotype(tmp_path / name / 'genotype.yaml')
     assert g == Genotype.from_arch_dict(arch)
     assert (tmp_path / name / 'result.yaml').is_file() and (tmp_path / name / 'config.yaml').is_file()
-    # --save NAME writes NAME.yaml and NAME_imagenet.yaml (the same cell: no Zeroise transfer here)
-    saved = [Path(p) for p in result['saved']]
+    # save: NAME writes NAME.yaml and NAME_imagenet.yaml (the same cell: no Zeroise transfer here)
+    saved = [Path(p) for p in summary['saved']]
     assert [p.name for p in saved] == [f'nni_{name}.yaml', f'nni_{name}_imagenet.yaml']
     assert load_genotype(saved[0]) == load_genotype(saved[1]) == g
     # NNI's manifest went to the run directory's HOME, not the real one
@@ -350,8 +346,8 @@ def _experiment_processes(exp_id: str, pgid: int):
 def test_multi_trial_strategy_over_rest_api(name, tmp_path):
     from bnas_nni.nni.manager import rest_get
 
-    kwargs = {'population_size': 2, 'sample_size': 1} if name == 'regularized-evolution' else {}
-    cfg = tiny_config(name, **kwargs)
+    options = {'population_size': 2, 'sample_size': 1} if name == 'regularized-evolution' else {}
+    cfg = tiny_config(name, options, run_dir=str(tmp_path / name))
     live = {}
 
     def on_running(exp, port):
@@ -363,10 +359,11 @@ def test_multi_trial_strategy_over_rest_api(name, tmp_path):
         live['processes'] = _experiment_processes(exp.id, exp._proc.pid)
 
     started = time.perf_counter()
-    result = run_nni_strategy(cfg, run_dir=tmp_path / name, on_running=on_running, log=lambda s: None)
+    summary = run_search(cfg, on_running=on_running, log=lambda s: None)
+    result = summary['result']
     print(f'{name}: {time.perf_counter() - started:.1f} s')
     port = result['port']
-    assert result['kind'] == 'multi-trial' and port
+    assert ns.strategy_kind(name) == 'multi-trial' and port
 
     # bound to loopback only: 127.0.0.1 in /proc/net/tcp, nothing on 0.0.0.0 or ::
     assert live['listeners'] and all(a == '0100007F' for a in live['listeners']), live['listeners']
@@ -394,7 +391,7 @@ def test_multi_trial_strategy_over_rest_api(name, tmp_path):
         final = [r for r in mine if r['type'] == 'FINAL']
         assert len(final) == 1
         data = json.loads(json.loads(final[0]['data']))
-        assert 0.0 <= data['default'] <= 1.0 and data['epoch'] == 1 and data['params'] > 0
+        assert 0.0 <= data['default'] <= 100.0 and data['epoch'] == 1 and data['params'] > 0     # percent
         finals[job['trialJobId']] = data['default']
         ran = Genotype.from_arch_dict(sent[int(final[0]['parameterId'])])   # a BNAS architecture
         # the trial wrote that genotype and its accuracy into its own output directory
@@ -410,7 +407,7 @@ def test_multi_trial_strategy_over_rest_api(name, tmp_path):
     exported = Genotype.from_arch_dict(result['arch'])
     assert max(t['metric'] for t in trials if Genotype.from_arch_dict(t['arch']) == exported) == \
         max(t['metric'] for t in trials)
-    assert load_genotype(result['genotype_file']) == Genotype.from_arch_dict(result['arch'])
+    assert load_genotype(tmp_path / name / 'genotype.yaml') == Genotype.from_arch_dict(result['arch'])
 
     # stopped: port closed, manager and its process group gone
     with socket.socket() as s:

@@ -1,12 +1,12 @@
-"""Learning-rate/momentum schedules and the loss of the two BNAS recipes (issue 4)."""
+"""Learning-rate/momentum schedules and the loss of the two BNAS recipes ."""
 import math
 
 import pytest
 import torch
 
 from bnas_nni.paths import experiments_dir
-from bnas_nni.train.config import resolve_config
-from bnas_nni.train.loops import make_criterion
+from bnas_nni.train.engine import resolve_train_config as resolve_config
+from bnas_nni.train.losses import CrossEntropy
 from bnas_nni.train.schedules import IterationSchedule, OneCycleLR, build_schedule, cosine_restarts
 
 ITERS = 196          # ceil(50000 / 256)
@@ -26,7 +26,7 @@ def test_cifar_recipe_values_from_the_shipped_yaml():
 
 def test_imagenet_recipe_values_from_the_shipped_yaml():
     cfg = resolve_config(experiments_dir() / 'train_imagenet_bnas.yaml')
-    assert cfg['task'] == 'imagenet' and cfg['epochs'] == 250 and cfg['lr'] == 0.05 and cfg['weight_decay'] == 3e-5
+    assert cfg['dataset'] == 'imagenet' and cfg['recipe'] == 'paper' and cfg['epochs'] == 250 and cfg['lr'] == 0.05 and cfg['weight_decay'] == 3e-5
     assert cfg['label_smoothing'] == 0.1 and cfg['grad_clip'] == 5.0 and cfg['restart_epochs'] == 50
     assert cfg['schedule'] == 'cosine_restarts' and cfg['drop_path_prob'] == 0.0
 
@@ -104,8 +104,8 @@ def test_label_smoothing_matches_the_official_formula():
     onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
     smoothed = (1 - eps) * onehot + eps / 1000
     official = (-smoothed * torch.log_softmax(logits, 1)).mean(0).sum()
-    assert make_criterion(eps)(logits, target).item() == pytest.approx(official.item(), rel=1e-6)
-    assert make_criterion(0.0)(logits, target).item() == pytest.approx(
+    assert CrossEntropy(eps)(logits, target).item() == pytest.approx(official.item(), rel=1e-6)
+    assert CrossEntropy(0.0)(logits, target).item() == pytest.approx(
         torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-6)
     cfg = resolve_config(experiments_dir() / 'train_imagenet_bnas.yaml')
-    assert make_criterion(cfg['label_smoothing']).label_smoothing == 0.1
+    assert CrossEntropy(cfg['label_smoothing']).ce.label_smoothing == 0.1

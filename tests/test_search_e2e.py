@@ -110,4 +110,4 @@ def test_cli_runs_nni_darts_on_the_same_space(tmp_path, nni_home, capsys):
     genotype = load_genotype(tmp_path / 'run' / 'genotype.yaml')
     assert genotype.num_nodes == 2
     assert (tmp_path / 'run' / 'nni-experiments').is_dir()
-    assert (tmp_path / 'home' / 'nni-experiments' / '.experiment').is_file()   # NNI's manifest: redirected HOME
+    assert (tmp_path / 'run' / 'home' / 'nni-experiments' / '.experiment').is_file()   # NNI's manifest: HOME in the run dir

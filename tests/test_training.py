@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
 
 
 def test_run_directory_logs_and_checkpoint(trained, capsys):
-    from bnas_nni.train.checkpoint import read_checkpoint
+    from bnas_nni.checkpoints import read_checkpoint
 
     cfg = yaml.safe_load((trained / 'config.yaml').read_text())
     assert cfg['init_channels'] == 4 and cfg['layers'] == 3 and cfg['epochs'] == 2 and cfg['train_subset'] == 64
@@ -102,7 +102,7 @@ def _driver(overrides, kill=None, resume=None):
 
 
 def test_resume_after_kill_continues_at_the_right_epoch_with_the_same_state(tmp_path):
-    from bnas_nni.train.checkpoint import read_checkpoint
+    from bnas_nni.checkpoints import read_checkpoint
 
     base = {'train_subset': 64, 'val_subset': 32, 'batch_size': 32, 'init_channels': 4, 'layers': 3, 'threads': 1,
             'epochs': 3, 'progress': 'never', 'tensorboard': False}
@@ -187,7 +187,7 @@ def test_binary_grad_clip_matches_the_official_order():
     autograd computes for the binarized tensor; clipping then bounds that (official) norm."""
     from bnas_nni.quant import binary_convs
     from bnas_nni.networks import build_model
-    from bnas_nni.train.loops import binary_weight_grad, clip_binary_grad_norm_
+    from bnas_nni.train.loop import binary_weight_grad, clip_binary_grad_norm_
 
     torch.manual_seed(0)
     model = build_model('bnas-a', init_channels=4, layers=3, genotype='latest_cell')   # no Zeroise: every conv learns
@@ -228,7 +228,7 @@ def test_eval_of_an_official_layout_checkpoint(trained, tmp_path, capsys):
     """Our weights re-saved the way the official train.py did (DataParallel ``module.`` prefix,
     ``_ops`` names, a bare state dict) evaluate to the same numbers through ``--official``."""
     from bnas_nni.checkpoints import ours_to_official
-    from bnas_nni.train.checkpoint import read_checkpoint
+    from bnas_nni.checkpoints import read_checkpoint
 
     ck = read_checkpoint(trained)
     official = ours_to_official(ck['state_dict'], 'cifar', prefix='module.')

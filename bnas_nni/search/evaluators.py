@@ -170,7 +170,7 @@ def evaluate_derived(model: nn.Module, *, train_data: tud.Dataset, val_data: tud
                       source='nni trial', trial=trial, val_acc=metric['default'], epochs=int(cfg['epochs']))
     if report:
         reporter.final(metric['default'], val_loss=metric['val_loss'], train_loss=metric['train_loss'],
-                       train_acc=metric['train_acc'], epoch=metric['epoch'])
+                       train_acc=metric['train_acc'], epoch=metric['epoch'], params=metric['params'])
     return metric
 
 

@@ -68,12 +68,13 @@ def _one_shot_evaluator(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, run_
     from .evaluators import BinaryClassification
 
     class _EpochReport(pl.Callback):
-        def on_validation_epoch_end(self, trainer, pl_module):
-            if trainer.sanity_checking:
-                return
-            acc = trainer.callback_metrics.get('val_acc')
-            record = {'epoch': trainer.current_epoch,
-                      'val_acc': None if acc is None else 100.0 * float(acc), 'entropy': None}
+        """Epoch records for the callbacks; stock DARTS-style strategies validate nothing (val_acc None)."""
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            metrics = trainer.callback_metrics
+            pct = lambda key: None if metrics.get(key) is None else 100.0 * float(metrics[key])
+            record = {'epoch': trainer.current_epoch, 'val_acc': pct('val_acc'), 'train_acc': pct('train_acc'),
+                      'entropy': None}
             for cb in epoch_callbacks:
                 cb(record, pl_module)
 
