@@ -111,8 +111,8 @@ class Model:
     layers: Optional[int] = None
     num_classes: Optional[int] = None
     precision_rule: Optional[Literal['standard', 'official-2020-11', 'official-2020-08']] = None
-    binarizer: Optional[Any] = None
-    activation: Optional[Any] = None
+    binarizer: Optional[Any] = None       # None: the model config's (xnor); 'none': full-precision weights
+    activation: Optional[Any] = None      # None: the model config's (ste_sign); 'identity': real activations
 
 
 @dataclass
@@ -216,8 +216,12 @@ def _kind(hint: Any) -> str:
 
 
 def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    """``value`` as the type ``hint`` says, or a one-line :class:`ConfigError`."""
-    if isinstance(value, str) and value.strip().lower() in ('none', 'null', '~'):
+    """``value`` as the type ``hint`` says, or a one-line :class:`ConfigError`.
+
+    The strings ``none``/``null``/``~`` mean null, except for free-form (``Any``) keys such as a quantizer,
+    where ``none`` is a value (``binarizer: none`` = full precision) and only YAML's null unsets."""
+    free_form = hint is Any or (typing.get_origin(hint) is typing.Union and Any in typing.get_args(hint))
+    if isinstance(value, str) and value.strip().lower() in ('none', 'null', '~') and not free_form:
         value = None
     origin = typing.get_origin(hint)
     if origin is typing.Union:

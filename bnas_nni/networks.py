@@ -144,8 +144,8 @@ def build_fixed_body(module: nn.Module, genotype: Genotype, *, C: int, layers: i
     if family not in FAMILIES:
         raise ConfigError(f'unknown network family {family!r}; choose one of {FAMILIES}')
     if binarizer is not None:
-        make_binarizer(binarizer)     # a wrong name or option fails here, in one line
-    make_activation(activation)
+        make_binarizer(binarizer, channels=1)     # a wrong name or option fails here, in one line
+    make_activation(activation, channels=1)
     stems, C_pp, C_p, reduction_prev = build_stem(family, C)
     for name, m in stems.items():
         setattr(module, name, m)

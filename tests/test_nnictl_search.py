@@ -79,9 +79,12 @@ def test_nnictl_search_grid_reports_intermediate_and_final(tmp_path):
             assert len(periodical) == EPOCHS and len(final) == 1, rows
             first = _decode(periodical[0]['data'])
             assert set(first) >= {'default', 'arch_entropy', 'epoch'}
-            assert 0.0 <= first['default'] <= 1.0 and 0.0 < first['arch_entropy'] <= 1.946
+            assert 0.0 <= first['default'] <= 100.0 and 0.0 < first['arch_entropy'] <= 1.946      # percent
             data = _decode(final[0]['data'])
-            assert 0.0 <= data['default'] <= 1.0 and 'supernet_val_acc' in data
+            # the final default is the same quantity as the intermediates: the best supernet val acc (percent);
+            # the derived cell's accuracy is a named extra key
+            assert data['default'] == pytest.approx(max(_decode(m['data'])['default'] for m in periodical))
+            assert 0.0 <= data['derived_acc'] <= 100.0
             out = tmp_path / 'nni-experiments' / exp_id / 'environments' / 'local-env' / 'trials' / t['trialJobId']
             assert (out / 'genotype.yaml').is_file() and (out / 'genotype_imagenet.yaml').is_file()
             assert (out / 'search' / 'alpha_history.json').is_file()

@@ -14,6 +14,7 @@ search cell may share one result between the layers reading the same tensor).
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type, Union
 
 import torch.nn as nn
@@ -84,11 +85,13 @@ def make_quantizer(spec: QuantizerSpec, registry: Registry, *, channels: Optiona
     cls = registry.get(target) if isinstance(target, str) else target
     if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
         raise ConfigError(f'{where}: {target!r} is not a {registry.kind} (a name, a Quantizer class or instance)')
-    try:
-        return cls(channels=channels, **options)
-    except TypeError as exc:
-        raise ConfigError(f'{where}: {cls.name or cls.__name__} does not take {sorted(options)} '
-                          f'(options: {", ".join(cls.option_names) or "none"}): {exc}') from None
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params) - {'self', 'channels'})
+        if unknown:
+            raise ConfigError(f'{where}: {cls.name or cls.__name__} does not take {", ".join(unknown)} '
+                              f'(options: {", ".join(cls.option_names) or "none"})')
+    return cls(channels=channels, **options)
 
 
 def quantizer_spec(q: Optional[Quantizer]) -> Any:

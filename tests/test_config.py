@@ -1,0 +1,120 @@
+"""One configuration system: typed defaults <- YAML <- command line <- NNI parameters, explicit null,
+unknown keys, a dataset path that follows its dataset, and the same key names for every command."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bnas_nni.cli import main
+from bnas_nni.config import SEARCH, TRAIN, coerce, resolve
+from bnas_nni.errors import ConfigError
+from bnas_nni.io import parse_set_items
+from bnas_nni.paths import experiments_dir
+
+PAPER = experiments_dir() / 'search_cifar10_paper.yaml'
+QUICK = experiments_dir() / 'search_quick_fashion.yaml'
+
+
+def test_layers_in_order_and_types():
+    cfg = resolve(SEARCH, QUICK, {'epochs': '3', 'lr': '1e-2'}, {'seed': 7})
+    assert (cfg['epochs'], cfg['lr'], cfg['seed'], cfg['space']) == (3, 0.01, 7, 'bnas-tiny')
+    assert cfg['train_subset'] == 2048 and cfg['lamda'] == 1.0           # from the YAML file
+    assert resolve(SEARCH)['seed'] == 2 and resolve(SEARCH)['mixed_cell'] == 'fast'   # section/command defaults
+    assert coerce('true', bool, 'k', 's') is True and coerce(4.0, int, 'k', 's') == 4
+    for bad, hint in (('x', int), (2.5, int), ('inf', float), ('maybe', bool)):
+        with pytest.raises(ConfigError, match='is not a valid'):
+            coerce(bad, hint, 'k', 'src')
+
+
+def test_explicit_null_unsets_a_key():
+    items = parse_set_items(['train_subset=null', 'data=~', 'image_size=None'])
+    assert items['train_subset'] is None and items['data'] is None       # YAML null and ~; 'None' is read below
+    cfg = resolve(SEARCH, QUICK, items)
+    assert cfg['train_subset'] is None and cfg['image_size'] is None      # the preset's 2048 and 16 are gone
+    cfg = resolve(SEARCH, QUICK, {'lr': None})
+    assert cfg['lr'] == SEARCH.base['lr']                                 # a non-optional key goes back to its default
+    # through the command line: the saved config of the run shows it
+    assert resolve(TRAIN, experiments_dir() / 'train_quick_fashion.yaml', {'val_subset': None},
+                   defaults_hook=None)['val_subset'] is None
+
+
+def test_dataset_path_follows_the_dataset():
+    cfg = resolve(SEARCH, PAPER, {'dataset': 'fashion-mnist'})
+    assert cfg['dataset'] == 'fashion-mnist' and cfg['data'] is None
+    custom = resolve(SEARCH, PAPER, {'dataset': 'fashion-mnist', 'data': '/my/fashion'})
+    assert custom['data'] == '/my/fashion'                                # unless set with it
+    same = resolve(SEARCH, None, {'data': 'd/c10'}, {'dataset': 'cifar10'})
+    assert same['data'] == 'd/c10'                                        # the same dataset keeps its path
+
+
+def test_unknown_keys_empty_files_and_lists_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        resolve(SEARCH, None, {'learning_rat': 1})
+    assert "unknown config key 'learning_rat'" in str(err.value) and 'lr, lr_min' in str(err.value)
+    empty = tmp_path / 'empty.yaml'
+    empty.write_text('# nothing yet\n')
+    with pytest.raises(ConfigError, match='is empty'):
+        resolve(SEARCH, empty)
+    listing = tmp_path / 'list.yaml'
+    listing.write_text('- epochs: 2\n')
+    with pytest.raises(ConfigError, match='must be a mapping of keys to values'):
+        resolve(SEARCH, listing)
+    with pytest.raises(ConfigError, match='choose one of'):
+        resolve(SEARCH, None, {'mixed_cell': 'slow'})
+    with pytest.raises(ConfigError, match='is not a mapping'):
+        resolve(SEARCH, None, {'lr.x': 1})
+
+
+def test_dotted_keys_aliases_and_plugins(tmp_path, monkeypatch):
+    cfg = resolve(SEARCH, None, {'strategy': 'gumbel-darts', 'strategy_options.temperature': [1.0, 0.5]})
+    assert cfg['strategy_options'] == {'temperature': [1.0, 0.5]}
+    assert resolve(TRAIN, None, {'learning_rate': 0.1, 'C': 8})['lr'] == 0.1     # official spellings
+    assert resolve(SEARCH, None, {'max_eval_batches': 3})['max_val_batches'] == 3
+    with pytest.raises(ConfigError, match="cannot import 'no_such_plugin'"):
+        resolve(SEARCH, None, {'imports': ['no_such_plugin']})
+
+
+def test_same_key_names_across_commands():
+    shared = {'seed', 'epochs', 'lr', 'lr_min', 'momentum', 'weight_decay', 'batch_size', 'dataset', 'data',
+              'train_subset', 'image_size', 'threads', 'channels_last', 'max_train_batches', 'max_val_batches',
+              'optimizer', 'progress', 'tensorboard', 'run_dir', 'imports'}
+    assert shared <= set(SEARCH.keys()) and shared <= set(TRAIN.keys())
+    # every shipped preset resolves under the schema its command uses
+    from bnas_nni.search.run import resolve_search_config
+    from bnas_nni.train.engine import resolve_train_config
+
+    for path in experiments_dir().glob('*.yaml'):
+        (resolve_train_config if path.name.startswith('train_') else resolve_search_config)(path)
+
+
+def test_cli_set_null_reaches_the_saved_config(tmp_path):
+    run = tmp_path / 'run'
+    rc = main(['search', '--config', str(QUICK), '--epochs', '1', '--set', 'train_subset=128',
+               '--set', 'image_size=null', '--set', 'image_size=8', '--set', 'max_val_batches=1',
+               '--set', 'description=null', '--run-dir', str(run)])
+    assert rc == 0
+    saved = yaml.safe_load((run / 'config.yaml').read_text())
+    assert saved['image_size'] == 8 and saved['description'] is None     # the later --set wins; null unsets
+
+
+@pytest.mark.slow
+def test_paper_preset_runs_on_fashion_mnist_with_only_the_dataset_changed(tmp_path, capsys):
+    """The paper's preset (C=16, 8 cells, 60,000 images) with --set dataset=fashion-mnist: the CIFAR path
+    of the preset does not get in the way. Only run-time caps are added so the test takes seconds."""
+    from bnas_nni.data import fashion_mnist_root
+    from bnas_nni.errors import DatasetError
+
+    try:
+        fashion_mnist_root()
+    except DatasetError as exc:
+        pytest.skip(str(exc))
+    rc = main(['search', '--config', str(PAPER), '--set', 'dataset=fashion-mnist', '--epochs', '1',
+               '--set', 'max_train_batches=1', '--set', 'max_val_batches=1', '--batch-size', '8',
+               '--set', 'workers=0', '--run-dir', str(tmp_path / 'run')])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert 'fashion-mnist (30000 weight / 30000 architecture images), space bnas' in captured.out
+    saved = yaml.safe_load((tmp_path / 'run' / 'config.yaml').read_text())
+    assert saved['data'] is None and saved['mixed_cell'] == 'fast' and saved['channels_last'] is True

@@ -1,0 +1,151 @@
+"""Quantizers as modules: given by name, mapping, class or instance, owned by their layer, knowing their
+precision; the fast search cell shares sign(BN(x)) only between stateless quantizers."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+
+from bnas_nni.errors import ConfigError  # noqa: E402
+from bnas_nni.networks import BNASNetwork  # noqa: E402
+from bnas_nni.ops import BNConvReLU  # noqa: E402
+from bnas_nni.quant import (ACTIVATIONS, ActivationQuantizer, BinaryConv2d, SteSign, XnorBinarizer,  # noqa: E402
+                            make_activation, make_binarizer, quantizer_spec, register_activation)
+from bnas_nni.space import BNASSpace  # noqa: E402
+from bnas_nni.summary import summarize  # noqa: E402
+
+
+class _ShiftedSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, beta):
+        ctx.save_for_backward(x, beta)
+        return torch.sign(x - beta.view(1, -1, 1, 1))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, beta = ctx.saved_tensors
+        inside = ((x - beta.view(1, -1, 1, 1)).abs() < 1).to(g.dtype)
+        gx = g * inside
+        return gx, -gx.sum(dim=(0, 2, 3))
+
+
+@register_activation('test_learnable_sign')
+class LearnableSign(ActivationQuantizer):
+    """A stateful quantizer for the tests: sign(x - beta_c) with a learnable per-channel threshold."""
+
+    precision = 1
+    stateless = False
+    option_names = ('init',)
+
+    def __init__(self, channels=None, init: float = 0.0) -> None:
+        super().__init__(channels)
+        self.init = init
+        self.beta = nn.Parameter(torch.full((channels,), float(init)))
+
+    def forward(self, x):
+        return _ShiftedSign.apply(x, self.beta)
+
+
+def test_quantizers_by_name_mapping_class_and_instance():
+    assert type(make_activation('ste_sign')) is SteSign and type(make_activation('STE-Sign')) is SteSign
+    assert type(make_binarizer('xnor')) is XnorBinarizer and make_binarizer(None) is None
+    assert make_binarizer('none') is None
+    q = make_activation({'name': 'test_learnable_sign', 'init': 0.5}, channels=3)
+    assert isinstance(q, LearnableSign) and torch.equal(q.beta.detach(), torch.full((3,), 0.5))
+    assert type(make_activation(SteSign)) is SteSign
+    inst = make_activation({'name': 'test_learnable_sign', 'init': 0.25}, channels=2)
+    copy = make_activation(inst)
+    assert copy is not inst and torch.equal(copy.beta, inst.beta)      # each layer owns its own module
+    copy.beta.data += 1
+    assert not torch.equal(copy.beta, inst.beta)
+    assert quantizer_spec(q) == {'name': 'test_learnable_sign', 'init': 0.5}
+    assert quantizer_spec(make_activation('ste_sign')) == 'ste_sign'
+    assert (SteSign.precision, SteSign.stateless, LearnableSign.stateless) == (1, True, False)
+    assert make_activation('identity').precision == 32 and make_binarizer('xnor').precision == 1
+    with pytest.raises(ConfigError, match='unknown activation quantizer .*tanh.*ste_sign'):
+        make_activation('tanh')
+    with pytest.raises(ConfigError, match='does not take'):
+        make_activation({'name': 'ste_sign', 'slope': 2})
+    with pytest.raises(ConfigError, match='needs a name'):
+        make_activation({'init': 0.0})
+    assert 'test_learnable_sign' in ACTIVATIONS
+
+
+def test_layers_own_their_quantizers_and_state_dicts_stay_official():
+    op = BNConvReLU(4, 4, 3, 1, 1, activation='ste_sign')
+    assert isinstance(op.quantizer, nn.Module) and op.activation == 'ste_sign'
+    assert set(op.state_dict()) == {'bn.weight', 'bn.bias', 'bn.running_mean', 'bn.running_var',
+                                    'bn.num_batches_tracked', 'op.0.weight'}
+    learn = BNConvReLU(4, 4, 3, 1, 1, activation={'name': 'test_learnable_sign', 'init': 0.1})
+    assert 'quantizer.beta' in learn.state_dict()                       # learnable state is in the state dict
+    conv = BinaryConv2d(4, 8, 3, binarizer='xnor')
+    assert isinstance(conv.weight_quantizer, XnorBinarizer) and conv.binarizer == 'xnor'
+    conv.binarizer = None
+    assert conv.weight_quantizer is None and torch.equal(conv.effective_weight(), conv.weight)
+    # a network of learnable quantizers: the summary counts their parameters as full precision
+    net = BNASNetwork('latest_cell', init_channels=4, layers=3, activation={'name': 'test_learnable_sign'})
+    s = summarize(net)
+    betas = sum(p.numel() for n, p in net.named_parameters() if n.endswith('quantizer.beta'))
+    assert betas > 0 and s.params == sum(p.numel() for p in net.parameters())
+    rebuilt = BNASNetwork.from_config(net.config)
+    assert rebuilt.config['activation'] == {'name': 'test_learnable_sign'}
+    rebuilt.load_state_dict(net.state_dict())
+
+
+def _learnable_pair():
+    from test_fast_cell import _strategy
+
+    from bnas_nni.search.fast_cell import FastBinaryMixedCell
+    from bnas_nni.search.mixed_cell import BinaryMixedCell
+
+    kw = dict(init_channels=4, layers=3, num_nodes=2, activation={'name': 'test_learnable_sign', 'init': 0.0})
+    ref = _strategy(BinaryMixedCell).mutate_model(BNASSpace(**kw))
+    fast = _strategy(FastBinaryMixedCell).mutate_model(BNASSpace(**kw))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith('quantizer.beta'):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)     # every op its own threshold
+            elif '_arch_alpha' in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def test_fast_cell_does_not_share_a_learnable_quantizer():
+    from bnas_nni.search.fast_cell import FastBinaryMixedCell
+
+    ref, fast = _learnable_pair()
+    cells = [m for m in fast.modules() if isinstance(m, FastBinaryMixedCell)]
+    assert cells
+    for cell in cells:
+        for plan in cell._plans:
+            assert not plan.binary, 'stateful quantizers must not be grouped for sharing'
+            assert all(type(op) is BNConvReLU for _, name, op in plan.generic if name.startswith('bin_'))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    ref.train(), fast.train()
+    out_ref, out_fast = ref(x), fast(x)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+    out_ref.square().sum().backward()
+    out_fast.square().sum().backward()
+    grads_ref = {n: p.grad for n, p in ref.named_parameters()}
+    for n, p in fast.named_parameters():
+        if grads_ref[n] is None:
+            assert p.grad is None
+            continue
+        torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-4, atol=1e-4, msg=n)
+    assert any(n.endswith('quantizer.beta') and grads_ref[n].abs().sum() > 0 for n in grads_ref)
+
+
+def test_fast_cell_shares_stateless_quantizers():
+    from test_fast_cell import _strategy
+
+    from bnas_nni.search.fast_cell import FastBinaryMixedCell
+
+    fast = _strategy(FastBinaryMixedCell).mutate_model(BNASSpace(init_channels=4, layers=3, num_nodes=2))
+    plans = [plan for m in fast.modules() if isinstance(m, FastBinaryMixedCell) for plan in m._plans]
+    assert any(len(items) > 1 for plan in plans for items in plan.binary.values())
