@@ -18,7 +18,7 @@ import numpy as np
 from .errors import ConfigError
 from .io import load_yaml, save_yaml
 from .ops import PRIMITIVES, canonical_op
-from .paths import genotypes_dir, resolve_named_file
+from .paths import genotype_folders, resolve_named_file
 
 __all__ = ['Genotype', 'CELL_TYPES', 'load_genotype', 'save_genotype', 'derive_genotype', 'list_genotypes']
 
@@ -126,14 +126,14 @@ class Genotype:
 
 
 def list_genotypes() -> List[str]:
-    return sorted(p.stem for p in genotypes_dir().glob('*.yaml'))
+    return sorted({p.stem for folder in genotype_folders() for p in folder.glob('*.yaml')})
 
 
 def load_genotype(name_or_path: str | os.PathLike) -> Genotype:
     """Load a genotype by name (``search_spaces/genotypes/NAME.yaml``) or from a YAML path."""
     if isinstance(name_or_path, Genotype):
         return name_or_path
-    path = resolve_named_file(name_or_path, genotypes_dir(), 'genotype')
+    path = resolve_named_file(name_or_path, genotype_folders(), 'genotype')
     data = load_yaml(path)
     try:
         return Genotype.from_dict(data, name=path.stem)
