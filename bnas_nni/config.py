@@ -260,26 +260,16 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise bad
-    if hint is int:
+    if hint in (int, float):
         if isinstance(value, bool):
             raise bad
         try:
             f = float(value)
         except (TypeError, ValueError):
             raise bad from None
-        if not f.is_integer():
+        if not math.isfinite(f) or (hint is int and not f.is_integer()):
             raise bad
-        return int(f)
-    if hint is float:
-        if isinstance(value, bool):
-            raise bad
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-        if not math.isfinite(f):
-            raise bad
-        return f
+        return int(f) if hint is int else f
     if hint is str:
         if isinstance(value, (Mapping, list)):
             raise bad

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import Registry
-from .base import Quantizer, snake_name
+from .base import Quantizer, class_registrar, snake_name
 
 __all__ = ['ACTIVATIONS', 'ActivationQuantizer', 'SteSign', 'IdentityQuantizer', 'register_activation']
 
@@ -17,13 +17,8 @@ __all__ = ['ACTIVATIONS', 'ActivationQuantizer', 'SteSign', 'IdentityQuantizer',
 ACTIVATIONS: Registry = Registry('activation quantizer', normalize=snake_name)
 
 
-def register_activation(name: str):
-    """Class decorator: ``@register_activation('my_sign')`` makes ``activation: my_sign`` usable everywhere."""
-    def deco(cls):
-        cls.name = name
-        ACTIVATIONS.register(name, cls)
-        return cls
-    return deco
+#: class decorator: ``@register_activation('my_sign')`` makes ``activation: my_sign`` usable everywhere
+register_activation = class_registrar(ACTIVATIONS)
 
 
 class ActivationQuantizer(Quantizer):

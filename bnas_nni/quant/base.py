@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..registry import Registry
 
-__all__ = ['Quantizer', 'QuantizerSpec', 'make_quantizer', 'quantizer_spec', 'snake_name']
+__all__ = ['Quantizer', 'QuantizerSpec', 'make_quantizer', 'quantizer_spec', 'snake_name', 'class_registrar']
 
 QuantizerSpec = Union[None, str, Mapping[str, Any], Type['Quantizer'], 'Quantizer']
 
@@ -30,6 +30,17 @@ QuantizerSpec = Union[None, str, Mapping[str, Any], Type['Quantizer'], 'Quantize
 def snake_name(name: str) -> str:
     """Quantizer names are snake case; ``ste-sign`` and ``STE_Sign`` both mean ``ste_sign``."""
     return str(name).strip().lower().replace('-', '_')
+
+
+def class_registrar(registry: Registry):
+    """``register(name)``: a class decorator that names a quantizer class and adds it to ``registry``."""
+    def register(name: str):
+        def deco(cls):
+            cls.name = name
+            registry.register(name, cls)
+            return cls
+        return deco
+    return register
 
 
 class Quantizer(nn.Module):

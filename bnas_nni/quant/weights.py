@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from ..registry import Registry
-from .base import Quantizer, snake_name
+from .base import Quantizer, class_registrar, snake_name
 
 __all__ = ['WEIGHT_BINARIZERS', 'WeightBinarizer', 'XnorBinarizer', 'SignBinarizer', 'register_binarizer',
            'xnor_constrain']
@@ -32,13 +32,8 @@ __all__ = ['WEIGHT_BINARIZERS', 'WeightBinarizer', 'XnorBinarizer', 'SignBinariz
 WEIGHT_BINARIZERS: Registry = Registry('weight binarizer', normalize=snake_name)
 
 
-def register_binarizer(name: str):
-    """Class decorator: ``@register_binarizer('my_bin')`` makes ``binarizer: my_bin`` usable everywhere."""
-    def deco(cls):
-        cls.name = name
-        WEIGHT_BINARIZERS.register(name, cls)
-        return cls
-    return deco
+#: class decorator: ``@register_binarizer('my_bin')`` makes ``binarizer: my_bin`` usable everywhere
+register_binarizer = class_registrar(WEIGHT_BINARIZERS)
 
 
 class WeightBinarizer(Quantizer):

@@ -251,6 +251,17 @@ class BinaryDartsModule(DartsLightningModule):
     def _lr(self, optimizer: Any) -> float:
         return float(optimizer.param_groups[0]['lr'])
 
+    def _checked_backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor], what: str, epoch: int,
+                          step: int, optimizer: Any) -> float:
+        """Backward of a finite ``loss`` whose gradients of ``params`` come out finite; else one line."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteError(non_finite_message(what, epoch, step, self._lr(optimizer)))
+        self._backward(loss)
+        if not check_finite_grads(params):
+            raise NonFiniteError(non_finite_message(f'{what} gradient', epoch, step, self._lr(optimizer)))
+        return value
+
     def arch_step(self, compute_ce: Callable[[], torch.Tensor], epoch: int, optimizer: Any,
                   step: int = 0) -> Dict[str, float]:
         """One architecture step: ``compute_ce()`` (the validation-batch cross entropy), the objective,
@@ -261,12 +272,7 @@ class BinaryDartsModule(DartsLightningModule):
             optimizer.zero_grad(set_to_none=True)
             ce = compute_ce()
             loss, entropy, weight = self.arch_objective(ce, epoch)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteError(non_finite_message('architecture loss', epoch, step, self._lr(optimizer)))
-            self._backward(loss)
-            if not check_finite_grads(alphas):
-                raise NonFiniteError(non_finite_message('alpha gradient', epoch, step, self._lr(optimizer)))
+            value = self._checked_backward(loss, alphas, 'architecture loss', epoch, step, optimizer)
             optimizer.step()
         if not bool(torch.isfinite(torch.cat([a.detach().reshape(-1) for a in alphas])).all()):
             raise NonFiniteError(non_finite_message('alpha', epoch, step, self._lr(optimizer)))
@@ -282,12 +288,7 @@ class BinaryDartsModule(DartsLightningModule):
         with requires_grad_off(self.arch_parameters()):
             optimizer.zero_grad(set_to_none=True)
             loss, logits = compute_loss()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteError(non_finite_message('loss', epoch, step, self._lr(optimizer)))
-            self._backward(loss)
-            if not check_finite_grads(weights):
-                raise NonFiniteError(non_finite_message('gradient', epoch, step, self._lr(optimizer)))
+            value = self._checked_backward(loss, weights, 'loss', epoch, step, optimizer)
             if grad_clip:
                 nn.utils.clip_grad_norm_(weights, grad_clip)
             optimizer.step()
