@@ -132,6 +132,11 @@ class RunDir:
         self._lock_file = f
         return self
 
+    def check_free(self) -> None:
+        """One-line error if another live process holds this directory (checked before anything else)."""
+        if self.is_main and self.path.is_dir() and self._lock_file is None:
+            self.acquire().release()
+
     def release(self) -> None:
         """Drop the lock; a directory this run created and never wrote to is removed again."""
         if self._lock_file is not None:

@@ -62,7 +62,7 @@ from nni.nas.strategy import DARTS
 from ..errors import ConfigError
 from ..genotypes import Genotype, derive_genotype
 from ..quant import attach_latent_constraint
-from ..train.loop import NonFiniteError, check_finite_grads, non_finite_message
+from ..train.loop import NonFiniteError, check_finite_grads, check_finite_params, non_finite_message
 from .mixed_cell import BinaryMixedCell
 from .objective import GAMMA, LAMDA, SELECT_RULES, TAU, diversity_weight, mean_edge_entropy
 
@@ -251,15 +251,19 @@ class BinaryDartsModule(DartsLightningModule):
     def _lr(self, optimizer: Any) -> float:
         return float(optimizer.param_groups[0]['lr'])
 
+    def _non_finite(self, what: str, epoch: int, step: int, optimizer: Any, arch: bool) -> NonFiniteError:
+        return NonFiniteError(non_finite_message(what, epoch, step, self._lr(optimizer),
+                                                 lr_name='arc_lr' if arch else 'lr'))
+
     def _checked_backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor], what: str, epoch: int,
-                          step: int, optimizer: Any) -> float:
+                          step: int, optimizer: Any, arch: bool = False) -> float:
         """Backward of a finite ``loss`` whose gradients of ``params`` come out finite; else one line."""
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise NonFiniteError(non_finite_message(what, epoch, step, self._lr(optimizer)))
+            raise self._non_finite(what, epoch, step, optimizer, arch)
         self._backward(loss)
         if not check_finite_grads(params):
-            raise NonFiniteError(non_finite_message(f'{what} gradient', epoch, step, self._lr(optimizer)))
+            raise self._non_finite(f'{what} gradient', epoch, step, optimizer, arch)
         return value
 
     def arch_step(self, compute_ce: Callable[[], torch.Tensor], epoch: int, optimizer: Any,
@@ -272,10 +276,10 @@ class BinaryDartsModule(DartsLightningModule):
             optimizer.zero_grad(set_to_none=True)
             ce = compute_ce()
             loss, entropy, weight = self.arch_objective(ce, epoch)
-            value = self._checked_backward(loss, alphas, 'architecture loss', epoch, step, optimizer)
+            value = self._checked_backward(loss, alphas, 'architecture loss', epoch, step, optimizer, arch=True)
             optimizer.step()
         if not bool(torch.isfinite(torch.cat([a.detach().reshape(-1) for a in alphas])).all()):
-            raise NonFiniteError(non_finite_message('alpha', epoch, step, self._lr(optimizer)))
+            raise self._non_finite('alpha', epoch, step, optimizer, arch=True)
         return {'arch_loss': value, 'arch_ce': float(ce.detach()), 'entropy': float(entropy.detach()),
                 'diversity_weight': weight}
 
@@ -292,6 +296,8 @@ class BinaryDartsModule(DartsLightningModule):
             if grad_clip:
                 nn.utils.clip_grad_norm_(weights, grad_clip)
             optimizer.step()
+            if not check_finite_params(weights):        # a finite but huge step: stop before it is checkpointed
+                raise self._non_finite('weight update', epoch, step, optimizer, arch=False)
         return value, logits.detach()
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:

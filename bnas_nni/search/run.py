@@ -68,7 +68,8 @@ def default_run_dir(cfg: Mapping[str, Any]) -> Path:
 
 
 def _prepare_run_dir(cfg: Dict[str, Any], resume: bool) -> Tuple[Dict[str, Any], Path]:
-    from ..io import load_yaml, save_yaml
+    from ..io import load_yaml
+    from ..rundir import RunDir
 
     run_dir = default_run_dir(cfg)
     if not cfg.get('run_dir') and not os.environ.get('NNI_OUTPUT_DIR'):
@@ -80,6 +81,7 @@ def _prepare_run_dir(cfg: Dict[str, Any], resume: bool) -> Tuple[Dict[str, Any],
             run_dir = used[-1] if used else run_dir
         else:
             run_dir = next(d for d in taken if not (d / 'config.yaml').exists())
+    RunDir(run_dir).check_free()                    # a directory in use: say so before anything else
     saved_path = run_dir / 'config.yaml'
     if resume:
         if not saved_path.is_file():

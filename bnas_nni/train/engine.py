@@ -166,6 +166,7 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
             if not resume_path.is_file():
                 raise CheckpointError(f'checkpoint {resume_path} does not exist')
         top = RunDir(run_dir, ctx.is_main)
+        top.check_free()                                            # a directory in use: say so first
         stage_dirs = [run_dir if len(stages) == 1 else run_dir / (s.name or f'stage{i + 1}')
                       for i, s in enumerate(stages)]
         if not resume and any((d / 'checkpoint.pt').is_file() for d in stage_dirs):

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# A non-editable `pip install .` into a fresh venv, used from another directory: summary, a quick search
+# and a quick train work with nothing but the installed package (search spaces and genotypes are package
+# data). Takes a few minutes (the venv installs torch). Not part of .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=$(mktemp -d)
+python3 -m venv "$WORK/venv"
+"$WORK/venv/bin/pip" install -q --disable-pip-version-check .
+mkdir "$WORK/elsewhere" && cd "$WORK/elsewhere"
+B="$WORK/venv/bin/bnas-nni"
+"$B" summary bnas-a | tail -3
+"$B" search --space bnas-tiny --dataset fashion-mnist --epochs 1 --set train_subset=256 --set image_size=16 --save mycell
+"$B" train --arch mycell --dataset fashion-mnist --init-channels 8 --layers 3 --epochs 1 --train-subset 512 \
+  --val-subset 256 --batch-size 64 --set lr=0.02 | tail -2
+echo "install check passed in $WORK"
