@@ -152,9 +152,6 @@ class BNASSpace(NetworkForwardMixin, ModelSpace):
         with model_context(sample):
             return type(self)(*self.trace_args, **self.trace_kwargs)
 
-    def genotype_of(self, sample: Dict[str, Any], name: str = '') -> Genotype:
-        return Genotype.from_arch_dict(sample, name=name)
-
     @classmethod
     def from_config(cls, config: str | Dict[str, Any] = 'bnas', **overrides: Any) -> 'BNASSpace':
         """Build from a ``search_spaces/*.yaml`` name/path or a mapping, with keyword overrides."""

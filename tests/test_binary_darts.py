@@ -383,3 +383,17 @@ def test_skipped_gradients_leave_updates_unchanged(tmp_path, fashion_halves, mix
     naive.run()
     for (n, a), (_, b) in zip(fast.model.state_dict().items(), naive.model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fast_exact_path_is_the_default_everywhere():
+    """BinaryDARTS itself (the NNI path too) and the paper preset select the fast mixed cell; the preset adds
+    channels-last; the driver's steps skip the gradients the other optimizer would discard."""
+    from bnas_nni.config import SEARCH, resolve
+    from bnas_nni.paths import experiments_dir
+    from bnas_nni.search.fast_cell import FastBinaryMixedCell
+
+    assert BinaryDARTS().mixed_cell is FastBinaryMixedCell
+    cfg = resolve(SEARCH, experiments_dir() / 'search_cifar10_paper.yaml')
+    assert cfg['mixed_cell'] == 'fast' and cfg['channels_last'] is True and cfg['strategy'] == 'binary-darts'
+    model = _supernet()
+    assert any(isinstance(m, FastBinaryMixedCell) for m in model.modules())
