@@ -97,7 +97,7 @@ def attach_run_directory(evaluator: Any, strategy: Any, run_dir: str, *, resume:
         def on_exception(self, trainer, pl_module, exception):
             run.close()
 
-    ckpt = ModelCheckpoint(dirpath=str(run.path), filename='lightning-{epoch}', save_last=True, every_n_epochs=1)
+    ckpt = ModelCheckpoint(dirpath=str(run.path), save_top_k=0, save_last=True, every_n_epochs=1)   # last.ckpt only
     evaluator.trainer.callbacks.extend([ckpt, _Release()])
     last = run.path / 'last.ckpt'
     if resume and last.is_file():
