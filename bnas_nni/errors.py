@@ -24,3 +24,7 @@ class DatasetError(BNASError):
 
 class ExperimentError(BNASError):
     """An NNI experiment could not start or its manager stopped (the reason comes from NNI's own log)."""
+
+
+class MissingDependencyError(BNASError):
+    """A program or optional library bnas-nni calls is not installed (the message says how to get it)."""
