@@ -7,7 +7,8 @@
 * :func:`alpha_heatmap_figure` is a matplotlib figure of softmax(α) per cell: one row per edge, one
   column per op, the derived choices outlined.
 * :func:`write_search_pictures` writes both into a search run directory (``cell.png``,
-  ``cell_imagenet.png``, ``alphas/epoch_NNN.png``) and adds them to a TensorBoard ``SummaryWriter``.
+  ``cell_imagenet.png``, ``alphas/epoch_NNN.png`` with NNN counted from 1 like the search log) and
+  adds them to a TensorBoard ``SummaryWriter``.
 
 Everything is written atomically. Figures are built without pyplot (no GUI backend needed).
 """
@@ -252,24 +253,25 @@ def write_search_pictures(run_dir: str | os.PathLike, *, alphas: Mapping[str, An
                           log: Callable[[str], None] = print) -> Dict[str, Path]:
     """The pictures of one search epoch, in the run directory and in TensorBoard.
 
-    ``alphas`` are this epoch's logits (the heatmap outlines the cell they derive); ``genotype`` /
-    ``imagenet_genotype`` the kept cells. Writes ``alphas/epoch_NNN.png`` (NNN = ``epoch``) and, when
-    given, ``cell.png`` and
+    ``alphas`` are the logits after epoch index ``epoch`` (0-based, as in ``alpha_history.json``; the
+    heatmap outlines the cell they derive); ``genotype`` / ``imagenet_genotype`` the kept cells. Writes
+    ``alphas/epoch_NNN.png`` (NNN = ``epoch + 1``, the number the search log prints) and, when given,
+    ``cell.png`` and
     ``cell_imagenet.png``; with a ``SummaryWriter`` adds the images ``alphas``, ``cell`` and
-    ``cell_imagenet`` at step ``epoch``. Without graphviz's ``dot`` the cell pictures are skipped
+    ``cell_imagenet`` at step ``epoch`` (like the search's per-epoch scalars). Without graphviz's ``dot`` the cell pictures are skipped
     with one ``log`` line, the heatmap still written. Returns the written paths by name.
     """
     run_dir = Path(run_dir)
     written: Dict[str, Path] = {}
-    fig = alpha_heatmap_figure(alphas, ops, title=f'epoch {epoch}')
-    written['alphas'] = save_figure(fig, run_dir / 'alphas' / f'epoch_{epoch:03d}.png')
+    fig = alpha_heatmap_figure(alphas, ops, title=f'after epoch {epoch + 1}')
+    written['alphas'] = save_figure(fig, run_dir / 'alphas' / f'epoch_{epoch + 1:03d}.png')
     if writer is not None:          # the same pixels as the file
         writer.add_image('alphas', _png_rgb(written['alphas'].read_bytes()), global_step=epoch, dataformats='HWC')
     for name, g in (('cell', genotype), ('cell_imagenet', imagenet_genotype)):
         if g is None:
             continue
         try:
-            data = _render(genotype_graph(g, title=f'{g.name or name} (epoch {epoch})'), 'png')
+            data = _render(genotype_graph(g, title=f'{g.name or name} (kept, after epoch {epoch + 1})'), 'png')
         except MissingDependencyError as exc:
             log(f'no cell pictures: {exc}')
             break
@@ -345,17 +347,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if args.all_epochs:
         records = list(enumerate(history))
     else:
-        index = len(history) - 1 if args.epoch is None else args.epoch
+        index = len(history) - 1 if args.epoch is None else args.epoch - 1
         if not 0 <= index < len(history):
-            raise ConfigError(f'--epoch {args.epoch}: the run has epochs 0..{len(history) - 1}')
+            raise ConfigError(f'--epoch {args.epoch}: the run has epochs 1..{len(history)}')
         records = [(index, history[index])]
     for index, record in records:
-        epoch = int(record.get('epoch', index))
-        fig = alpha_heatmap_figure(record['alphas'], ops, title=f'{target.name}: epoch {epoch}')
+        number = int(record.get('epoch', index)) + 1          # as the search log counts
+        fig = alpha_heatmap_figure(record['alphas'], ops, title=f'{target.name}: after epoch {number}/{len(history)}')
         path = (Path(args.alphas_out) if args.alphas_out and not args.all_epochs
-                else target / 'alphas' / f'epoch_{epoch:03d}.png')
+                else target / 'alphas' / f'epoch_{number:03d}.png')
         save_figure(fig, path)
-        print(f'wrote {path} (softmax(α), epoch {epoch})')
+        print(f'wrote {path} (softmax(α) after epoch {number})')
     return 0
 
 
@@ -368,7 +370,8 @@ def register(subparsers: Any) -> None:
     p.add_argument('target', metavar='GENOTYPE_OR_RUN', help='genotype name, genotype YAML, or search run directory')
     p.add_argument('--out', help='picture of the cells: .png, .svg or .pdf (default NAME.png, or RUN/cell.png)')
     p.add_argument('--cells', nargs='+', choices=CELL_TYPES, default=list(CELL_TYPES), help='which cells to draw')
-    p.add_argument('--epoch', type=int, help='run directories: heatmap of this epoch index (default: the last)')
+    p.add_argument('--epoch', type=int, help='run directories: heatmap after epoch N, counted from 1 as the search '
+                                             'log does (default: the last)')
     p.add_argument('--all-epochs', action='store_true', help='run directories: one heatmap per epoch in RUN/alphas/')
     p.add_argument('--alphas-out', help='run directories: heatmap file (default RUN/alphas/epoch_NNN.png)')
     p.set_defaults(func=_cmd_plot)

@@ -135,10 +135,10 @@ def test_search_pictures_go_to_files_and_tensorboard(tmp_path):
                                          imagenet_genotype=imagenet, writer=writer)
     writer.close()
     assert set(out) == {'alphas', 'cell', 'cell_imagenet'}
-    assert sorted(p.name for p in (tmp_path / 'alphas').iterdir()) == ['epoch_000.png', 'epoch_001.png']
+    assert sorted(p.name for p in (tmp_path / 'alphas').iterdir()) == ['epoch_001.png', 'epoch_002.png']
     events = EventAccumulator(str(tmp_path / 'tb'), size_guidance={'images': 0}).Reload()
     assert set(events.Tags()['images']) == {'alphas', 'cell', 'cell_imagenet'}
-    for tag, path in (('alphas', tmp_path / 'alphas' / 'epoch_001.png'), ('cell', tmp_path / 'cell.png'),
+    for tag, path in (('alphas', tmp_path / 'alphas' / 'epoch_002.png'), ('cell', tmp_path / 'cell.png'),
                       ('cell_imagenet', tmp_path / 'cell_imagenet.png')):
         images = events.Images(tag)
         assert [i.step for i in images] == [0, 1]
@@ -182,13 +182,13 @@ def test_cli_on_a_real_search_run(tmp_path):
     out = _bnas_nni('plot', str(run), '--all-epochs', cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (run / 'cell.png').is_file()
-    assert sorted(p.name for p in (run / 'alphas').iterdir()) == ['epoch_000.png', 'epoch_001.png']
+    assert sorted(p.name for p in (run / 'alphas').iterdir()) == ['epoch_001.png', 'epoch_002.png']
     history = json.loads((run / 'alpha_history.json').read_text())
-    for record in history:
-        assert f'wrote {run / "alphas" / "epoch_{:03d}.png".format(record["epoch"])}' in out.stdout
-    one = _bnas_nni('plot', str(run), '--epoch', '0', '--out', str(tmp_path / 'k.svg'),
+    for record in history:          # numbered from 1, as the search log counts epochs
+        assert f'wrote {run / "alphas" / "epoch_{:03d}.png".format(record["epoch"] + 1)}' in out.stdout
+    one = _bnas_nni('plot', str(run), '--epoch', '1', '--out', str(tmp_path / 'k.svg'),
                     '--alphas-out', str(tmp_path / 'h.svg'), cwd=tmp_path)
     assert one.returncode == 0 and (tmp_path / 'k.svg').is_file() and (tmp_path / 'h.svg').is_file()
     assert '<svg' in (tmp_path / 'h.svg').read_text()[:2000]
     bad = _bnas_nni('plot', str(run), '--epoch', '7', cwd=tmp_path)
-    assert bad.returncode == 2 and 'epochs 0..1' in bad.stderr
+    assert bad.returncode == 2 and 'epochs 1..2' in bad.stderr

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,29 @@ def _numbers(text: str):
     return [float(x) for x in re.findall(r'-?\d+(?:\.\d+)?(?:e-?\d+)?', text)]
 
 
+def _stop_leftovers(workdir: Path) -> None:
+    """Chromium and the NNI manager run in process groups of their own: stop any still alive by PID."""
+    pids = [int(x) for x in (workdir / 'pids').read_text().split()] if (workdir / 'pids').is_file() else []
+    manifest = workdir / 'scratch' / 'home' / 'nni-experiments' / '.experiment'
+    if manifest.is_file():
+        pids += [int(e['pid']) for e in json.loads(manifest.read_text()).values() if e.get('pid')]
+    for pid in pids:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not pid_alive(pid):
+                break
+            try:
+                os.killpg(pid, sig)                     # each is the leader of its own group
+            except OSError:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            for _ in range(50):
+                if not pid_alive(pid):
+                    break
+                time.sleep(0.1)
+
+
 @pytest.fixture(scope='module')
 def webui(tmp_path_factory):
     """Run the driver once; yield its result.json (and copy the screenshots out)."""
@@ -62,8 +86,10 @@ def webui(tmp_path_factory):
     try:
         output, _ = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)             # the driver's group: its nnictl and chromium children
+        os.killpg(proc.pid, signal.SIGKILL)             # the driver's group: its bnas-nni and nnictl children
         output, _ = proc.communicate()
+    finally:
+        _stop_leftovers(workdir)
     result_file = workdir / 'result.json'
     assert result_file.is_file(), f'driver wrote no result (rc {proc.returncode}):\n{output[-4000:]}'
     result = json.loads(result_file.read_text())

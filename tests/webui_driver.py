@@ -10,7 +10,9 @@ network namespace, so the NNI manager, the trials and Chromium all live on a loo
 4. everything stopped by PID (``bnas-nni nni stop``, then the manager's PID from NNI's manifest,
    and Chromium's process group), also on failure.
 
-Writes ``<workdir>/result.json``; the test asserts on it.
+Writes ``<workdir>/result.json``; the test asserts on it. The PIDs of what it starts are in
+``<workdir>/pids`` (Chromium) and NNI's manifest under ``<workdir>/scratch/home`` (the manager), so
+the test can stop them by PID even if this driver itself had to be killed.
 """
 from __future__ import annotations
 
@@ -149,6 +151,8 @@ def main() -> int:
 
         browser = Chromium(workdir / 'chromium-profile', width=1440, height=1000)
         result['chromium_pid'] = browser.proc.pid
+        with open(workdir / 'pids', 'a') as f:         # for the test to stop it should this driver be killed
+            f.write(f'{browser.proc.pid}\n')
         url = f'http://127.0.0.1:{port}'
         # trials detail: the table, then the intermediate-result chart
         browser.navigate(f'{url}/detail')

@@ -36,7 +36,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     from . import manager
 
     port = args.port or manager.free_port()
-    start = manager.start_experiment(args.config, port, args.scratch, timeout=args.timeout)
+    start = manager.start_experiment(args.config, port, args.scratch, timeout=args.timeout, settle=args.settle)
     scratch = '' if args.scratch == DEFAULT_SCRATCH else f' --scratch {args.scratch}'
     if start.started:
         state = f'{len(start.started)} trial(s) started'
@@ -107,6 +107,8 @@ def register(subparsers: Any) -> None:
     c.add_argument('--port', type=int, default=8080, help='web UI / REST port on 127.0.0.1 (default 8080; 0 = any free)')
     scratch_option(c)
     c.add_argument('--timeout', type=float, default=120, help='seconds to wait for the first trial (default 120)')
+    c.add_argument('--settle', type=float, default=20,
+                   help='seconds to watch the first trial for an early failure (default 20)')
     c.add_argument('--wait', action='store_true', help='then follow the trials until the experiment is done')
     c.add_argument('--wait-timeout', type=float, default=24 * 3600, help='give up following after this many seconds')
     c.set_defaults(func=_cmd_create)
