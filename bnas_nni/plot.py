@@ -114,8 +114,8 @@ def _render(graph: Any, fmt: str) -> bytes:
     try:
         return graph.pipe(format=fmt)
     except graphviz.ExecutableNotFound:
-        raise MissingDependencyError("graphviz's `dot` program is not installed; install it "
-                                     '(Debian/Ubuntu: apt-get install graphviz; conda: conda install graphviz)') from None
+        raise MissingDependencyError("graphviz's `dot` program is not installed; install it (Debian/Ubuntu: "
+                                     'apt-get install graphviz; conda: conda install graphviz)') from None
 
 
 def plot_genotype(genotype: Genotype | str | os.PathLike, path: str | os.PathLike, *,
@@ -258,7 +258,8 @@ def write_search_pictures(run_dir: str | os.PathLike, *, alphas: Mapping[str, An
     ``alphas/epoch_NNN.png`` (NNN = ``epoch + 1``, the number the search log prints) and, when given,
     ``cell.png`` and
     ``cell_imagenet.png``; with a ``SummaryWriter`` adds the images ``alphas``, ``cell`` and
-    ``cell_imagenet`` at step ``epoch`` (like the search's per-epoch scalars). Without graphviz's ``dot`` the cell pictures are skipped
+    ``cell_imagenet`` at step ``epoch`` (like the search's per-epoch scalars). Without graphviz's
+    ``dot`` the cell pictures are skipped
     with one ``log`` line, the heatmap still written. Returns the written paths by name.
     """
     run_dir = Path(run_dir)
@@ -312,7 +313,8 @@ def _run_ops(run_dir: Path, width: int) -> List[str]:
         ops = cfg.get('ops') if isinstance(cfg, dict) else None
     ops = list(ops or PRIMITIVES)
     if len(ops) != width:
-        raise ConfigError(f'{run_dir}: alphas have {width} op columns but the run uses {len(ops)} ops ({", ".join(ops)})')
+        raise ConfigError(f'{run_dir}: alphas have {width} op columns but the run uses {len(ops)} ops '
+                          f'({", ".join(ops)})')
     return ops
 
 

@@ -46,8 +46,8 @@ CHILD = textwrap.dedent('''
                 logger.info(f'train {epoch} step {step:03d} loss 2.302585')
         logger.info(f'epoch {epoch} done, valid_acc 10.000000')
 ''')
-EXPECTED = [line for e in range(2) for line in
-            [f'LOG train {e} step {s:03d} loss 2.302585' for s in range(0, 24, 6)] + [f'LOG epoch {e} done, valid_acc 10.000000']]
+EXPECTED = [line for e in range(2) for line in [f'LOG train {e} step {s:03d} loss 2.302585' for s in range(0, 24, 6)]
+            + [f'LOG epoch {e} done, valid_acc 10.000000']]
 
 
 def _screen(command: list, tmp_path: Path, width: int = 110, timeout: float = 180) -> list:

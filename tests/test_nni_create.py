@@ -79,7 +79,8 @@ def test_fashion_preset_is_a_few_short_trials():
     assert cmd.startswith('python trainers/train_cifar10.py --config experiments/train_quick_fashion.yaml')
     train = yaml.safe_load((experiments_dir() / 'train_quick_fashion.yaml').read_text())
     assert train['dataset'] == 'fashion-mnist'
-    assert exp['maxTrialNumber'] == len(exp['searchSpace']['lr']['_value']) == 3 and exp['tuner']['name'] == 'GridSearch'
+    assert exp['maxTrialNumber'] == len(exp['searchSpace']['lr']['_value']) == 3
+    assert exp['tuner']['name'] == 'GridSearch'
 
 
 def test_nnictl_refusal_is_one_line(tmp_path):
@@ -148,7 +149,7 @@ def test_cpu_cifar_preset_starts_and_names_the_failed_trial(tmp_path):
     try:
         assert out.returncode == 0, out
         exp_id = _experiment_id(out.stdout)
-        assert f'is running: http://127.0.0.1:' in out.stdout and '1 trial(s) started' in out.stdout
+        assert 'is running: http://127.0.0.1:' in out.stdout and '1 trial(s) started' in out.stdout
         assert f'bnas-nni nni stop {exp_id} --scratch {scratch}' in out.stdout
         warning = out.stderr.strip().splitlines()[-1]
         assert warning.startswith('warning: trial ') and 'failed: error: CIFAR-10 is not under' in warning, out.stderr

@@ -60,7 +60,8 @@ TABLE_ROWS = 'Array.from(document.querySelectorAll(".ms-DetailsRow")).map(r => r
 
 
 def _show_tip(series: int, index: int) -> str:
-    return '(() => {' + _CHART + f'chart.dispatchAction({{type: "showTip", seriesIndex: {series}, dataIndex: {index}}}); return 1;}})()'
+    action = f'{{type: "showTip", seriesIndex: {series}, dataIndex: {index}}}'
+    return '(() => {' + _CHART + f'chart.dispatchAction({action}); return 1;}})()'
 
 
 def _tooltip_for(text: str, point: dict) -> bool:
@@ -157,15 +158,16 @@ def main() -> int:
         # trials detail: the table, then the intermediate-result chart
         browser.navigate(f'{url}/detail')
         want = [t['trialJobId'] for t in result['trials']]
-        browser.wait_for(f'(() => {{ const t = document.body.innerText; return {json.dumps(want)}.every(i => t.includes(i))'
+        browser.wait_for(f'(() => {{ const t = document.body.innerText; '
+                         f'return {json.dumps(want)}.every(i => t.includes(i))'
                          ' && !t.includes("RUNNING") && !t.includes("WAITING"); })()', timeout=60)
         result['detail_rows'] = browser.evaluate(TABLE_ROWS)
         result['detail_text'] = browser.text()
         result['screenshots'].append(str(browser.screenshot(workdir / 'webui-detail.png')))
         browser.evaluate(_click_pivot('Intermediate result'))
         periodical = sum(m['type'] == 'PERIODICAL' for m in result['metrics'])
-        points = browser.wait_for(f'(() => {{ const p = {CHART_POINTS}; return p && p.length >= {periodical} ? p : null; }})()',
-                                  timeout=30)
+        points = browser.wait_for(f'(() => {{ const p = {CHART_POINTS}; '
+                                  f'return p && p.length >= {periodical} ? p : null; }})()', timeout=30)
         tooltips = []
         for point in points:
             # a real hover first; where another trial's point lies on top, ask the chart for this one's tooltip
@@ -192,8 +194,8 @@ def main() -> int:
             result['chromium_exit'] = browser.proc.returncode
         if exp_id is not None:
             pid = manager.manifest_entry(env, exp_id).get('pid')
-            stop = subprocess.run([sys.executable, '-m', 'bnas_nni.cli', 'nni', 'stop', exp_id, '--scratch', str(scratch)],
-                                  capture_output=True, text=True, timeout=120)
+            stop = subprocess.run([sys.executable, '-m', 'bnas_nni.cli', 'nni', 'stop', exp_id,
+                                   '--scratch', str(scratch)], capture_output=True, text=True, timeout=120)
             result.update(stop_rc=stop.returncode, stop_stdout=stop.stdout, manager_pid=pid)
             manager.stop_experiment(exp_id, env)            # by PID if nnictl stop left it running
             result['manager_alive_after_stop'] = manager.pid_alive(pid)

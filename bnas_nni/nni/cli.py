@@ -104,7 +104,8 @@ def register(subparsers: Any) -> None:
 
     c = sub.add_parser('create', help='start an experiment YAML (experiments/nnictl_*.yml) and wait until it runs')
     c.add_argument('config', metavar='CONFIG', help='experiment YAML, e.g. experiments/nnictl_train_fashion.yml')
-    c.add_argument('--port', type=int, default=8080, help='web UI / REST port on 127.0.0.1 (default 8080; 0 = any free)')
+    c.add_argument('--port', type=int, default=8080,
+                   help='web UI / REST port on 127.0.0.1 (default 8080; 0 = any free)')
     scratch_option(c)
     c.add_argument('--timeout', type=float, default=120, help='seconds to wait for the first trial (default 120)')
     c.add_argument('--settle', type=float, default=20,

@@ -156,6 +156,8 @@ def _nnictl_reason(text: str, port: int) -> str:
     if 'does not have field' in last:
         return f'{last.strip()}: an unknown key in the experiment YAML (NNI 3.0 config keys are camelCase)'
     return _one_line(last)
+
+
 def nnictl_stop(experiment_id: str, env: Mapping[str, str], timeout: float = 60) -> bool:
     """``nnictl stop ID``; True when nnictl reports success."""
     out = subprocess.run([sys.executable, '-m', 'nni.tools.nnictl.nnictl', 'stop', experiment_id], env=dict(env),
@@ -163,15 +165,15 @@ def nnictl_stop(experiment_id: str, env: Mapping[str, str], timeout: float = 60)
     return out.returncode == 0
 
 
+# the manager is on loopback: an http_proxy from the environment must not see (or swallow) these requests
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def rest_get(port: int, path: str, timeout: float = 10) -> Any:
-    """``GET http://127.0.0.1:PORT/api/v1/nni/<path>`` decoded from JSON."""
+    """``GET http://127.0.0.1:PORT/api/v1/nni/<path>`` decoded from JSON (never through a proxy)."""
     url = f'http://127.0.0.1:{port}/api/v1/nni/{path.lstrip("/")}'
     with _LOOPBACK.open(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
         return json.loads(resp.read().decode())
-
-
-# the manager is on loopback: an http_proxy from the environment must not see (or swallow) these requests
-_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def wait_for_experiment(port: int, timeout: float, poll: float = 2.0) -> str:
