@@ -225,24 +225,68 @@ def _listing(label: str, names: List[str]) -> str:
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` with ``weights_only=True`` on CPU; unreadable files raise :class:`CheckpointError`."""
+    """``torch.load`` with ``weights_only=True`` on CPU; unreadable files raise :class:`CheckpointError`.
+
+    A damaged file (truncated copy, interrupted download, not a torch file at all) and a sound file
+    that pickles objects other than tensors and plain containers need different fixes, so they get
+    different one-line messages.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint not found: {path}; check the path')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input file
-        text = str(exc)
-        m = re.search(r'Unsupported global: GLOBAL (\S+)', text)
+        m = re.search(r'Unsupported global: GLOBAL (\S+)', str(exc))
         if m:
-            reason = f'it pickles {m.group(1)}, which is not a tensor or plain container'
-        elif 'Weights only load failed' in text:
-            reason = 'not a readable torch checkpoint (corrupt, truncated, or pickling unsupported objects)'
-        else:
-            lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-            reason = lines[0] if lines else type(exc).__name__
-        raise CheckpointError(f'cannot read checkpoint {path} with torch.load(weights_only=True): {reason}; '
-                              're-save only its state_dict (and plain types)') from None
+            raise CheckpointError(f'cannot read checkpoint {path} with torch.load(weights_only=True): it pickles '
+                                  f'{m.group(1)}, which is not a tensor or plain container; re-save only its '
+                                  'state_dict (and plain types)') from None
+        text = str(exc)
+        damage = _damage(path) or (f'{path.stat().st_size:,} bytes, the data stops early'
+                                   if re.search(r'EOF|corrupt|truncat|invalid load key|stack underflow', text, re.I)
+                                   else '')
+        if damage:
+            raise CheckpointError(f'checkpoint {path} is truncated or not a torch checkpoint ({damage}); '
+                                  're-copy it or re-run the job that wrote it') from None
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+        raise CheckpointError(f'cannot read checkpoint {path} with torch.load(weights_only=True): '
+                              f'{first[:120]}; re-save only its state_dict (and plain types)') from None
+
+
+def _damage(path: Path) -> str:
+    """Why ``path`` is not an intact torch file ('' when it looks like one): torch.save writes a zip
+    archive (or, before torch 1.6, a pickle stream starting with torch's magic number)."""
+    import pickletools
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        return 'the file is empty'
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            return f'{size:,} bytes, damaged zip archive ({type(exc).__name__})'
+        if bad is not None:
+            return f'{size:,} bytes, damaged zip member {bad}'
+        if not any(n.endswith('data.pkl') for n in names):
+            return f'{size:,} bytes, a zip archive without data.pkl'
+        return ''
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if head.startswith(b'PK\x03\x04'):
+        return f'{size:,} bytes, a zip archive whose end is missing'
+    try:
+        first = next(pickletools.genops(head))   # the legacy format pickles a magic number first
+        legacy = first[0].name == 'PROTO' or first[0].name.startswith(('LONG', 'BININT'))
+    except Exception:  # noqa: BLE001 - not a pickle stream at all
+        legacy = False
+    if legacy and size > 64:
+        return ''
+    return f'{size:,} bytes, not a file torch.save writes'
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
