@@ -104,8 +104,6 @@ def test_plain_stream_handler_is_cut_by_the_bar(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason='until rundir.setup_logging and train.loops.progress use bnas_nni.console '
-                                       '(the lead wires them); then remove this marker')
 def test_bnas_nni_train_progress_and_log_share_the_terminal(tmp_path):
     from bnas_nni.data import fashion_mnist_root
     from bnas_nni.errors import DatasetError

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoints import load_run_checkpoint, save_checkpoint
+from ..console import log as console_log
 from ..errors import CheckpointError, ConfigError
 from ..rundir import RunDir
 from ..seeding import capture_rng, restore_rng
@@ -87,7 +88,7 @@ class SearchDriver:
                  device: Union[str, torch.device] = 'cpu', progress: bool = False, tensorboard: bool = True,
                  channels_last: bool = False, log_prob_every: int = 10, name: str = 'search',
                  epoch_callbacks: Sequence[Callable[[Dict[str, Any], 'SearchDriver'], None]] = (),
-                 log: Callable[[str], None] = print, config: Optional[Dict[str, Any]] = None) -> None:
+                 log: Callable[[str], None] = console_log, config: Optional[Dict[str, Any]] = None) -> None:
         if epochs < 1 or batch_size < 1:
             raise ConfigError(f'epochs and batch_size must be >= 1, got {epochs} and {batch_size}')
         if not (lr > 0 and 0 <= lr_min <= lr):
@@ -234,9 +235,9 @@ class SearchDriver:
     def _progress(self, total: int, epoch: int):
         if not self.progress:
             return None
-        from tqdm import tqdm
+        from ..console import progress
 
-        return tqdm(total=total, desc=f'search {epoch + 1}/{self.epochs}', leave=False, dynamic_ncols=True)
+        return progress(total=total, desc=f'search {epoch + 1}/{self.epochs}', enabled=True)
 
     def _log_probs(self, tb: Any, step: int) -> None:
         for edge, probs in edge_probabilities(self.model).items():

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from ..console import log as console_log
 from ..errors import ConfigError
 
 __all__ = ['run_nni_experiment']
@@ -102,7 +103,7 @@ def _one_shot_evaluator(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, run_
 def run_nni_experiment(cfg: Dict[str, Any], strategy: Any, kind: str, space: Any, run_dir: Path, *, device: Any,
                        progress: bool = False, epoch_callbacks: Sequence[Callable[..., None]] = (),
                        on_running: Optional[Callable[[Any, Optional[int]], None]] = None,
-                       log: Callable[[str], None] = print) -> Dict[str, Any]:
+                       log: Callable[[str], None] = console_log) -> Dict[str, Any]:
     """Run ``strategy`` on ``space`` as an NNI experiment (see the module docstring).
 
     ``on_running(experiment, port)`` is called after the search, while the experiment (and, for

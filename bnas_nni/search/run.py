@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
+from ..console import log as console_log
 from ..config import SEARCH, resolve
 from ..errors import ConfigError
 
@@ -149,7 +150,7 @@ def _show_progress(cfg: Mapping[str, Any]) -> bool:
 def run_search(cfg: Dict[str, Any], *, resume: bool = False,
                epoch_callbacks: Sequence[Callable[[Dict[str, Any], Any], None]] = (),
                on_running: Optional[Callable[[Any, Optional[int]], None]] = None,
-               log: Callable[[str], None] = print) -> Dict[str, Any]:
+               log: Callable[[str], None] = console_log) -> Dict[str, Any]:
     """Run the search a resolved config describes; returns a summary (genotypes, best epoch, paths).
 
     ``epoch_callbacks(record, driver_or_module)`` run after every epoch with the epoch's record

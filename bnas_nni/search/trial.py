@@ -22,13 +22,14 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..console import log as console_log
 from ..io import parse_set_items
 from ..nni.trial import RealTrialChannel
 
 __all__ = ['brief_train', 'run_trial', 'main']
 
 
-def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=print) -> float:
+def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=console_log) -> float:
     """Train the derived network of ``genotype`` for ``final_epochs`` with the one train loop (SGD,
     cosine, the binarizer's latent step) and return its top-1 accuracy (%) on the first
     ``final_test_subset`` test images."""
@@ -56,7 +57,7 @@ def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=print) -> float:
 
 
 def run_trial(config: Optional[str], overrides: Mapping[str, Any], *, channel: Optional[RealTrialChannel] = None,
-              log=print) -> Dict[str, Any]:
+              log=console_log) -> Dict[str, Any]:
     """Everything a search trial does (see the module docstring); returns the final metric."""
     from ..genotypes import save_genotype
     from ..nni.trial import under_nni
