@@ -1,0 +1,109 @@
+"""Deploying searched binary networks: a packed 1-bit file, a CPU engine for it, and ONNX export.
+
+* :func:`export_packed` / ``bnas-nni export --format packed`` -- a pickle-free ``.bnp`` file (safetensors +
+  JSON header): binary conv weights as bits with one scale per filter, the BN before each sign folded into
+  exact thresholds, full-precision parts in fp32, the architecture description and a version;
+* :func:`load` -- that file as a :class:`PackedNetwork` module (images -> logits) running on the packed
+  C++ kernels (AVX-512 VPOPCNTDQ, AVX2 or portable, picked at run time; ``BNAS_DEPLOY_ISA`` forces one);
+* :func:`export_onnx` / ``--format onnx`` -- the binarized network as ONNX (Sign before each binary conv,
+  ±alpha weights).
+
+Modules: :mod:`.export` (network -> description, the only code that looks inside bnas-nni modules),
+:mod:`.fold` (thresholds and bits), :mod:`.format` (the file), :mod:`.engine` (the runtime module),
+:mod:`.kernels` (building the extension, instruction sets), :mod:`.onnx_export`, :mod:`.cli`.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError
+from .engine import PackedNetwork
+
+__all__ = ['load', 'export_packed', 'export_onnx', 'model_from_checkpoint', 'state_dict_bytes', 'PackedNetwork']
+
+
+def load(path: str | os.PathLike, isa: Optional[str] = None) -> PackedNetwork:
+    """A packed file as a module mapping a float image batch (N x 3 x H x W) to logits."""
+    from .format import load_packed
+
+    return PackedNetwork(load_packed(path), isa=isa)
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Size of ``torch.save(model.state_dict())``: the fp32 file a packed file is compared with."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def export_packed(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
+    """Write ``model`` (a fixed BNAS network, eval semantics) as a packed file, atomically; returns sizes."""
+    from .export import binary_part_sizes, describe_network, packed_description
+    from .format import save_packed
+
+    desc = describe_network(model)
+    packed = packed_description(desc)
+    path = save_packed(packed, path)
+    return {'path': str(path), 'file_bytes': path.stat().st_size, 'fp32_state_dict_bytes': state_dict_bytes(model),
+            **binary_part_sizes(desc, packed)}
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17,
+                image_size: Optional[int] = None) -> Dict[str, Any]:
+    """Write ``model`` as a checked ONNX file (see :mod:`.onnx_export`), atomically; returns its size."""
+    from ..io import atomic_path
+    from .export import describe_network
+    from .onnx_export import network_to_onnx
+
+    proto = network_to_onnx(describe_network(model), opset=opset, image_size=image_size)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+    return {'path': str(path), 'file_bytes': path.stat().st_size, 'fp32_state_dict_bytes': state_dict_bytes(model)}
+
+
+def model_from_checkpoint(obj: Mapping[str, Any]) -> nn.Module:
+    """Rebuild and load the network of a bnas-nni checkpoint from its architecture description alone.
+
+    Uses the description :func:`bnas_nni.checkpoints.save_checkpoint` stores (genotype, family, C, L,
+    classes, the binarizer of every conv) and, for training checkpoints, the activation quantizer of the
+    resolved config; the weights are loaded strictly.
+    """
+    from ..checkpoints import FORMAT, load_checkpoint_into
+    from ..genotypes import Genotype
+    from ..networks import BNASNetwork
+    from ..quant import BinaryConv2d
+
+    if not isinstance(obj, Mapping) or obj.get('format') != FORMAT or not isinstance(obj.get('model'), Mapping):
+        raise CheckpointError('not a bnas-nni checkpoint with an architecture description; pass --model (and '
+                              '--official for a file of the official code)')
+    desc = obj['model']
+    missing = [k for k in ('genotype', 'family', 'init_channels', 'layers', 'num_classes') if k not in desc]
+    if missing:
+        raise CheckpointError(f'the checkpoint\'s architecture description lacks {missing}; pass --model/--arch')
+    genotype = Genotype.from_dict(desc['genotype'], name=str(desc['genotype'].get('name') or 'checkpoint'))
+    binarizers = dict(desc.get('binarizers') or {})
+    counts: Dict[str, int] = {}
+    for b in binarizers.values():
+        counts[b] = counts.get(b, 0) + 1
+    default = max(counts, key=counts.get) if counts else None
+    config = obj.get('config') if isinstance(obj.get('config'), Mapping) else {}
+    activation = config.get('activation') or 'ste_sign'
+    model = BNASNetwork(genotype, init_channels=int(desc['init_channels']), layers=int(desc['layers']),
+                        num_classes=int(desc['num_classes']),
+                        dataset='imagenet' if desc['family'] == 'imagenet' else 'cifar10',
+                        binarizer=default, activation=activation)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+    unknown = sorted(set(binarizers) - set(convs))
+    if unknown:
+        raise CheckpointError(f'the checkpoint lists binarizers for convs the rebuilt network lacks: {unknown[:4]}')
+    for name, conv in convs.items():
+        conv.binarizer = binarizers.get(name)
+    load_checkpoint_into(model, obj, layout='bnas-nni')
+    return model.eval()
