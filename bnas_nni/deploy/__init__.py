@@ -25,7 +25,11 @@ import torch.nn as nn
 from ..errors import CheckpointError
 from .engine import PackedNetwork
 
-__all__ = ['load', 'export_packed', 'export_onnx', 'model_from_checkpoint', 'state_dict_bytes', 'PackedNetwork']
+#: the checkpoint file inside a run directory (as the trainers write it)
+CHECKPOINT_NAME = 'checkpoint.pt'
+
+__all__ = ['load', 'export_packed', 'export_onnx', 'model_from_checkpoint', 'network_from_checkpoint', 'state_dict_bytes',
+           'PackedNetwork']
 
 
 def load(path: str | os.PathLike, isa: Optional[str] = None) -> PackedNetwork:
@@ -107,3 +111,50 @@ def model_from_checkpoint(obj: Mapping[str, Any]) -> nn.Module:
         conv.binarizer = binarizers.get(name)
     load_checkpoint_into(model, obj, layout='bnas-nni')
     return model.eval()
+
+
+def network_from_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], *, model: Optional[str] = None,
+                            official: bool = False, **overrides: Any) -> nn.Module:
+    """The network a checkpoint holds, in eval mode, built the way ``bnas-nni eval`` builds it.
+
+    ``checkpoint`` is a file, a run directory (its ``checkpoint.pt``) or a loaded checkpoint. A bnas-nni
+    checkpoint alone is enough (:func:`model_from_checkpoint`). With ``model`` (a name in
+    ``search_spaces/models.yaml``) and ``overrides`` (``genotype``, ``layers``, ``init_channels``,
+    ``num_classes``, ``precision_rule``, ``dataset``) the network is built from that config and the
+    checkpoint loaded strictly into it; ``official=True`` reads the official code's layout and defaults to
+    the ``official-2020-08`` precision rule, as ``bnas-nni eval --official`` does.
+    """
+    from ..checkpoints import detect_layout, load_checkpoint_file, load_checkpoint_into
+    from ..errors import ConfigError
+    from ..networks import build_model
+
+    source = 'checkpoint'
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = Path(checkpoint)
+        path = path / CHECKPOINT_NAME if path.is_dir() else path
+        source = str(path)
+        obj = load_checkpoint_file(path)
+    else:
+        obj = checkpoint
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if model is None:
+        if official:
+            raise ConfigError('--official needs --model (bnas-a, bnas-d .. bnas-h) to know which network the file holds')
+        if overrides:
+            raise ConfigError(f'{", ".join(sorted(overrides))} need --model; a bnas-nni checkpoint alone rebuilds '
+                              'its own network')
+        if detect_layout(obj) != 'bnas-nni':
+            raise ConfigError(f'{source} is not a bnas-nni checkpoint; pass --model (and --official for a file of '
+                              'the official code)')
+        try:
+            return model_from_checkpoint(obj)
+        except CheckpointError as exc:
+            raise CheckpointError(f'{source}: {exc}') from None
+    if official:
+        overrides.setdefault('precision_rule', 'official-2020-08')
+    net = build_model(model, **overrides)
+    try:
+        load_checkpoint_into(net, obj, layout='official' if official else 'auto')
+    except CheckpointError as exc:
+        raise CheckpointError(f'{source}: {exc}') from None
+    return net.eval()

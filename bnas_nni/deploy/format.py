@@ -26,7 +26,7 @@ import torch
 from ..errors import CheckpointError
 from ..io import atomic_path
 
-__all__ = ['FORMAT', 'VERSION', 'METADATA_KEY', 'save_packed', 'load_packed', 'flatten', 'unflatten']
+__all__ = ['FORMAT', 'VERSION', 'METADATA_KEY', 'write_packed', 'save_packed', 'load_packed', 'flatten', 'unflatten']
 
 FORMAT = 'bnas-nni-packed'
 VERSION = 1
@@ -63,16 +63,21 @@ def unflatten(obj: Any, tensors: Dict[str, torch.Tensor], source: str) -> Any:
     return obj
 
 
-def save_packed(packed: Dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a packed description (:func:`bnas_nni.deploy.export.packed_description`) atomically."""
+def write_packed(packed: Dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a packed description (:func:`bnas_nni.deploy.export.packed_description`) to ``path`` as it is."""
     from safetensors.torch import save_file
 
     tensors: Dict[str, torch.Tensor] = {}
     header = {'format': FORMAT, 'version': VERSION, 'architecture': packed['architecture'],
               'network': flatten(packed['network'], '', tensors)}
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header, allow_nan=False)})
+
+
+def save_packed(packed: Dict[str, Any], path: str | os.PathLike) -> Path:
+    """:func:`write_packed` through a temporary file renamed into place (no half-written file on failure)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header, allow_nan=False)})
+        write_packed(packed, tmp)
     return path
 
 
