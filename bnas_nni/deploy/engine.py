@@ -21,7 +21,6 @@ Deploy section for when that can move a value across a sign threshold.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -72,19 +71,18 @@ def _conv_weight(conv: Dict[str, Any], where: str) -> Tuple[Optional[torch.Tenso
 
 
 class _Timer:
-    """Per-layer wall-clock times when profiling, nothing otherwise."""
+    """Per-layer wall-clock times when profiling (``records`` is a list), nothing otherwise."""
 
     def __init__(self) -> None:
         self.records: Optional[List[Tuple[str, str, float]]] = None
 
-    @contextlib.contextmanager
-    def __call__(self, name: str, kind: str):
+    def run(self, name: str, kind: str, fn, *args, **kwargs):
         if self.records is None:
-            yield
-            return
+            return fn(*args, **kwargs)
         t0 = time.perf_counter()
-        yield
+        out = fn(*args, **kwargs)
         self.records.append((name, kind, time.perf_counter() - t0))
+        return out
 
 
 class _Unit:
@@ -215,10 +213,8 @@ class _Cell:
         self.C = self.pre1.out_ch
 
     def __call__(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer) -> torch.Tensor:
-        with timer(f'{self.name}.preprocess0', self.pre0.kind):
-            p0 = self.pre0(s0, isa)
-        with timer(f'{self.name}.preprocess1', self.pre1.kind):
-            p1 = self.pre1(s1, isa)
+        p0 = timer.run(f'{self.name}.preprocess0', self.pre0.kind, self.pre0, s0, isa)
+        p1 = timer.run(f'{self.name}.preprocess1', self.pre1.kind, self.pre1, s1, isa)
         N, C, H, W = p1.shape
         stride = 2 if self.reduction else 1
         OH, OW = (H - 1) // stride + 1, (W - 1) // stride + 1
@@ -239,18 +235,20 @@ class _Cell:
                 op = self.ops[k]
                 if op is None:
                     continue
-                with timer(f'{self.name}.ops.{k}', op.kind):
-                    op(states[self.indices[k]], isa, out=target, accumulate=written)
+                timer.run(f'{self.name}.ops.{k}', op.kind, op, states[self.indices[k]], isa, out=target,
+                          accumulate=written)
                 written = True
             if not written:
-                target.zero_()
+                kernels.extension().zero_fill(target)
             states.append(target)
         for slot, idx in enumerate(self.concat):
             if slot_of.get(idx) != slot or idx < 2:
                 out[:, slot * C:(slot + 1) * C].copy_(states[idx])
-        if self.residual is not None:
-            with timer(f'{self.name}.residual', 'residual add' if self.residual == 'identity' else self.residual.kind):
-                out.add_(s1 if self.residual == 'identity' else self.residual(s1, isa, layout='any'))
+        if self.residual == 'identity':
+            timer.run(f'{self.name}.residual', 'residual add', out.add_, s1)
+        elif self.residual is not None:
+            timer.run(f'{self.name}.residual', self.residual.kind,
+                      lambda: out.add_(self.residual(s1, isa, layout='any')))
         return out
 
 
@@ -304,22 +302,26 @@ class PackedNetwork(nn.Module):
             raise ConfigError('the packed engine runs on the CPU; move the images there first (x.cpu())')
         x = x.float()
         isa, timer = self._isa_id, self._timer
-        with timer('stem', 'float stem'):
-            if self.family == 'imagenet':
-                s0 = x.contiguous()
-                for f in self.stem0:
-                    s0 = f(s0)
-                s1 = s0
-                for f in self.stem1:
-                    s1 = f(s1)
-                s0, s1 = _cl(s0), _cl(s1)
-            else:
-                s0 = s1 = self.stem(x.contiguous(), isa)
+        s0, s1 = timer.run('stem', 'float stem', self._stem, x.contiguous(), isa)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, isa, timer)
-        with timer('head', 'float head'):
-            pooled = F.adaptive_avg_pool2d(s1.contiguous(), 1).flatten(1)
-            return F.linear(pooled, self.fc_weight, self.fc_bias)
+        return timer.run('head', 'float head', self._head, s1)
+
+    def _stem(self, x: torch.Tensor, isa: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.family == 'imagenet':
+            s0 = x
+            for f in self.stem0:
+                s0 = f(s0)
+            s1 = s0
+            for f in self.stem1:
+                s1 = f(s1)
+            return _cl(s0), _cl(s1)
+        s = self.stem(x, isa)
+        return s, s
+
+    def _head(self, s: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(s.contiguous(), 1).flatten(1)
+        return F.linear(pooled, self.fc_weight, self.fc_bias)
 
     def profile(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[str, str, float]]]:
         """``(logits, [(layer, kind, seconds), ...])`` of one forward pass."""

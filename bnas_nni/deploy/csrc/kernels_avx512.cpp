@@ -48,12 +48,17 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
     for (int b = 0; b < OB; ++b) {
       const int64_t c = (v0 + b) * 8;
       const int64_t left = a.O - c;
-      const __mmask8 mask = left >= 8 ? static_cast<__mmask8>(0xff) : static_cast<__mmask8>((1u << left) - 1u);
       const __m512i dot = _mm512_sub_epi64(nz, _mm512_slli_epi64(acc[p][b], 1));
       __m256 v = _mm256_mul_ps(_mm256_loadu_ps(a.alpha + c), _mm512_cvtepi64_ps(dot));
       if (a.relu) v = _mm256_max_ps(v, zero);
-      if (a.accumulate) v = _mm256_add_ps(_mm256_maskz_loadu_ps(mask, out + c), v);
-      _mm256_mask_storeu_ps(out + c, mask, v);
+      if (left >= 8) {  // plain loads and stores: masked memory operations are slow on some CPUs (AMD Zen 4)
+        if (a.accumulate) v = _mm256_add_ps(_mm256_loadu_ps(out + c), v);
+        _mm256_storeu_ps(out + c, v);
+      } else {
+        const __mmask8 mask = static_cast<__mmask8>((1u << left) - 1u);
+        if (a.accumulate) v = _mm256_add_ps(_mm256_maskz_loadu_ps(mask, out + c), v);
+        _mm256_mask_storeu_ps(out + c, mask, v);
+      }
     }
   }
 }
