@@ -146,78 +146,69 @@ def peak_memory(kind: str, path: str, batch: int, size: int, threads: int, isa: 
 
 
 def interleaved(methods: dict, repeats: int, budget: float) -> dict:
-    """Median seconds per method; methods take turns so that load on the machine hits them alike."""
-    times = {k: [] for k in methods}
+    """Per method: median wall seconds, median process CPU seconds, best wall seconds and what the runs returned.
+
+    Methods take turns run by run, so that load on the (shared) machine hits them alike; a method whose
+    warm-up takes longer than ``budget`` seconds is timed by that one run.
+    """
+    runs = {k: [] for k in methods}
     single = set()
-    for k, f in methods.items():          # warm-up; a slow method is timed by this one run
-        t0 = time.perf_counter()
-        f()
-        dt = time.perf_counter() - t0
-        if dt > budget:
-            times[k].append(dt)
+
+    def once(k, f):
+        t0, c0 = time.perf_counter(), time.process_time()
+        value = f()
+        runs[k].append((time.perf_counter() - t0, time.process_time() - c0, value))
+
+    for k, f in methods.items():
+        once(k, f)
+        if runs[k][0][0] > budget:
             single.add(k)
+        else:
+            runs[k].clear()               # a warm-up, not a measurement
     for _ in range(repeats):
         for k, f in methods.items():
-            if k in single:
-                continue
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: {'median_s': statistics.median(v), 'runs': len(v)} for k, v in times.items()}
+            if k not in single:
+                once(k, f)
+    return {k: {'median_s': statistics.median(r[0] for r in v), 'cpu_s': statistics.median(r[1] for r in v),
+                'best_s': min(r[0] for r in v), 'runs': len(v), 'values': [r[2] for r in v]} for k, v in runs.items()}
 
 
-def binary_layer_seconds_torch(model, x, repeats: int) -> float:
-    """Median over runs of the summed time of the float model's binary ops (BN -> sign -> binary conv -> ReLU)."""
-    import torch
+class BinaryLayerHooks:
+    """Summed time of the float model's binary ops (BN -> sign -> binary conv -> ReLU) in one forward."""
 
-    from bnas_nni.ops import BNConvReLU
-    from bnas_nni.quant import SteSign
+    def __init__(self, model) -> None:
+        from bnas_nni.ops import BNConvReLU
+        from bnas_nni.quant import SteSign
 
-    acc = [0.0]
-    starts = {}
+        self.model, self.total, self.starts = model, 0.0, {}
+        self.modules = [m for m in model.modules() if type(m) is BNConvReLU and type(m.quantizer) is SteSign
+                        and m.op[0].weight_quantizer is not None]
 
-    def pre(mod, inp):
-        starts[id(mod)] = time.perf_counter()
+    def __call__(self, x) -> float:
+        def pre(mod, inp):
+            self.starts[id(mod)] = time.perf_counter()
 
-    def post(mod, inp, out):
-        acc[0] += time.perf_counter() - starts[id(mod)]
+        def post(mod, inp, out):
+            self.total += time.perf_counter() - self.starts[id(mod)]
 
-    hooks = []
-    for m in model.modules():
-        if type(m) is BNConvReLU and type(m.quantizer) is SteSign and m.op[0].weight_quantizer is not None:
-            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    runs = []
-    with torch.no_grad():
-        model(x)
-        for _ in range(repeats):
-            acc[0] = 0.0
-            model(x)
-            runs.append(acc[0])
-    for h in hooks:
-        h.remove()
-    return statistics.median(runs)
+        hooks = [h for m in self.modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+        self.total = 0.0
+        try:
+            self.model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return self.total
 
 
-def engine_profile(net, x, repeats: int):
-    """(median binary-layer seconds, per-kind median seconds and counts) of the engine."""
-    per_run = []
-    for _ in range(repeats + 1):
-        _, records = net.profile(x)
-        per_run.append(records)
-    per_run = per_run[1:]
-    kinds = {}
-    for records in per_run:
-        totals = {}
-        for _, kind, t in records:
-            totals[kind] = totals.get(kind, 0.0) + t
-        for kind, t in totals.items():
-            kinds.setdefault(kind, []).append(t)
-    counts = {}
-    for _, kind, _ in per_run[0]:
+def engine_layers(net, x) -> dict:
+    """Per-kind seconds of one profiled engine forward (and the layer counts)."""
+    _, records = net.profile(x)
+    kinds, counts = {}, {}
+    for _, kind, t in records:
+        kinds[kind] = kinds.get(kind, 0.0) + t
         counts[kind] = counts.get(kind, 0) + 1
-    med = {k: statistics.median(v) for k, v in kinds.items()}
-    binary = statistics.median([sum(t for _, kind, t in r if kind.startswith('binary conv')) for r in per_run])
-    return binary, med, counts
+    return {'kinds': kinds, 'counts': counts, 'binary': sum(t for k, t in kinds.items() if k.startswith('binary conv'))}
 
 
 # --------------------------------------------------------------------------- one network
@@ -262,32 +253,43 @@ def bench_config(config: str, args, workdir: Path) -> dict:
         methods = {'pytorch fp32': lambda: model(x)}
         methods.update({f'packed {isa}': packed(isa) for isa in isas})
         methods['onnxruntime'] = lambda: sess.run(None, {'images': xn})
-        diffs = {'pytorch fp32': 0.0}
+        diffs = {'pytorch fp32': (0.0, 0)}
         for isa in isas:
-            diffs[f'packed {isa}'] = float((packed(isa)() - ref).abs().max())
-        diffs['onnxruntime'] = float(abs(sess.run(None, {'images': xn})[0] - ref.numpy()).max())
+            d = (packed(isa)() - ref).abs().amax(1)
+            diffs[f'packed {isa}'] = (float(d.max()), int((d > 1e-4).sum()))
+        d = torch.from_numpy(sess.run(None, {'images': xn})[0] - ref.numpy()).abs().amax(1)
+        diffs['onnxruntime'] = (float(d.max()), int((d > 1e-4).sum()))
+        best = isas[0]
+        hooks = BinaryLayerHooks(model)
+        probes = {'pytorch binary layers': lambda: hooks(x),
+                  f'packed {best} layers': lambda: (net.set_isa(best), engine_layers(net, x))[1]}
         repeats = args.repeats if args.repeats is not None else (15 if batch == 1 else 5)
         with torch.no_grad():
-            timing = interleaved(methods, repeats, args.budget)
-        base = timing['pytorch fp32']['median_s']
-        print(f'\nbatch {batch}: {"method":<18}{"latency ms":>12}{"img/s":>10}{"vs fp32":>10}{"runs":>6}'
-              f'{"max |dlogit|":>14}', flush=True)
+            timing = interleaved({**methods, **probes}, repeats, args.budget)
+        probe_runs = {k: timing.pop(k) for k in probes}
+        base = timing['pytorch fp32']
+        print(f'\nbatch {batch}: {"method":<18}{"latency ms":>12}{"img/s":>9}{"vs fp32":>9}{"best-of":>9}'
+              f'{"CPU ms":>9}{"vs fp32":>9}{"runs":>6}{"max |dlogit|":>14}{"imgs >1e-4":>11}', flush=True)
         for k, r in timing.items():
+            r.pop('values')
             r['img_s'] = batch / r['median_s']
-            r['speedup'] = base / r['median_s']
-            r['max_logit_diff'] = diffs[k]
-            print(f'{"":9}{k:<18}{r["median_s"] * 1e3:>12.2f}{r["img_s"]:>10.1f}{r["speedup"]:>9.2f}x{r["runs"]:>6}'
-                  f'{diffs[k]:>14.1e}', flush=True)
-        best = isas[0]
-        net.set_isa(best)
-        prof_repeats = 5 if batch == 1 else 2
-        t_torch_bin = binary_layer_seconds_torch(model, x, prof_repeats)
-        t_eng_bin, kinds, counts = engine_profile(net, x, prof_repeats)
-        print(f'{"":9}binary conv layers alone: pytorch {t_torch_bin * 1e3:.2f} ms, packed {best} '
-              f'{t_eng_bin * 1e3:.2f} ms: {t_torch_bin / t_eng_bin:.1f}x', flush=True)
+            r['speedup'] = base['median_s'] / r['median_s']
+            r['speedup_best'] = base['best_s'] / r['best_s']
+            r['speedup_cpu'] = base['cpu_s'] / r['cpu_s']
+            r['max_logit_diff'], r['images_above_1e-4'] = diffs[k]
+            print(f'{"":9}{k:<18}{r["median_s"] * 1e3:>12.2f}{r["img_s"]:>9.1f}{r["speedup"]:>8.2f}x'
+                  f'{r["speedup_best"]:>8.2f}x{r["cpu_s"] * 1e3:>9.1f}{r["speedup_cpu"]:>8.2f}x{r["runs"]:>6}'
+                  f'{diffs[k][0]:>14.1e}{diffs[k][1]:>8}/{batch}', flush=True)
+        t_torch_bin = statistics.median(probe_runs['pytorch binary layers']['values'])
+        layer_runs = probe_runs[f'packed {best} layers']['values']
+        t_eng_bin = statistics.median(r['binary'] for r in layer_runs)
+        kinds = {k: statistics.median(r['kinds'][k] for r in layer_runs) for k in layer_runs[0]['kinds']}
+        counts = layer_runs[0]['counts']
+        print(f'{"":9}binary conv layers alone ({len(hooks.modules)} layers, medians of {len(layer_runs)} interleaved '
+              f'runs): pytorch {t_torch_bin * 1e3:.2f} ms, packed {best} {t_eng_bin * 1e3:.2f} ms: '
+              f'{t_torch_bin / t_eng_bin:.1f}x', flush=True)
         total = sum(kinds.values())
-        print(f'{"":9}per-layer breakdown, packed {best} (median of {prof_repeats} profiled runs, '
-              f'{total * 1e3:.2f} ms in layers):', flush=True)
+        print(f'{"":9}per-layer breakdown, packed {best} ({total * 1e3:.2f} ms in layers):', flush=True)
         for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
             print(f'{"":11}{kind:<34}{counts[kind]:>4} layers {t * 1e3:>10.2f} ms {100 * t / total:>6.1f}%', flush=True)
         result['batches'][batch] = {'timing': timing, 'binary_layers': {'pytorch_s': t_torch_bin, 'packed_s': t_eng_bin,
@@ -318,7 +320,9 @@ def check_targets(results: list) -> None:
         b = a['batches'].get(batch)
         if b:
             best = max((v['speedup'], k) for k, v in b['timing'].items() if k.startswith('packed'))
-            lines.append((f'packed engine vs fp32 at batch {batch} ({best[1]})', best[0], TARGETS[key]))
+            cpu = b['timing'][best[1]]['speedup_cpu']
+            lines.append((f'packed engine vs fp32 at batch {batch} ({best[1]}; CPU time {cpu:.2f}x)', best[0],
+                          TARGETS[key]))
     for batch, b in a['batches'].items():
         bl = b['binary_layers']
         lines.append((f'binary conv layers alone at batch {batch}', bl['pytorch_s'] / bl['packed_s'], TARGETS['binary_layers']))

@@ -44,6 +44,7 @@ def extension():
     import torch.utils.cpp_extension as cpp
 
     src = _csrc()
+    _clear_stale_lock(cpp)
     try:
         return cpp.load(name=_EXTENSION_NAME, sources=[str(src / s) for s in _SOURCES],
                         extra_include_paths=[str(src)],
@@ -56,6 +57,18 @@ def extension():
         detail = (errors or lines or [type(exc).__name__])[0][:300]
         raise EngineBuildError(f'cannot build the packed engine (C++ extension in {src}): {detail}; it needs g++ '
                                'and ninja (pip install ninja)') from None
+
+
+def _clear_stale_lock(cpp, max_age_s: float = 900.0) -> None:
+    """Remove a build lock left by a killed build (torch would wait on it forever); a live build is younger."""
+    import time
+
+    try:
+        lock = Path(cpp._get_build_directory(_EXTENSION_NAME, False)) / 'lock'
+        if lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+    except (AttributeError, OSError, TypeError):  # private torch helper moved, or a race with another process
+        pass
 
 
 @functools.lru_cache(maxsize=None)
