@@ -90,6 +90,8 @@ def ort_session(path: str, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # onnxruntime's workers spin after each run by default, which would steal the cores from the next method
+    so.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
 
 
@@ -100,9 +102,16 @@ def _mb(n: float) -> str:
 # --------------------------------------------------------------------------- child: peak memory of one method
 
 
-def _child(args) -> None:
-    import resource
+def _vm_kib(field: str) -> float:
+    """A line of /proc/self/status in KiB (VmHWM: peak RSS of this program; unlike ru_maxrss it does not
+    inherit the parent's peak across fork + exec)."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return float(line.split()[1])
+    return float('nan')
 
+
+def _child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
@@ -122,11 +131,10 @@ def _child(args) -> None:
         sess = ort_session(path, args.threads)
         run = lambda x: sess.run(None, {'images': x.numpy()})  # noqa: E731
     x = torch.randn(batch, 3, size, size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _vm_kib('VmRSS') / 1024
     with torch.no_grad():
-        for _ in range(2):
-            run(x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        run(x)
+    peak = _vm_kib('VmHWM') / 1024
     print('RESULT ' + json.dumps({'peak_mib': peak, 'loaded_mib': base}), flush=True)
 
 
@@ -301,8 +309,8 @@ def bench_config(config: str, args, workdir: Path) -> dict:
                f'packed {isas[0]}': peak_memory('packed', str(packed_path), batch, size, args.threads, isas[0]),
                'onnxruntime': peak_memory('onnx', str(onnx_path), batch, size, args.threads)}
         base = mem['pytorch fp32']
-        print(f'\npeak memory at batch {batch} (fresh process each; RSS high-water mark, and its growth over the '
-              'loaded model):', flush=True)
+        print(f'\npeak memory at batch {batch} (fresh process each; peak RSS (VmHWM), and its growth over the '
+              'RSS with the model loaded):', flush=True)
         for k, m in mem.items():
             print(f'{"":9}{k:<18}{m["peak_mib"]:>9.0f} MiB  (+{m["peak_mib"] - m["loaded_mib"]:.0f} MiB; '
                   f'x{m["peak_mib"] / base["peak_mib"]:.2f} of fp32)', flush=True)

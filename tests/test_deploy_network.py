@@ -263,6 +263,24 @@ def test_cli_bad_inputs_give_one_line_and_no_file(tmp_path, capsys):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ['bare.pt', 'ck.pt', 'cut.bnp', 'good.bnp']
 
 
+def test_foreign_and_future_packed_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({'w': torch.zeros(2)}, str(tmp_path / 'foreign.bnp'))
+    with pytest.raises(CheckpointError, match='not a bnas-nni packed model'):
+        deploy.load(tmp_path / 'foreign.bnp')
+    header = {'format': 'bnas-nni-packed', 'version': 99, 'architecture': {}, 'network': {}}
+    save_file({'w': torch.zeros(2)}, str(tmp_path / 'future.bnp'), metadata={'bnas_nni': json.dumps(header)})
+    with pytest.raises(CheckpointError, match='version 99'):
+        deploy.load(tmp_path / 'future.bnp')
+    header['version'] = 1
+    header['network'] = {'family': 'cifar', 'in_channels': 3, 'num_classes': 10, 'stem': [], 'cells': [],
+                         'classifier': {'weight': {'$tensor': 'missing'}, 'bias': None}}
+    save_file({'w': torch.zeros(2)}, str(tmp_path / 'broken.bnp'), metadata={'bnas_nni': json.dumps(header)})
+    with pytest.raises(CheckpointError, match="tensor 'missing'"):
+        deploy.load(tmp_path / 'broken.bnp')
+
+
 class MyOp(nn.Module):
     """A user-registered candidate op the packed engine does not know."""
 
