@@ -136,6 +136,20 @@ def test_random_weights_agree_to_float_reassociation(name):
     assert (engine_of(model)(x) - ref).abs().max().item() <= 1e-4
 
 
+def test_cells_run_group_by_group_give_the_same_bits(monkeypatch):
+    """Large batches run each all-binary cell a few images at a time (cache reuse); the result must not change."""
+    from bnas_nni.deploy import engine as engine_module
+
+    model, x = build('cifar-latest-cell', exact=False)
+    x = torch.cat([x, x.flip(0)])
+    whole = engine_of(model)(x)
+    monkeypatch.setattr(engine_module, 'CACHE_BUDGET', 1)       # one image per group
+    net = engine_of(model)
+    assert sum(c.chunkable for c in net.cells) == len(net.cells)
+    assert torch.equal(net(x), whole)
+    assert (whole - float_logits(model, x)).abs().max().item() <= 1e-4
+
+
 def test_isa_paths_forced_by_the_environment_agree_bit_for_bit(tmp_path, monkeypatch):
     model, x = build('cifar-latest-cell', 'official-2020-11', exact=False, seed=1)
     path = tmp_path / 'net.bnp'

@@ -36,6 +36,11 @@ __all__ = ['PackedNetwork']
 
 CL = torch.channels_last
 
+#: bytes of a cell's inputs, preprocessed states and output per thread that a group of images should fit
+#: in: a cell then runs group by group and its intermediate tensors stay in cache from one op to the next
+#: instead of going through memory (BNAS-A at batch 32: the 32x32 cells run image by image)
+CACHE_BUDGET = 3 << 19
+
 
 def _cl(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=CL)
@@ -211,15 +216,35 @@ class _Cell:
         res = d['residual']
         self.residual = _Unit(res) if isinstance(res, dict) else res
         self.C = self.pre1.out_ch
+        units = [self.pre0, self.pre1] + [op for op in self.ops if isinstance(op, _Unit)]
+        # a cell whose ops are all packed kernels runs a few images at a time (see CACHE_BUDGET); one with
+        # float convs inside runs the whole batch at once, as the float model does
+        self.chunkable = all(u.packed for u in units)
 
     def __call__(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer) -> torch.Tensor:
+        N, _, H, W = s1.shape
+        stride = 2 if self.reduction else 1
+        C = self.C
+        out = torch.empty((N, len(self.concat) * C, (H - 1) // stride + 1, (W - 1) // stride + 1), memory_format=CL)
+        res = None
+        if isinstance(self.residual, _Unit):   # full batch: the float ops exactly as the float model runs them
+            res = timer.run(f'{self.name}.residual', self.residual.kind, self.residual, s1, isa, layout='any')
+        chunk = N
+        if self.chunkable:
+            per_image = 4 * (s0[0].numel() + s1[0].numel() + out[0].numel() + 2 * C * H * W)
+            chunk = max(1, min(N, torch.get_num_threads() * CACHE_BUDGET // per_image))
+        for i in range(0, N, chunk):
+            j = min(N, i + chunk)
+            self._run(s0[i:j], s1[i:j], out[i:j], None if res is None else res[i:j], isa, timer)
+        return out
+
+    def _run(self, s0: torch.Tensor, s1: torch.Tensor, out: torch.Tensor, res: Optional[torch.Tensor], isa: int,
+             timer: _Timer) -> None:
         p0 = timer.run(f'{self.name}.preprocess0', self.pre0.kind, self.pre0, s0, isa)
         p1 = timer.run(f'{self.name}.preprocess1', self.pre1.kind, self.pre1, s1, isa)
-        N, C, H, W = p1.shape
-        stride = 2 if self.reduction else 1
-        OH, OW = (H - 1) // stride + 1, (W - 1) // stride + 1
-        out = torch.empty((N, len(self.concat) * C, OH, OW), memory_format=CL)
-        slot_of = {}
+        C = self.C
+        N, _, OH, OW = out.shape
+        slot_of: Dict[int, int] = {}
         for slot, idx in enumerate(self.concat):
             slot_of.setdefault(idx, slot)
         states = [p0, p1]
@@ -246,10 +271,8 @@ class _Cell:
                 out[:, slot * C:(slot + 1) * C].copy_(states[idx])
         if self.residual == 'identity':
             timer.run(f'{self.name}.residual', 'residual add', out.add_, s1)
-        elif self.residual is not None:
-            timer.run(f'{self.name}.residual', self.residual.kind,
-                      lambda: out.add_(self.residual(s1, isa, layout='any')))
-        return out
+        elif res is not None:
+            timer.run(f'{self.name}.residual', 'residual add', out.add_, res)
 
 
 class PackedNetwork(nn.Module):
@@ -324,10 +347,14 @@ class PackedNetwork(nn.Module):
         return F.linear(pooled, self.fc_weight, self.fc_bias)
 
     def profile(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[str, str, float]]]:
-        """``(logits, [(layer, kind, seconds), ...])`` of one forward pass."""
+        """``(logits, [(layer, kind, seconds), ...])`` of one forward pass, in execution order (a layer that ran
+        group by group, see ``CACHE_BUDGET``, is summed over its groups)."""
         self._timer.records = []
         try:
             logits = self(x)
-            return logits, self._timer.records
+            merged: Dict[Tuple[str, str], float] = {}
+            for name, kind, t in self._timer.records:
+                merged[(name, kind)] = merged.get((name, kind), 0.0) + t
+            return logits, [(name, kind, t) for (name, kind), t in merged.items()]
         finally:
             self._timer.records = None

@@ -35,8 +35,6 @@ MIN_OPSET = 17
 
 class _Graph:
     def __init__(self) -> None:
-        import onnx  # noqa: F401 - fail early with a clear message when missing
-
         self.nodes: List[Any] = []
         self.inits: List[Any] = []
         self.names: set = set()
