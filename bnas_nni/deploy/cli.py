@@ -138,7 +138,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``export`` to the ``bnas-nni`` command line."""
     p = subparsers.add_parser('export', help='a checkpoint as a packed 1-bit file (CPU engine) or ONNX',
-                              description=__doc__.splitlines()[0])
+                              description='Export a checkpoint as a packed 1-bit file for the CPU engine, or as ONNX; '
+                                          'the result is checked against the float model before it is renamed '
+                                          'into place. --check reads a packed file back.')
     p.add_argument('--checkpoint', default=None, help='checkpoint file or run directory (bnas-nni, or the official '
                                                        'code\'s with --official)')
     p.add_argument('--format', choices=('packed', 'onnx'), default='packed', help='packed (default) or onnx')

@@ -76,17 +76,17 @@ def _conv_weight(conv: Dict[str, Any], where: str) -> Tuple[Optional[torch.Tenso
 
 
 class _Timer:
-    """Per-layer wall-clock times when profiling (``records`` is a list), nothing otherwise."""
+    """Per-layer wall-clock and process CPU times when profiling (``records`` is a list), nothing otherwise."""
 
     def __init__(self) -> None:
-        self.records: Optional[List[Tuple[str, str, float]]] = None
+        self.records: Optional[List[Tuple[str, str, float, float]]] = None
 
     def run(self, name: str, kind: str, fn, *args, **kwargs):
         if self.records is None:
             return fn(*args, **kwargs)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn(*args, **kwargs)
-        self.records.append((name, kind, time.perf_counter() - t0))
+        self.records.append((name, kind, time.perf_counter() - t0, time.process_time() - c0))
         return out
 
 
@@ -346,15 +346,18 @@ class PackedNetwork(nn.Module):
         pooled = F.adaptive_avg_pool2d(s.contiguous(), 1).flatten(1)
         return F.linear(pooled, self.fc_weight, self.fc_bias)
 
-    def profile(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[str, str, float]]]:
+    def profile(self, x: torch.Tensor, cpu: bool = False) -> Tuple[torch.Tensor, List[Tuple]]:
         """``(logits, [(layer, kind, seconds), ...])`` of one forward pass, in execution order (a layer that ran
-        group by group, see ``CACHE_BUDGET``, is summed over its groups)."""
+        group by group, see ``CACHE_BUDGET``, is summed over its groups); with ``cpu=True`` each entry also has
+        the process CPU seconds (all threads) spent in the layer."""
         self._timer.records = []
         try:
             logits = self(x)
-            merged: Dict[Tuple[str, str], float] = {}
-            for name, kind, t in self._timer.records:
-                merged[(name, kind)] = merged.get((name, kind), 0.0) + t
-            return logits, [(name, kind, t) for (name, kind), t in merged.items()]
+            merged: Dict[Tuple[str, str], List[float]] = {}
+            for name, kind, t, c in self._timer.records:
+                acc = merged.setdefault((name, kind), [0.0, 0.0])
+                acc[0] += t
+                acc[1] += c
+            return logits, [(name, kind, t, c) if cpu else (name, kind, t) for (name, kind), (t, c) in merged.items()]
         finally:
             self._timer.records = None
