@@ -42,7 +42,8 @@ from .io import atomic_torch_save
 
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'LAYOUTS', 'KINDS', 'CHECKPOINT_NAME', 'official_to_ours', 'ours_to_official',
            'detect_layout', 'describe_model', 'unwrap', 'load_checkpoint_file', 'read_checkpoint',
-           'resolve_checkpoint_path', 'load_checkpoint_into', 'load_run_checkpoint', 'save_checkpoint']
+           'resolve_checkpoint_path', 'load_checkpoint_into', 'load_run_checkpoint', 'save_checkpoint',
+           'model_from_checkpoint']
 
 FORMAT = 'bnas-nni'
 FORMAT_VERSION = 1
@@ -450,3 +451,48 @@ def load_run_checkpoint(path: str | os.PathLike, model: nn.Module, kind: str) ->
         return load_checkpoint_into(unwrap(model), obj, layout='bnas-nni')
     except CheckpointError as exc:
         raise CheckpointError(f'{path}: {exc}') from None
+
+
+def model_from_checkpoint(obj: Mapping[str, Any]) -> nn.Module:
+    """Rebuild and load the network of a bnas-nni checkpoint from its architecture description alone.
+
+    The network's constructor arguments (``BNASNetwork.config``, stored by :func:`describe_model`) rebuild
+    it exactly; files written before they were stored are rebuilt from the description (genotype, family,
+    C, L, classes, the binarizer of every conv, and a training config's activation quantizer). The
+    weights are loaded strictly.
+    """
+    from .genotypes import Genotype
+    from .networks import BNASNetwork
+    from .quant import BinaryConv2d
+
+    if not isinstance(obj, Mapping) or obj.get('format') != FORMAT or not isinstance(obj.get('model'), Mapping):
+        raise CheckpointError('not a bnas-nni checkpoint with an architecture description; pass --model (and '
+                              '--official for a file of the official code)')
+    desc = obj['model']
+    binarizers = dict(desc.get('binarizers') or {})
+    if isinstance(desc.get('config'), Mapping):
+        model = BNASNetwork.from_config(desc['config'])
+    else:
+        missing = [k for k in ('genotype', 'family', 'init_channels', 'layers', 'num_classes') if k not in desc]
+        if missing:
+            raise CheckpointError(f'the checkpoint\'s architecture description lacks {missing}; pass --model/--arch')
+        genotype = Genotype.from_dict(desc['genotype'], name=str(desc['genotype'].get('name') or 'checkpoint'))
+        counts: Dict[str, int] = {}
+        for b in binarizers.values():
+            counts[b] = counts.get(b, 0) + 1
+        config = obj.get('config') if isinstance(obj.get('config'), Mapping) else {}
+        model = BNASNetwork(genotype, init_channels=int(desc['init_channels']), layers=int(desc['layers']),
+                            num_classes=int(desc['num_classes']),
+                            dataset='imagenet' if desc['family'] == 'imagenet' else 'cifar10',
+                            binarizer=max(counts, key=counts.get) if counts else None,
+                            activation=config.get('activation') or 'ste_sign')
+    # the per-conv record wins: it also holds binarizers changed after the network was built
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+    unknown = sorted(set(binarizers) - set(convs))
+    if unknown:
+        raise CheckpointError(f'the checkpoint lists binarizers for convs the rebuilt network lacks: {unknown[:4]}')
+    for name, conv in convs.items():
+        if conv.binarizer != binarizers.get(name):
+            conv.binarizer = binarizers.get(name)
+    load_checkpoint_into(model, obj, layout='bnas-nni')
+    return model.eval()

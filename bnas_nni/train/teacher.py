@@ -31,7 +31,7 @@ def _classes_of(model: nn.Module) -> int | None:
 
 def load_teacher(spec: str, *, num_classes: int, family: str = 'cifar') -> nn.Module:
     """The frozen teacher described by ``spec`` (see the module docstring), in eval mode."""
-    from ..checkpoints import load_checkpoint_file, load_checkpoint_into, read_checkpoint
+    from ..checkpoints import load_checkpoint_file, model_from_checkpoint, read_checkpoint
 
     spec = str(spec)
     if spec.startswith('torchvision:'):
@@ -52,15 +52,10 @@ def load_teacher(spec: str, *, num_classes: int, family: str = 'cifar') -> nn.Mo
             raise CheckpointError(f'teacher weights {weights} do not fit torchvision {name} with {num_classes} '
                                   f'classes: {str(exc).splitlines()[0]}') from None
     else:
-        from ..networks import BNASNetwork
-
-        obj = read_checkpoint(spec)
-        config = (obj.get('model') or {}).get('config') if isinstance(obj, dict) else None
-        if not isinstance(config, dict):
-            raise CheckpointError(f'teacher {spec}: not a bnas-nni checkpoint with an architecture description; '
-                                  'give a checkpoint written by bnas-nni train, or torchvision:NAME=FILE')
-        model = BNASNetwork.from_config(config)
-        load_checkpoint_into(model, obj, layout='bnas-nni')
+        try:
+            model = model_from_checkpoint(read_checkpoint(spec))
+        except CheckpointError as exc:
+            raise CheckpointError(f'teacher {spec}: {exc}') from None
     got = _classes_of(model)
     if got is not None and got != num_classes:
         raise ConfigError(f'teacher {spec} predicts {got} classes but the student has {num_classes}; '
