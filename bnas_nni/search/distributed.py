@@ -43,7 +43,8 @@ from ..errors import BNASError, ConfigError
 
 __all__ = ['RankMismatchError', 'GradientSync', 'EpochShardSampler', 'BatchNormSync', 'SyncedBatchNorm2d',
            'enable_sync_batch_norm', 'model_fingerprint', 'check_same_architecture', 'check_same_config',
-           'check_world_fits', 'quiet_off_main', 'lightning_ddp_options', 'check_same_export', 'fingerprint']
+           'check_world_fits', 'quiet_off_main', 'peer_failures', 'PeerFailureError', 'lightning_ddp_options',
+           'check_same_export', 'fingerprint']
 
 
 class RankMismatchError(BNASError):
@@ -313,12 +314,38 @@ def check_same_config(cfg: Mapping[str, Any], ctx: DistContext, extra: Optional[
                                 'flags and data')
 
 
+class PeerFailureError(BNASError):
+    """Another rank stopped answering (stalled past ``dist_timeout`` or died)."""
+
+
+_PEER_FAILURE = ('Timed out', 'timed out', 'Connection closed by peer', 'Connection reset by peer', 'Broken pipe')
+
+
+@contextlib.contextmanager
+def peer_failures(ctx: DistContext, timeout: Optional[float]) -> Iterator[None]:
+    """Turn a collective that timed out or lost its peer into one line on every surviving rank (rank 0
+    may be the one that is gone, so every rank says it, naming itself)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not ctx.distributed or not (isinstance(exc, getattr(dist, 'DistError', ())) or
+                                       any(s in str(exc) for s in _PEER_FAILURE)):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = detail.split('] ', 1)[-1][:160]
+        raise PeerFailureError(f'rank {ctx.rank}: no answer from the other processes within dist_timeout '
+                               f'({float(timeout or 0):g}s): {detail}; a process stalled or died, the run directory '
+                               'keeps the last finished epoch (continue it with --resume)') from None
+
+
 @contextlib.contextmanager
 def quiet_off_main(ctx: DistContext) -> Iterator[None]:
     """Let rank 0 alone print a user mistake: the other ranks exit with status 2 without a line.
     (Every rank raises the same error, see :func:`bnas_nni.distributed.collective_errors`.)"""
     try:
         yield
+    except PeerFailureError:
+        raise
     except BNASError:
         if ctx.distributed and not ctx.is_main:
             raise SystemExit(2) from None

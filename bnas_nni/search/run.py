@@ -175,12 +175,12 @@ def run_search(cfg: Dict[str, Any], *, resume: bool = False,
     and ends it when it returns. Off rank 0, a user mistake exits with status 2 without printing it.
     """
     from ..distributed import cleanup
-    from .distributed import quiet_off_main
+    from .distributed import peer_failures, quiet_off_main
 
     own = ctx is None
     ctx = search_context(cfg) if own else ctx
     try:
-        with quiet_off_main(ctx):
+        with peer_failures(ctx, cfg.get('dist_timeout')), quiet_off_main(ctx):
             return _run_search(cfg, ctx, resume=resume, epoch_callbacks=epoch_callbacks, on_running=on_running,
                                log=log if ctx.is_main else (lambda *_: None))
     finally:
@@ -262,6 +262,8 @@ def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, nam
         log(f'search: {cfg["strategy"]} on {cfg["dataset"]} ({len(train)} weight / {len(val)} architecture images), '
             f'space {cfg["space"]}, mixed cell {cfg["mixed_cell"]}, {cfg["epochs"]} epochs x '
             f'{driver.batches_per_epoch()} iterations{world}, run dir {run_dir}')
+        if cfg['sync_bn'] and not ctx.distributed:
+            log('note: sync_bn has no effect in a single process (start the search with torchrun)')
         cifar, imagenet = driver.run(resume=resume)
     finally:
         driver.rundir.close()

@@ -65,16 +65,17 @@ def run_trial(config: Optional[str], overrides: Mapping[str, Any], *, channel: O
     """Everything a search trial does (see the module docstring); returns the final metric (rank 0;
     ``{}`` on the other ranks of a torchrun trial)."""
     from ..distributed import cleanup
-    from .distributed import quiet_off_main
+    from .distributed import peer_failures, quiet_off_main
     from .run import resolve_search_config, search_context
 
     out_dir = Path(os.environ.get('NNI_OUTPUT_DIR') or Path('runs') / 'search-trial')
     overrides = dict(overrides)
     overrides.setdefault('run_dir', str(out_dir / 'search'))
     overrides.setdefault('progress', 'never')
-    ctx = search_context(resolve_search_config(config, overrides))     # device and timeout, before NNI
+    base = resolve_search_config(config, overrides)                  # device and timeout, before NNI
+    ctx = search_context(base)
     try:
-        with quiet_off_main(ctx):
+        with peer_failures(ctx, base['dist_timeout']), quiet_off_main(ctx):
             return _run_trial(config, overrides, out_dir, ctx, channel, log if ctx.is_main else (lambda *_: None))
     finally:
         cleanup(ctx)
