@@ -179,20 +179,35 @@ class _FromChannelsLast(torch.autograd.Function):
 
 
 class _BNGroup:
-    """BatchNorm2d modules (non-affine, same eps) that all normalise the same tensor."""
+    """BatchNorm2d modules (non-affine, same eps) that all normalise the same tensor.
+
+    ``sync`` (None: this process's batch): an object whose ``normalize(x, eps)`` returns ``(xhat, mean,
+    invstd, count)`` with the statistics of the whole batch over all ranks of a data-parallel search
+    (:class:`bnas_nni.search.distributed.BatchNormSync`); set by
+    :meth:`FastBinaryMixedCell.set_batch_norm_sync`. Training-mode normalisation then goes through it
+    (unfused: the same function, with a float copy kept for backward); eval mode is unchanged."""
+
+    sync = None
 
     def __init__(self, bns: List[nn.BatchNorm2d]) -> None:
         self.bns = bns
         self.eps = bns[0].eps
+
+    def _batch_stats(self, x: torch.Tensor):
+        """``(xhat, mean, invstd, count)`` of a training batch (count None: this process's batch)."""
+        if self.sync is not None:
+            return self.sync.normalize(x, self.eps)
+        xhat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+        return xhat, mean, invstd, None
 
     def normalize(self, x: torch.Tensor, training: bool) -> List[torch.Tensor]:
         """One normalised tensor per BN (the same object for BNs that normalise identically)."""
         bns = self.bns
         tracked = [bn for bn in bns if bn.track_running_stats and bn.running_mean is not None]
         if training or len(tracked) < len(bns):
-            xhat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+            xhat, mean, invstd, count = self._batch_stats(x)
             if training and tracked:
-                self._update_running_stats(x, mean, invstd, tracked)
+                self._update_running_stats(x, mean, invstd, tracked, count)
             if len(tracked) == len(bns) or training:
                 return [xhat] * len(bns)
             # eval mode with some BNs that keep no running stats: those use batch stats, others their own
@@ -217,6 +232,12 @@ class _BNGroup:
 
         ``quantize`` is the (stateless) quantizer module of one of the ops; they are interchangeable."""
         bns = self.bns
+        if training and self.sync is not None:
+            xhat, mean, invstd, count = self.sync.normalize(x, self.eps)
+            tracked = [bn for bn in bns if bn.track_running_stats and bn.running_mean is not None]
+            if tracked:
+                self._update_running_stats(x, mean, invstd, tracked, count)
+            return [quantize(xhat)] * len(bns)
         if training and type(quantize) is SteSign:
             signed, mean, invstd = _BNSignSTE.apply(x, self.eps)
             tracked = [bn for bn in bns if bn.track_running_stats and bn.running_mean is not None]
@@ -229,6 +250,12 @@ class _BNGroup:
 
     def normalize_weighted(self, x: torch.Tensor, training: bool, p: torch.Tensor) -> List[torch.Tensor]:
         """``BN_e(x) * p[e]`` for each BN ``e`` of the group."""
+        if training and self.sync is not None:
+            xhat, mean, invstd, count = self.sync.normalize(x, self.eps)
+            tracked = [bn for bn in self.bns if bn.track_running_stats and bn.running_mean is not None]
+            if tracked:
+                self._update_running_stats(x, mean, invstd, tracked, count)
+            return [xhat * p[e] for e in range(p.numel())]
         if training:
             *outs, mean, invstd = _BNWeighted.apply(x, p, self.eps)
             tracked = [bn for bn in self.bns if bn.track_running_stats and bn.running_mean is not None]
@@ -243,9 +270,9 @@ class _BNGroup:
 
     @torch.no_grad()
     def _update_running_stats(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-                              bns: List[nn.BatchNorm2d]) -> None:
+                              bns: List[nn.BatchNorm2d], count: Optional[float] = None) -> None:
         # the batch statistics the BN kernel just used: mean, and the unbiased variance nn.BatchNorm2d tracks
-        n = x.numel() // x.size(1)
+        n = count if count is not None else x.numel() // x.size(1)
         var = (invstd.pow(-2) - self.eps) * (n / max(n - 1, 1))
         counts = [bn.num_batches_tracked for bn in bns]
         torch._foreach_add_(counts, 1)
@@ -431,6 +458,17 @@ class FastBinaryMixedCell(BinaryMixedCell):
         if self.channels_last:
             this_cell = this_cell.contiguous()
         return self.postprocessor(this_cell, processed_inputs)
+
+    def set_batch_norm_sync(self, sync) -> List[nn.BatchNorm2d]:
+        """Normalise training batches of this cell's shared BN groups with ``sync`` (see :class:`_BNGroup`;
+        None restores per-process statistics). Returns the BN modules covered; BNs of ops the fast path
+        does not recognise run as modules and are not covered."""
+        covered: List[nn.BatchNorm2d] = []
+        for plan in self._plans:
+            for group in plan.bn_groups.values():
+                group.sync = sync
+                covered.extend(group.bns)
+        return covered
 
     def _index(self, values: List[int], device: torch.device) -> torch.Tensor:
         key = (tuple(values), device)
