@@ -211,6 +211,9 @@ class Job:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + 15         # SIGKILLed processes can take a moment to go on a busy machine
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def leftovers(self) -> List[int]:
         return [p for p in self.seen if _alive(p)]
