@@ -40,6 +40,7 @@ Measured with ``bench/search_step.py``.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -49,11 +50,20 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from nni.nas.oneshot.pytorch.supermodule.sampling import preprocess_cell_inputs
 
-from ..quant import BinaryConv2d, SteSign
+from ..quant import BinaryConv2d, SignBinarizer, SteSign, XnorBinarizer
 from ..ops import BNConvReLU, Zeroise
+from . import kernels
 from .mixed_cell import BinaryMixedCell
 
 __all__ = ['FastBinaryMixedCell']
+
+
+def _scope(name: str):
+    """A named torch.profiler range while a profiler runs (``bench/search_step.py --profile`` attributes the
+    convolutions inside to input-gradient, weight-gradient or recompute), else nothing."""
+    if torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _plain_bn(bn: nn.Module) -> bool:
@@ -164,6 +174,196 @@ class _BNWeighted(torch.autograd.Function):
         return gx, gp, None
 
 
+class _ConvSpec:
+    """One merged convolution of a bundle: geometry, output channels per op, and the packed int8 weights of
+    its last ternary call (reused while the weight signs are unchanged, e.g. from the architecture step to
+    the weight step of one iteration)."""
+
+    __slots__ = ('stride', 'padding', 'dilation', 'groups', 'c_out', 'trusted', '_q', '_packed')
+
+    def __init__(self, conv: BinaryConv2d) -> None:
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.c_out = conv.out_channels
+        # binarizers whose output is sign * per-filter scale by construction (others are checked per call)
+        self.trusted = type(conv.weight_quantizer) in (XnorBinarizer, SignBinarizer)
+        self._q: Optional[torch.Tensor] = None
+        self._packed: Optional[kernels.TernaryConv] = None
+
+    def ternary(self, w: torch.Tensor) -> Optional[Tuple[kernels.TernaryConv, torch.Tensor]]:
+        """The int8 convolution of ``w`` and its per-filter scale, or None if ``w`` is not ternary."""
+        tw = kernels.ternary_weight(w, trusted=self.trusted)
+        if tw is None:
+            return None
+        q, scale = tw
+        if self._packed is None or self._q.shape != q.shape or not torch.equal(self._q, q):
+            self._packed = kernels.TernaryConv(q, self.stride, self.padding, self.dilation, self.groups)
+            self._q = q
+        return self._packed, scale
+
+
+def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List[torch.Tensor],
+                          weights: List[torch.Tensor], int8: bool, keep_masks: List[bool],
+                          eval_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    """Shared body of :class:`_StateBinaryOps` (``ctx`` given) and of the no-grad forward (``ctx`` None):
+    batch norm, sign, and per bundle the sum over its convs of ``p * ReLU(conv(sign, W))``. Returns the
+    bundle outputs and the batch statistics; with ``ctx``, stores on it what the backward needs.
+    ``eval_stats``: normalise with these running (mean, var) instead (no gradients)."""
+    if eval_stats is None:
+        xhat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    else:
+        xhat = F.batch_norm(x, eval_stats[0], eval_stats[1], None, None, False, 0.0, eps)
+        mean = invstd = None
+    mask_in = (xhat.abs() < 1).view(torch.uint8) if ctx is not None else None
+    sign = xhat.sign_()
+    s_u8 = kernels.sign_to_uint8(sign) if int8 else None
+    outs, masks, tconvs, scales = [], [], [], []
+    k = 0
+    for specs, p in zip(bundles, probs):
+        y = None
+        for t, spec in enumerate(specs):
+            w = weights[k]
+            tern = spec.ternary(w) if int8 else None
+            pc = p[t].repeat_interleave(spec.c_out)
+            if tern is not None:
+                # exact integer sums ReLU(sum s * sign(W)); the per-filter scale goes with the softmax weight
+                z = tern[0](s_u8, relu=True)
+                pc = pc * tern[1].to(pc.dtype)
+            else:
+                z = F.conv2d(sign, w, None, spec.stride, spec.padding, spec.dilation, spec.groups).clamp_min_(0)
+            if ctx is not None:
+                masks.append((z > 0).view(torch.uint8) if keep_masks[k] or tern is None else None)
+                tconvs.append(tern[0] if tern is not None else None)
+                scales.append(tern[1] if tern is not None else None)
+            pc = pc.view(1, -1, 1, 1)
+            y = z.mul_(pc) if y is None else y.addcmul_(z, pc)
+            k += 1
+        outs.append(y)
+    if ctx is not None:
+        ctx.tconvs, ctx.n_masks = tconvs, [m is not None for m in masks]
+        ctx.n_scales = [sc is not None for sc in scales]
+        ctx.s_is_u8 = s_u8 is not None
+        # the sign, compactly: uint8 s + 1 when the int8 path made it, else int8 s
+        s_c = s_u8 if s_u8 is not None else sign.to(torch.int8)
+        ctx.save_for_backward(x, mean, invstd, mask_in, s_c, *[m for m in masks if m is not None],
+                              *[sc for sc in scales if sc is not None], *probs, *weights)
+    return outs, mean, invstd
+
+
+class _StateBinaryOps(torch.autograd.Function):
+    """Every binary op (training-mode BN -> ``ste_sign`` -> binary conv -> ReLU, times its softmax weight)
+    leaving one state, in one autograd node.
+
+    The state is normalised and signed once. Convs are grouped in *bundles*: convs whose outputs have the
+    same shape and go to the same destination nodes in the same order; a bundle's merged convs (one per
+    kernel type, output channels = the ops of that type on each destination edge) are summed into one
+    output, whose channel block ``e`` is the contribution of this state to the ``e``-th destination node.
+    On CPU the convolutions run as exact int8 ternary convolutions (:mod:`.kernels`) when the weights are
+    per-filter-scaled signs, else in fp32.
+
+    Kept for backward: the ``|BN(x)| < 1`` mask and the sign, one byte per element each; the state itself
+    (kept anyway by its other readers); with int8 convs nothing per conv output -- the backward recomputes
+    ``ReLU(conv)`` with the int8 kernel, which costs less than keeping a mask per conv output element
+    (``recompute`` False: uint8 ReLU masks instead, as always for fp32 convs). The gradient of each
+    softmax weight comes from the adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` when the
+    weight gradient ``dW`` is computed anyway, else (architecture step, weights frozen) from
+    ``ReLU(conv)``, which is cheaper than a weight-gradient convolution. Inputs:
+    ``x, eps, bundles, n_bundles, int8, recompute, *probs, *weights`` with ``probs[b]`` of shape
+    [convs, edges]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float, bundles, n_bundles: int, int8: bool, recompute: bool,
+                *tensors: torch.Tensor):  # type: ignore[override]
+        probs, weights = list(tensors[:n_bundles]), list(tensors[n_bundles:])
+        need_w = ctx.needs_input_grad[6 + n_bundles:]
+        keep_masks = [bool(nw) and not recompute for nw in need_w]
+        outs, mean, invstd = _binary_state_forward(ctx, x, eps, bundles, probs, weights, int8, keep_masks)
+        ctx.eps, ctx.bundles, ctx.n_bundles = eps, bundles, n_bundles
+        ctx.x_dtype = x.dtype
+        ctx.mark_non_differentiable(mean, invstd)
+        return (*outs, mean, invstd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        nb = ctx.n_bundles
+        saved = list(ctx.saved_tensors)
+        x, mean, invstd, mask_in, s_c = saved[:5]
+        rest = iter(saved[5:])
+        masks = [next(rest) if has else None for has in ctx.n_masks]
+        scales = [next(rest) if has else None for has in ctx.n_scales]
+        probs = [next(rest) for _ in range(nb)]
+        weights = list(rest)
+        need_x = ctx.needs_input_grad[0]
+        need_p = ctx.needs_input_grad[6:6 + nb]
+        need_w = ctx.needs_input_grad[6 + nb:]
+        s_f = None  # the sign as a float tensor, made once if needed
+
+        def sign_float() -> torch.Tensor:
+            nonlocal s_f
+            if s_f is None:
+                s_f = s_c.to(ctx.x_dtype)
+                if ctx.s_is_u8:
+                    s_f.sub_(1)
+            return s_f
+
+        gx_sum = None
+        g_probs: List[Optional[torch.Tensor]] = [None] * nb
+        g_weights: List[Optional[torch.Tensor]] = [None] * len(weights)
+        k = 0
+        for b, specs in enumerate(ctx.bundles):
+            g = grads[b]
+            if g is None:
+                k += len(specs)
+                continue
+            if x.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous(
+                    memory_format=torch.channels_last):
+                g = g.contiguous(memory_format=torch.channels_last)
+            p = probs[b]
+            gp = torch.zeros_like(p) if need_p[b] else None
+            for t, spec in enumerate(specs):
+                w, mask, tconv, scale = weights[k], masks[k], ctx.tconvs[k], scales[k]
+                pc = p[t].repeat_interleave(spec.c_out).view(-1, 1, 1, 1)
+                z = None  # ReLU(conv) (for int8 convs: the unscaled integer sums)
+                if mask is not None:
+                    gm = g * mask  # through the ReLU; the gradient w.r.t. the conv output is gm * p
+                else:
+                    with _scope('bnas::recompute'):
+                        z = tconv(s_c, relu=True)
+                    gm = torch.ops.aten.threshold_backward(g, z, 0)
+                conv_args = (spec.stride, spec.padding, spec.dilation, False, [0, 0], spec.groups)
+                if need_x:
+                    # conv^T(gm * p, W) == conv^T(gm, p * W): scale the small weight, not the activation
+                    with _scope('bnas::input_grad'):
+                        gi = torch.ops.aten.convolution_backward(gm, x, w * pc, None, *conv_args,
+                                                                 [True, False, False])[0]
+                    gx_sum = gi if gx_sum is None else gx_sum.add_(gi)
+                if need_w[k]:
+                    with _scope('bnas::weight_grad'):
+                        dw = torch.ops.aten.convolution_backward(gm, sign_float(), w, None, *conv_args,
+                                                                 [False, True, False])[1]
+                    g_weights[k] = dw * pc
+                    if gp is not None:
+                        gp[t] = (w * dw).sum(dim=(1, 2, 3)).view(-1, spec.c_out).sum(1)
+                elif gp is not None:
+                    if z is None:
+                        with _scope('bnas::recompute'):
+                            z = tconv(s_c, relu=True) if tconv is not None else F.conv2d(
+                                sign_float(), w, None, spec.stride, spec.padding, spec.dilation,
+                                spec.groups).clamp_min_(0)
+                    gz = (g * z).sum(dim=(0, 2, 3))
+                    if scale is not None:
+                        gz = gz * scale.to(gz.dtype)
+                    gp[t] = gz.view(-1, spec.c_out).sum(1)
+                k += 1
+            g_probs[b] = gp
+        gx = None
+        if need_x and gx_sum is not None:
+            gx_sum.mul_(mask_in)
+            gx = torch.ops.aten.native_batch_norm_backward(gx_sum, x, None, None, None, mean, invstd, True,
+                                                           ctx.eps, [True, False, False])[0]
+        return (gx, None, None, None, None, None, *g_probs, *g_weights)
+
+
 class _FromChannelsLast(torch.autograd.Function):
     """``x.contiguous()`` for a channels-last ``x`` whose gradient goes back in channels-last layout too (so
     the pooling backward also takes its fast NHWC path)."""
@@ -211,6 +411,17 @@ class _BNGroup:
                 done.append((bn, t))
                 out.append(t)
         return out
+
+    def common_running_stats(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The running (mean, var) when every BN of the group keeps exactly the same ones, else None."""
+        bns = self.bns
+        ref = bns[0]
+        if any(bn.running_mean is None or bn.eps != ref.eps for bn in bns):
+            return None
+        if all(torch.equal(bn.running_mean, ref.running_mean) and torch.equal(bn.running_var, ref.running_var)
+               for bn in bns[1:]):
+            return ref.running_mean, ref.running_var
+        return None
 
     def normalize_quantize(self, x: torch.Tensor, training: bool, quantize: nn.Module) -> List[torch.Tensor]:
         """``quantize(BN(x))`` per BN, shared where the normalisations are shared (fused for ``ste_sign``).
@@ -274,6 +485,35 @@ class _StatePlan:
         self.generic: List[Tuple[int, str, nn.Module]] = []
         self.zero_nodes: List[int] = []
         self.bn_groups: Dict[Tuple, _BNGroup] = {}
+        # per binary key: bundles (destination nodes, merged convs whose outputs are summed); see _StateBinaryOps
+        self.bundles: Dict[Tuple, List[Tuple[Tuple[int, ...], List['_MergedConv']]]] = {}
+
+
+class _MergedConv:
+    """The binary ops of one kernel type leaving a state (one per destination edge), run as one conv."""
+
+    __slots__ = ('spec', 'items')
+
+    def __init__(self, items: List[Tuple[int, str, BNConvReLU]]) -> None:
+        self.items = items
+        self.spec = _ConvSpec(items[0][2].op[0])
+
+
+def _bundle(items: List[Tuple[int, str, BNConvReLU]]) -> List[Tuple[Tuple[int, ...], List[_MergedConv]]]:
+    """Group the binary ops of one state by kernel type, then bundle the kernel types whose outputs can be
+    summed: same destination nodes in the same order, same stride, channels and output size."""
+    by_conv: Dict[Tuple, List[Tuple[int, str, BNConvReLU]]] = OrderedDict()
+    for item in items:
+        by_conv.setdefault(_conv_key(item[2].op[0]), []).append(item)
+    bundles: Dict[Tuple, Tuple[Tuple[int, ...], List[_MergedConv]]] = OrderedDict()
+    for group in by_conv.values():
+        conv = group[0][2].op[0]
+        dests = tuple(i for i, _, _ in group)
+        # the output size is (H + 2p - d(k-1) - 1) // s + 1: equal for every H when s and 2p - d(k-1) are
+        shape_key = (conv.stride, conv.out_channels,
+                     tuple(2 * p - d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)))
+        bundles.setdefault((dests, shape_key), (dests, []))[1].append(_MergedConv(group))
+    return list(bundles.values())
 
 
 def _conv_key(conv: BinaryConv2d) -> Tuple:
@@ -314,16 +554,22 @@ class FastBinaryMixedCell(BinaryMixedCell):
 
     Class attributes
     ----------------
-    channels_last : bool
-        Run the cell in channels-last memory format (off by default: it was slower on CPU; see
-        ``bench/search_step.py --cells fast-cl``).
+    channels_last : bool or None
+        Run the cell in channels-last memory format. ``None`` (default): on CPU when the fast kernels are on
+        (the int8 ternary convolution wants NHWC, and PyTorch's NHWC dilated convs and pools are faster).
+        The cell returns its output in the layout of its input either way; a model run channels-last end
+        to end (``model.to(memory_format=torch.channels_last)`` and channels-last inputs) converts nothing.
+    recompute_relu_masks : bool
+        With int8 convs, recompute ``ReLU(conv)`` in backward instead of keeping a byte mask per conv output
+        element (on by default: less memory, and the int8 recompute costs about what the masks cost).
     pool_channels_last : bool
         Pool in channels-last layout on CPU (on by default: PyTorch's NHWC max/avg pooling kernels are several
         times faster there; the result is the same).
     """
 
-    channels_last: bool = False
+    channels_last: Optional[bool] = None
     pool_channels_last: bool = True
+    recompute_relu_masks: bool = True
 
     def __init__(self, op_factory, num_nodes, num_ops_per_node, num_predecessors, preprocessor, postprocessor,
                  concat_dim, memo, mutate_kwargs, label):
@@ -353,6 +599,7 @@ class FastBinaryMixedCell(BinaryMixedCell):
         for plan in plans:
             for key, items in plan.binary.items():
                 plan.bn_groups[('binary',) + key] = _BNGroup([op.bn for _, _, op in items])
+                plan.bundles[key] = _bundle(items)
             for key, (_, items) in plan.pools.items():
                 plan.bn_groups[('pool',) + key] = _BNGroup([bn for _, _, bn in items])
         return plans
@@ -360,7 +607,13 @@ class FastBinaryMixedCell(BinaryMixedCell):
     def forward(self, *inputs):
         processed_inputs: List[torch.Tensor] = preprocess_cell_inputs(self.num_predecessors, *inputs)
         states: List[torch.Tensor] = list(self.preprocessor(processed_inputs))
-        if self.channels_last:
+        cl = self.channels_last
+        if cl is None:
+            cl = kernels.fast_kernels_enabled() and states[0].device.type == 'cpu' and states[0].dim() == 4
+        given = processed_inputs[-1]
+        caller_cl = given.dim() == 4 and given.is_contiguous(memory_format=torch.channels_last) \
+            and not given.is_contiguous()
+        if cl:
             states = [s.contiguous(memory_format=torch.channels_last) for s in states]
         P, N = self.num_predecessors, self.num_nodes
         col = {name: k for k, name in enumerate(self.op_names)}
@@ -371,9 +624,16 @@ class FastBinaryMixedCell(BinaryMixedCell):
         row = {ij: r for r, ij in enumerate((i, j) for i in range(P, P + N) for j in range(i))}
         # contributions to each node, summed as they come (no stacking of op outputs)
         acc: Dict[int, Optional[torch.Tensor]] = {i: None for i in range(P, P + N)}
+        owned = set()  # nodes whose sum is a tensor made here (added to in place; never a view of an op output)
 
         def add(i: int, t: torch.Tensor) -> None:
-            acc[i] = t if acc[i] is None else acc[i] + t
+            if acc[i] is None:
+                acc[i] = t
+            elif i in owned:
+                acc[i].add_(t)
+            else:
+                acc[i] = acc[i] + t
+                owned.add(i)
 
         training = self.training
         for j in range(P + N - 1):  # the last node feeds no edge
@@ -383,30 +643,8 @@ class FastBinaryMixedCell(BinaryMixedCell):
             plan = self._plans[j]
             # binary ops: one normalisation and sign per BN group, one conv per kernel type
             for key, items in plan.binary.items():
-                quantizer = items[0][2].quantizer
-                signed = plan.bn_groups[('binary',) + key].normalize_quantize(x, training, quantizer)
-                convs: Dict[Tuple, List[Tuple[int, str, BNConvReLU]]] = OrderedDict()
-                inputs: Dict[int, torch.Tensor] = {}
-                for (i, name, op), sx in zip(items, signed):
-                    inputs[id(sx)] = sx
-                    convs.setdefault((id(sx), _conv_key(op.op[0])), []).append((i, name, op))
-                # the sign is saved once per state as int8 for the weight gradients (exact: values -1, 0, 1)
-                compact = {sid: sx.to(torch.int8) if type(quantizer) is SteSign and torch.is_grad_enabled() else None
-                           for sid, sx in inputs.items()}
-                for (sid, _), group in convs.items():
-                    conv0 = group[0][2].op[0]
-                    idx = self._index([row[(i, j)] * n_ops + col[name] for i, name, _ in group], x.device)
-                    pw = probs.reshape(-1).index_select(0, idx).to(x.dtype).repeat_interleave(conv0.out_channels)
-                    if torch.is_grad_enabled():
-                        y = _ConvReLUScale.apply(inputs[sid], self._merged_weight(group), pw, conv0.stride,
-                                                 conv0.padding, conv0.dilation, conv0.groups, compact[sid])
-                    else:  # evaluation: nothing to keep for backward
-                        y = F.conv2d(inputs[sid], self._merged_weight(group), None, conv0.stride, conv0.padding,
-                                     conv0.dilation, conv0.groups).clamp_min_(0).mul_(pw.view(1, -1, 1, 1))
-                    # split (one backward node concatenating the grads), not slicing (a zero-filled
-                    # full-size grad per slice)
-                    for (i, _, _), part in zip(group, y.split(conv0.out_channels, 1) if len(group) > 1 else [y]):
-                        add(i, part)
+                for i, part in self._binary_ops(plan, key, items, x, probs, row, col, j):
+                    add(i, part)
             # pools: pooled once, normalised once, weighted per edge
             # (on CPU in channels-last layout: PyTorch's NHWC pooling kernels are ~5x faster than NCHW ones)
             x_pool = x.contiguous(memory_format=torch.channels_last) if plan.pools and self.pool_channels_last \
@@ -428,9 +666,82 @@ class FastBinaryMixedCell(BinaryMixedCell):
         states.append(acc[last] if acc[last] is not None else self._zero_state(states, last))
 
         this_cell = torch.cat(states[P:], self.concat_dim)
-        if self.channels_last:
+        if cl and not caller_cl:
             this_cell = this_cell.contiguous()
         return self.postprocessor(this_cell, processed_inputs)
+
+    def _binary_ops_plain(self, plan: '_StatePlan', key: Tuple, items, x: torch.Tensor, probs: torch.Tensor,
+                          row, col, j: int):
+        """The binary ops of one BN group, per kernel type (eval mode with unequal BN statistics, quantizers
+        other than ``ste_sign``, ``BNAS_FAST_KERNELS=0``): yields ``(node, contribution)``."""
+        training = self.training
+        n_ops = probs.size(1)
+        quantizer = items[0][2].quantizer
+        signed = plan.bn_groups[('binary',) + key].normalize_quantize(x, training, quantizer)
+        convs: Dict[Tuple, List[Tuple[int, str, BNConvReLU]]] = OrderedDict()
+        inputs: Dict[int, torch.Tensor] = {}
+        for (i, name, op), sx in zip(items, signed):
+            inputs[id(sx)] = sx
+            convs.setdefault((id(sx), _conv_key(op.op[0])), []).append((i, name, op))
+        # the sign is saved once per state as int8 for the weight gradients (exact: values -1, 0, 1)
+        compact = {sid: sx.to(torch.int8) if type(quantizer) is SteSign and torch.is_grad_enabled() else None
+                   for sid, sx in inputs.items()}
+        for (sid, _), group in convs.items():
+            conv0 = group[0][2].op[0]
+            idx = self._index([row[(i, j)] * n_ops + col[name] for i, name, _ in group], x.device)
+            pw = probs.reshape(-1).index_select(0, idx).to(x.dtype).repeat_interleave(conv0.out_channels)
+            if torch.is_grad_enabled():
+                y = _ConvReLUScale.apply(inputs[sid], self._merged_weight(group), pw, conv0.stride,
+                                         conv0.padding, conv0.dilation, conv0.groups, compact[sid])
+            else:  # evaluation: nothing to keep for backward
+                y = F.conv2d(inputs[sid], self._merged_weight(group), None, conv0.stride, conv0.padding,
+                             conv0.dilation, conv0.groups).clamp_min_(0).mul_(pw.view(1, -1, 1, 1))
+            # split (one backward node concatenating the grads), not slicing (a zero-filled
+            # full-size grad per slice)
+            for (i, _, _), part in zip(group, y.split(conv0.out_channels, 1) if len(group) > 1 else [y]):
+                yield i, part
+
+    def _binary_ops(self, plan: '_StatePlan', key: Tuple, items, x: torch.Tensor, probs: torch.Tensor, row, col,
+                    j: int):
+        """The binary ops of one BN group (all reading ``x``): yields ``(node, contribution)``.
+
+        Fused (:class:`_StateBinaryOps`) when the BNs normalise alike (training mode, or eval mode with
+        equal running statistics) and the quantizer is ``ste_sign``; else per kernel type."""
+        quantizer = items[0][2].quantizer
+        group = plan.bn_groups[('binary',) + key]
+        training = self.training
+        fused = kernels.fast_kernels_enabled() and type(quantizer) is SteSign and x.dim() == 4
+        eval_stats = None
+        if fused and not training:
+            # eval: one normalisation only if every BN keeps the same running statistics; no gradients
+            eval_stats = group.common_running_stats()
+            fused = eval_stats is not None and not torch.is_grad_enabled()
+        if not fused:
+            yield from self._binary_ops_plain(plan, key, items, x, probs, row, col, j)
+            return
+        bundles = plan.bundles[key]
+        n_ops = probs.size(1)
+        flat = probs.reshape(-1)
+        p_list = [flat.index_select(0, self._index([row[(i, j)] * n_ops + col[name] for c in convs
+                                                     for i, name, _ in c.items], x.device))
+                  .view(len(convs), -1).to(x.dtype) for _, convs in bundles]
+        weights = [self._merged_weight(c.items) for _, convs in bundles for c in convs]
+        specs = [[c.spec for c in convs] for _, convs in bundles]
+        int8 = x.dtype == torch.float32 and x.device.type == 'cpu' and kernels.ternary_conv_supported()
+        if torch.is_grad_enabled():
+            *ys, mean, invstd = _StateBinaryOps.apply(x, group.eps, specs, len(bundles), int8,
+                                                      self.recompute_relu_masks, *p_list, *weights)
+        else:
+            ys, mean, invstd = _binary_state_forward(None, x, group.eps, specs, p_list, weights, int8, [],
+                                                     eval_stats=eval_stats)
+        if training:
+            tracked = [bn for bn in group.bns if bn.track_running_stats and bn.running_mean is not None]
+            if tracked:
+                group._update_running_stats(x, mean, invstd, tracked)
+        for (dests, convs), y in zip(bundles, ys):
+            c_out = convs[0].spec.c_out
+            for i, part in zip(dests, y.split(c_out, 1) if len(dests) > 1 else [y]):
+                yield i, part
 
     def _index(self, values: List[int], device: torch.device) -> torch.Tensor:
         key = (tuple(values), device)
