@@ -278,7 +278,7 @@ def test_packed_weights_follow_weight_changes():
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), **dict(zip(('rtol', 'atol'), TOL[torch.float32])))
         specs = [c.spec for m in fast.modules() if type(m) is FastBinaryMixedCell
-                 for plan in m._plans for bundles in plan.bundles.values() for _, convs in bundles for c in convs]
+                 for plan in m._plans for bundles in plan.bundles.values() for b in bundles for c in b.convs]
         packed = [s._packed for s in specs]
         fast(x)
         assert [s._packed for s in specs] == packed       # same weights: nothing repacked

@@ -205,9 +205,10 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
                           weights: List[torch.Tensor], int8: bool, keep_masks: List[bool],
                           eval_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """Shared body of :class:`_StateBinaryOps` (``ctx`` given) and of the no-grad forward (``ctx`` None):
-    batch norm, sign, and per bundle the sum over its convs of ``p * ReLU(conv(sign, W))``. Returns the
-    bundle outputs and the batch statistics; with ``ctx``, stores on it what the backward needs.
-    ``eval_stats``: normalise with these running (mean, var) instead (no gradients)."""
+    batch norm, sign, and per bundle the sum over its convs of ``p * ReLU(conv(sign, W))`` and over its
+    pools of ``p * BN(pool(x))``. Returns the bundle outputs, the batch statistics of ``x`` and of each
+    pooled tensor; with ``ctx``, stores on it what the backward needs. ``eval_stats``: normalise ``x`` with
+    these running (mean, var) instead (no gradients; bundles then carry no pools)."""
     if eval_stats is None:
         xhat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
     else:
@@ -216,11 +217,11 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
     mask_in = (xhat.abs() < 1).view(torch.uint8) if ctx is not None else None
     sign = xhat.sign_()
     s_u8 = kernels.sign_to_uint8(sign) if int8 else None
-    outs, masks, tconvs, scales = [], [], [], []
+    outs, masks, tconvs, scales, pool_stats = [], [], [], [], []
     k = 0
-    for specs, p in zip(bundles, probs):
+    for (conv_specs, pool_specs), p in zip(bundles, probs):
         y = None
-        for t, spec in enumerate(specs):
+        for t, spec in enumerate(conv_specs):
             w = weights[k]
             tern = spec.ternary(w) if int8 else None
             pc = p[t].repeat_interleave(spec.c_out)
@@ -237,6 +238,12 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
             pc = pc.view(1, -1, 1, 1)
             y = z.mul_(pc) if y is None else y.addcmul_(z, pc)
             k += 1
+        n_edges = p.size(1)
+        for q, pspec in enumerate(pool_specs):
+            # pooled once, normalised once, added to every destination block with its weight; nothing kept
+            xh, pmean, pinvstd = torch.native_batch_norm(pspec(x), None, None, None, None, True, 0.0, pspec.eps)
+            y.unflatten(1, (n_edges, -1)).addcmul_(xh.unsqueeze(1), p[len(conv_specs) + q].view(1, -1, 1, 1, 1))
+            pool_stats.extend((pmean, pinvstd))
         outs.append(y)
     if ctx is not None:
         ctx.tconvs, ctx.n_masks = tconvs, [m is not None for m in masks]
@@ -245,30 +252,33 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
         # the sign, compactly: uint8 s + 1 when the int8 path made it, else int8 s
         s_c = s_u8 if s_u8 is not None else sign.to(torch.int8)
         ctx.save_for_backward(x, mean, invstd, mask_in, s_c, *[m for m in masks if m is not None],
-                              *[sc for sc in scales if sc is not None], *probs, *weights)
-    return outs, mean, invstd
+                              *[sc for sc in scales if sc is not None], *pool_stats, *probs, *weights)
+    return outs, mean, invstd, pool_stats
 
 
 class _StateBinaryOps(torch.autograd.Function):
-    """Every binary op (training-mode BN -> ``ste_sign`` -> binary conv -> ReLU, times its softmax weight)
-    leaving one state, in one autograd node.
+    """Every binary op (training-mode BN -> ``ste_sign`` -> binary conv -> ReLU) and pool (pool -> BN) leaving
+    one state, times their softmax weights, in one autograd node.
 
-    The state is normalised and signed once. Convs are grouped in *bundles*: convs whose outputs have the
-    same shape and go to the same destination nodes in the same order; a bundle's merged convs (one per
-    kernel type, output channels = the ops of that type on each destination edge) are summed into one
-    output, whose channel block ``e`` is the contribution of this state to the ``e``-th destination node.
-    On CPU the convolutions run as exact int8 ternary convolutions (:mod:`.kernels`) when the weights are
-    per-filter-scaled signs, else in fp32.
+    The state is normalised and signed once. Ops are grouped in *bundles*: ops whose outputs have the same
+    shape and go to the same destination nodes in the same order; a bundle's merged convs (one per kernel
+    type, output channels = the ops of that type on each destination edge) and pools (each pooled and
+    normalised once, added to every destination block) are summed into one output, whose channel block
+    ``e`` is the contribution of this state to the ``e``-th destination node. On CPU the convolutions run as
+    exact int8 ternary convolutions (:mod:`.kernels`) when the weights are per-filter-scaled signs, else in
+    fp32.
 
     Kept for backward: the ``|BN(x)| < 1`` mask and the sign, one byte per element each; the state itself
-    (kept anyway by its other readers); with int8 convs nothing per conv output -- the backward recomputes
-    ``ReLU(conv)`` with the int8 kernel, which costs less than keeping a mask per conv output element
-    (``recompute`` False: uint8 ReLU masks instead, as always for fp32 convs). The gradient of each
-    softmax weight comes from the adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` when the
-    weight gradient ``dW`` is computed anyway, else (architecture step, weights frozen) from
-    ``ReLU(conv)``, which is cheaper than a weight-gradient convolution. Inputs:
-    ``x, eps, bundles, n_bundles, int8, recompute, *probs, *weights`` with ``probs[b]`` of shape
-    [convs, edges]."""
+    (kept anyway by its other readers); the pools' batch statistics; uint8 ReLU masks of the convs when
+    weight gradients are needed (``recompute`` True and int8 convs: none, the backward recomputes
+    ``ReLU(conv)`` with the int8 kernel instead). Without weight gradients (the architecture step) nothing
+    per conv output is kept: the int8 kernel recomputes ``ReLU(conv)``. Pools are recomputed. The gradient of each conv's softmax weight comes from the adjoint identity
+    ``sum g * ReLU(conv(s, W)) = sum W * dW`` when the weight gradient ``dW`` is computed anyway, else
+    (architecture step, weights frozen) from ``ReLU(conv)``, cheaper than a weight-gradient convolution.
+    Inputs: ``x, eps, bundles, n_bundles, int8, recompute, *probs, *weights``; ``bundles[b]`` is
+    ``(conv specs, pool specs)`` and ``probs[b]`` has one row per conv then per pool, one column per edge.
+    Outputs: the bundle outputs, then (not differentiable) the batch mean and invstd of the state and of
+    each pooled tensor."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float, bundles, n_bundles: int, int8: bool, recompute: bool,
@@ -276,11 +286,12 @@ class _StateBinaryOps(torch.autograd.Function):
         probs, weights = list(tensors[:n_bundles]), list(tensors[n_bundles:])
         need_w = ctx.needs_input_grad[6 + n_bundles:]
         keep_masks = [bool(nw) and not recompute for nw in need_w]
-        outs, mean, invstd = _binary_state_forward(ctx, x, eps, bundles, probs, weights, int8, keep_masks)
+        outs, mean, invstd, pool_stats = _binary_state_forward(ctx, x, eps, bundles, probs, weights, int8,
+                                                               keep_masks)
         ctx.eps, ctx.bundles, ctx.n_bundles = eps, bundles, n_bundles
         ctx.x_dtype = x.dtype
-        ctx.mark_non_differentiable(mean, invstd)
-        return (*outs, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd, *pool_stats)
+        return (*outs, mean, invstd, *pool_stats)
 
     @staticmethod
     @once_differentiable
@@ -291,6 +302,7 @@ class _StateBinaryOps(torch.autograd.Function):
         rest = iter(saved[5:])
         masks = [next(rest) if has else None for has in ctx.n_masks]
         scales = [next(rest) if has else None for has in ctx.n_scales]
+        pool_stats = [next(rest) for _, pools in ctx.bundles for _ in range(2 * len(pools))]
         probs = [next(rest) for _ in range(nb)]
         weights = list(rest)
         need_x = ctx.needs_input_grad[0]
@@ -306,21 +318,23 @@ class _StateBinaryOps(torch.autograd.Function):
                     s_f.sub_(1)
             return s_f
 
-        gx_sum = None
+        gx_sum = None    # gradient w.r.t. sign(BN(x)), summed over the convs
+        gx_pools = None  # gradient w.r.t. x through the pools
         g_probs: List[Optional[torch.Tensor]] = [None] * nb
         g_weights: List[Optional[torch.Tensor]] = [None] * len(weights)
-        k = 0
-        for b, specs in enumerate(ctx.bundles):
+        k = kp = 0
+        for b, (conv_specs, pool_specs) in enumerate(ctx.bundles):
             g = grads[b]
             if g is None:
-                k += len(specs)
+                k += len(conv_specs)
+                kp += 2 * len(pool_specs)
                 continue
             if x.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous(
                     memory_format=torch.channels_last):
                 g = g.contiguous(memory_format=torch.channels_last)
             p = probs[b]
             gp = torch.zeros_like(p) if need_p[b] else None
-            for t, spec in enumerate(specs):
+            for t, spec in enumerate(conv_specs):
                 w, mask, tconv, scale = weights[k], masks[k], ctx.tconvs[k], scales[k]
                 pc = p[t].repeat_interleave(spec.c_out).view(-1, 1, 1, 1)
                 z = None  # ReLU(conv) (for int8 convs: the unscaled integer sums)
@@ -355,12 +369,36 @@ class _StateBinaryOps(torch.autograd.Function):
                         gz = gz * scale.to(gz.dtype)
                     gp[t] = gz.view(-1, spec.c_out).sum(1)
                 k += 1
+            if pool_specs and (need_x or gp is not None):
+                gv = g.unflatten(1, (p.size(1), -1))  # [B, edges, C, H, W]
+                for q, pspec in enumerate(pool_specs):
+                    row = len(conv_specs) + q
+                    pmean, pinvstd = pool_stats[kp], pool_stats[kp + 1]
+                    kp += 2
+                    with _scope('bnas::recompute'):
+                        pooled, idx = pspec(x, indices=True) if pspec.kind == 'max' else (pspec(x), None)
+                    if gp is not None:
+                        xh = (pooled - pmean.view(1, -1, 1, 1)) * pinvstd.view(1, -1, 1, 1)
+                        for e in range(p.size(1)):
+                            gp[row, e] = (gv[:, e] * xh).sum()
+                    if need_x:
+                        gxh = gv[:, 0] * p[row, 0]
+                        for e in range(1, p.size(1)):
+                            gxh.addcmul_(gv[:, e], p[row, e])
+                        gpooled = torch.ops.aten.native_batch_norm_backward(
+                            gxh, pooled, None, None, None, pmean, pinvstd, True, pspec.eps, [True, False, False])[0]
+                        gpx = pspec.backward(gpooled, x, idx)
+                        gx_pools = gpx if gx_pools is None else gx_pools.add_(gpx)
+            else:
+                kp += 2 * len(pool_specs)
             g_probs[b] = gp
         gx = None
         if need_x and gx_sum is not None:
             gx_sum.mul_(mask_in)
             gx = torch.ops.aten.native_batch_norm_backward(gx_sum, x, None, None, None, mean, invstd, True,
                                                            ctx.eps, [True, False, False])[0]
+        if need_x and gx_pools is not None:
+            gx = gx_pools if gx is None else gx.add_(gx_pools)
         return (gx, None, None, None, None, None, *g_probs, *g_weights)
 
 
@@ -392,7 +430,7 @@ class _BNGroup:
         if training or len(tracked) < len(bns):
             xhat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
             if training and tracked:
-                self._update_running_stats(x, mean, invstd, tracked)
+                self._update_running_stats(x.numel() // x.size(1), mean, invstd, tracked)
             if len(tracked) == len(bns) or training:
                 return [xhat] * len(bns)
             # eval mode with some BNs that keep no running stats: those use batch stats, others their own
@@ -432,7 +470,7 @@ class _BNGroup:
             signed, mean, invstd = _BNSignSTE.apply(x, self.eps)
             tracked = [bn for bn in bns if bn.track_running_stats and bn.running_mean is not None]
             if tracked:
-                self._update_running_stats(x, mean, invstd, tracked)
+                self._update_running_stats(x.numel() // x.size(1), mean, invstd, tracked)
             return [signed] * len(bns)
         done: Dict[int, torch.Tensor] = {}
         return [done[id(t)] if id(t) in done else done.setdefault(id(t), quantize(t))
@@ -444,7 +482,7 @@ class _BNGroup:
             *outs, mean, invstd = _BNWeighted.apply(x, p, self.eps)
             tracked = [bn for bn in self.bns if bn.track_running_stats and bn.running_mean is not None]
             if tracked:
-                self._update_running_stats(x, mean, invstd, tracked)
+                self._update_running_stats(x.numel() // x.size(1), mean, invstd, tracked)
             return outs
         return [t * p[e] for e, t in enumerate(self.normalize(x, training))]
 
@@ -453,10 +491,10 @@ class _BNGroup:
         return F.batch_norm(x, bn.running_mean, bn.running_var, None, None, False, 0.0, bn.eps)
 
     @torch.no_grad()
-    def _update_running_stats(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    def _update_running_stats(self, n: int, mean: torch.Tensor, invstd: torch.Tensor,
                               bns: List[nn.BatchNorm2d]) -> None:
+        """``n``: the number of values per channel that the batch statistics ``mean, invstd`` were taken over."""
         # the batch statistics the BN kernel just used: mean, and the unbiased variance nn.BatchNorm2d tracks
-        n = x.numel() // x.size(1)
         var = (invstd.pow(-2) - self.eps) * (n / max(n - 1, 1))
         counts = [bn.num_batches_tracked for bn in bns]
         torch._foreach_add_(counts, 1)
@@ -485,8 +523,10 @@ class _StatePlan:
         self.generic: List[Tuple[int, str, nn.Module]] = []
         self.zero_nodes: List[int] = []
         self.bn_groups: Dict[Tuple, _BNGroup] = {}
-        # per binary key: bundles (destination nodes, merged convs whose outputs are summed); see _StateBinaryOps
-        self.bundles: Dict[Tuple, List[Tuple[Tuple[int, ...], List['_MergedConv']]]] = {}
+        # per binary key: bundles of merged convs (and pools) whose outputs are summed; see _StateBinaryOps
+        self.bundles: Dict[Tuple, List['_Bundle']] = {}
+        # pool keys computed inside a bundle in training mode (else by the pool loop)
+        self.fused_pools: Dict[Tuple, List[Tuple]] = {}
 
 
 class _MergedConv:
@@ -499,21 +539,99 @@ class _MergedConv:
         self.spec = _ConvSpec(items[0][2].op[0])
 
 
-def _bundle(items: List[Tuple[int, str, BNConvReLU]]) -> List[Tuple[Tuple[int, ...], List[_MergedConv]]]:
+class _PoolSpec:
+    """A max or average pool followed by a non-affine batch norm, as computed inside a bundle."""
+
+    __slots__ = ('kind', 'kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode', 'count_include_pad',
+                 'divisor_override', 'eps')
+
+    def __init__(self, pool: nn.Module, bn: nn.BatchNorm2d) -> None:
+        pair = torch.nn.modules.utils._pair
+        self.kind = 'max' if type(pool) is nn.MaxPool2d else 'avg'
+        self.kernel_size, self.padding = pair(pool.kernel_size), pair(pool.padding)
+        self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.dilation = pair(getattr(pool, 'dilation', 1))
+        self.ceil_mode = pool.ceil_mode
+        self.count_include_pad = getattr(pool, 'count_include_pad', True)
+        self.divisor_override = getattr(pool, 'divisor_override', None)
+        self.eps = bn.eps
+
+    def shape_key(self, channels: int) -> Optional[Tuple]:
+        if self.ceil_mode:
+            return None
+        return (self.stride, channels, tuple(2 * p - d * (k - 1) for p, d, k in
+                                             zip(self.padding, self.dilation, self.kernel_size)))
+
+    def __call__(self, x: torch.Tensor, indices: bool = False):
+        if self.kind == 'max':
+            fn = torch.ops.aten.max_pool2d_with_indices if indices else torch.ops.aten.max_pool2d
+            return fn(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        return torch.ops.aten.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                         self.count_include_pad, self.divisor_override)
+
+    def backward(self, g: torch.Tensor, x: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.kind == 'max':
+            return torch.ops.aten.max_pool2d_with_indices_backward(g, x, self.kernel_size, self.stride, self.padding,
+                                                                   self.dilation, self.ceil_mode, indices)
+        return torch.ops.aten.avg_pool2d_backward(g, x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                                  self.count_include_pad, self.divisor_override)
+
+
+class _FusedPool:
+    """The pool ops of one kind leaving a state (one per destination edge, each with its own BN)."""
+
+    __slots__ = ('key', 'spec', 'items')
+
+    def __init__(self, key: Tuple, pool: nn.Module, items: List[Tuple[int, str, nn.BatchNorm2d]]) -> None:
+        self.key, self.items = key, items
+        self.spec = _PoolSpec(pool, items[0][2])
+
+
+class _Bundle:
+    """Ops leaving one state whose outputs are summed: same destination nodes in the same order, same
+    output shape. Channel block ``e`` of the bundle's output goes to node ``dests[e]``."""
+
+    __slots__ = ('dests', 'convs', 'pools', 'shape_key')
+
+    def __init__(self, dests: Tuple[int, ...], shape_key: Tuple) -> None:
+        self.dests, self.shape_key = dests, shape_key
+        self.convs: List[_MergedConv] = []
+        self.pools: List[_FusedPool] = []
+
+
+def _conv_shape_key(conv: BinaryConv2d) -> Tuple:
+    # the output size is (H + 2p - d(k-1) - 1) // s + 1: equal for every H when s and 2p - d(k-1) are
+    return (conv.stride, conv.out_channels,
+            tuple(2 * p - d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)))
+
+
+def _bundle(items: List[Tuple[int, str, BNConvReLU]]) -> List[_Bundle]:
     """Group the binary ops of one state by kernel type, then bundle the kernel types whose outputs can be
     summed: same destination nodes in the same order, same stride, channels and output size."""
     by_conv: Dict[Tuple, List[Tuple[int, str, BNConvReLU]]] = OrderedDict()
     for item in items:
         by_conv.setdefault(_conv_key(item[2].op[0]), []).append(item)
-    bundles: Dict[Tuple, Tuple[Tuple[int, ...], List[_MergedConv]]] = OrderedDict()
+    bundles: Dict[Tuple, _Bundle] = OrderedDict()
     for group in by_conv.values():
-        conv = group[0][2].op[0]
         dests = tuple(i for i, _, _ in group)
-        # the output size is (H + 2p - d(k-1) - 1) // s + 1: equal for every H when s and 2p - d(k-1) are
-        shape_key = (conv.stride, conv.out_channels,
-                     tuple(2 * p - d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)))
-        bundles.setdefault((dests, shape_key), (dests, []))[1].append(_MergedConv(group))
+        shape_key = _conv_shape_key(group[0][2].op[0])
+        bundles.setdefault((dests, shape_key), _Bundle(dests, shape_key)).convs.append(_MergedConv(group))
     return list(bundles.values())
+
+
+def _attach_pools(plan: '_StatePlan') -> None:
+    """Put each pool kind of the state into the bundle with the same destinations and output shape (so that
+    training-mode pools are computed and summed inside the state's fused function)."""
+    for key, (pool, items) in plan.pools.items():
+        fp = _FusedPool(key, pool, items)
+        dests = tuple(i for i, _, _ in items)
+        shape_key = fp.spec.shape_key(items[0][2].num_features)
+        for bkey, bundles in plan.bundles.items():
+            target = next((b for b in bundles if b.dests == dests and b.shape_key == shape_key), None)
+            if target is not None:
+                target.pools.append(fp)
+                plan.fused_pools.setdefault(bkey, []).append(key)
+                break
 
 
 def _conv_key(conv: BinaryConv2d) -> Tuple:
@@ -560,8 +678,10 @@ class FastBinaryMixedCell(BinaryMixedCell):
         The cell returns its output in the layout of its input either way; a model run channels-last end
         to end (``model.to(memory_format=torch.channels_last)`` and channels-last inputs) converts nothing.
     recompute_relu_masks : bool
-        With int8 convs, recompute ``ReLU(conv)`` in backward instead of keeping a byte mask per conv output
-        element (on by default: less memory, and the int8 recompute costs about what the masks cost).
+        With int8 convs, recompute ``ReLU(conv)`` in the backward of a step that computes weight gradients
+        instead of keeping a byte mask per conv output element (off by default: the masks cost ~120 MiB at
+        batch 32 on the paper supernet and save ~15% of a weight step on CPU). Steps without weight
+        gradients (the architecture step) always recompute: they need ``ReLU(conv)`` itself.
     pool_channels_last : bool
         Pool in channels-last layout on CPU (on by default: PyTorch's NHWC max/avg pooling kernels are several
         times faster there; the result is the same).
@@ -569,7 +689,7 @@ class FastBinaryMixedCell(BinaryMixedCell):
 
     channels_last: Optional[bool] = None
     pool_channels_last: bool = True
-    recompute_relu_masks: bool = True
+    recompute_relu_masks: bool = False
 
     def __init__(self, op_factory, num_nodes, num_ops_per_node, num_predecessors, preprocessor, postprocessor,
                  concat_dim, memo, mutate_kwargs, label):
@@ -602,6 +722,7 @@ class FastBinaryMixedCell(BinaryMixedCell):
                 plan.bundles[key] = _bundle(items)
             for key, (_, items) in plan.pools.items():
                 plan.bn_groups[('pool',) + key] = _BNGroup([bn for _, _, bn in items])
+            _attach_pools(plan)
         return plans
 
     def forward(self, *inputs):
@@ -642,14 +763,18 @@ class FastBinaryMixedCell(BinaryMixedCell):
             x = states[j]
             plan = self._plans[j]
             # binary ops: one normalisation and sign per BN group, one conv per kernel type
+            done_pools: set = set()
             for key, items in plan.binary.items():
-                for i, part in self._binary_ops(plan, key, items, x, probs, row, col, j):
+                for i, part in self._binary_ops(plan, key, items, x, probs, row, col, j, done_pools):
                     add(i, part)
             # pools: pooled once, normalised once, weighted per edge
             # (on CPU in channels-last layout: PyTorch's NHWC pooling kernels are ~5x faster than NCHW ones)
-            x_pool = x.contiguous(memory_format=torch.channels_last) if plan.pools and self.pool_channels_last \
+            x_pool = x.contiguous(memory_format=torch.channels_last) if len(plan.pools) > len(done_pools) \
+                and self.pool_channels_last \
                 and x.device.type == 'cpu' and x.dim() == 4 else x
             for key, (pool, items) in plan.pools.items():
+                if key in done_pools:
+                    continue
                 idx = self._index([row[(i, j)] * n_ops + col[name] for i, name, _ in items], x.device)
                 pw = probs.reshape(-1).index_select(0, idx).to(x.dtype)
                 pooled = pool(x_pool)
@@ -702,11 +827,13 @@ class FastBinaryMixedCell(BinaryMixedCell):
                 yield i, part
 
     def _binary_ops(self, plan: '_StatePlan', key: Tuple, items, x: torch.Tensor, probs: torch.Tensor, row, col,
-                    j: int):
+                    j: int, done_pools: set):
         """The binary ops of one BN group (all reading ``x``): yields ``(node, contribution)``.
 
         Fused (:class:`_StateBinaryOps`) when the BNs normalise alike (training mode, or eval mode with
-        equal running statistics) and the quantizer is ``ste_sign``; else per kernel type."""
+        equal running statistics) and the quantizer is ``ste_sign``; else per kernel type. In training mode
+        the fused function also computes the pools attached to its bundles; their keys go into
+        ``done_pools``."""
         quantizer = items[0][2].quantizer
         group = plan.bn_groups[('binary',) + key]
         training = self.training
@@ -720,27 +847,44 @@ class FastBinaryMixedCell(BinaryMixedCell):
             yield from self._binary_ops_plain(plan, key, items, x, probs, row, col, j)
             return
         bundles = plan.bundles[key]
+        with_pools = training  # eval-mode pools normalise with their own running statistics: the pool loop
         n_ops = probs.size(1)
         flat = probs.reshape(-1)
-        p_list = [flat.index_select(0, self._index([row[(i, j)] * n_ops + col[name] for c in convs
-                                                     for i, name, _ in c.items], x.device))
-                  .view(len(convs), -1).to(x.dtype) for _, convs in bundles]
-        weights = [self._merged_weight(c.items) for _, convs in bundles for c in convs]
-        specs = [[c.spec for c in convs] for _, convs in bundles]
+        p_list = []
+        for bundle in bundles:
+            rows = [c.items for c in bundle.convs] + ([fp.items for fp in bundle.pools] if with_pools else [])
+            idx = self._index([row[(i, j)] * n_ops + col[name] for items_ in rows for i, name, _ in items_],
+                              x.device)
+            p_list.append(flat.index_select(0, idx).view(len(rows), -1).to(x.dtype))
+        weights = [self._merged_weight(c.items) for bundle in bundles for c in bundle.convs]
+        specs = [([c.spec for c in bundle.convs], [fp.spec for fp in bundle.pools] if with_pools else [])
+                 for bundle in bundles]
         int8 = x.dtype == torch.float32 and x.device.type == 'cpu' and kernels.ternary_conv_supported()
         if torch.is_grad_enabled():
-            *ys, mean, invstd = _StateBinaryOps.apply(x, group.eps, specs, len(bundles), int8,
-                                                      self.recompute_relu_masks, *p_list, *weights)
+            res = _StateBinaryOps.apply(x, group.eps, specs, len(bundles), int8, self.recompute_relu_masks,
+                                        *p_list, *weights)
+            nb = len(bundles)
+            ys, mean, invstd, pool_stats = res[:nb], res[nb], res[nb + 1], res[nb + 2:]
         else:
-            ys, mean, invstd = _binary_state_forward(None, x, group.eps, specs, p_list, weights, int8, [],
-                                                     eval_stats=eval_stats)
+            ys, mean, invstd, pool_stats = _binary_state_forward(None, x, group.eps, specs, p_list, weights, int8,
+                                                                 [], eval_stats=eval_stats)
         if training:
             tracked = [bn for bn in group.bns if bn.track_running_stats and bn.running_mean is not None]
             if tracked:
-                group._update_running_stats(x, mean, invstd, tracked)
-        for (dests, convs), y in zip(bundles, ys):
-            c_out = convs[0].spec.c_out
-            for i, part in zip(dests, y.split(c_out, 1) if len(dests) > 1 else [y]):
+                group._update_running_stats(x.numel() // x.size(1), mean, invstd, tracked)
+            done_pools.update(fp.key for bundle in bundles for fp in bundle.pools)
+            k = 0
+            for bundle in bundles:
+                for fp in bundle.pools:
+                    pgroup = plan.bn_groups[('pool',) + fp.key]
+                    tracked = [bn for bn in pgroup.bns if bn.track_running_stats and bn.running_mean is not None]
+                    if tracked:
+                        pgroup._update_running_stats(ys[0].numel() // ys[0].size(1), pool_stats[k], pool_stats[k + 1],
+                                                     tracked)
+                    k += 2
+        for bundle, y in zip(bundles, ys):
+            c_out = bundle.convs[0].spec.c_out
+            for i, part in zip(bundle.dests, y.split(c_out, 1) if len(bundle.dests) > 1 else [y]):
                 yield i, part
 
     def _index(self, values: List[int], device: torch.device) -> torch.Tensor:
