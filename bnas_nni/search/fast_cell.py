@@ -18,16 +18,24 @@ around its *states* instead of its edges:
   leaving a state run as one convolution over the concatenation, along output channels, of the ops'
   binarized weights. XNOR scales are per output filter, so binarizing the concatenated latent weights in
   one call equals binarizing each op's weights (binarizers with ``per_filter`` and no state; others go op by op).
-* **ReLU, softmax weight and memory.** :class:`_ConvReLUScale` computes ``p * ReLU(conv(s, W))`` with the
-  ReLU mask on the *unscaled* conv, exactly as the op does, but keeps only a boolean mask, the state's sign
-  as int8 (shared by the state's convs) and the weights for backward; the gradient of ``p`` comes from the
-  adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` (``dW`` is computed for the weights anyway).
-  (Folding ``p`` into the weights, ``ReLU(conv(s, p W))``, was tried and dropped: conv outputs of a binary
-  op are exact multiples of the XNOR scale and often exactly 0, and the scaled sum rounds those ties to
-  +-1 ulp, which flips ReLU gradients.)
-* **Pools once per state.** Max/avg pooling of a state is shared by the edges leaving it, then one
-  normalisation whose per-edge weighting keeps only the pooled tensor for backward (:class:`_BNWeighted`).
-  Node sums are accumulated as they come, never through ``torch.stack`` of all op outputs.
+* **One autograd node per state** (:class:`_StateBinaryOps`, the default path). BN, sign, every merged
+  conv and every pool leaving a state run in one function; ops going to the same nodes are summed into one
+  *bundle* output whose channel block ``e`` is the state's contribution to its ``e``-th destination node.
+  On CPU the binary convolutions are exact int8 ternary convolutions (``sign(x)`` times ``sign(W)`` summed
+  as integers by oneDNN, the per-filter XNOR scale applied once, with the softmax weight; see
+  :mod:`.kernels`), about 3x cheaper than fp32; elsewhere, or for weights that are not per-filter-scaled
+  signs, fp32 convs. Backward keeps a byte per element for the sign and the straight-through mask, uint8
+  ReLU masks in weight steps, nothing per conv output in architecture steps (the int8 kernel recomputes
+  ``ReLU(conv)``, which the softmax-weight gradient needs); pools are recomputed. The softmax-weight
+  gradient of a conv comes from the adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` when ``dW``
+  is computed anyway, else from the recomputed ``ReLU(conv)``: an architecture step (weights frozen)
+  computes no weight-gradient convolution at all. (Folding ``p`` into the weights before the ReLU was
+  tried and dropped: ties at 0 then round to +-1 ulp, which flips ReLU gradients.)
+* **Fallbacks.** ``BNAS_FAST_KERNELS=0``, eval mode with unequal BN statistics and activation quantizers
+  other than ``ste_sign`` use the per-kernel-type path (:class:`_ConvReLUScale`, :class:`_BNWeighted`),
+  which computes the same values with plain fp32 PyTorch ops. Node sums are accumulated as they come,
+  never through ``torch.stack`` of all op outputs; the cell runs channels-last on CPU and returns its
+  output in its caller's layout.
 * **Zeroise costs nothing.** Its output is zero, so it is skipped; its logit still takes softmax mass and
   still gets its gradient through the softmax.
 
@@ -36,7 +44,8 @@ added with their softmax weight, so any op set works. Double backward is not sup
 search only).
 
 Use it as a mutation hook, ``FastBinaryMixedCell.mutate``, in place of ``BinaryMixedCell.mutate``.
-Measured with ``bench/search_step.py``.
+Measured with ``bench/search_step.py`` and ``bench/search_epoch.py``; tested against ``BinaryMixedCell``
+in ``tests/test_fast_cell.py`` and ``tests/test_fast_kernels.py``.
 """
 from __future__ import annotations
 
@@ -176,8 +185,8 @@ class _BNWeighted(torch.autograd.Function):
 
 class _ConvSpec:
     """One merged convolution of a bundle: geometry, output channels per op, and the packed int8 weights of
-    its last ternary call (reused while the weight signs are unchanged, e.g. from the architecture step to
-    the weight step of one iteration)."""
+    its last ternary call (reused while the weight signs are unchanged: from the architecture step to the
+    weight step of one iteration, and over evaluation batches)."""
 
     __slots__ = ('stride', 'padding', 'dilation', 'groups', 'c_out', 'trusted', '_q', '_packed')
 
