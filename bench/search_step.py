@@ -306,8 +306,11 @@ def _child(args) -> None:
     print('RESULT ' + json.dumps(out), flush=True)
 
 
-def child_env(cell: str, threads: int) -> Dict[str, str]:
+def child_env(cell: str, threads: int, passive: bool = False) -> Dict[str, str]:
     env = dict(os.environ, **MALLOC_ENV, **CELLS[cell][2])
+    if passive:
+        env['OMP_WAIT_POLICY'] = 'PASSIVE'
+
     env['PYTHONPATH'] = os.pathsep.join([REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
     if threads > 0:
         env.setdefault('OMP_NUM_THREADS', str(threads))
@@ -319,7 +322,7 @@ def _run_child(args, cell: str, mode: str, batch: int) -> dict:
            '--batch', str(batch), '--device', args.device, '--threads', str(args.threads), '--repeats',
            str(args.repeats), '--warmup', str(args.warmup), '--space', args.space] + (['--profile'] if args.profile
                                                                                      else [])
-    proc = subprocess.run(cmd, env=child_env(cell, args.threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.run(cmd, env=child_env(cell, args.threads, args.passive), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
     for line in proc.stdout.splitlines():
         if line.startswith('RESULT '):
@@ -336,9 +339,11 @@ def default_official_scripts() -> str:
     return os.environ.get('BNAS_OFFICIAL_SCRIPTS') or os.path.join(os.path.dirname(REPO), 'shared', 'bench-official')
 
 
-def run_official_step(src: str, scripts: str, threads: int) -> Dict[str, float]:
+def run_official_step(src: str, scripts: str, threads: int, passive: bool = False) -> Dict[str, float]:
     """Run the official step bench (batch 32, medians of 5 after 2) and parse its img/s and peak RSS."""
     env = dict(os.environ, **MALLOC_ENV, BNAS_SRC=os.path.abspath(src))
+    if passive:
+        env['OMP_WAIT_POLICY'] = 'PASSIVE'
     env.setdefault('OMP_NUM_THREADS', str(threads or 2))
     proc = subprocess.run([sys.executable, '-W', 'ignore', os.path.join(scripts, 'step.py'), 'search'], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -375,6 +380,8 @@ def main(argv=None) -> int:
     ap.add_argument('--official-scripts', metavar='DIR', default=None,
                     help='folder of the official-code scripts (default: $BNAS_OFFICIAL_SCRIPTS or '
                          '../shared/bench-official beside the checkout)')
+    ap.add_argument('--passive', action='store_true',
+                    help='OMP_WAIT_POLICY=PASSIVE on every side (steadier on a machine shared with other work)')
     ap.add_argument('--quick', action='store_true', help='smoke check: batch 8, 1 warm-up, 2 repeats')
     ap.add_argument('--json', help='also write all results to this file')
     ap.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
@@ -408,11 +415,12 @@ def main(argv=None) -> int:
         return 2
 
     print(f'# search step bench: space={args.space} device={args.device} threads={args.threads or "default"} '
-          f'warmup={args.warmup} repeats={args.repeats} (median); one fresh process per row', flush=True)
+          f'warmup={args.warmup} repeats={args.repeats} (median); one fresh process per row'
+          f'{"; passive OpenMP waits" if args.passive else ""}', flush=True)
     official = None
     if args.official:
         print('# official step bench (same sitting) ...', flush=True)
-        official = run_official_step(args.official, scripts, args.threads)
+        official = run_official_step(args.official, scripts, args.threads, args.passive)
         print(f'official  batch 32: weight step {official["weight"]:.2f} img/s, full iteration '
               f'{official["full"]:.2f} img/s ({official["full_s"]:.2f} s), peak RSS {official["peak_mib"]:.0f} MiB',
               flush=True)
