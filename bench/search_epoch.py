@@ -3,9 +3,8 @@
 official ``src/search.py`` on the same images in the same sitting.
 
 Ours: ``bnas-nni search --config experiments/search_cifar10_paper.yaml --set dataset=fashion-mnist
---set train_subset=N --epochs 1 --set mixed_cell=fast --set channels_last=true --run-dir TMP`` in a
-subprocess (``--preset-defaults`` drops the two fast-path overrides, to measure the preset as it is);
-the epoch time is the one the search writes to ``log.txt`` (``epoch 1/1 ... (Xs)``: weight and
+--set train_subset=N --epochs 1 --run-dir TMP`` in a subprocess: the preset as it ships (its defaults are
+the fast path: ``mixed_cell: fast``, ``channels_last: true``; ``--set`` adds overrides); the epoch time is the one the search writes to ``log.txt`` (``epoch 1/1 ... (Xs)``: weight and
 architecture steps, evaluation, logging). The first N Fashion-MNIST training images, padded to 32x32x3,
 are the data; the preset's ``train_portion: 0.5`` splits them into weight and architecture halves.
 
@@ -40,7 +39,6 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search_step  # noqa: E402  (bench/search_step.py: the step bench, its profile and environment)
 
 REPO = search_step.REPO
-FAST_PATH = ['mixed_cell=fast', 'channels_last=true']
 
 # run a command, then print the peak RSS (KiB) of its process tree's largest process
 _PEAK = ('import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); '
@@ -88,13 +86,9 @@ def run_ours(args, env) -> Dict[str, object]:
 
 
 def _run_ours(args, env, run_dir: str) -> Dict[str, object]:
-    # the Fashion-MNIST files the official side reads too: $BNAS_FASHION_MNIST or Debian's dataset-fashion-mnist
-    from bnas_nni.data import fashion_mnist_root
-    sets = ['dataset=fashion-mnist', f'data={fashion_mnist_root()}', f'train_subset={args.images}',
-            f'batch_size={args.batch}']
-    if not args.preset_defaults:
-        sets += FAST_PATH
-    sets += args.set
+    # the Fashion-MNIST files the official side reads too ($BNAS_FASHION_MNIST or Debian's); the preset's CIFAR-10
+    # data path follows the dataset
+    sets = ['dataset=fashion-mnist', f'train_subset={args.images}', f'batch_size={args.batch}'] + args.set
     cmd = [sys.executable, '-W', 'ignore', '-m', 'bnas_nni.cli', 'search', '--config', args.config, '--epochs', '1',
            '--run-dir', os.path.join(run_dir, 'run')]
     for item in sets:
@@ -127,7 +121,7 @@ def run_official(args, env) -> Dict[str, object]:
 
 def run_profile(args, env) -> dict:
     cmd = [sys.executable, '-W', 'ignore', os.path.join(REPO, 'bench', 'search_step.py'), '--child', '--cell',
-           'fast' if not args.preset_defaults else 'straight', '--mode', 'full', '--batch', str(args.batch),
+           'fast', '--mode', 'full', '--batch', str(args.batch),
            '--device', 'cpu', '--threads', str(args.threads), '--repeats', '3', '--warmup', '1', '--space', 'bnas',
            '--profile']
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -143,8 +137,6 @@ def main(argv=None) -> int:
     ap.add_argument('--batch', type=int, default=64, help='batch size (default 64, the preset\'s)')
     ap.add_argument('--config', default='experiments/search_cifar10_paper.yaml', help='search preset (ours)')
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='more overrides for ours')
-    ap.add_argument('--preset-defaults', action='store_true',
-                    help='run the preset as it is (no mixed_cell=fast / channels_last=true overrides)')
     ap.add_argument('--official', metavar='SRC', help='also run the official search.py on this official src/')
     ap.add_argument('--official-scripts', metavar='DIR', default=None,
                     help='folder of the official-code scripts (default: $BNAS_OFFICIAL_SCRIPTS or '
