@@ -29,7 +29,7 @@ from .io import load_yaml
 from .ops import BNConvReLU, binary_block, expand_op_set, make_op
 from .paths import search_spaces_dir
 
-__all__ = ['FixedCell', 'BNASNetwork', 'drop_path', 'build_model', 'load_model_configs', 'model_config',
+__all__ = ['FixedCell', 'BNASNetwork', 'drop_path', 'build_model', 'load_model_configs', 'model_config', 'check_block',
            'apply_precision_rule', 'PRECISION_RULES', 'count_parameters', 'network_family', 'reduction_indices']
 
 PRECISION_RULES = ('standard', 'official-2020-11', 'official-2020-08')
@@ -262,7 +262,20 @@ def model_config(name: str, **overrides: Any) -> Dict[str, Any]:
     unknown = set(cfg) - _CONFIG_KEYS
     if unknown:
         raise ConfigError(f'unknown model config keys {sorted(unknown)}; allowed: {sorted(_CONFIG_KEYS)}')
+    check_block(cfg)
     return cfg
+
+
+def check_block(cfg: Mapping[str, Any]) -> None:
+    """The op set and the block's quantizer / nonlinearity specs of a model config exist and take their
+    options (cheap: one-channel modules), so a typo fails before a network is built."""
+    block = expand_op_set({k: cfg.get(k) for k in ('op_set', 'binarizer', 'activation', 'nonlinearity')})
+    if block.get('binarizer') is not None:
+        make_binarizer(block['binarizer'], channels=1)
+    if block.get('activation') is not None:
+        make_activation(block['activation'], channels=1)
+    if block.get('nonlinearity') is not None:
+        make_nonlinearity(block['nonlinearity'], channels=1)
 
 
 def build_model(config: str | Mapping[str, Any], **overrides: Any) -> BNASNetwork:

@@ -154,6 +154,7 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
             cfg = resolve_train_config(config_path, overrides, nni_params, defaults=defaults)
         recipe = get_recipe(cfg['recipe'])
         stages = recipe.stages(cfg)
+        recipe.check(cfg)                       # the model config and the teacher, before any file is written
         run_dir = default_run_dir(cfg)
         cfg['run_dir'] = str(run_dir)
         resume_path = None

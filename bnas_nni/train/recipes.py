@@ -83,6 +83,17 @@ class Recipe:
 
         return build_schedule(dict(cfg), optimizer, iters_per_epoch)
 
+    def check(self, cfg: Mapping[str, Any]) -> None:
+        """Called before anything is written: the model config (op set, quantizers) and the teacher must
+        be usable, else a one-line error. Recipes with other inputs extend it."""
+        from .engine import resolve_model_config
+
+        model_cfg = resolve_model_config(cfg)
+        if cfg.get('teacher'):
+            from .teacher import load_teacher
+
+            load_teacher(cfg['teacher'], num_classes=int(model_cfg['num_classes']), family=_family(cfg))
+
     def loss(self, cfg: Mapping[str, Any], num_classes: int):
         """The training loss: distillation from ``cfg['teacher']`` when set, else cross entropy."""
         from .losses import CrossEntropy, Distillation
@@ -131,7 +142,7 @@ class ReactRecipe(Recipe):
     description = ('ReActNet-style two steps (binary activations, then binary weights too), Adam with linear '
                    'decay, conv-only weight decay (0 in step 2), distillation from `teacher`')
 
-    CIFAR = {'epochs': 300, 'batch_size': 256, 'optimizer': 'adam', 'lr': 5e-4, 'betas': [0.9, 0.999],
+    CIFAR = {'epochs': 300, 'batch_size': 256, 'optimizer': 'adam', 'lr': 5e-4, 'lr_min': 0.0, 'betas': [0.9, 0.999],
              'weight_decay': 5e-6, 'weight_decay_other': 0.0, 'step2_weight_decay': 0.0, 'schedule': 'linear',
              'label_smoothing': 0.0, 'grad_clip': None, 'drop_path_prob': 0.0, 'op_set': 'react',
              'workers': 2, 'report_freq': 50}
