@@ -28,7 +28,7 @@ from .quant.base import snake_name
 from .registry import Registry
 
 __all__ = ['OPS', 'PRIMITIVES', 'OP_ALIASES', 'OP_SETS', 'Zeroise', 'BNConvReLU', 'ReActConv', 'binary_block',
-           'make_op', 'canonical_op', 'check_ops', 'expand_op_set', 'BLOCK_KEYS']
+           'make_op', 'canonical_op', 'check_ops', 'expand_op_set']
 
 
 class Zeroise(nn.Module):
@@ -117,10 +117,6 @@ class ReActConv(nn.Module):
     @property
     def nonlinearity(self) -> str:
         return self.op[1].name
-
-
-#: the parts of a binary block a model config or space may set (besides the op list)
-BLOCK_KEYS = ('binarizer', 'activation', 'nonlinearity', 'shortcut')
 
 
 def _is_relu(spec: QuantizerSpec) -> bool:

@@ -218,6 +218,17 @@ def test_summary_counts_the_react_network():
     assert s1.binary_macs == 0 and s1.fp_macs == sp.binary_macs + sp.fp_macs
 
 
+def test_summary_command_with_the_react_op_set(capsys):
+    import json
+
+    from bnas_nni.cli import main
+
+    assert main(['summary', 'bnas-a', '--op-set', 'react', '--layers', '5', '--init-channels', '8', '--json']) == 0
+    out = json.loads(capsys.readouterr().out)
+    s = summarize(build_model('bnas-a', init_channels=8, layers=5, op_set='react'))
+    assert out['binarizers'] == ['scaled_sign'] and out['params'] == s.params and out['binary_macs'] == s.binary_macs
+
+
 def test_react_space_searches_and_derives(tmp_path, capsys):
     """A tiny BinaryDARTS run on search_spaces/bnas-react.yaml: the learnable RSign/RPReLU parameters train,
     the genotype derives, and the frozen network is the react network of that genotype."""
@@ -261,7 +272,8 @@ def test_react_space_searches_and_derives(tmp_path, capsys):
     assert torch.equal(frozen(x), net(x))
 
 
-def test_fast_cell_runs_react_ops_exactly():
+@pytest.mark.parametrize('shortcut', [False, True])
+def test_fast_cell_runs_react_ops_exactly(shortcut):
     """The fast search cell does not recognise RSign/RPReLU blocks and runs them as they are: the same
     outputs and gradients as the straightforward cell."""
     from test_fast_cell import _strategy
@@ -269,7 +281,8 @@ def test_fast_cell_runs_react_ops_exactly():
     from bnas_nni.search.fast_cell import FastBinaryMixedCell
     from bnas_nni.search.mixed_cell import BinaryMixedCell
 
-    kw = dict(load_space_config('bnas-react', init_channels=4, layers=3, num_nodes=2))
+    kw = dict(load_space_config('bnas-react', init_channels=4, layers=3, num_nodes=2, shortcut=shortcut))
+    assert any(isinstance(m, ReActConv) and (m.shortcut is not None) == shortcut for m in BNASSpace(**kw).modules())
     ref = _strategy(BinaryMixedCell).mutate_model(BNASSpace(**kw))
     fast = _strategy(FastBinaryMixedCell).mutate_model(BNASSpace(**kw))
     g = torch.Generator().manual_seed(7)
