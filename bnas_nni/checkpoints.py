@@ -42,7 +42,8 @@ from .io import atomic_torch_save
 
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'LAYOUTS', 'KINDS', 'CHECKPOINT_NAME', 'official_to_ours', 'ours_to_official',
            'detect_layout', 'describe_model', 'unwrap', 'load_checkpoint_file', 'read_checkpoint',
-           'resolve_checkpoint_path', 'load_checkpoint_into', 'load_run_checkpoint', 'save_checkpoint']
+           'resolve_checkpoint_path', 'load_checkpoint_into', 'load_run_checkpoint', 'save_checkpoint',
+           'model_from_checkpoint']
 
 FORMAT = 'bnas-nni'
 FORMAT_VERSION = 1
@@ -225,24 +226,68 @@ def _listing(label: str, names: List[str]) -> str:
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` with ``weights_only=True`` on CPU; unreadable files raise :class:`CheckpointError`."""
+    """``torch.load`` with ``weights_only=True`` on CPU; unreadable files raise :class:`CheckpointError`.
+
+    A damaged file (truncated copy, interrupted download, not a torch file at all) and a sound file
+    that pickles objects other than tensors and plain containers need different fixes, so they get
+    different one-line messages.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint not found: {path}; check the path')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input file
-        text = str(exc)
-        m = re.search(r'Unsupported global: GLOBAL (\S+)', text)
+        m = re.search(r'Unsupported global: GLOBAL (\S+)', str(exc))
         if m:
-            reason = f'it pickles {m.group(1)}, which is not a tensor or plain container'
-        elif 'Weights only load failed' in text:
-            reason = 'not a readable torch checkpoint (corrupt, truncated, or pickling unsupported objects)'
-        else:
-            lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-            reason = lines[0] if lines else type(exc).__name__
-        raise CheckpointError(f'cannot read checkpoint {path} with torch.load(weights_only=True): {reason}; '
-                              're-save only its state_dict (and plain types)') from None
+            raise CheckpointError(f'cannot read checkpoint {path} with torch.load(weights_only=True): it pickles '
+                                  f'{m.group(1)}, which is not a tensor or plain container; re-save only its '
+                                  'state_dict (and plain types)') from None
+        text = str(exc)
+        damage = _damage(path) or (f'{path.stat().st_size:,} bytes, the data stops early'
+                                   if re.search(r'EOF|corrupt|truncat|invalid load key|stack underflow', text, re.I)
+                                   else '')
+        if damage:
+            raise CheckpointError(f'checkpoint {path} is truncated or not a torch checkpoint ({damage}); '
+                                  're-copy it or re-run the job that wrote it') from None
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+        raise CheckpointError(f'cannot read checkpoint {path} with torch.load(weights_only=True): '
+                              f'{first[:120]}; re-save only its state_dict (and plain types)') from None
+
+
+def _damage(path: Path) -> str:
+    """Why ``path`` is not an intact torch file ('' when it looks like one): torch.save writes a zip
+    archive (or, before torch 1.6, a pickle stream starting with torch's magic number)."""
+    import pickletools
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        return 'the file is empty'
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            return f'{size:,} bytes, damaged zip archive ({type(exc).__name__})'
+        if bad is not None:
+            return f'{size:,} bytes, damaged zip member {bad}'
+        if not any(n.endswith('data.pkl') for n in names):
+            return f'{size:,} bytes, a zip archive without data.pkl'
+        return ''
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if head.startswith(b'PK\x03\x04'):
+        return f'{size:,} bytes, a zip archive whose end is missing'
+    try:
+        first = next(pickletools.genops(head))   # the legacy format pickles a magic number first
+        legacy = first[0].name == 'PROTO' or first[0].name.startswith(('LONG', 'BININT'))
+    except Exception:  # noqa: BLE001 - not a pickle stream at all
+        legacy = False
+    if legacy and size > 64:
+        return ''
+    return f'{size:,} bytes, not a file torch.save writes'
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
@@ -406,3 +451,48 @@ def load_run_checkpoint(path: str | os.PathLike, model: nn.Module, kind: str) ->
         return load_checkpoint_into(unwrap(model), obj, layout='bnas-nni')
     except CheckpointError as exc:
         raise CheckpointError(f'{path}: {exc}') from None
+
+
+def model_from_checkpoint(obj: Mapping[str, Any]) -> nn.Module:
+    """Rebuild and load the network of a bnas-nni checkpoint from its architecture description alone.
+
+    The network's constructor arguments (``BNASNetwork.config``, stored by :func:`describe_model`) rebuild
+    it exactly; files written before they were stored are rebuilt from the description (genotype, family,
+    C, L, classes, the binarizer of every conv, and a training config's activation quantizer). The
+    weights are loaded strictly.
+    """
+    from .genotypes import Genotype
+    from .networks import BNASNetwork
+    from .quant import BinaryConv2d
+
+    if not isinstance(obj, Mapping) or obj.get('format') != FORMAT or not isinstance(obj.get('model'), Mapping):
+        raise CheckpointError('not a bnas-nni checkpoint with an architecture description; pass --model (and '
+                              '--official for a file of the official code)')
+    desc = obj['model']
+    binarizers = dict(desc.get('binarizers') or {})
+    if isinstance(desc.get('config'), Mapping):
+        model = BNASNetwork.from_config(desc['config'])
+    else:
+        missing = [k for k in ('genotype', 'family', 'init_channels', 'layers', 'num_classes') if k not in desc]
+        if missing:
+            raise CheckpointError(f'the checkpoint\'s architecture description lacks {missing}; pass --model/--arch')
+        genotype = Genotype.from_dict(desc['genotype'], name=str(desc['genotype'].get('name') or 'checkpoint'))
+        counts: Dict[str, int] = {}
+        for b in binarizers.values():
+            counts[b] = counts.get(b, 0) + 1
+        config = obj.get('config') if isinstance(obj.get('config'), Mapping) else {}
+        model = BNASNetwork(genotype, init_channels=int(desc['init_channels']), layers=int(desc['layers']),
+                            num_classes=int(desc['num_classes']),
+                            dataset='imagenet' if desc['family'] == 'imagenet' else 'cifar10',
+                            binarizer=max(counts, key=counts.get) if counts else None,
+                            activation=config.get('activation') or 'ste_sign')
+    # the per-conv record wins: it also holds binarizers changed after the network was built
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+    unknown = sorted(set(binarizers) - set(convs))
+    if unknown:
+        raise CheckpointError(f'the checkpoint lists binarizers for convs the rebuilt network lacks: {unknown[:4]}')
+    for name, conv in convs.items():
+        if conv.binarizer != binarizers.get(name):
+            conv.binarizer = binarizers.get(name)
+    load_checkpoint_into(model, obj, layout='bnas-nni')
+    return model.eval()

@@ -1,4 +1,4 @@
-"""The ``bnas-nni`` command line: ``search``, ``train``, ``eval``, ``summary``, ``data``.
+"""The ``bnas-nni`` command line: ``search``, ``train``, ``eval``, ``summary``, ``data``, ``nni``, ``plot``, ``export``.
 
 Each subcommand lives beside the code it drives and registers itself through a
 ``register(subparsers)`` function that adds its parser and sets ``func``; heavy imports (NNI,
@@ -26,6 +26,9 @@ COMMAND_MODULES = (
     'bnas_nni.train.cli',             # train, eval
     'bnas_nni.summary',               # summary
     'bnas_nni.data',                  # data
+    'bnas_nni.nni.cli',               # nni create / stop / list
+    'bnas_nni.plot',                  # plot
+    'bnas_nni.deploy.cli',            # export
 )
 
 

@@ -203,6 +203,13 @@ class Final:
 
 
 @dataclass
+class Distributed:
+    """Data-parallel runs under torchrun (ignored by a single process)."""
+    sync_bn: bool = False                 # search: normalise training batches with the statistics over all ranks
+    dist_timeout: float = 600.0           # seconds a collective waits for the other ranks before the job stops
+
+
+@dataclass
 class Output:
     """Named genotype files a search writes besides its run directory."""
     save: Optional[str] = None            # NAME: NAME.yaml and NAME_imagenet.yaml
@@ -502,11 +509,11 @@ def _check_train(cfg: Dict[str, Any]) -> None:
 _EXEC_FREE = ('threads', 'device', 'workers', 'progress', 'tensorboard', 'description', 'run_dir', 'imports')
 
 #: ``bnas-nni search``, search trials, and the NNI strategy presets (experiments/search_*.yaml, strategy_*.yaml)
-SEARCH = Schema('search', [Run, Data, SearchData, Space, Optim, Search, Experiment, Final, Output],
+SEARCH = Schema('search', [Run, Data, SearchData, Space, Optim, Search, Experiment, Final, Output, Distributed],
                 defaults={'seed': 2},
                 aliases={'max_eval_batches': 'max_val_batches', 'learning_rate': 'lr', 'num_threads': 'threads'},
                 validators=[_check_common, _check_search],
-                resume_free=_EXEC_FREE + ('save', 'out', 'channels_last', 'max_trial_number'))
+                resume_free=_EXEC_FREE + ('save', 'out', 'channels_last', 'max_trial_number', 'dist_timeout'))
 
 #: ``bnas-nni train`` and the trainer scripts; recipe presets supply most optimisation defaults
 TRAIN = Schema('train', [Run, Data, TrainData, Model, Optim, Recipe],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -149,13 +150,33 @@ def cifar10(root: str | os.PathLike = 'data/cifar10', train: bool = True, downlo
         if not download:
             raise DatasetError(f'CIFAR-10 not found under {root}; run `bnas-nni data cifar10 --root {root}` '
                                'or set download: true') from None
+        created = _first_missing_ancestor(Path(root))
+        archive = Path(root) / torchvision.datasets.CIFAR10.filename
+        archive_existed = archive.exists()
         try:
             ds = torchvision.datasets.CIFAR10(str(root), train=train, download=True, transform=transform)
-        except Exception as exc:  # URLError, socket errors, bad archives
+        except BaseException as exc:  # URLError, socket errors, bad archives, Ctrl-C
+            # remove what the failed download made: the folders it created, or its partial archive
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif not archive_existed:
+                archive.unlink(missing_ok=True)
+            if not isinstance(exc, Exception):
+                raise
             raise DatasetError(f'CIFAR-10 is not under {root} and downloading it failed '
                                f'({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else "no network?"}); '
                                'copy cifar-10-batches-py there or use dataset: fashion-mnist') from None
     return _take(ds, subset)
+
+
+def _first_missing_ancestor(path: Path) -> Optional[Path]:
+    """The outermost folder of ``path`` that does not exist yet (what a download would create), or None."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def _take(ds: Any, subset: Optional[int]):

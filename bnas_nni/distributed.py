@@ -2,24 +2,31 @@
 
 ``torchrun`` exports ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; with ``WORLD_SIZE > 1``
 :func:`init_distributed` starts a process group with NCCL when the trainer runs on CUDA and gloo on
-the CPU (set ``GLOO_SOCKET_IFNAME=lo`` for a single machine). Without those variables everything
-degrades to one process and the helpers are no-ops, so the same trainer code runs alone, under
-torchrun and as an NNI trial.
+the CPU (on a single machine gloo is pinned to loopback, ``GLOO_SOCKET_IFNAME=lo``, unless the
+environment says otherwise), with a timeout on every collective so that a rank that stops answering
+ends the job instead of hanging it. Without those variables everything degrades to one process and
+the helpers are no-ops, so the same code runs alone, under torchrun and as an NNI trial.
+
+:func:`collective_errors` turns a user mistake seen by some ranks only (a missing dataset on one node)
+into the same one-line error on every rank.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .errors import ConfigError
+from .errors import BNASError, CheckpointError, ConfigError, DatasetError
 
 __all__ = ['DistContext', 'resolve_device', 'init_distributed', 'all_reduce_sums', 'broadcast_object',
-           'ShardSampler', 'broadcast_buffers', 'cleanup']
+           'all_gather_objects', 'ShardSampler', 'broadcast_buffers', 'broadcast_module', 'average_buffers',
+           'all_reduce_mean_', 'collective_errors', 'cleanup']
 
 
 @dataclass
@@ -40,6 +47,11 @@ class DistContext:
     def is_main(self) -> bool:
         """Only rank 0 logs, writes files and talks to NNI."""
         return self.rank == 0
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where tensors for collectives live: the GPU for NCCL, the CPU for gloo."""
+        return self.device if self.backend == 'nccl' else torch.device('cpu')
 
     def barrier(self) -> None:
         if self.distributed:
@@ -62,8 +74,12 @@ def resolve_device(spec: Optional[str], local_rank: int = 0) -> torch.device:
         raise ConfigError(f'unknown device {spec!r}; use auto, cpu, cuda or cuda:N') from None
 
 
-def init_distributed(device: Optional[str] = 'auto') -> DistContext:
-    """Read the torchrun environment and, for several processes, start the process group."""
+def init_distributed(device: Optional[str] = 'auto', timeout: Optional[float] = None) -> DistContext:
+    """Read the torchrun environment and, for several processes, start the process group.
+
+    ``timeout`` (seconds) bounds every collective: a rank that waits longer for its peers raises
+    instead of hanging. Calling it again while the group exists returns the same context.
+    """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
@@ -74,7 +90,14 @@ def init_distributed(device: Optional[str] = 'auto') -> DistContext:
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, device_id=dev if dev.type == 'cuda' else None)
+            if backend == 'gloo' and int(os.environ.get('LOCAL_WORLD_SIZE', world_size)) == world_size:
+                os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')     # one machine: talk over loopback
+            kwargs: Dict[str, Any] = {}
+            if timeout:
+                kwargs['timeout'] = datetime.timedelta(seconds=float(timeout))
+            dist.init_process_group(backend=backend, device_id=dev if dev.type == 'cuda' else None, **kwargs)
+        else:
+            backend = dist.get_backend()
         ctx.backend = backend
     return ctx
 
@@ -88,6 +111,15 @@ def all_reduce_sums(values: Dict[str, float], ctx: DistContext) -> Dict[str, flo
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> List[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (small picklable objects)."""
+    if not ctx.distributed:
+        return [obj]
+    out: List[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
@@ -128,6 +160,73 @@ def broadcast_buffers(module: torch.nn.Module, ctx: DistContext, src: int = 0) -
             tmp = buf.detach().cpu()
             dist.broadcast(tmp, src=src)
             buf.copy_(tmp)
+
+
+def broadcast_module(module: torch.nn.Module, ctx: DistContext, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into every rank's ``module`` (in place), so all ranks
+    start from the same weights whatever their random state was."""
+    if not ctx.distributed:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device == ctx.comm_device:
+                dist.broadcast(t.data, src=src)
+            else:
+                tmp = t.detach().to(ctx.comm_device)
+                dist.broadcast(tmp, src=src)
+                t.data.copy_(tmp)
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor], ctx: DistContext) -> None:
+    """Replace each tensor by its mean over the ranks, in place, in one collective per dtype."""
+    if not ctx.distributed or not tensors:
+        return
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1).to(ctx.comm_device) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= ctx.world_size
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.data.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+
+def average_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Floating-point buffers (BN running statistics) averaged over the ranks, so that every rank
+    evaluates and checkpoints the same model; integer buffers (batch counters) agree already."""
+    all_reduce_mean_([b for b in module.buffers() if b.is_floating_point()], ctx)
+
+
+_ERROR_TYPES = {cls.__name__: cls for cls in (BNASError, ConfigError, CheckpointError, DatasetError)}
+
+
+@contextlib.contextmanager
+def collective_errors(ctx: DistContext) -> Iterator[None]:
+    """Run the block on every rank; if it raised a :class:`~bnas_nni.errors.BNASError` on any rank,
+    raise it on every rank (the first failing rank's message, prefixed ``rank N:`` when N > 0).
+
+    A user mistake that only some ranks see (a dataset missing on one node) then stops all of them at
+    the same point with the same line instead of leaving the others waiting in the next collective.
+    Every rank must reach the end of the block (it ends with one collective)."""
+    error: Optional[BNASError] = None
+    try:
+        yield
+    except BNASError as exc:
+        if not ctx.distributed:
+            raise
+        error = exc
+    if not ctx.distributed:
+        return
+    seen = all_gather_objects(None if error is None else (type(error).__name__, str(error)), ctx)
+    for rank, failure in enumerate(seen):
+        if failure is not None:
+            name, message = failure
+            cls = type(error) if rank == ctx.rank and error is not None else _ERROR_TYPES.get(name, BNASError)
+            raise cls(message if rank == 0 else f'rank {rank}: {message}')
 
 
 def cleanup(ctx: DistContext) -> None:

@@ -20,3 +20,11 @@ class CheckpointError(BNASError):
 
 class DatasetError(BNASError):
     """A dataset is missing or laid out differently than the loader expects."""
+
+
+class ExperimentError(BNASError):
+    """An NNI experiment could not start or its manager stopped (the reason comes from NNI's own log)."""
+
+
+class MissingDependencyError(BNASError):
+    """A program or optional library bnas-nni calls is not installed (the message says how to get it)."""

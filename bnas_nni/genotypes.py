@@ -111,10 +111,20 @@ class Genotype:
     def from_dict(cls, data: Mapping[str, Any], name: str = '') -> 'Genotype':
         if not isinstance(data, Mapping) or 'normal' not in data or 'reduce' not in data:
             raise ConfigError(f'genotype {name!r} must be a mapping with "normal" and "reduce" lists')
-        try:
-            cells = {c: tuple((str(e[0]), int(e[1])) for e in data[c]) for c in CELL_TYPES}
-        except (TypeError, ValueError, IndexError):
-            raise ConfigError(f'genotype {name!r}: each entry must be [op, input], e.g. [bin_conv_3x3, 1]') from None
+        cells: Dict[str, Tuple[Entry, ...]] = {}
+        for c in CELL_TYPES:
+            if not isinstance(data[c], (list, tuple)):
+                raise ConfigError(f'genotype {name!r}: {c} must be a list of [op, input] entries')
+            entries = []
+            for k, e in enumerate(data[c]):
+                try:
+                    if isinstance(e, (str, bytes)) or len(e) != 2:
+                        raise ValueError
+                    entries.append((str(e[0]), int(e[1])))
+                except (TypeError, ValueError):
+                    raise ConfigError(f'genotype {name!r}: {c} entry {k} (node {k // 2}) is {e!r}; each entry must be '
+                                      '[op, input], e.g. [bin_conv_3x3, 1]') from None
+            cells[c] = tuple(entries)
         return cls(normal=cells['normal'], reduce=cells['reduce'],
                    normal_concat=tuple(data.get('normal_concat') or ()),
                    reduce_concat=tuple(data.get('reduce_concat') or ()),

@@ -30,24 +30,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from .errors import ConfigError
 from .io import atomic_write_text, load_yaml, save_yaml
 
-__all__ = ['RunDir', 'setup_logging', 'TqdmLoggingHandler', 'LOGGER']
+__all__ = ['RunDir', 'setup_logging', 'LOGGER']
 
 LOG_FORMAT = '%(asctime)s %(message)s'
 DATE_FORMAT = '%m/%d %I:%M:%S %p'
 LOGGER = logging.getLogger('bnas_nni.run')
-
-
-class TqdmLoggingHandler(logging.StreamHandler):
-    """Writes records through ``tqdm.write`` so an active progress bar is cleared and redrawn around them."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(self.format(record), file=self.stream)
-            self.flush()
-        except Exception:  # noqa: BLE001 - logging must never raise
-            self.handleError(record)
 
 
 def setup_logging(is_main: bool, log_file: Optional[Path] = None) -> logging.Logger:
@@ -60,7 +47,9 @@ def setup_logging(is_main: bool, log_file: Optional[Path] = None) -> logging.Log
         h.close()
     fmt = logging.Formatter(LOG_FORMAT, datefmt=DATE_FORMAT)
     if is_main:
-        sh = TqdmLoggingHandler(sys.stdout)
+        from .console import ConsoleHandler
+
+        sh = ConsoleHandler(sys.stdout)              # log lines go above the progress bars
         sh.setFormatter(fmt)
         logger.addHandler(sh)
         if log_file is not None:

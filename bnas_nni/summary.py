@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -238,6 +240,11 @@ def format_summary(s: ModelSummary, title: str = '', verbose: bool = False) -> s
 _DEFAULT_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
 
 
+def _looks_like_path(spec: str) -> bool:
+    """A YAML file name or a path (rather than a config or genotype name)."""
+    return spec.endswith(('.yaml', '.yml')) or os.sep in spec or '/' in spec or Path(spec).is_file()
+
+
 def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optional[int] = None,
                     init_channels: Optional[int] = None, precision_rule: Optional[str] = None,
                     dataset: Optional[str] = None, num_classes: Optional[int] = None,
@@ -259,11 +266,20 @@ def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optio
             cfg['num_classes'] = _DEFAULT_CLASSES.get(dataset.lower(), cfg.get('num_classes', 10))
         label = model
     else:
-        try:
-            g = load_genotype(genotype or model)
-        except ConfigError:
-            raise ConfigError(f'unknown model {model!r}: not a model config ({", ".join(configs)}) nor a genotype '
-                              f'name ({", ".join(list_genotypes())}) or genotype YAML file') from None
+        spec = genotype or model
+        if _looks_like_path(spec):
+            # a file the user wrote: its own problem (YAML syntax at file:line, unknown op and the allowed
+            # ops, an entry without its input) is the message, not "not a model config"
+            if not Path(spec).is_file():
+                raise ConfigError(f'genotype file not found: {spec}; check the path (model configs: '
+                                  f'{", ".join(configs)})')
+            g = load_genotype(spec)
+        else:
+            try:
+                g = load_genotype(spec)
+            except ConfigError:
+                raise ConfigError(f'unknown model {model!r}: not a model config ({", ".join(configs)}) nor a '
+                                  f'genotype name ({", ".join(list_genotypes())}) or genotype YAML file') from None
         ds = dataset or 'cifar10'
         cfg = {'genotype': g, 'dataset': ds, 'init_channels': init_channels or 36, 'layers': layers or 20,
                'num_classes': num_classes or _DEFAULT_CLASSES.get(ds.lower(), 10)}

@@ -397,3 +397,40 @@ def test_fast_exact_path_is_the_default_everywhere():
     assert cfg['mixed_cell'] == 'fast' and cfg['channels_last'] is True and cfg['strategy'] == 'binary-darts'
     model = _supernet()
     assert any(isinstance(m, FastBinaryMixedCell) for m in model.modules())
+
+
+def test_nas_experiment_path_gets_run_directory_and_resume(tmp_path, nni_home, fashion_halves):
+    """BinaryDARTS(run_dir=...) under NasExperiment: the run directory of the CLI (genotypes, alpha history,
+    metrics.csv, lock) and a Lightning checkpoint that a second run with resume=True continues."""
+    from nni.nas.evaluator.pytorch import DataLoader
+    from nni.nas.experiment import NasExperiment
+
+    from bnas_nni.genotypes import load_genotype
+    from bnas_nni.search.evaluators import BinaryClassification
+
+    run = tmp_path / 'run'
+
+    def search(epochs, resume):
+        train, val = fashion_halves
+        evaluator = BinaryClassification(learning_rate=0.025, num_classes=10, max_epochs=epochs,
+                                         limit_train_batches=1, train_dataloaders=DataLoader(train, batch_size=32),
+                                         val_dataloaders=DataLoader(val, batch_size=32), logger=False,
+                                         enable_progress_bar=False, num_sanity_val_steps=0)
+        torch.manual_seed(0)
+        strategy = BinaryDARTS(arc_learning_rate=3e-2, run_dir=str(run), resume=resume)
+        exp = NasExperiment(BNASSpace.from_config('bnas-tiny'), evaluator, strategy)
+        exp.config.experiment_working_directory = str(tmp_path / 'nni')
+        try:
+            exp.run()
+        finally:
+            exp.stop()
+        return strategy
+
+    first = search(2, resume=False)
+    assert [h['epoch'] for h in first.oneshot_module.history] == [0, 1]
+    assert {'genotype.yaml', 'genotype_imagenet.yaml', 'alpha_history.json', 'metrics.csv', 'last.ckpt'} <= \
+        {p.name for p in run.iterdir()}
+    assert load_genotype(run / 'genotype.yaml') == first.genotypes()[0]
+    second = search(3, resume=True)
+    assert [h['epoch'] for h in second.oneshot_module.history] == [0, 1, 2]   # continued, not restarted
+    assert [r.split(',')[0] for r in (run / 'metrics.csv').read_text().split()[1:]] == ['0', '1', '2']

@@ -91,6 +91,23 @@ def test_cifar10_offline_missing_is_one_line(tmp_path):
         data.cifar10(tmp_path / 'cifar', download=False)
 
 
+def test_failed_cifar10_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """A download that fails (here: the HTTP(S) proxy is a closed local port) removes the folders it
+    created, and leaves an existing folder as it was, without a partial archive."""
+    monkeypatch.setenv('https_proxy', 'http://127.0.0.1:9')
+    monkeypatch.setenv('http_proxy', 'http://127.0.0.1:9')
+    root = tmp_path / 'new' / 'cifar10'
+    with pytest.raises(DatasetError, match='downloading it failed'):
+        data.cifar10(root, train=True, download=True)
+    assert not (tmp_path / 'new').exists()
+    kept = tmp_path / 'kept'
+    kept.mkdir()
+    (kept / 'notes.txt').write_text('mine')
+    with pytest.raises(DatasetError, match='downloading it failed'):
+        data.cifar10(kept, train=False, download=True)
+    assert sorted(p.name for p in kept.iterdir()) == ['notes.txt']
+
+
 def test_prepare_imagenet_renames_synsets_idempotently(tmp_path, capsys):
     root = tmp_path / 'imnet'
     _synset_tree(root)

@@ -106,20 +106,22 @@ def test_two_trials_report_intermediate_and_final_metrics(tmp_path):
 
 
 def test_imagenet_ddp_experiment_yaml():
-    """The shipped DDP experiment: a grid over bnas-d..h, torchrun trials with a loopback rendezvous,
-    and a config NNI itself accepts."""
+    """The shipped DDP experiments: a grid over bnas-d..h, torchrun trials with a loopback rendezvous,
+    2 CPU processes by default and 8 GPUs in the _gpu variant, configs NNI itself accepts."""
     from nni.experiment.config import ExperimentConfig
 
-    path = experiments_dir() / 'nnictl_train_imagenet_ddp.yml'
-    exp = yaml.safe_load(path.read_text())
-    assert exp['searchSpace']['model']['_value'] == ['bnas-d', 'bnas-e', 'bnas-f', 'bnas-g', 'bnas-h']
-    assert exp['tuner']['name'] == 'GridSearch' and exp['maxTrialNumber'] == 5
-    cmd = exp['trialCommand']
-    assert 'torchrun' in cmd and '--nproc_per_node' in cmd and '--rdzv-endpoint=127.0.0.1:0' in cmd
-    assert 'trainers/train_imagenet.py' in cmd and 'experiments/train_imagenet_bnas.yaml' in cmd
-    text = path.read_text()
+    for name, procs, gpus in (('nnictl_train_imagenet_ddp.yml', 2, 0), ('nnictl_train_imagenet_ddp_gpu.yml', 8, 8)):
+        path = experiments_dir() / name
+        exp = yaml.safe_load(path.read_text())
+        assert exp['searchSpace']['model']['_value'] == ['bnas-d', 'bnas-e', 'bnas-f', 'bnas-g', 'bnas-h']
+        assert exp['tuner']['name'] == 'GridSearch' and exp['maxTrialNumber'] == 5
+        cmd = exp['trialCommand']
+        assert ('torchrun' in cmd or 'torch.distributed.run' in cmd) and f'--nproc_per_node={procs}' in cmd
+        assert '--rdzv-endpoint=127.0.0.1:0' in cmd
+        assert 'trainers/train_imagenet.py' in cmd and 'experiments/train_imagenet_bnas.yaml' in cmd
+        cfg = ExperimentConfig(**{k: v for k, v in exp.items()})
+        assert cfg.trial_gpu_number == gpus
+    text = (experiments_dir() / 'nnictl_train_imagenet_ddp_gpu.yml').read_text()
     assert 'platform: remote' in text and 'platform: kubeflow' in text          # commented variants
-    cfg = ExperimentConfig(**{k: v for k, v in exp.items()})
-    assert cfg.trial_gpu_number == 8
     cifar = yaml.safe_load((experiments_dir() / 'nnictl_train_cifar10.yml').read_text())
     assert ExperimentConfig(**cifar).search_space['lr']['_value'] == [0.05, 0.1]

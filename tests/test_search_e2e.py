@@ -75,6 +75,19 @@ def test_quick_search_cli_writes_genotypes_that_build_and_train(tmp_path, capsys
     assert any(p.name.startswith('events.out.tfevents') for p in (run_dir / 'tb').iterdir())
     assert (run_dir / 'checkpoint.pt').is_file()
     assert load_genotype(run_dir / 'genotype.yaml') == cifar
+    # metrics.csv like training, and pictures: the kept cells and a per-epoch alpha heatmap, as PNG and in TensorBoard
+    rows = (run_dir / 'metrics.csv').read_text().splitlines()
+    assert rows[0].startswith('epoch,lr,train_loss,train_acc') and [r.split(',')[0] for r in rows[1:]] == ['0', '1']
+    assert (run_dir / 'alphas' / 'epoch_001.png').is_file() and (run_dir / 'alphas' / 'epoch_002.png').is_file()
+    import shutil
+
+    if shutil.which('dot'):
+        assert (run_dir / 'cell.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / 'tb'), size_guidance={'images': 0})
+    events.Reload()
+    assert 'alphas' in events.Tags()['images'] and len(events.Images('alphas')) == 2
     # never into Python sources, and a second run may replace its own files but not others'
     assert not list(out.glob('*.py'))
     (out / 'handmade.yaml').write_text((out / 'e2e.yaml').read_text().split('meta:')[0])

@@ -255,13 +255,26 @@ class BinaryDartsModule(DartsLightningModule):
         return NonFiniteError(non_finite_message(what, epoch, step, self._lr(optimizer),
                                                  lr_name='arc_lr' if arch else 'lr'))
 
+    #: Data-parallel seam: ``grad_sync(params, loss) -> loss``, set by a driver that runs the search on
+    #: several processes (:class:`bnas_nni.search.distributed.GradientSync`). Called right after each
+    #: step's backward with that step's parameters (alphas or weights) and loss value, it averages their
+    #: gradients and the loss over the ranks before anything reads them (checks, clipping, the step).
+    grad_sync: Optional[Callable[[Sequence[torch.Tensor], float], float]] = None
+
     def _checked_backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor], what: str, epoch: int,
                           step: int, optimizer: Any, arch: bool = False) -> float:
-        """Backward of a finite ``loss`` whose gradients of ``params`` come out finite; else one line."""
+        """Backward of a finite ``loss`` whose gradients of ``params`` come out finite; else one line.
+
+        With :attr:`grad_sync` every rank runs the backward and the all-reduce and then checks the
+        averaged loss and gradients, so a non-finite value on one rank stops all ranks at the same step."""
         value = float(loss.detach())
-        if not math.isfinite(value):
+        if self.grad_sync is None and not math.isfinite(value):
             raise self._non_finite(what, epoch, step, optimizer, arch)
         self._backward(loss)
+        if self.grad_sync is not None:
+            value = self.grad_sync(params, value)
+            if not math.isfinite(value):
+                raise self._non_finite(what, epoch, step, optimizer, arch)
         if not check_finite_grads(params):
             raise self._non_finite(f'{what} gradient', epoch, step, optimizer, arch)
         return value

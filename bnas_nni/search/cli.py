@@ -4,7 +4,9 @@ Configuration is one flat mapping (:data:`bnas_nni.config.SEARCH`): the defaults
 search), then the ``--config`` file, then the flags below, then ``--set KEY=VALUE`` for any key
 (``--set KEY=null`` unsets one). Every strategy of the registry runs from here: ``binary-darts``
 (default), NNI's one-shot and multi-trial strategies, and strategies registered by a plugin module
-named in ``imports``.
+named in ``imports``. Launched by NNI (``NNI_PLATFORM`` set, e.g. an nnictl trial command
+``torchrun --nproc_per_node 2 -m bnas_nni search ...``) it runs as a search trial
+(:func:`bnas_nni.search.trial.run_trial`): NNI parameters in, per-epoch and final metrics out.
 """
 from __future__ import annotations
 
@@ -25,6 +27,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
              'run_dir': args.run_dir, 'strategy': args.strategy, 'data': args.data, 'dataset': args.dataset}
     overrides = {k: v for k, v in flags.items() if v is not None}   # flags not given are not overrides
     overrides.update(parse_set_items(args.set))                     # --set KEY=null is an explicit unset
+    from ..nni.trial import under_nni
+
+    if under_nni():     # launched by nnictl (e.g. through torchrun): a search trial, see bnas_nni.search.trial
+        from .trial import run_trial
+
+        run_trial(args.config, overrides)
+        return 0
     cfg = resolve_search_config(args.config, overrides)
     run_search(cfg, resume=args.resume)
     return 0

@@ -11,6 +11,16 @@ Run directory (see :mod:`bnas_nni.search.record` for the per-epoch files): ``con
 best epoch), ``genotype.yaml`` / ``genotype_imagenet.yaml``, ``alpha_history.json``, ``metrics.csv``,
 ``log.txt`` and ``tb/``. A ``KeyboardInterrupt`` or a kill leaves the last completed epoch's checkpoint,
 and ``run(resume=True)`` continues exactly (same batches, same augmentations, same updates).
+
+Data-parallel (``dist``: a :class:`~bnas_nni.distributed.DistContext` of several ranks, see
+:mod:`bnas_nni.search.distributed`): every rank trains the same supernet on its shard of both halves
+(:class:`~bnas_nni.search.distributed.EpochShardSampler`, per-process ``batch_size``), the module's
+``grad_sync`` seam averages each step's own gradients, ``sync_bn`` normalises with the statistics over
+all ranks, BN running statistics are averaged and the supernet accuracy summed over all ranks after
+every epoch, and the ranks' alphas, genotype and weights are compared before the epoch is recorded.
+Only rank 0 writes the run directory. Augmentations are drawn per rank from a generator seeded by
+(seed, epoch, rank), so a resumed run with the same number of ranks continues exactly; a run may also
+resume with another number of ranks (the checkpoint holds one copy of the replicated state).
 """
 from __future__ import annotations
 
@@ -27,11 +37,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoints import load_run_checkpoint, save_checkpoint
+from ..console import log as console_log
+from ..distributed import (DistContext, ShardSampler, all_reduce_sums, average_buffers, broadcast_module,
+                           broadcast_object, collective_errors)
 from ..errors import CheckpointError, ConfigError
 from ..rundir import RunDir
-from ..seeding import capture_rng, restore_rng
+from ..seeding import capture_rng, restore_rng, seed_everything
 from ..train.optim import build_optimizer
 from .binary_darts import BinaryDARTS, alpha_matrices, edge_probabilities
+from .distributed import (EpochShardSampler, GradientSync, check_same_architecture, check_world_fits,
+                          enable_sync_batch_norm)
 from .objective import diversity_weight, search_lr
 from .record import SEARCH_CSV_FIELDS, SearchRecorder
 
@@ -76,7 +91,8 @@ class SearchDriver:
 
     ``space`` is mutated in place into the supernet. ``train_data`` and ``val_data`` are the two halves of
     the training set (augmented); ``eval_data`` is the validation half without augmentation (used for the
-    per-epoch supernet accuracy; defaults to ``val_data``). Accuracies are in percent.
+    per-epoch supernet accuracy; defaults to ``val_data``). Accuracies are in percent. ``dist`` runs it
+    data-parallel (see the module docstring); ``batch_size`` is then per process.
     """
 
     def __init__(self, space: nn.Module, strategy: BinaryDARTS, *, train_data: Any, val_data: Any,
@@ -87,13 +103,16 @@ class SearchDriver:
                  device: Union[str, torch.device] = 'cpu', progress: bool = False, tensorboard: bool = True,
                  channels_last: bool = False, log_prob_every: int = 10, name: str = 'search',
                  epoch_callbacks: Sequence[Callable[[Dict[str, Any], 'SearchDriver'], None]] = (),
-                 log: Callable[[str], None] = print, config: Optional[Dict[str, Any]] = None) -> None:
+                 log: Callable[[str], None] = console_log, config: Optional[Dict[str, Any]] = None,
+                 dist: Optional[DistContext] = None, sync_bn: bool = False) -> None:
         if epochs < 1 or batch_size < 1:
             raise ConfigError(f'epochs and batch_size must be >= 1, got {epochs} and {batch_size}')
         if not (lr > 0 and 0 <= lr_min <= lr):
             raise ConfigError(f'need lr > 0 and 0 <= lr_min <= lr, got lr={lr}, lr_min={lr_min}')
         self.strategy = strategy
-        self.rundir = RunDir(run_dir, tensorboard=tensorboard, csv_fields=SEARCH_CSV_FIELDS)
+        self.dist = dist if dist is not None else DistContext(device=torch.device(device))
+        check_world_fits(len(train_data), len(val_data), int(batch_size), self.dist)
+        self.rundir = RunDir(run_dir, is_main=self.dist.is_main, tensorboard=tensorboard, csv_fields=SEARCH_CSV_FIELDS)
         self.run_dir = self.rundir.path
         self.epochs, self.batch_size = int(epochs), int(batch_size)
         self.lr, self.lr_min = lr, lr_min
@@ -118,6 +137,13 @@ class SearchDriver:
         self.alphas = self.module.arch_parameters()
         if not self.alphas:
             raise ConfigError('the space has no BNAS cells to search')
+        self.sync_bn = bool(sync_bn) and self.dist.distributed
+        self.synced_bns = 0
+        if self.dist.distributed:
+            broadcast_module(self.module, self.dist)          # every rank starts from rank 0's supernet
+            self.module.grad_sync = GradientSync(self.dist)
+            if self.sync_bn:
+                self.synced_bns = enable_sync_batch_norm(self.model, self.dist)
         self.weights = self.module.weight_parameters()
         self.w_optim = build_optimizer(self.model, optimizer='sgd', lr=lr, momentum=momentum,
                                        weight_decay=weight_decay, params=self.weights)
@@ -143,14 +169,23 @@ class SearchDriver:
     # ------------------------------------------------------------------ data
 
     def _loader(self, data: Any, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+        """This rank's loader: a shuffled shard (one rank: the whole set in ``RandomSampler`` order) or,
+        for evaluation, an unpadded shard of the first ``max_val_batches`` batches."""
         gen = torch.Generator()
         gen.manual_seed(seed)
-        return torch.utils.data.DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+        rank, world = self.dist.rank, self.dist.world_size
+        if shuffle:
+            sampler: Any = EpochShardSampler(len(data), rank, world, gen)
+        else:
+            n = len(data) if self.max_val_batches is None else min(len(data), self.max_val_batches * self.batch_size)
+            sampler = ShardSampler(n, rank, world)
+        return torch.utils.data.DataLoader(data, batch_size=self.batch_size, sampler=sampler, generator=gen,
                                            num_workers=self.workers, drop_last=False,
                                            pin_memory=self.device.type == 'cuda')
 
     def batches_per_epoch(self) -> int:
-        n = math.ceil(len(self.train_data) / self.batch_size)
+        """Steps per epoch (per rank when data-parallel)."""
+        n = math.ceil(math.ceil(len(self.train_data) / self.dist.world_size) / self.batch_size)
         return min(n, self.max_train_batches) if self.max_train_batches else n
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -166,20 +201,37 @@ class SearchDriver:
         return self.rundir.checkpoint_path
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes the (replicated) state; the generator states are rank 0's."""
+        if not self.dist.is_main:
+            return
         save_checkpoint(self.model, self.checkpoint_path, kind='search', epoch=self.start_epoch,
                         global_step=self.global_step, epochs=self.epochs, w_optim=self.w_optim.state_dict(),
                         a_optim=self.a_optim.state_dict(), rng=capture_rng(), config=self.config,
-                        **self.module.selection_state())
+                        world_size=self.dist.world_size, **self.module.selection_state())
 
     def load_checkpoint(self, path: Optional[Union[str, os.PathLike]] = None) -> bool:
-        """Restore from ``path`` (default: the run directory's checkpoint); False when there is none."""
+        """Restore from ``path`` (default: the run directory's checkpoint); False when there is none.
+        Data-parallel: rank 0 reads the file and hands its content to the other ranks."""
         path = Path(path) if path else self.checkpoint_path
-        if not path.is_file():
+        state: Optional[Dict[str, Any]] = None
+        with collective_errors(self.dist):
+            if self.dist.is_main and path.is_file():
+                try:
+                    state = load_run_checkpoint(path, self.model, 'search')
+                except CheckpointError as exc:
+                    raise ConfigError(f'cannot resume the search: {exc}') from None
+        if self.dist.distributed:
+            state = broadcast_object(state, self.dist)
+            if state is not None:
+                broadcast_module(self.model, self.dist)
+        if state is None:
             return False
-        try:
-            state = load_run_checkpoint(path, self.model, 'search')
-        except CheckpointError as exc:
-            raise ConfigError(f'cannot resume the search: {exc}') from None
+        saved_world = int(state.get('world_size') or 1)
+        if saved_world != self.dist.world_size:
+            self._log_line(f'note: the checkpoint was written by {saved_world} process(es), this run has '
+                           f'{self.dist.world_size}; batch_size {self.batch_size} is per process, so the batch '
+                           f'over all processes goes from {saved_world * self.batch_size} to '
+                           f'{self.dist.world_size * self.batch_size}')
         self.w_optim.load_state_dict(state['w_optim'])
         self.a_optim.load_state_dict(state['a_optim'])
         self.start_epoch = int(state['epoch'])
@@ -191,6 +243,8 @@ class SearchDriver:
     # ------------------------------------------------------------------ steps
 
     def _log_line(self, text: str) -> None:
+        if not self.dist.is_main:
+            return
         self._log(text)
         if self.rundir.is_main:
             with open(self.rundir.log_path, 'a') as f:
@@ -214,14 +268,13 @@ class SearchDriver:
 
     @torch.no_grad()
     def evaluate(self) -> Tuple[float, float]:
-        """(accuracy in percent, mean loss) of the supernet on ``eval_data`` (BN in eval mode, no autograd)."""
+        """(accuracy in percent, mean loss) of the supernet on ``eval_data`` (the first ``max_val_batches``
+        batches; BN in eval mode, no autograd), summed over all ranks' shards."""
         self.model.eval()
         hits = seen = 0
         loss_sum = 0.0
         try:
-            for i, (x, y) in enumerate(self._loader(self.eval_data, False, 0)):
-                if self.max_val_batches is not None and i >= self.max_val_batches:
-                    break
+            for x, y in self._loader(self.eval_data, False, 0):
                 x, y = self._to_device(x), y.to(self.device)
                 out = self.model(x)
                 loss_sum += float(F.cross_entropy(out, y, reduction='sum'))
@@ -229,14 +282,15 @@ class SearchDriver:
                 seen += int(y.numel())
         finally:
             self.model.train()
-        return 100.0 * hits / max(seen, 1), loss_sum / max(seen, 1)
+        total = all_reduce_sums({'hits': hits, 'seen': seen, 'loss': loss_sum}, self.dist)
+        return 100.0 * total['hits'] / max(total['seen'], 1), total['loss'] / max(total['seen'], 1)
 
     def _progress(self, total: int, epoch: int):
         if not self.progress:
             return None
-        from tqdm import tqdm
+        from ..console import progress
 
-        return tqdm(total=total, desc=f'search {epoch + 1}/{self.epochs}', leave=False, dynamic_ncols=True)
+        return progress(total=total, desc=f'search {epoch + 1}/{self.epochs}', enabled=True)
 
     def _log_probs(self, tb: Any, step: int) -> None:
         for edge, probs in edge_probabilities(self.model).items():
@@ -251,6 +305,8 @@ class SearchDriver:
             group['lr'] = lr
         self.module.begin_epoch()
         self.model.train()
+        if self.dist.distributed:        # per-rank augmentations, a function of (seed, epoch, rank) only
+            seed_everything(self.seed * 1_000_003 + 7919 * epoch + 104_729 * (self.dist.rank + 1))
         train_loader = self._loader(self.train_data, True, self.seed * 1_000_003 + 2 * epoch)
         val_stream = _Cycle(lambda k: iter(self._loader(self.val_data, True,
                                                         self.seed * 1_000_003 + 2 * epoch + 1 + 7919 * k)))
@@ -291,7 +347,11 @@ class SearchDriver:
         finally:
             if bar is not None:
                 bar.close()
+        if self.dist.distributed:
+            sums = all_reduce_sums(sums, self.dist)
+            average_buffers(self.model, self.dist)     # one set of BN statistics to evaluate and checkpoint
         val_acc, val_loss = self.evaluate()
+        check_same_architecture(self.module, epoch, self.epochs, self.dist)
         steps = max(sums['steps'], 1)
         return self.module.record_epoch(
             epoch, val_acc, lr=lr, train_loss=sums['loss'] / max(sums['seen'], 1),

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from ..console import log as console_log
 from ..errors import ConfigError
 
 __all__ = ['run_nni_experiment']
@@ -61,7 +62,8 @@ def _quiet_lightning() -> None:
 
 
 def _one_shot_evaluator(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, run_dir: Path, num_classes: int,
-                        device: Any, progress: bool, epoch_callbacks: Sequence[Callable[..., None]]):
+                        device: Any, progress: bool, epoch_callbacks: Sequence[Callable[..., None]],
+                        trainer_options: Optional[Mapping[str, Any]] = None):
     import pytorch_lightning as pl
     from nni.nas.evaluator.pytorch import DataLoader
 
@@ -92,6 +94,7 @@ def _one_shot_evaluator(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, run_
         trainer_kwargs['logger'] = TensorBoardLogger(str(run_dir), name='tb', version='')
     else:
         trainer_kwargs['logger'] = False
+    trainer_kwargs.update(trainer_options or {})        # e.g. Lightning's DDP strategy under torchrun
     return BinaryClassification(
         learning_rate=float(cfg['lr']), weight_decay=float(cfg['weight_decay']), optimizer=cfg['optimizer'],
         momentum=float(cfg['momentum']), lr_min=float(cfg['lr_min']), num_classes=num_classes,
@@ -102,8 +105,12 @@ def _one_shot_evaluator(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, run_
 def run_nni_experiment(cfg: Dict[str, Any], strategy: Any, kind: str, space: Any, run_dir: Path, *, device: Any,
                        progress: bool = False, epoch_callbacks: Sequence[Callable[..., None]] = (),
                        on_running: Optional[Callable[[Any, Optional[int]], None]] = None,
-                       log: Callable[[str], None] = print) -> Dict[str, Any]:
+                       log: Callable[[str], None] = console_log,
+                       trainer_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Run ``strategy`` on ``space`` as an NNI experiment (see the module docstring).
+
+    ``trainer_options``: extra Lightning ``Trainer`` keywords for a one-shot strategy (data-parallel
+    search passes Lightning's DDP strategy, :func:`bnas_nni.search.distributed.lightning_ddp_options`).
 
     ``on_running(experiment, port)`` is called after the search, while the experiment (and, for
     multi-trial, the NNI manager and its REST API) is still up and before it is stopped.
@@ -125,7 +132,7 @@ def run_nni_experiment(cfg: Dict[str, Any], strategy: Any, kind: str, space: Any
     train_ds, val_ds, val_plain = search_splits(cfg, trace=kind == 'multi-trial')
     if kind == 'one-shot':
         evaluator = _one_shot_evaluator(cfg, train_ds, val_ds, run_dir, num_classes, device, progress,
-                                        epoch_callbacks)
+                                        epoch_callbacks, trainer_options)
     else:
         evaluator = derived_evaluator(train_ds, val_plain, **train_options(cfg))
     result: Dict[str, Any] = {'port': None, 'manager_pid': None}

@@ -18,16 +18,24 @@ around its *states* instead of its edges:
   leaving a state run as one convolution over the concatenation, along output channels, of the ops'
   binarized weights. XNOR scales are per output filter, so binarizing the concatenated latent weights in
   one call equals binarizing each op's weights (binarizers with ``per_filter`` and no state; others go op by op).
-* **ReLU, softmax weight and memory.** :class:`_ConvReLUScale` computes ``p * ReLU(conv(s, W))`` with the
-  ReLU mask on the *unscaled* conv, exactly as the op does, but keeps only a boolean mask, the state's sign
-  as int8 (shared by the state's convs) and the weights for backward; the gradient of ``p`` comes from the
-  adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` (``dW`` is computed for the weights anyway).
-  (Folding ``p`` into the weights, ``ReLU(conv(s, p W))``, was tried and dropped: conv outputs of a binary
-  op are exact multiples of the XNOR scale and often exactly 0, and the scaled sum rounds those ties to
-  +-1 ulp, which flips ReLU gradients.)
-* **Pools once per state.** Max/avg pooling of a state is shared by the edges leaving it, then one
-  normalisation whose per-edge weighting keeps only the pooled tensor for backward (:class:`_BNWeighted`).
-  Node sums are accumulated as they come, never through ``torch.stack`` of all op outputs.
+* **One autograd node per state** (:class:`_StateBinaryOps`, the default path). BN, sign, every merged
+  conv and every pool leaving a state run in one function; ops going to the same nodes are summed into one
+  *bundle* output whose channel block ``e`` is the state's contribution to its ``e``-th destination node.
+  On CPU the binary convolutions are exact int8 ternary convolutions (``sign(x)`` times ``sign(W)`` summed
+  as integers by oneDNN, the per-filter XNOR scale applied once, with the softmax weight; see
+  :mod:`.kernels`), about 3x cheaper than fp32; elsewhere, or for weights that are not per-filter-scaled
+  signs, fp32 convs. Backward keeps a byte per element for the sign and the straight-through mask, uint8
+  ReLU masks in weight steps, nothing per conv output in architecture steps (the int8 kernel recomputes
+  ``ReLU(conv)``, which the softmax-weight gradient needs); pools are recomputed. The softmax-weight
+  gradient of a conv comes from the adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` when ``dW``
+  is computed anyway, else from the recomputed ``ReLU(conv)``: an architecture step (weights frozen)
+  computes no weight-gradient convolution at all. (Folding ``p`` into the weights before the ReLU was
+  tried and dropped: ties at 0 then round to +-1 ulp, which flips ReLU gradients.)
+* **Fallbacks.** ``BNAS_FAST_KERNELS=0``, eval mode with unequal BN statistics and activation quantizers
+  other than ``ste_sign`` use the per-kernel-type path (:class:`_ConvReLUScale`, :class:`_BNWeighted`),
+  which computes the same values with plain fp32 PyTorch ops. Node sums are accumulated as they come,
+  never through ``torch.stack`` of all op outputs; the cell runs channels-last on CPU and returns its
+  output in its caller's layout.
 * **Zeroise costs nothing.** Its output is zero, so it is skipped; its logit still takes softmax mass and
   still gets its gradient through the softmax.
 
@@ -36,10 +44,12 @@ added with their softmax weight, so any op set works. Double backward is not sup
 search only).
 
 Use it as a mutation hook, ``FastBinaryMixedCell.mutate``, in place of ``BinaryMixedCell.mutate``.
-Measured with ``bench/search_step.py``.
+Measured with ``bench/search_step.py`` and ``bench/search_epoch.py``; tested against ``BinaryMixedCell``
+in ``tests/test_fast_cell.py`` and ``tests/test_fast_kernels.py``.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -49,11 +59,20 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from nni.nas.oneshot.pytorch.supermodule.sampling import preprocess_cell_inputs
 
-from ..quant import BinaryConv2d, SteSign
+from ..quant import BinaryConv2d, SignBinarizer, SteSign, XnorBinarizer
 from ..ops import BNConvReLU, Zeroise
+from . import kernels
 from .mixed_cell import BinaryMixedCell
 
 __all__ = ['FastBinaryMixedCell']
+
+
+def _scope(name: str):
+    """A named torch.profiler range while a profiler runs (``bench/search_step.py --profile`` attributes the
+    convolutions inside to input-gradient, weight-gradient or recompute), else nothing."""
+    if torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _plain_bn(bn: nn.Module) -> bool:
@@ -164,6 +183,234 @@ class _BNWeighted(torch.autograd.Function):
         return gx, gp, None
 
 
+class _ConvSpec:
+    """One merged convolution of a bundle: geometry, output channels per op, and the packed int8 weights of
+    its last ternary call (reused while the weight signs are unchanged: from the architecture step to the
+    weight step of one iteration, and over evaluation batches)."""
+
+    __slots__ = ('stride', 'padding', 'dilation', 'groups', 'c_out', 'trusted', '_q', '_packed')
+
+    def __init__(self, conv: BinaryConv2d) -> None:
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.c_out = conv.out_channels
+        # binarizers whose output is sign * per-filter scale by construction (others are checked per call)
+        self.trusted = type(conv.weight_quantizer) in (XnorBinarizer, SignBinarizer)
+        self._q: Optional[torch.Tensor] = None
+        self._packed: Optional[kernels.TernaryConv] = None
+
+    def ternary(self, w: torch.Tensor) -> Optional[Tuple[kernels.TernaryConv, torch.Tensor]]:
+        """The int8 convolution of ``w`` and its per-filter scale, or None if ``w`` is not ternary."""
+        tw = kernels.ternary_weight(w, trusted=self.trusted)
+        if tw is None:
+            return None
+        q, scale = tw
+        if self._packed is None or self._q.shape != q.shape or not torch.equal(self._q, q):
+            self._packed = kernels.TernaryConv(q, self.stride, self.padding, self.dilation, self.groups)
+            self._q = q
+        return self._packed, scale
+
+
+def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List[torch.Tensor],
+                          weights: List[torch.Tensor], int8: bool, keep_masks: List[bool],
+                          eval_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    """Shared body of :class:`_StateBinaryOps` (``ctx`` given) and of the no-grad forward (``ctx`` None):
+    batch norm, sign, and per bundle the sum over its convs of ``p * ReLU(conv(sign, W))`` and over its
+    pools of ``p * BN(pool(x))``. Returns the bundle outputs, the batch statistics of ``x`` and of each
+    pooled tensor; with ``ctx``, stores on it what the backward needs. ``eval_stats``: normalise ``x`` with
+    these running (mean, var) instead (no gradients; bundles then carry no pools)."""
+    if eval_stats is None:
+        xhat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    else:
+        xhat = F.batch_norm(x, eval_stats[0], eval_stats[1], None, None, False, 0.0, eps)
+        mean = invstd = None
+    mask_in = (xhat.abs() < 1).view(torch.uint8) if ctx is not None else None
+    sign = xhat.sign_()
+    s_u8 = kernels.sign_to_uint8(sign) if int8 else None
+    outs, masks, tconvs, scales, pool_stats = [], [], [], [], []
+    k = 0
+    for (conv_specs, pool_specs), p in zip(bundles, probs):
+        y = None
+        for t, spec in enumerate(conv_specs):
+            w = weights[k]
+            tern = spec.ternary(w) if int8 else None
+            pc = p[t].repeat_interleave(spec.c_out)
+            if tern is not None:
+                # exact integer sums ReLU(sum s * sign(W)); the per-filter scale goes with the softmax weight
+                z = tern[0](s_u8, relu=True)
+                pc = pc * tern[1].to(pc.dtype)
+            else:
+                z = F.conv2d(sign, w, None, spec.stride, spec.padding, spec.dilation, spec.groups).clamp_min_(0)
+            if ctx is not None:
+                masks.append((z > 0).view(torch.uint8) if keep_masks[k] or tern is None else None)
+                tconvs.append(tern[0] if tern is not None else None)
+                scales.append(tern[1] if tern is not None else None)
+            pc = pc.view(1, -1, 1, 1)
+            y = z.mul_(pc) if y is None else y.addcmul_(z, pc)
+            k += 1
+        n_edges = p.size(1)
+        for q, pspec in enumerate(pool_specs):
+            # pooled once, normalised once, added to every destination block with its weight; nothing kept
+            xh, pmean, pinvstd = torch.native_batch_norm(pspec(x), None, None, None, None, True, 0.0, pspec.eps)
+            y.unflatten(1, (n_edges, -1)).addcmul_(xh.unsqueeze(1), p[len(conv_specs) + q].view(1, -1, 1, 1, 1))
+            pool_stats.extend((pmean, pinvstd))
+        outs.append(y)
+    if ctx is not None:
+        ctx.tconvs, ctx.n_masks = tconvs, [m is not None for m in masks]
+        ctx.n_scales = [sc is not None for sc in scales]
+        ctx.s_is_u8 = s_u8 is not None
+        # the sign, compactly: uint8 s + 1 when the int8 path made it, else int8 s
+        s_c = s_u8 if s_u8 is not None else sign.to(torch.int8)
+        ctx.save_for_backward(x, mean, invstd, mask_in, s_c, *[m for m in masks if m is not None],
+                              *[sc for sc in scales if sc is not None], *pool_stats, *probs, *weights)
+    return outs, mean, invstd, pool_stats
+
+
+class _StateBinaryOps(torch.autograd.Function):
+    """Every binary op (training-mode BN -> ``ste_sign`` -> binary conv -> ReLU) and pool (pool -> BN) leaving
+    one state, times their softmax weights, in one autograd node.
+
+    The state is normalised and signed once. Ops are grouped in *bundles*: ops whose outputs have the same
+    shape and go to the same destination nodes in the same order; a bundle's merged convs (one per kernel
+    type, output channels = the ops of that type on each destination edge) and pools (each pooled and
+    normalised once, added to every destination block) are summed into one output, whose channel block
+    ``e`` is the contribution of this state to the ``e``-th destination node. On CPU the convolutions run as
+    exact int8 ternary convolutions (:mod:`.kernels`) when the weights are per-filter-scaled signs, else in
+    fp32.
+
+    Kept for backward: the ``|BN(x)| < 1`` mask and the sign, one byte per element each; the state itself
+    (kept anyway by its other readers); the pools' batch statistics; uint8 ReLU masks of the convs when
+    weight gradients are needed (``recompute`` True and int8 convs: none, the backward recomputes
+    ``ReLU(conv)`` with the int8 kernel instead). Without weight gradients (the architecture step) nothing
+    per conv output is kept: the int8 kernel recomputes ``ReLU(conv)``. Pools are recomputed. The gradient of each conv's softmax weight comes from the adjoint identity
+    ``sum g * ReLU(conv(s, W)) = sum W * dW`` when the weight gradient ``dW`` is computed anyway, else
+    (architecture step, weights frozen) from ``ReLU(conv)``, cheaper than a weight-gradient convolution.
+    Inputs: ``x, eps, bundles, n_bundles, int8, recompute, *probs, *weights``; ``bundles[b]`` is
+    ``(conv specs, pool specs)`` and ``probs[b]`` has one row per conv then per pool, one column per edge.
+    Outputs: the bundle outputs, then (not differentiable) the batch mean and invstd of the state and of
+    each pooled tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float, bundles, n_bundles: int, int8: bool, recompute: bool,
+                *tensors: torch.Tensor):  # type: ignore[override]
+        probs, weights = list(tensors[:n_bundles]), list(tensors[n_bundles:])
+        need_w = ctx.needs_input_grad[6 + n_bundles:]
+        keep_masks = [bool(nw) and not recompute for nw in need_w]
+        outs, mean, invstd, pool_stats = _binary_state_forward(ctx, x, eps, bundles, probs, weights, int8,
+                                                               keep_masks)
+        ctx.eps, ctx.bundles, ctx.n_bundles = eps, bundles, n_bundles
+        ctx.x_dtype = x.dtype
+        ctx.mark_non_differentiable(mean, invstd, *pool_stats)
+        return (*outs, mean, invstd, *pool_stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        nb = ctx.n_bundles
+        saved = list(ctx.saved_tensors)
+        x, mean, invstd, mask_in, s_c = saved[:5]
+        rest = iter(saved[5:])
+        masks = [next(rest) if has else None for has in ctx.n_masks]
+        scales = [next(rest) if has else None for has in ctx.n_scales]
+        pool_stats = [next(rest) for _, pools in ctx.bundles for _ in range(2 * len(pools))]
+        probs = [next(rest) for _ in range(nb)]
+        weights = list(rest)
+        need_x = ctx.needs_input_grad[0]
+        need_p = ctx.needs_input_grad[6:6 + nb]
+        need_w = ctx.needs_input_grad[6 + nb:]
+        s_f = None  # the sign as a float tensor, made once if needed
+
+        def sign_float() -> torch.Tensor:
+            nonlocal s_f
+            if s_f is None:
+                s_f = s_c.to(ctx.x_dtype)
+                if ctx.s_is_u8:
+                    s_f.sub_(1)
+            return s_f
+
+        gx_sum = None    # gradient w.r.t. sign(BN(x)), summed over the convs
+        gx_pools = None  # gradient w.r.t. x through the pools
+        g_probs: List[Optional[torch.Tensor]] = [None] * nb
+        g_weights: List[Optional[torch.Tensor]] = [None] * len(weights)
+        k = kp = 0
+        for b, (conv_specs, pool_specs) in enumerate(ctx.bundles):
+            g = grads[b]
+            if g is None:
+                k += len(conv_specs)
+                kp += 2 * len(pool_specs)
+                continue
+            if x.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous(
+                    memory_format=torch.channels_last):
+                g = g.contiguous(memory_format=torch.channels_last)
+            p = probs[b]
+            gp = torch.zeros_like(p) if need_p[b] else None
+            for t, spec in enumerate(conv_specs):
+                w, mask, tconv, scale = weights[k], masks[k], ctx.tconvs[k], scales[k]
+                pc = p[t].repeat_interleave(spec.c_out).view(-1, 1, 1, 1)
+                z = None  # ReLU(conv) (for int8 convs: the unscaled integer sums)
+                if mask is not None:
+                    gm = g * mask  # through the ReLU; the gradient w.r.t. the conv output is gm * p
+                else:
+                    with _scope('bnas::recompute'):
+                        z = tconv(s_c, relu=True)
+                    gm = torch.ops.aten.threshold_backward(g, z, 0)
+                conv_args = (spec.stride, spec.padding, spec.dilation, False, [0, 0], spec.groups)
+                if need_x:
+                    # conv^T(gm * p, W) == conv^T(gm, p * W): scale the small weight, not the activation
+                    with _scope('bnas::input_grad'):
+                        gi = torch.ops.aten.convolution_backward(gm, x, w * pc, None, *conv_args,
+                                                                 [True, False, False])[0]
+                    gx_sum = gi if gx_sum is None else gx_sum.add_(gi)
+                if need_w[k]:
+                    with _scope('bnas::weight_grad'):
+                        dw = torch.ops.aten.convolution_backward(gm, sign_float(), w, None, *conv_args,
+                                                                 [False, True, False])[1]
+                    g_weights[k] = dw * pc
+                    if gp is not None:
+                        gp[t] = (w * dw).sum(dim=(1, 2, 3)).view(-1, spec.c_out).sum(1)
+                elif gp is not None:
+                    if z is None:
+                        with _scope('bnas::recompute'):
+                            z = tconv(s_c, relu=True) if tconv is not None else F.conv2d(
+                                sign_float(), w, None, spec.stride, spec.padding, spec.dilation,
+                                spec.groups).clamp_min_(0)
+                    gz = (g * z).sum(dim=(0, 2, 3))
+                    if scale is not None:
+                        gz = gz * scale.to(gz.dtype)
+                    gp[t] = gz.view(-1, spec.c_out).sum(1)
+                k += 1
+            if pool_specs and (need_x or gp is not None):
+                gv = g.unflatten(1, (p.size(1), -1))  # [B, edges, C, H, W]
+                for q, pspec in enumerate(pool_specs):
+                    row = len(conv_specs) + q
+                    pmean, pinvstd = pool_stats[kp], pool_stats[kp + 1]
+                    kp += 2
+                    with _scope('bnas::recompute'):
+                        pooled, idx = pspec(x, indices=True) if pspec.kind == 'max' else (pspec(x), None)
+                    if gp is not None:
+                        xh = (pooled - pmean.view(1, -1, 1, 1)) * pinvstd.view(1, -1, 1, 1)
+                        for e in range(p.size(1)):
+                            gp[row, e] = (gv[:, e] * xh).sum()
+                    if need_x:
+                        gxh = gv[:, 0] * p[row, 0]
+                        for e in range(1, p.size(1)):
+                            gxh.addcmul_(gv[:, e], p[row, e])
+                        gpooled = torch.ops.aten.native_batch_norm_backward(
+                            gxh, pooled, None, None, None, pmean, pinvstd, True, pspec.eps, [True, False, False])[0]
+                        gpx = pspec.backward(gpooled, x, idx)
+                        gx_pools = gpx if gx_pools is None else gx_pools.add_(gpx)
+            else:
+                kp += 2 * len(pool_specs)
+            g_probs[b] = gp
+        gx = None
+        if need_x and gx_sum is not None:
+            gx_sum.mul_(mask_in)
+            gx = torch.ops.aten.native_batch_norm_backward(gx_sum, x, None, None, None, mean, invstd, True,
+                                                           ctx.eps, [True, False, False])[0]
+        if need_x and gx_pools is not None:
+            gx = gx_pools if gx is None else gx.add_(gx_pools)
+        return (gx, None, None, None, None, None, *g_probs, *g_weights)
+
+
 class _FromChannelsLast(torch.autograd.Function):
     """``x.contiguous()`` for a channels-last ``x`` whose gradient goes back in channels-last layout too (so
     the pooling backward also takes its fast NHWC path)."""
@@ -178,21 +425,41 @@ class _FromChannelsLast(torch.autograd.Function):
         return g.contiguous(memory_format=torch.channels_last)
 
 
+def _per_channel(x: torch.Tensor, count: Optional[float]) -> float:
+    """Values per channel a batch statistic was taken over: ``count`` (all ranks) or this batch's."""
+    return count if count is not None else x.numel() // x.size(1)
+
+
 class _BNGroup:
-    """BatchNorm2d modules (non-affine, same eps) that all normalise the same tensor."""
+    """BatchNorm2d modules (non-affine, same eps) that all normalise the same tensor.
+
+    ``sync`` (None: this process's batch): an object whose ``normalize(x, eps)`` returns ``(xhat, mean,
+    invstd, count)`` with the statistics of the whole batch over all ranks of a data-parallel search
+    (:class:`bnas_nni.search.distributed.BatchNormSync`); set by
+    :meth:`FastBinaryMixedCell.set_batch_norm_sync`. Training-mode normalisation then goes through it
+    (unfused: the same function, with a float copy kept for backward); eval mode is unchanged."""
+
+    sync = None
 
     def __init__(self, bns: List[nn.BatchNorm2d]) -> None:
         self.bns = bns
         self.eps = bns[0].eps
+
+    def _batch_stats(self, x: torch.Tensor):
+        """``(xhat, mean, invstd, count)`` of a training batch (count None: this process's batch)."""
+        if self.sync is not None:
+            return self.sync.normalize(x, self.eps)
+        xhat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+        return xhat, mean, invstd, None
 
     def normalize(self, x: torch.Tensor, training: bool) -> List[torch.Tensor]:
         """One normalised tensor per BN (the same object for BNs that normalise identically)."""
         bns = self.bns
         tracked = [bn for bn in bns if bn.track_running_stats and bn.running_mean is not None]
         if training or len(tracked) < len(bns):
-            xhat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+            xhat, mean, invstd, count = self._batch_stats(x)
             if training and tracked:
-                self._update_running_stats(x, mean, invstd, tracked)
+                self._update_running_stats(_per_channel(x, count), mean, invstd, tracked)
             if len(tracked) == len(bns) or training:
                 return [xhat] * len(bns)
             # eval mode with some BNs that keep no running stats: those use batch stats, others their own
@@ -212,16 +479,33 @@ class _BNGroup:
                 out.append(t)
         return out
 
+    def common_running_stats(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The running (mean, var) when every BN of the group keeps exactly the same ones, else None."""
+        bns = self.bns
+        ref = bns[0]
+        if any(bn.running_mean is None or bn.eps != ref.eps for bn in bns):
+            return None
+        if all(torch.equal(bn.running_mean, ref.running_mean) and torch.equal(bn.running_var, ref.running_var)
+               for bn in bns[1:]):
+            return ref.running_mean, ref.running_var
+        return None
+
     def normalize_quantize(self, x: torch.Tensor, training: bool, quantize: nn.Module) -> List[torch.Tensor]:
         """``quantize(BN(x))`` per BN, shared where the normalisations are shared (fused for ``ste_sign``).
 
         ``quantize`` is the (stateless) quantizer module of one of the ops; they are interchangeable."""
         bns = self.bns
+        if training and self.sync is not None:
+            xhat, mean, invstd, count = self.sync.normalize(x, self.eps)
+            tracked = [bn for bn in bns if bn.track_running_stats and bn.running_mean is not None]
+            if tracked:
+                self._update_running_stats(_per_channel(x, count), mean, invstd, tracked)
+            return [quantize(xhat)] * len(bns)
         if training and type(quantize) is SteSign:
             signed, mean, invstd = _BNSignSTE.apply(x, self.eps)
             tracked = [bn for bn in bns if bn.track_running_stats and bn.running_mean is not None]
             if tracked:
-                self._update_running_stats(x, mean, invstd, tracked)
+                self._update_running_stats(x.numel() // x.size(1), mean, invstd, tracked)
             return [signed] * len(bns)
         done: Dict[int, torch.Tensor] = {}
         return [done[id(t)] if id(t) in done else done.setdefault(id(t), quantize(t))
@@ -229,11 +513,17 @@ class _BNGroup:
 
     def normalize_weighted(self, x: torch.Tensor, training: bool, p: torch.Tensor) -> List[torch.Tensor]:
         """``BN_e(x) * p[e]`` for each BN ``e`` of the group."""
+        if training and self.sync is not None:
+            xhat, mean, invstd, count = self.sync.normalize(x, self.eps)
+            tracked = [bn for bn in self.bns if bn.track_running_stats and bn.running_mean is not None]
+            if tracked:
+                self._update_running_stats(_per_channel(x, count), mean, invstd, tracked)
+            return [xhat * p[e] for e in range(p.numel())]
         if training:
             *outs, mean, invstd = _BNWeighted.apply(x, p, self.eps)
             tracked = [bn for bn in self.bns if bn.track_running_stats and bn.running_mean is not None]
             if tracked:
-                self._update_running_stats(x, mean, invstd, tracked)
+                self._update_running_stats(x.numel() // x.size(1), mean, invstd, tracked)
             return outs
         return [t * p[e] for e, t in enumerate(self.normalize(x, training))]
 
@@ -242,10 +532,11 @@ class _BNGroup:
         return F.batch_norm(x, bn.running_mean, bn.running_var, None, None, False, 0.0, bn.eps)
 
     @torch.no_grad()
-    def _update_running_stats(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    def _update_running_stats(self, n: int, mean: torch.Tensor, invstd: torch.Tensor,
                               bns: List[nn.BatchNorm2d]) -> None:
+        """``n``: the number of values per channel that the batch statistics ``mean, invstd`` were taken over
+        (over all ranks with a synced BN)."""
         # the batch statistics the BN kernel just used: mean, and the unbiased variance nn.BatchNorm2d tracks
-        n = x.numel() // x.size(1)
         var = (invstd.pow(-2) - self.eps) * (n / max(n - 1, 1))
         counts = [bn.num_batches_tracked for bn in bns]
         torch._foreach_add_(counts, 1)
@@ -274,6 +565,115 @@ class _StatePlan:
         self.generic: List[Tuple[int, str, nn.Module]] = []
         self.zero_nodes: List[int] = []
         self.bn_groups: Dict[Tuple, _BNGroup] = {}
+        # per binary key: bundles of merged convs (and pools) whose outputs are summed; see _StateBinaryOps
+        self.bundles: Dict[Tuple, List['_Bundle']] = {}
+        # pool keys computed inside a bundle in training mode (else by the pool loop)
+        self.fused_pools: Dict[Tuple, List[Tuple]] = {}
+
+
+class _MergedConv:
+    """The binary ops of one kernel type leaving a state (one per destination edge), run as one conv."""
+
+    __slots__ = ('spec', 'items')
+
+    def __init__(self, items: List[Tuple[int, str, BNConvReLU]]) -> None:
+        self.items = items
+        self.spec = _ConvSpec(items[0][2].op[0])
+
+
+class _PoolSpec:
+    """A max or average pool followed by a non-affine batch norm, as computed inside a bundle."""
+
+    __slots__ = ('kind', 'kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode', 'count_include_pad',
+                 'divisor_override', 'eps')
+
+    def __init__(self, pool: nn.Module, bn: nn.BatchNorm2d) -> None:
+        pair = torch.nn.modules.utils._pair
+        self.kind = 'max' if type(pool) is nn.MaxPool2d else 'avg'
+        self.kernel_size, self.padding = pair(pool.kernel_size), pair(pool.padding)
+        self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.dilation = pair(getattr(pool, 'dilation', 1))
+        self.ceil_mode = pool.ceil_mode
+        self.count_include_pad = getattr(pool, 'count_include_pad', True)
+        self.divisor_override = getattr(pool, 'divisor_override', None)
+        self.eps = bn.eps
+
+    def shape_key(self, channels: int) -> Optional[Tuple]:
+        if self.ceil_mode:
+            return None
+        return (self.stride, channels, tuple(2 * p - d * (k - 1) for p, d, k in
+                                             zip(self.padding, self.dilation, self.kernel_size)))
+
+    def __call__(self, x: torch.Tensor, indices: bool = False):
+        if self.kind == 'max':
+            fn = torch.ops.aten.max_pool2d_with_indices if indices else torch.ops.aten.max_pool2d
+            return fn(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        return torch.ops.aten.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                         self.count_include_pad, self.divisor_override)
+
+    def backward(self, g: torch.Tensor, x: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.kind == 'max':
+            return torch.ops.aten.max_pool2d_with_indices_backward(g, x, self.kernel_size, self.stride, self.padding,
+                                                                   self.dilation, self.ceil_mode, indices)
+        return torch.ops.aten.avg_pool2d_backward(g, x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                                  self.count_include_pad, self.divisor_override)
+
+
+class _FusedPool:
+    """The pool ops of one kind leaving a state (one per destination edge, each with its own BN)."""
+
+    __slots__ = ('key', 'spec', 'items')
+
+    def __init__(self, key: Tuple, pool: nn.Module, items: List[Tuple[int, str, nn.BatchNorm2d]]) -> None:
+        self.key, self.items = key, items
+        self.spec = _PoolSpec(pool, items[0][2])
+
+
+class _Bundle:
+    """Ops leaving one state whose outputs are summed: same destination nodes in the same order, same
+    output shape. Channel block ``e`` of the bundle's output goes to node ``dests[e]``."""
+
+    __slots__ = ('dests', 'convs', 'pools', 'shape_key')
+
+    def __init__(self, dests: Tuple[int, ...], shape_key: Tuple) -> None:
+        self.dests, self.shape_key = dests, shape_key
+        self.convs: List[_MergedConv] = []
+        self.pools: List[_FusedPool] = []
+
+
+def _conv_shape_key(conv: BinaryConv2d) -> Tuple:
+    # the output size is (H + 2p - d(k-1) - 1) // s + 1: equal for every H when s and 2p - d(k-1) are
+    return (conv.stride, conv.out_channels,
+            tuple(2 * p - d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)))
+
+
+def _bundle(items: List[Tuple[int, str, BNConvReLU]]) -> List[_Bundle]:
+    """Group the binary ops of one state by kernel type, then bundle the kernel types whose outputs can be
+    summed: same destination nodes in the same order, same stride, channels and output size."""
+    by_conv: Dict[Tuple, List[Tuple[int, str, BNConvReLU]]] = OrderedDict()
+    for item in items:
+        by_conv.setdefault(_conv_key(item[2].op[0]), []).append(item)
+    bundles: Dict[Tuple, _Bundle] = OrderedDict()
+    for group in by_conv.values():
+        dests = tuple(i for i, _, _ in group)
+        shape_key = _conv_shape_key(group[0][2].op[0])
+        bundles.setdefault((dests, shape_key), _Bundle(dests, shape_key)).convs.append(_MergedConv(group))
+    return list(bundles.values())
+
+
+def _attach_pools(plan: '_StatePlan') -> None:
+    """Put each pool kind of the state into the bundle with the same destinations and output shape (so that
+    training-mode pools are computed and summed inside the state's fused function)."""
+    for key, (pool, items) in plan.pools.items():
+        fp = _FusedPool(key, pool, items)
+        dests = tuple(i for i, _, _ in items)
+        shape_key = fp.spec.shape_key(items[0][2].num_features)
+        for bkey, bundles in plan.bundles.items():
+            target = next((b for b in bundles if b.dests == dests and b.shape_key == shape_key), None)
+            if target is not None:
+                target.pools.append(fp)
+                plan.fused_pools.setdefault(bkey, []).append(key)
+                break
 
 
 def _conv_key(conv: BinaryConv2d) -> Tuple:
@@ -314,16 +714,24 @@ class FastBinaryMixedCell(BinaryMixedCell):
 
     Class attributes
     ----------------
-    channels_last : bool
-        Run the cell in channels-last memory format (off by default: it was slower on CPU; see
-        ``bench/search_step.py --cells fast-cl``).
+    channels_last : bool or None
+        Run the cell in channels-last memory format. ``None`` (default): on CPU when the fast kernels are on
+        (the int8 ternary convolution wants NHWC, and PyTorch's NHWC dilated convs and pools are faster).
+        The cell returns its output in the layout of its input either way; a model run channels-last end
+        to end (``model.to(memory_format=torch.channels_last)`` and channels-last inputs) converts nothing.
+    recompute_relu_masks : bool
+        With int8 convs, recompute ``ReLU(conv)`` in the backward of a step that computes weight gradients
+        instead of keeping a byte mask per conv output element (off by default: the masks cost ~120 MiB at
+        batch 32 on the paper supernet and save ~15% of a weight step on CPU). Steps without weight
+        gradients (the architecture step) always recompute: they need ``ReLU(conv)`` itself.
     pool_channels_last : bool
         Pool in channels-last layout on CPU (on by default: PyTorch's NHWC max/avg pooling kernels are several
         times faster there; the result is the same).
     """
 
-    channels_last: bool = False
+    channels_last: Optional[bool] = None
     pool_channels_last: bool = True
+    recompute_relu_masks: bool = False
 
     def __init__(self, op_factory, num_nodes, num_ops_per_node, num_predecessors, preprocessor, postprocessor,
                  concat_dim, memo, mutate_kwargs, label):
@@ -353,14 +761,22 @@ class FastBinaryMixedCell(BinaryMixedCell):
         for plan in plans:
             for key, items in plan.binary.items():
                 plan.bn_groups[('binary',) + key] = _BNGroup([op.bn for _, _, op in items])
+                plan.bundles[key] = _bundle(items)
             for key, (_, items) in plan.pools.items():
                 plan.bn_groups[('pool',) + key] = _BNGroup([bn for _, _, bn in items])
+            _attach_pools(plan)
         return plans
 
     def forward(self, *inputs):
         processed_inputs: List[torch.Tensor] = preprocess_cell_inputs(self.num_predecessors, *inputs)
         states: List[torch.Tensor] = list(self.preprocessor(processed_inputs))
-        if self.channels_last:
+        cl = self.channels_last
+        if cl is None:
+            cl = kernels.fast_kernels_enabled() and states[0].device.type == 'cpu' and states[0].dim() == 4
+        given = processed_inputs[-1]
+        caller_cl = given.dim() == 4 and given.is_contiguous(memory_format=torch.channels_last) \
+            and not given.is_contiguous()
+        if cl:
             states = [s.contiguous(memory_format=torch.channels_last) for s in states]
         P, N = self.num_predecessors, self.num_nodes
         col = {name: k for k, name in enumerate(self.op_names)}
@@ -371,9 +787,16 @@ class FastBinaryMixedCell(BinaryMixedCell):
         row = {ij: r for r, ij in enumerate((i, j) for i in range(P, P + N) for j in range(i))}
         # contributions to each node, summed as they come (no stacking of op outputs)
         acc: Dict[int, Optional[torch.Tensor]] = {i: None for i in range(P, P + N)}
+        owned = set()  # nodes whose sum is a tensor made here (added to in place; never a view of an op output)
 
         def add(i: int, t: torch.Tensor) -> None:
-            acc[i] = t if acc[i] is None else acc[i] + t
+            if acc[i] is None:
+                acc[i] = t
+            elif i in owned:
+                acc[i].add_(t)
+            else:
+                acc[i] = acc[i] + t
+                owned.add(i)
 
         training = self.training
         for j in range(P + N - 1):  # the last node feeds no edge
@@ -382,36 +805,18 @@ class FastBinaryMixedCell(BinaryMixedCell):
             x = states[j]
             plan = self._plans[j]
             # binary ops: one normalisation and sign per BN group, one conv per kernel type
+            done_pools: set = set()
             for key, items in plan.binary.items():
-                quantizer = items[0][2].quantizer
-                signed = plan.bn_groups[('binary',) + key].normalize_quantize(x, training, quantizer)
-                convs: Dict[Tuple, List[Tuple[int, str, BNConvReLU]]] = OrderedDict()
-                inputs: Dict[int, torch.Tensor] = {}
-                for (i, name, op), sx in zip(items, signed):
-                    inputs[id(sx)] = sx
-                    convs.setdefault((id(sx), _conv_key(op.op[0])), []).append((i, name, op))
-                # the sign is saved once per state as int8 for the weight gradients (exact: values -1, 0, 1)
-                compact = {sid: sx.to(torch.int8) if type(quantizer) is SteSign and torch.is_grad_enabled() else None
-                           for sid, sx in inputs.items()}
-                for (sid, _), group in convs.items():
-                    conv0 = group[0][2].op[0]
-                    idx = self._index([row[(i, j)] * n_ops + col[name] for i, name, _ in group], x.device)
-                    pw = probs.reshape(-1).index_select(0, idx).to(x.dtype).repeat_interleave(conv0.out_channels)
-                    if torch.is_grad_enabled():
-                        y = _ConvReLUScale.apply(inputs[sid], self._merged_weight(group), pw, conv0.stride,
-                                                 conv0.padding, conv0.dilation, conv0.groups, compact[sid])
-                    else:  # evaluation: nothing to keep for backward
-                        y = F.conv2d(inputs[sid], self._merged_weight(group), None, conv0.stride, conv0.padding,
-                                     conv0.dilation, conv0.groups).clamp_min_(0).mul_(pw.view(1, -1, 1, 1))
-                    # split (one backward node concatenating the grads), not slicing (a zero-filled
-                    # full-size grad per slice)
-                    for (i, _, _), part in zip(group, y.split(conv0.out_channels, 1) if len(group) > 1 else [y]):
-                        add(i, part)
+                for i, part in self._binary_ops(plan, key, items, x, probs, row, col, j, done_pools):
+                    add(i, part)
             # pools: pooled once, normalised once, weighted per edge
             # (on CPU in channels-last layout: PyTorch's NHWC pooling kernels are ~5x faster than NCHW ones)
-            x_pool = x.contiguous(memory_format=torch.channels_last) if plan.pools and self.pool_channels_last \
+            x_pool = x.contiguous(memory_format=torch.channels_last) if len(plan.pools) > len(done_pools) \
+                and self.pool_channels_last \
                 and x.device.type == 'cpu' and x.dim() == 4 else x
             for key, (pool, items) in plan.pools.items():
+                if key in done_pools:
+                    continue
                 idx = self._index([row[(i, j)] * n_ops + col[name] for i, name, _ in items], x.device)
                 pw = probs.reshape(-1).index_select(0, idx).to(x.dtype)
                 pooled = pool(x_pool)
@@ -428,9 +833,113 @@ class FastBinaryMixedCell(BinaryMixedCell):
         states.append(acc[last] if acc[last] is not None else self._zero_state(states, last))
 
         this_cell = torch.cat(states[P:], self.concat_dim)
-        if self.channels_last:
+        if cl and not caller_cl:
             this_cell = this_cell.contiguous()
         return self.postprocessor(this_cell, processed_inputs)
+
+    def set_batch_norm_sync(self, sync) -> List[nn.BatchNorm2d]:
+        """Normalise training batches of this cell's shared BN groups with ``sync`` (see :class:`_BNGroup`;
+        None restores per-process statistics). Returns the BN modules covered; BNs of ops the fast path
+        does not recognise run as modules and are not covered."""
+        covered: List[nn.BatchNorm2d] = []
+        for plan in self._plans:
+            for group in plan.bn_groups.values():
+                group.sync = sync
+                covered.extend(group.bns)
+        return covered
+
+    def _binary_ops_plain(self, plan: '_StatePlan', key: Tuple, items, x: torch.Tensor, probs: torch.Tensor,
+                          row, col, j: int):
+        """The binary ops of one BN group, per kernel type (eval mode with unequal BN statistics, quantizers
+        other than ``ste_sign``, ``BNAS_FAST_KERNELS=0``): yields ``(node, contribution)``."""
+        training = self.training
+        n_ops = probs.size(1)
+        quantizer = items[0][2].quantizer
+        signed = plan.bn_groups[('binary',) + key].normalize_quantize(x, training, quantizer)
+        convs: Dict[Tuple, List[Tuple[int, str, BNConvReLU]]] = OrderedDict()
+        inputs: Dict[int, torch.Tensor] = {}
+        for (i, name, op), sx in zip(items, signed):
+            inputs[id(sx)] = sx
+            convs.setdefault((id(sx), _conv_key(op.op[0])), []).append((i, name, op))
+        # the sign is saved once per state as int8 for the weight gradients (exact: values -1, 0, 1)
+        compact = {sid: sx.to(torch.int8) if type(quantizer) is SteSign and torch.is_grad_enabled() else None
+                   for sid, sx in inputs.items()}
+        for (sid, _), group in convs.items():
+            conv0 = group[0][2].op[0]
+            idx = self._index([row[(i, j)] * n_ops + col[name] for i, name, _ in group], x.device)
+            pw = probs.reshape(-1).index_select(0, idx).to(x.dtype).repeat_interleave(conv0.out_channels)
+            if torch.is_grad_enabled():
+                y = _ConvReLUScale.apply(inputs[sid], self._merged_weight(group), pw, conv0.stride,
+                                         conv0.padding, conv0.dilation, conv0.groups, compact[sid])
+            else:  # evaluation: nothing to keep for backward
+                y = F.conv2d(inputs[sid], self._merged_weight(group), None, conv0.stride, conv0.padding,
+                             conv0.dilation, conv0.groups).clamp_min_(0).mul_(pw.view(1, -1, 1, 1))
+            # split (one backward node concatenating the grads), not slicing (a zero-filled
+            # full-size grad per slice)
+            for (i, _, _), part in zip(group, y.split(conv0.out_channels, 1) if len(group) > 1 else [y]):
+                yield i, part
+
+    def _binary_ops(self, plan: '_StatePlan', key: Tuple, items, x: torch.Tensor, probs: torch.Tensor, row, col,
+                    j: int, done_pools: set):
+        """The binary ops of one BN group (all reading ``x``): yields ``(node, contribution)``.
+
+        Fused (:class:`_StateBinaryOps`) when the BNs normalise alike (training mode, or eval mode with
+        equal running statistics) and the quantizer is ``ste_sign``; else per kernel type. In training mode
+        the fused function also computes the pools attached to its bundles; their keys go into
+        ``done_pools``."""
+        quantizer = items[0][2].quantizer
+        group = plan.bn_groups[('binary',) + key]
+        training = self.training
+        # a synced BN normalises through its group (all ranks' statistics): the per-kernel-type path
+        fused = kernels.fast_kernels_enabled() and type(quantizer) is SteSign and x.dim() == 4 and group.sync is None
+        eval_stats = None
+        if fused and not training:
+            # eval: one normalisation only if every BN keeps the same running statistics; no gradients
+            eval_stats = group.common_running_stats()
+            fused = eval_stats is not None and not torch.is_grad_enabled()
+        if not fused:
+            yield from self._binary_ops_plain(plan, key, items, x, probs, row, col, j)
+            return
+        bundles = plan.bundles[key]
+        with_pools = training  # eval-mode pools normalise with their own running statistics: the pool loop
+        n_ops = probs.size(1)
+        flat = probs.reshape(-1)
+        p_list = []
+        for bundle in bundles:
+            rows = [c.items for c in bundle.convs] + ([fp.items for fp in bundle.pools] if with_pools else [])
+            idx = self._index([row[(i, j)] * n_ops + col[name] for items_ in rows for i, name, _ in items_],
+                              x.device)
+            p_list.append(flat.index_select(0, idx).view(len(rows), -1).to(x.dtype))
+        weights = [self._merged_weight(c.items) for bundle in bundles for c in bundle.convs]
+        specs = [([c.spec for c in bundle.convs], [fp.spec for fp in bundle.pools] if with_pools else [])
+                 for bundle in bundles]
+        int8 = x.dtype == torch.float32 and x.device.type == 'cpu' and kernels.ternary_conv_supported()
+        if torch.is_grad_enabled():
+            res = _StateBinaryOps.apply(x, group.eps, specs, len(bundles), int8, self.recompute_relu_masks,
+                                        *p_list, *weights)
+            nb = len(bundles)
+            ys, mean, invstd, pool_stats = res[:nb], res[nb], res[nb + 1], res[nb + 2:]
+        else:
+            ys, mean, invstd, pool_stats = _binary_state_forward(None, x, group.eps, specs, p_list, weights, int8,
+                                                                 [], eval_stats=eval_stats)
+        if training:
+            tracked = [bn for bn in group.bns if bn.track_running_stats and bn.running_mean is not None]
+            if tracked:
+                group._update_running_stats(x.numel() // x.size(1), mean, invstd, tracked)
+            done_pools.update(fp.key for bundle in bundles for fp in bundle.pools)
+            k = 0
+            for bundle in bundles:
+                for fp in bundle.pools:
+                    pgroup = plan.bn_groups[('pool',) + fp.key]
+                    tracked = [bn for bn in pgroup.bns if bn.track_running_stats and bn.running_mean is not None]
+                    if tracked:
+                        pgroup._update_running_stats(ys[0].numel() // ys[0].size(1), pool_stats[k], pool_stats[k + 1],
+                                                     tracked)
+                    k += 2
+        for bundle, y in zip(bundles, ys):
+            c_out = bundle.convs[0].spec.c_out
+            for i, part in zip(bundle.dests, y.split(c_out, 1) if len(bundle.dests) > 1 else [y]):
+                yield i, part
 
     def _index(self, values: List[int], device: torch.device) -> torch.Tensor:
         key = (tuple(values), device)

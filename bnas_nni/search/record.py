@@ -5,7 +5,9 @@
 * ``genotype.yaml`` / ``genotype_imagenet.yaml`` -- the kept (best-epoch) genotypes, rewritten atomically;
 * ``alpha_history.json`` -- per epoch: alphas, entropy, metrics, the genotype of that epoch's alphas;
 * ``metrics.csv`` -- one row per epoch (:data:`SEARCH_CSV_FIELDS`), accuracies in percent;
-* ``tb/`` -- ``epoch/*`` scalars (the driver adds per-step curves and edge probabilities);
+* ``tb/`` -- ``epoch/*`` scalars (the driver adds per-step curves and edge probabilities), and the
+  pictures: ``cell.png`` / ``cell_imagenet.png`` (the kept cells) and ``alphas/epoch_NNN.png`` (softmax(alpha),
+  edges x ops), also as TensorBoard images (:func:`bnas_nni.plot.write_search_pictures`);
 * ``log.txt`` -- one line per epoch.
 
 :func:`attach_run_directory` gives the NNI path (``NasExperiment`` + ``BinaryDARTS(run_dir=...)``) the
@@ -17,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
+from ..console import log as console_log
 from ..genotypes import save_genotype
 from ..io import atomic_write_text
 from ..rundir import RunDir
@@ -43,29 +46,41 @@ class SearchRecorder:
     """Writes the run directory after each recorded epoch (see the module docstring)."""
 
     def __init__(self, run: RunDir, *, name: str, epochs: int, strategy: str = 'binary-darts',
-                 log: Callable[[str], None] = print, pictures: bool = True) -> None:
+                 log: Callable[[str], None] = console_log, pictures: bool = True) -> None:
         self.run = run
         self.name = name
         self.epochs = int(epochs)
         self.strategy = strategy
         self.log = log
         self.pictures = pictures
+        self._said: set = set()
 
     def __call__(self, record: Mapping[str, Any], module: Any) -> None:
         if not self.run.is_main:
             return
-        self.write_outputs(module)
+        cifar, imagenet = self.write_outputs(module)
+        if self.pictures:
+            from ..plot import write_search_pictures
+
+            write_search_pictures(self.run.path, alphas=record['alphas'], ops=_ops_of(module), epoch=record['epoch'],
+                                  genotype=cifar, imagenet_genotype=imagenet, writer=self.run.writer(),
+                                  log=self._log_once)
         row = {k: record.get(k) for k in SEARCH_CSV_FIELDS}
         scalars = {f'epoch/{k}': record[k] for k in ('val_acc', 'val_loss', 'train_acc', 'entropy', 'diversity_weight')
                    if record.get(k) is not None}
         self.run.log_epoch(row, scalars)
         self.log(epoch_line(record, self.epochs))
 
-    def write_outputs(self, module: Any) -> None:
-        """The kept genotypes and the alpha history, atomically."""
-        if not self.run.is_main:
-            return
+    def _log_once(self, text: str) -> None:
+        if text not in self._said:
+            self._said.add(text)
+            self.log(text)
+
+    def write_outputs(self, module: Any):
+        """The kept genotypes and the alpha history, atomically; returns the (CIFAR, ImageNet) genotypes."""
         cifar, imagenet = module.genotypes(self.name)
+        if not self.run.is_main:
+            return cifar, imagenet
         kept = module.best.get('epoch')
         acc = module.best.get('val_acc')
         meta = {'source': 'bnas-nni search', 'strategy': self.strategy,
@@ -75,6 +90,13 @@ class SearchRecorder:
         save_genotype(imagenet, self.run.path / 'genotype_imagenet.yaml', gamma=module.gamma,
                       gamma_rule=module.gamma_rule, **meta)
         atomic_write_text(self.run.path / 'alpha_history.json', json.dumps(module.history, indent=1))
+        return cifar, imagenet
+
+
+def _ops_of(module: Any):
+    from .binary_darts import binary_cells
+
+    return tuple(next(iter(binary_cells(module).values())).op_names)
 
 
 def attach_run_directory(evaluator: Any, strategy: Any, run_dir: str, *, resume: bool = False) -> None:
@@ -97,7 +119,7 @@ def attach_run_directory(evaluator: Any, strategy: Any, run_dir: str, *, resume:
         def on_exception(self, trainer, pl_module, exception):
             run.close()
 
-    ckpt = ModelCheckpoint(dirpath=str(run.path), filename='lightning-{epoch}', save_last=True, every_n_epochs=1)
+    ckpt = ModelCheckpoint(dirpath=str(run.path), save_top_k=0, save_last=True, every_n_epochs=1)   # last.ckpt only
     evaluator.trainer.callbacks.extend([ckpt, _Release()])
     last = run.path / 'last.ckpt'
     if resume and last.is_file():

@@ -11,6 +11,14 @@ from the registry (:mod:`bnas_nni.search.strategies`), and dispatches on what th
 
 Outputs: the run directory, and with ``save: NAME`` the two genotype files ``NAME.yaml`` and
 ``NAME_imagenet.yaml`` in ``search_spaces/genotypes/`` (or ``out``), never Python sources.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) every rank calls :func:`run_search`: the process group starts
+with a ``dist_timeout`` on every collective, the ranks check that they resolved the same config and
+datasets, rank 0 alone picks and locks the run directory and writes every output, and a user mistake
+that one rank meets (a missing dataset, a bad checkpoint) becomes the same one-line error on all ranks,
+printed by rank 0 (:func:`bnas_nni.distributed.collective_errors`). BinaryDARTS then runs data-parallel
+on the driver; NNI's one-shot strategies under Lightning's DDP strategy (each rank exports, the exports
+and supernets are compared); multi-trial strategies are refused (their trials are the parallelism).
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
+from ..console import log as console_log
 from ..config import SEARCH, resolve
 from ..errors import ConfigError
 
@@ -147,67 +156,116 @@ def _show_progress(cfg: Mapping[str, Any]) -> bool:
     return cfg['progress'] == 'always' or (cfg['progress'] == 'auto' and sys.stderr.isatty())
 
 
+def search_context(cfg: Mapping[str, Any]):
+    """The :class:`~bnas_nni.distributed.DistContext` of this process (one process outside torchrun; under
+    torchrun the process group, started once, with ``dist_timeout`` on every collective)."""
+    from ..distributed import init_distributed
+
+    return init_distributed(cfg.get('device'), timeout=cfg.get('dist_timeout'))
+
+
 def run_search(cfg: Dict[str, Any], *, resume: bool = False,
                epoch_callbacks: Sequence[Callable[[Dict[str, Any], Any], None]] = (),
                on_running: Optional[Callable[[Any, Optional[int]], None]] = None,
-               log: Callable[[str], None] = print) -> Dict[str, Any]:
+               log: Callable[[str], None] = console_log, ctx: Any = None) -> Dict[str, Any]:
     """Run the search a resolved config describes; returns a summary (genotypes, best epoch, paths).
 
     ``epoch_callbacks(record, driver_or_module)`` run after every epoch with the epoch's record
-    (``epoch``, ``val_acc`` in percent, ``entropy`` ...).
+    (``epoch``, ``val_acc`` in percent, ``entropy`` ...); data-parallel, they run on every rank with the
+    same record (metrics over all ranks). ``ctx``: a :class:`~bnas_nni.distributed.DistContext` the
+    caller started (e.g. a search trial); by default this call starts one from the torchrun environment
+    and ends it when it returns. Off rank 0, a user mistake exits with status 2 without printing it.
     """
+    from ..distributed import cleanup
+    from .distributed import peer_failures, quiet_off_main
+
+    own = ctx is None
+    ctx = search_context(cfg) if own else ctx
+    try:
+        with peer_failures(ctx, cfg.get('dist_timeout')), quiet_off_main(ctx):
+            return _run_search(cfg, ctx, resume=resume, epoch_callbacks=epoch_callbacks, on_running=on_running,
+                               log=log if ctx.is_main else (lambda *_: None))
+    finally:
+        if own:
+            cleanup(ctx)
+
+
+def _run_search(cfg: Dict[str, Any], ctx: Any, *, resume: bool, epoch_callbacks, on_running, log) -> Dict[str, Any]:
     import torch
 
+    from ..distributed import broadcast_object, collective_errors
     from ..paths import genotypes_dir
     from ..seeding import seed_everything
     from .binary_darts import BinaryDARTS
+    from .distributed import RANK_LOCAL_KEYS, check_same_config
     from .strategies import build_strategy, strategy_kind
 
-    if cfg['save']:
-        folder = Path(cfg['out']) if cfg['out'] else genotypes_dir()
-        check_save_target([folder / f'{cfg["save"]}.yaml', folder / f'{cfg["save"]}_imagenet.yaml'])
-    strategy = build_strategy(cfg)
-    if resume and not isinstance(strategy, BinaryDARTS):
-        raise ConfigError(f'--resume is not available for strategy {cfg["strategy"]!r} (NNI restarts its '
-                          'experiments); rerun with a new --run-dir')
-    cfg, run_dir = _prepare_run_dir(cfg, resume)
+    check_same_config(cfg, ctx)                          # a different config file on one node: one line
+    with collective_errors(ctx):
+        if cfg['save'] and ctx.is_main:
+            folder = Path(cfg['out']) if cfg['out'] else genotypes_dir()
+            check_save_target([folder / f'{cfg["save"]}.yaml', folder / f'{cfg["save"]}_imagenet.yaml'])
+        strategy = build_strategy(cfg)
+        if resume and not isinstance(strategy, BinaryDARTS):
+            raise ConfigError(f'--resume is not available for strategy {cfg["strategy"]!r} (NNI restarts its '
+                              'experiments); rerun with a new --run-dir')
+        kind = strategy_kind(cfg['strategy'])
+        if ctx.distributed and kind != 'one-shot':
+            raise ConfigError(f'{cfg["strategy"]} is a multi-trial strategy: its trials run through the NNI manager '
+                              'and are the parallelism; start it without torchrun')
+        prepared = _prepare_run_dir(cfg, resume) if ctx.is_main else None
+    own = cfg
+    cfg, run_dir = broadcast_object(prepared, ctx)           # rank 0 picks the run directory
+    if not ctx.is_main:                                      # ... each rank keeps its own execution settings
+        cfg = {**cfg, **{k: own[k] for k in RANK_LOCAL_KEYS if k in own and k not in ('run_dir', 'save', 'out')}}
     if cfg['threads']:
         torch.set_num_threads(int(cfg['threads']))
-    device = resolve_device(cfg['device'])
+    device = ctx.device
     from ..data import search_splits
 
-    train, val, val_eval = search_splits(cfg)  # missing data fails here, before any heavy work
+    with collective_errors(ctx):                             # missing data fails here, on any rank
+        train, val, val_eval = search_splits(cfg)
+    check_same_config(cfg, ctx, extra={'images': [len(train), len(val), len(val_eval)]})
     seed_everything(int(cfg['seed']))
     space = build_space(cfg)
     name = cfg['save'] or cfg['name'] or 'search'
     if isinstance(strategy, BinaryDARTS):
         summary = _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, name, resume,
-                              epoch_callbacks, log)
+                              epoch_callbacks, log, ctx)
     else:
-        summary = _run_experiment(cfg, strategy, strategy_kind(cfg['strategy']), space, run_dir, device, name,
-                                  epoch_callbacks, on_running, log)
-    _finish(cfg, summary, log)
+        summary = _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_callbacks, on_running,
+                                  log, ctx)
+    if ctx.is_main:
+        _finish(cfg, summary, log)
     return summary
 
 
-def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, name, resume, epoch_callbacks, log):
+def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, name, resume, epoch_callbacks, log,
+                ctx):
+    from ..distributed import collective_errors
     from .driver import SearchDriver
 
-    driver = SearchDriver(space, strategy, train_data=train, val_data=val, eval_data=val_eval, run_dir=run_dir,
-                          epochs=cfg['epochs'], batch_size=cfg['batch_size'], lr=cfg['lr'], lr_min=cfg['lr_min'],
-                          momentum=cfg['momentum'], weight_decay=cfg['weight_decay'], grad_clip=cfg['grad_clip'],
-                          seed=cfg['seed'], workers=cfg['workers'], max_train_batches=cfg['max_train_batches'],
-                          max_val_batches=cfg['max_val_batches'], device=device, progress=_show_progress(cfg),
-                          channels_last=cfg['channels_last'], tensorboard=cfg['tensorboard'],
-                          log_prob_every=cfg['log_prob_every'], name=name, epoch_callbacks=epoch_callbacks, log=log,
-                          config=cfg)
-    driver.rundir.acquire()                     # before writing config.yaml: one writer per run directory
+    with collective_errors(ctx):                 # e.g. more ranks than batches: the same line on every rank
+        driver = SearchDriver(space, strategy, train_data=train, val_data=val, eval_data=val_eval, run_dir=run_dir,
+                              epochs=cfg['epochs'], batch_size=cfg['batch_size'], lr=cfg['lr'], lr_min=cfg['lr_min'],
+                              momentum=cfg['momentum'], weight_decay=cfg['weight_decay'], grad_clip=cfg['grad_clip'],
+                              seed=cfg['seed'], workers=cfg['workers'], max_train_batches=cfg['max_train_batches'],
+                              max_val_batches=cfg['max_val_batches'], device=device,
+                              progress=_show_progress(cfg) and ctx.is_main, channels_last=cfg['channels_last'],
+                              tensorboard=cfg['tensorboard'], log_prob_every=cfg['log_prob_every'], name=name,
+                              epoch_callbacks=epoch_callbacks, log=log, config=cfg, dist=ctx, sync_bn=cfg['sync_bn'])
+        driver.rundir.acquire()                 # before writing config.yaml: one writer per run directory
     try:
         if not resume:
             driver.rundir.save_config(cfg)
+        world = (f', {ctx.world_size} processes ({ctx.backend}, batch {cfg["batch_size"]} per process'
+                 + (f', synced BN over {driver.synced_bns} BNs' if driver.sync_bn else '') + ')'
+                 if ctx.distributed else '')
         log(f'search: {cfg["strategy"]} on {cfg["dataset"]} ({len(train)} weight / {len(val)} architecture images), '
             f'space {cfg["space"]}, mixed cell {cfg["mixed_cell"]}, {cfg["epochs"]} epochs x '
-            f'{driver.batches_per_epoch()} iterations, run dir {run_dir}')
+            f'{driver.batches_per_epoch()} iterations{world}, run dir {run_dir}')
+        if cfg['sync_bn'] and not ctx.distributed:
+            log('note: sync_bn has no effect in a single process (start the search with torchrun)')
         cifar, imagenet = driver.run(resume=resume)
     finally:
         driver.rundir.close()
@@ -215,37 +273,74 @@ def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, nam
             'supernet_val_acc': driver.best['val_acc'], 'run_dir': run_dir, 'driver': driver, 'saved': None}
 
 
-def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_callbacks, on_running, log):
+def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_callbacks, on_running, log, ctx):
+    import logging
+    import shutil
+    import tempfile
+
+    from ..distributed import broadcast_object, collective_errors
     from ..genotypes import Genotype, save_genotype
     from ..io import save_yaml
     from ..rundir import RunDir
+    from .distributed import check_same_export, lightning_ddp_options, oneshot_fingerprint
     from .experiment import run_nni_experiment
 
-    run = RunDir(run_dir).acquire()
+    with collective_errors(ctx):
+        run = RunDir(run_dir, is_main=ctx.is_main).acquire()
+    # off rank 0 the experiment's own files (NNI's HOME and working directory) go to a scratch folder
+    scratch = None if ctx.is_main else Path(tempfile.mkdtemp(prefix=f'bnas-rank{ctx.rank}-'))
+    trainer_options = lightning_ddp_options(ctx, cfg['dist_timeout']) if ctx.distributed else None
+    if not ctx.is_main:
+        logging.getLogger('nni').setLevel(logging.WARNING)
+    trained: Dict[str, Any] = {}
+
+    def running(exp, port):
+        module = getattr(exp.strategy, 'oneshot_module', None)
+        if module is not None:
+            trained.update(oneshot_fingerprint(module))
+        if on_running is not None and ctx.is_main:
+            on_running(exp, port)
+
     try:
         run.save_config(cfg)
-        result = run_nni_experiment(cfg, strategy, kind, space, run_dir, device=device, progress=_show_progress(cfg),
-                                    epoch_callbacks=epoch_callbacks, on_running=on_running, log=log)
+        result = run_nni_experiment(cfg, strategy, kind, space, scratch or run_dir, device=device,
+                                    progress=_show_progress(cfg) and ctx.is_main, epoch_callbacks=epoch_callbacks,
+                                    on_running=running, log=log, trainer_options=trainer_options)
+        if ctx.distributed:
+            from nni.nas.strategy import RandomOneShot
+
+            if isinstance(strategy, RandomOneShot):
+                # its export is an arbitrary sample of the trained supernet (NNI's own warning), drawn from
+                # an unseeded generator: rank 0 draws it for everyone
+                result['arch'] = broadcast_object(result['arch'], ctx)
+            check_same_export(result['arch'], trained, cfg['strategy'], ctx)
+            log(f'[{cfg["strategy"]}] {ctx.world_size} processes trained the same supernet and exported the same '
+                f'architecture (Lightning DDP, {ctx.backend})')
         genotype = Genotype.from_arch_dict(result['arch'], name=name)
-        meta = {'source': 'bnas-nni search', 'strategy': cfg['strategy'], 'experiment_id': result['experiment_id'],
-                'space': str(cfg['space']), 'run_dir': str(run_dir)}
-        save_genotype(genotype, run_dir / 'genotype.yaml', **meta)
-        # NNI's strategies have no Zeroise transfer: the ImageNet file repeats the same cell
-        save_genotype(genotype, run_dir / 'genotype_imagenet.yaml', **meta)
         summary = {'genotype': genotype, 'genotype_imagenet': genotype, 'best_epoch': int(cfg['epochs']) - 1,
                    'supernet_val_acc': None, 'run_dir': run_dir, 'driver': None, 'saved': None, 'result': result}
-        if kind == 'one-shot' and int(cfg['derived_epochs'] or 0) > 0:
-            from ..data import search_splits
-            from .evaluators import evaluate_derived, train_options
+        if ctx.is_main:
+            meta = {'source': 'bnas-nni search', 'strategy': cfg['strategy'], 'experiment_id': result['experiment_id'],
+                    'space': str(cfg['space']), 'run_dir': str(run_dir)}
+            if ctx.distributed:
+                meta['world_size'] = ctx.world_size
+            save_genotype(genotype, run_dir / 'genotype.yaml', **meta)
+            # NNI's strategies have no Zeroise transfer: the ImageNet file repeats the same cell
+            save_genotype(genotype, run_dir / 'genotype_imagenet.yaml', **meta)
+            if kind == 'one-shot' and int(cfg['derived_epochs'] or 0) > 0:
+                from ..data import search_splits
+                from .evaluators import evaluate_derived, train_options
 
-            train, _, val_plain = search_splits(cfg)
-            opts = dict(train_options(cfg), epochs=int(cfg['derived_epochs']))
-            result['derived'] = evaluate_derived(space.freeze(result['arch']), train_data=train, val_data=val_plain,
-                                                 report=False, **opts)
-            log(f'[{cfg["strategy"]}] derived network: val acc {result["derived"]["default"]:.2f}%')
-        save_yaml(_plain({k: v for k, v in result.items() if k != 'rest'}), run_dir / 'result.yaml')
+                train, _, val_plain = search_splits(cfg)
+                opts = dict(train_options(cfg), epochs=int(cfg['derived_epochs']))
+                result['derived'] = evaluate_derived(space.freeze(result['arch']), train_data=train,
+                                                     val_data=val_plain, report=False, **opts)
+                log(f'[{cfg["strategy"]}] derived network: val acc {result["derived"]["default"]:.2f}%')
+            save_yaml(_plain({k: v for k, v in result.items() if k != 'rest'}), run_dir / 'result.yaml')
     finally:
         run.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return summary
 
 

@@ -14,6 +14,11 @@ Each trial (``trainers/search_trial.py``, launched by ``experiments/nnictl_searc
 
 Reports go through the trial command channel NNI opened for this process, captured before anything
 else runs (:class:`bnas_nni.nni.trial.RealTrialChannel`). Outside NNI the same script runs standalone.
+
+A trial may be a ``torchrun`` job (``torchrun --nproc_per_node 2 -m bnas_nni search ...`` in an
+nnictl experiment, ``experiments/nnictl_search_ddp.yml``): every rank inherits NNI's variables, but
+rank 0 alone takes the parameters (and hands them to the other ranks), reports, writes the genotypes
+and trains the derived cell; the search itself is data-parallel (:mod:`bnas_nni.search.distributed`).
 """
 from __future__ import annotations
 
@@ -22,13 +27,14 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..console import log as console_log
 from ..io import parse_set_items
 from ..nni.trial import RealTrialChannel
 
 __all__ = ['brief_train', 'run_trial', 'main']
 
 
-def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=print) -> float:
+def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=console_log) -> float:
     """Train the derived network of ``genotype`` for ``final_epochs`` with the one train loop (SGD,
     cosine, the binarizer's latent step) and return its top-1 accuracy (%) on the first
     ``final_test_subset`` test images."""
@@ -56,29 +62,48 @@ def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=print) -> float:
 
 
 def run_trial(config: Optional[str], overrides: Mapping[str, Any], *, channel: Optional[RealTrialChannel] = None,
-              log=print) -> Dict[str, Any]:
-    """Everything a search trial does (see the module docstring); returns the final metric."""
-    from ..genotypes import save_genotype
-    from ..nni.trial import under_nni
-    from .run import resolve_search_config, run_search
+              log=console_log) -> Dict[str, Any]:
+    """Everything a search trial does (see the module docstring); returns the final metric (rank 0;
+    ``{}`` on the other ranks of a torchrun trial)."""
+    from ..distributed import cleanup
+    from .distributed import peer_failures, quiet_off_main
+    from .run import resolve_search_config, search_context
 
-    channel = channel or RealTrialChannel()
-    params: Dict[str, Any] = {}
-    if under_nni():
-        import nni
-
-        with channel.active():
-            params = dict(nni.get_next_parameter() or {})
     out_dir = Path(os.environ.get('NNI_OUTPUT_DIR') or Path('runs') / 'search-trial')
     overrides = dict(overrides)
     overrides.setdefault('run_dir', str(out_dir / 'search'))
     overrides.setdefault('progress', 'never')
+    base = resolve_search_config(config, overrides)                  # device and timeout, before NNI
+    ctx = search_context(base)
+    try:
+        with peer_failures(ctx, base['dist_timeout']), quiet_off_main(ctx):
+            return _run_trial(config, overrides, out_dir, ctx, channel, log if ctx.is_main else (lambda *_: None))
+    finally:
+        cleanup(ctx)
+
+
+def _run_trial(config: Optional[str], overrides: Dict[str, Any], out_dir: Path, ctx: Any,
+               channel: Optional[RealTrialChannel], log) -> Dict[str, Any]:
+    from ..distributed import broadcast_object
+    from ..genotypes import save_genotype
+    from ..nni.trial import under_nni
+    from .run import resolve_search_config, run_search
+
+    params: Dict[str, Any] = {}
+    if ctx.is_main:
+        channel = channel or RealTrialChannel()
+        if under_nni():
+            import nni
+
+            with channel.active():
+                params = dict(nni.get_next_parameter() or {})
+    params = broadcast_object(params, ctx)          # NNI hands one parameter set per trial, to rank 0
     cfg = resolve_search_config(config, overrides, nni_params=params)
     if params:
         log(f'trial parameters: {params}')
 
     def report_epoch(record: Mapping[str, Any], _: Any) -> None:
-        if record.get('val_acc') is None:
+        if record.get('val_acc') is None or not ctx.is_main:
             return
         metric = {'default': float(record['val_acc']), 'epoch': int(record['epoch']) + 1}
         for key, name in (('entropy', 'arch_entropy'), ('arch_ce', 'arch_ce')):
@@ -87,8 +112,10 @@ def run_trial(config: Optional[str], overrides: Mapping[str, Any], *, channel: O
         channel.intermediate(metric)
 
     # a trial NNI restarts continues its own search instead of failing on the existing run directory
-    resume = (Path(cfg['run_dir']) / 'checkpoint.pt').is_file()
-    summary = run_search(cfg, resume=resume, epoch_callbacks=[report_epoch], log=log)
+    resume = broadcast_object((Path(cfg['run_dir']) / 'checkpoint.pt').is_file() if ctx.is_main else None, ctx)
+    summary = run_search(cfg, resume=resume, epoch_callbacks=[report_epoch], log=log, ctx=ctx)
+    if not ctx.is_main:
+        return {}
     cifar, imagenet = summary['genotype'], summary['genotype_imagenet']
     best = summary['supernet_val_acc']
     meta = {'source': 'bnas-nni search', 'trial': os.environ.get('NNI_TRIAL_JOB_ID', 'standalone'),
@@ -109,7 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def trial() -> int:
         quiet_warnings()
-        channel = RealTrialChannel()          # capture before any NNI engine can swap it
+        # capture before any NNI engine can swap it (rank 0 of a torchrun trial alone talks to NNI)
+        channel = RealTrialChannel() if int(os.environ.get('RANK', '0')) == 0 else None
         p = argparse.ArgumentParser(prog='search_trial.py', description=__doc__.splitlines()[0])
         p.add_argument('--config', default=None, help='search preset (default experiments/search_quick_fashion.yaml)')
         p.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a search config key')

@@ -177,12 +177,12 @@ def autocast_context(device: torch.device, amp: Optional[str]):
 
 
 def progress(iterable: Iterable, *, total: Optional[int], desc: str, enabled: bool):
-    """A tqdm bar when ``enabled`` (rank 0 on a terminal), else the iterable itself."""
+    """A bar when ``enabled`` (rank 0 on a terminal), else the iterable itself (:func:`bnas_nni.console.progress`)."""
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from ..console import progress as bar
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return bar(iterable, total=total, desc=desc, enabled=True)
 
 
 def _limit(loader: Iterable, max_batches: Optional[int]):

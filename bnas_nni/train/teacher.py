@@ -37,7 +37,7 @@ def _classes_of(model: nn.Module) -> int | None:
 
 def load_teacher(spec: str, *, num_classes: int, family: str = 'cifar') -> nn.Module:
     """The frozen teacher described by ``spec`` (see the module docstring), in eval mode."""
-    from ..checkpoints import load_checkpoint_file, load_checkpoint_into, read_checkpoint
+    from ..checkpoints import load_checkpoint_file, model_from_checkpoint, read_checkpoint
 
     spec = str(spec)
     if spec.startswith('torchvision:'):
@@ -65,26 +65,20 @@ def load_teacher(spec: str, *, num_classes: int, family: str = 'cifar') -> nn.Mo
             raise CheckpointError(f'teacher weights {weights} do not fit torchvision {name} with {num_classes} '
                                   f'classes: {str(exc).strip().splitlines()[0]}') from None
     else:
-        from ..networks import BNASNetwork
-
         obj = read_checkpoint(spec)
         config = (obj.get('model') or {}).get('config') if isinstance(obj, dict) else None
-        if not isinstance(config, dict):
-            raise CheckpointError(f'teacher {spec}: not a bnas-nni checkpoint with an architecture description; '
-                                  'give a checkpoint written by bnas-nni train, or torchvision:NAME=FILE')
-        classes = config.get('num_classes')
+        classes = config.get('num_classes') if isinstance(config, dict) else None
         if isinstance(classes, int) and classes != num_classes:
             raise ConfigError(f'teacher {spec} predicts {classes} classes but the student has {num_classes}; '
                               'use a teacher trained on the same classes')
         try:
-            model = BNASNetwork.from_config(config)
-        except (ConfigError, TypeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f'teacher {spec}: its stored architecture does not build a network '
-                                  f'({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})') from None
-        try:
-            load_checkpoint_into(model, obj, layout='bnas-nni')
+            model = model_from_checkpoint(obj)
         except CheckpointError as exc:
             raise CheckpointError(f'teacher {spec}: {exc}') from None
+        except (ConfigError, TypeError, ValueError, KeyError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f'teacher {spec}: its stored architecture does not build a network '
+                                  f'({reason})') from None
     got = _classes_of(model)
     if got is not None and got != num_classes:
         raise ConfigError(f'teacher {spec} predicts {got} classes but the student has {num_classes}; '

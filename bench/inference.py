@@ -1,0 +1,399 @@
+#!/usr/bin/env python
+"""CPU inference of searched binary networks: PyTorch fp32 vs the packed 1-bit engine vs onnxruntime.
+
+For each network (default: BNAS-A, C=36, L=20; the ``latest_cell`` CIFAR net, C=36, L=20; bnas-d, the
+ImageNet config, 224x224), with trained-looking random BN statistics, the bench
+
+* exports it once as a packed file and as ONNX and prints the model sizes (fp32 state dict, packed file
+  and its binary part, ONNX);
+* times, **in one process and interleaved run by run**, at batch 1 and 32 with 2 threads:
+  (a) PyTorch fp32 eval of the float-simulated network, (b) the packed engine on each instruction-set
+  path (``avx512``, ``avx2``, ``portable``), (c) onnxruntime (2 intra-op threads, sequential); medians of
+  the timed runs after a warm-up, latency and images/s, ratios against (a), and the largest logit
+  difference against (a);
+* times the binary conv layers alone (the float model's ``BN -> sign -> binary conv -> ReLU`` modules via
+  hooks vs the engine's binary layers) and prints a per-layer breakdown of the engine;
+* measures peak memory in a fresh process per method (RSS high-water mark, and its growth over the
+  loaded model) at the largest batch;
+* checks the issue's targets on BNAS-A (engine >= 5x fp32 at batch 1, >= 3x at batch 32, binary layers
+  >= 8x, binary part of the file <= 1/25 of fp32).
+
+A method whose warm-up run takes longer than ``--budget`` seconds is timed by that one run (the portable
+path at batch 32 on ImageNet). The machine is shared: compare the ratios of one run, and rerun in a quiet
+sitting for figures to quote.
+
+Examples::
+
+    python bench/inference.py                       # the full run (several minutes on 2 cores)
+    python bench/inference.py --quick               # smoke check: BNAS-A only, batch 1 and 4, few repeats
+    python bench/inference.py --configs bnas-a --batch 1 32 --json runs/inference.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # see README, Development: spinning OpenMP threads on a busy box
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CONFIGS = {  # name -> (model config, overrides, image size)
+    'bnas-a': ('bnas-a', {}, 32),
+    'cifar-latest-cell': ('bnas-a', {'genotype': 'latest_cell'}, 32),
+    'bnas-d': ('bnas-d', {}, 224),
+}
+ISAS_ORDER = ('avx512', 'avx2', 'portable')
+TARGETS = {'b1': 5.0, 'b32': 3.0, 'binary_layers': 8.0, 'binary_part': 25.0}
+
+
+def trained_like_bn_(model, seed: int = 1) -> None:
+    """Random BN statistics and affine terms, as after training (thresholds away from 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                C = bn.num_features
+                bn.running_mean.copy_(torch.randn(C, generator=g) * 0.5)
+                bn.running_var.copy_(torch.rand(C, generator=g) + 0.5)
+                if bn.affine:
+                    bn.weight.copy_(torch.randn(C, generator=g))
+                    bn.bias.copy_(torch.randn(C, generator=g) * 0.5)
+
+
+def build(config: str):
+    import torch
+
+    from bnas_nni.networks import build_model
+
+    name, overrides, size = CONFIGS[config]
+    torch.manual_seed(0)
+    model = build_model(name, **overrides).eval()
+    trained_like_bn_(model)
+    return model, size
+
+
+def ort_session(path: str, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # onnxruntime's workers spin after each run by default, which would steal the cores from the next method
+    so.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+
+
+def _mb(n: float) -> str:
+    return f'{n / 1e6:.2f} MB'
+
+
+# --------------------------------------------------------------------------- child: peak memory of one method
+
+
+def _vm_kib(field: str) -> float:
+    """A line of /proc/self/status in KiB (VmHWM: peak RSS of this program; unlike ru_maxrss it does not
+    inherit the parent's peak across fork + exec)."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return float(line.split()[1])
+    return float('nan')
+
+
+def _child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    kind, path, batch, size = args.child_kind, args.child_path, args.child_batch, args.child_size
+    if kind == 'pytorch':
+        from bnas_nni.checkpoints import load_checkpoint_file
+        from bnas_nni.checkpoints import model_from_checkpoint
+
+        model = model_from_checkpoint(load_checkpoint_file(path))
+        run = lambda x: model(x)  # noqa: E731
+    elif kind == 'packed':
+        from bnas_nni.deploy import load
+
+        net = load(path, isa=args.child_isa)
+        run = lambda x: net(x)  # noqa: E731
+    else:
+        sess = ort_session(path, args.threads)
+        run = lambda x: sess.run(None, {'images': x.numpy()})  # noqa: E731
+    x = torch.randn(batch, 3, size, size)
+    base = _vm_kib('VmRSS') / 1024
+    with torch.no_grad():
+        run(x)
+    peak = _vm_kib('VmHWM') / 1024
+    print('RESULT ' + json.dumps({'peak_mib': peak, 'loaded_mib': base}), flush=True)
+
+
+def peak_memory(kind: str, path: str, batch: int, size: int, threads: int, isa: str = '') -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ['PYTHONPATH']]
+                                                                       if os.environ.get('PYTHONPATH') else [])))
+    cmd = [sys.executable, '-W', 'ignore', str(Path(__file__).resolve()), '--child-kind', kind, '--child-path', path,
+           '--child-batch', str(batch), '--child-size', str(size), '--threads', str(threads), '--child-isa', isa or 'auto']
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith('RESULT '):
+            return json.loads(line[len('RESULT '):])
+    raise RuntimeError(f'memory child {kind} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}')
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def interleaved(methods: dict, repeats: int, budget: float) -> dict:
+    """Per method: median wall seconds, median process CPU seconds, best wall seconds and what the runs returned.
+
+    Methods take turns run by run, so that load on the (shared) machine hits them alike; a method whose
+    warm-up takes longer than ``budget`` seconds is timed by that one run.
+    """
+    runs = {k: [] for k in methods}
+    single = set()
+
+    def once(k, f):
+        t0, c0 = time.perf_counter(), time.process_time()
+        value = f()
+        runs[k].append((time.perf_counter() - t0, time.process_time() - c0, value))
+
+    for k, f in methods.items():
+        once(k, f)
+        if runs[k][0][0] > budget:
+            single.add(k)
+        else:
+            runs[k].clear()               # a warm-up, not a measurement
+    for _ in range(repeats):
+        for k, f in methods.items():
+            if k not in single:
+                once(k, f)
+    return {k: {'median_s': statistics.median(r[0] for r in v), 'cpu_s': statistics.median(r[1] for r in v),
+                'best_s': min(r[0] for r in v), 'runs': len(v), 'values': [r[2] for r in v]} for k, v in runs.items()}
+
+
+class BinaryLayerHooks:
+    """Summed time of the float model's binary ops (BN -> sign -> binary conv -> ReLU) in one forward."""
+
+    def __init__(self, model) -> None:
+        from bnas_nni.ops import BNConvReLU
+        from bnas_nni.quant import SteSign
+
+        self.model, self.total, self.cpu, self.starts = model, 0.0, 0.0, {}
+        self.modules = [m for m in model.modules() if type(m) is BNConvReLU and type(m.quantizer) is SteSign
+                        and m.op[0].weight_quantizer is not None]
+
+    def __call__(self, x) -> tuple:
+        def pre(mod, inp):
+            self.starts[id(mod)] = (time.perf_counter(), time.process_time())
+
+        def post(mod, inp, out):
+            t0, c0 = self.starts[id(mod)]
+            self.total += time.perf_counter() - t0
+            self.cpu += time.process_time() - c0
+
+        hooks = [h for m in self.modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+        self.total = self.cpu = 0.0
+        try:
+            self.model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return self.total, self.cpu
+
+
+def engine_layers(net, x) -> dict:
+    """Per-kind seconds of one profiled engine forward, the layer counts, and the binary layers' wall and CPU time."""
+    _, records = net.profile(x, cpu=True)
+    kinds, counts = {}, {}
+    binary = binary_cpu = 0.0
+    for _, kind, t, c in records:
+        kinds[kind] = kinds.get(kind, 0.0) + t
+        counts[kind] = counts.get(kind, 0) + 1
+        if kind.startswith('binary conv'):
+            binary += t
+            binary_cpu += c
+    return {'kinds': kinds, 'counts': counts, 'binary': binary, 'binary_cpu': binary_cpu}
+
+
+# --------------------------------------------------------------------------- one network
+
+
+def bench_config(config: str, args, workdir: Path) -> dict:
+    import torch
+
+    from bnas_nni import deploy
+    from bnas_nni.checkpoints import save_checkpoint
+    from bnas_nni.deploy.kernels import supported_isas
+
+    model, size = build(config)
+    arch = f"{model.genotype.name}, {model.family}, C={model.cells[0].preprocess1.op[0].out_channels}, L={len(model.cells)}"
+    ck = workdir / f'{config}.pt'
+    save_checkpoint(model, ck)
+    packed_path, onnx_path = workdir / f'{config}.bnp', workdir / f'{config}.onnx'
+    sizes = deploy.export_packed(model, packed_path)
+    sizes['onnx_bytes'] = deploy.export_onnx(model, onnx_path)['file_bytes']
+    net = deploy.load(packed_path)
+    sess = ort_session(str(onnx_path), args.threads)
+    isas = [i for i in ISAS_ORDER if i in supported_isas()]
+    print(f'\n## {config} ({arch}, {size}x{size} images)', flush=True)
+    print(f"sizes: fp32 state dict {_mb(sizes['fp32_state_dict_bytes'])} | packed file {_mb(sizes['file_bytes'])} "
+          f"({sizes['fp32_state_dict_bytes'] / sizes['file_bytes']:.1f}x smaller) | binary part "
+          f"{_mb(sizes['fp32_bytes'])} -> {_mb(sizes['packed_bytes'])} ({sizes['fp32_bytes'] / sizes['packed_bytes']:.1f}x "
+          f"smaller, {sizes['binary_convs']} binary convs) | ONNX {_mb(sizes['onnx_bytes'])}", flush=True)
+    result = {'config': config, 'architecture': arch, 'image_size': size, 'sizes': sizes, 'batches': {}}
+    for batch in args.batch:
+        g = torch.Generator().manual_seed(batch)
+        x = torch.randn(batch, 3, size, size, generator=g)
+        with torch.no_grad():
+            ref = model(x)
+        xn = x.numpy()
+
+        def packed(isa):
+            def f():
+                net.set_isa(isa)
+                return net(x)
+            return f
+
+        methods = {'pytorch fp32': lambda: model(x)}
+        methods.update({f'packed {isa}': packed(isa) for isa in isas})
+        methods['onnxruntime'] = lambda: sess.run(None, {'images': xn})
+        diffs = {'pytorch fp32': (0.0, 0)}
+        for isa in isas:
+            d = (packed(isa)() - ref).abs().amax(1)
+            diffs[f'packed {isa}'] = (float(d.max()), int((d > 1e-4).sum()))
+        d = torch.from_numpy(sess.run(None, {'images': xn})[0] - ref.numpy()).abs().amax(1)
+        diffs['onnxruntime'] = (float(d.max()), int((d > 1e-4).sum()))
+        best = isas[0]
+        hooks = BinaryLayerHooks(model)
+        probes = {'pytorch binary layers': lambda: hooks(x),
+                  f'packed {best} layers': lambda: (net.set_isa(best), engine_layers(net, x))[1]}
+        repeats = args.repeats if args.repeats is not None else (15 if batch == 1 else 5)
+        with torch.no_grad():
+            timing = interleaved({**methods, **probes}, repeats, args.budget)
+        probe_runs = {k: timing.pop(k) for k in probes}
+        base = timing['pytorch fp32']
+        print(f'\nbatch {batch}: {"method":<18}{"latency ms":>12}{"img/s":>9}{"vs fp32":>9}{"best-of":>9}'
+              f'{"CPU ms":>9}{"vs fp32":>9}{"runs":>6}{"max |dlogit|":>14}{"imgs >1e-4":>11}', flush=True)
+        for k, r in timing.items():
+            r.pop('values')
+            r['img_s'] = batch / r['median_s']
+            r['speedup'] = base['median_s'] / r['median_s']
+            r['speedup_best'] = base['best_s'] / r['best_s']
+            r['speedup_cpu'] = base['cpu_s'] / r['cpu_s']
+            r['max_logit_diff'], r['images_above_1e-4'] = diffs[k]
+            print(f'{"":9}{k:<18}{r["median_s"] * 1e3:>12.2f}{r["img_s"]:>9.1f}{r["speedup"]:>8.2f}x'
+                  f'{r["speedup_best"]:>8.2f}x{r["cpu_s"] * 1e3:>9.1f}{r["speedup_cpu"]:>8.2f}x{r["runs"]:>6}'
+                  f'{diffs[k][0]:>14.1e}{diffs[k][1]:>8}/{batch}', flush=True)
+        torch_runs = probe_runs['pytorch binary layers']['values']
+        t_torch_bin = statistics.median(r[0] for r in torch_runs)
+        c_torch_bin = statistics.median(r[1] for r in torch_runs)
+        layer_runs = probe_runs[f'packed {best} layers']['values']
+        t_eng_bin = statistics.median(r['binary'] for r in layer_runs)
+        c_eng_bin = statistics.median(r['binary_cpu'] for r in layer_runs)
+        kinds = {k: statistics.median(r['kinds'][k] for r in layer_runs) for k in layer_runs[0]['kinds']}
+        counts = layer_runs[0]['counts']
+        print(f'{"":9}binary conv layers alone ({len(hooks.modules)} layers, medians of {len(layer_runs)} interleaved '
+              f'runs): pytorch {t_torch_bin * 1e3:.2f} ms, packed {best} {t_eng_bin * 1e3:.2f} ms: '
+              f'{t_torch_bin / t_eng_bin:.1f}x (CPU time {c_torch_bin * 1e3:.1f} vs {c_eng_bin * 1e3:.1f} ms: '
+              f'{c_torch_bin / c_eng_bin:.1f}x)', flush=True)
+        total = sum(kinds.values())
+        print(f'{"":9}per-layer breakdown, packed {best} ({total * 1e3:.2f} ms in layers):', flush=True)
+        for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            print(f'{"":11}{kind:<34}{counts[kind]:>4} layers {t * 1e3:>10.2f} ms {100 * t / total:>6.1f}%', flush=True)
+        result['batches'][batch] = {'timing': timing, 'binary_layers': {'pytorch_s': t_torch_bin, 'packed_s': t_eng_bin,
+                                                                          'pytorch_cpu_s': c_torch_bin,
+                                                                          'packed_cpu_s': c_eng_bin, 'isa': best},
+                                    'breakdown': {k: {'seconds': v, 'layers': counts[k]} for k, v in kinds.items()}}
+    if not args.no_memory:
+        batch = max(args.batch)
+        mem = {'pytorch fp32': peak_memory('pytorch', str(ck), batch, size, args.threads),
+               f'packed {isas[0]}': peak_memory('packed', str(packed_path), batch, size, args.threads, isas[0]),
+               'onnxruntime': peak_memory('onnx', str(onnx_path), batch, size, args.threads)}
+        base = mem['pytorch fp32']
+        print(f'\npeak memory at batch {batch} (fresh process each; peak RSS (VmHWM), and its growth over the '
+              'RSS with the model loaded):', flush=True)
+        for k, m in mem.items():
+            print(f'{"":9}{k:<18}{m["peak_mib"]:>9.0f} MiB  (+{m["peak_mib"] - m["loaded_mib"]:.0f} MiB; '
+                  f'x{m["peak_mib"] / base["peak_mib"]:.2f} of fp32)', flush=True)
+        result['memory'] = {'batch': batch, **mem}
+    return result
+
+
+def check_targets(results: list) -> None:
+    a = next((r for r in results if r['config'] == 'bnas-a'), None)
+    if a is None:
+        return
+    print('\n## targets (BNAS-A, 2 threads)', flush=True)
+    lines = []
+    for batch, key in ((1, 'b1'), (32, 'b32')):
+        b = a['batches'].get(batch)
+        if b:
+            best = max((v['speedup'], k) for k, v in b['timing'].items() if k.startswith('packed'))
+            cpu = b['timing'][best[1]]['speedup_cpu']
+            lines.append((f'packed engine vs fp32 at batch {batch} ({best[1]}; CPU time {cpu:.2f}x)', best[0],
+                          TARGETS[key]))
+    for batch, b in a['batches'].items():
+        bl = b['binary_layers']
+        lines.append((f'binary conv layers alone at batch {batch} (CPU time '
+                      f'{bl["pytorch_cpu_s"] / bl["packed_cpu_s"]:.2f}x)', bl['pytorch_s'] / bl['packed_s'],
+                      TARGETS['binary_layers']))
+    s = a['sizes']
+    lines.append(('binary part of the file, fp32 / packed', s['fp32_bytes'] / s['packed_bytes'], TARGETS['binary_part']))
+    for label, value, target in lines:
+        print(f'{label:<72}{value:>8.2f}x  (target >= {target:g}x)  {"met" if value >= target else "NOT met"}',
+              flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument('--batch', type=int, nargs='+', default=None, help='batch sizes (default 1 32)')
+    ap.add_argument('--threads', type=int, default=2, help='threads for PyTorch, the engine and onnxruntime')
+    ap.add_argument('--repeats', type=int, default=None, help='timed runs per method (default 15 at batch 1, else 5)')
+    ap.add_argument('--budget', type=float, default=20.0, help='a warm-up run longer than this (s) is the only run')
+    ap.add_argument('--no-memory', action='store_true', help='skip the peak-memory child processes')
+    ap.add_argument('--quick', action='store_true', help='smoke check: BNAS-A, batch 1 and 4, 3 repeats')
+    ap.add_argument('--json', help='also write all results to this file')
+    for name in ('kind', 'path', 'isa'):
+        ap.add_argument(f'--child-{name}', help=argparse.SUPPRESS)
+    for name in ('batch', 'size'):
+        ap.add_argument(f'--child-{name}', type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child_kind:
+        _child(args)
+        return 0
+    if args.quick:
+        args.configs, args.batch = ['bnas-a'], args.batch or [1, 4]
+        args.repeats = args.repeats or 3
+    args.batch = args.batch or [1, 32]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from bnas_nni.deploy.kernels import supported_isas
+
+    print(f'# inference bench: {args.threads} threads (torch.get_num_threads()={torch.get_num_threads()}), '
+          f'torch {torch.__version__}, engine paths {", ".join(supported_isas())}; medians of interleaved runs '
+          'after a warm-up, all in this process', flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix='bnas-inference-') as tmp:
+        for config in args.configs:
+            results.append(bench_config(config, args, Path(tmp)))
+    check_targets(results)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

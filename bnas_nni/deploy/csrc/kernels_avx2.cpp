@@ -1,0 +1,136 @@
+// AVX2 path: 4 filters per 256-bit vector; popcount by nibble lookup (VPSHUFB) into byte counters that
+// are summed into 64-bit lanes (VPSADBW) every 31 words, before a byte can overflow.
+#include <cstdint>
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#pragma GCC target("avx2,popcnt")
+
+#include "generic.inc"
+
+namespace {
+
+using bnas_deploy::ConvArgs;
+using bnas_deploy::PackArgs;
+
+constexpr int kMaxRow = 4096;
+
+template <int OB>
+inline void conv_pixel(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t ow, int64_t v0, int32_t nnz,
+                       float* out) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i acc8[OB], acc64[OB];
+  for (int b = 0; b < OB; ++b) acc8[b] = acc64[b] = zero;
+  int pending = 0;
+  const int64_t pix = a.Kw * 2;
+  for (int64_t kh = 0; kh < a.KH; ++kh) {
+    const uint64_t* row = act_n + (oh * a.stride + kh * a.dil) * a.Wp * pix;
+    for (int64_t kw = 0; kw < a.KW; ++kw) {
+      const uint64_t* wt = a.w + (kh * a.KW + kw) * a.Kw * a.Opad + v0 * 4;
+      const uint64_t* px = row + (ow * a.stride + kw * a.dil) * pix;
+      for (int64_t k = 0; k < a.Kw; ++k) {
+        const __m256i s = _mm256_set1_epi64x(static_cast<long long>(px[2 * k]));
+        const __m256i m = _mm256_set1_epi64x(static_cast<long long>(px[2 * k + 1]));
+        for (int b = 0; b < OB; ++b) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + k * a.Opad + b * 4));
+          const __m256i x = _mm256_and_si256(_mm256_xor_si256(s, wv), m);
+          const __m256i lo = _mm256_and_si256(x, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+          acc8[b] = _mm256_add_epi8(acc8[b], _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi)));
+        }
+        if (++pending == 31) {
+          for (int b = 0; b < OB; ++b) {
+            acc64[b] = _mm256_add_epi64(acc64[b], _mm256_sad_epu8(acc8[b], zero));
+            acc8[b] = zero;
+          }
+          pending = 0;
+        }
+      }
+    }
+  }
+  const __m256i take_low = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  const __m128 fzero = _mm_setzero_ps();
+  for (int b = 0; b < OB; ++b) {
+    acc64[b] = _mm256_add_epi64(acc64[b], _mm256_sad_epu8(acc8[b], zero));
+    const __m256i dot64 = _mm256_sub_epi64(_mm256_set1_epi64x(nnz), _mm256_slli_epi64(acc64[b], 1));
+    const __m128i dot = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(dot64, take_low));
+    const int64_t c = (v0 + b) * 4;
+    __m128 v = _mm_mul_ps(_mm_loadu_ps(a.alpha + c), _mm_cvtepi32_ps(dot));
+    if (a.relu) v = _mm_max_ps(v, fzero);
+    const int64_t left = a.O - c;
+    if (left >= 4) {
+      if (a.accumulate) v = _mm_add_ps(_mm_loadu_ps(out + c), v);
+      _mm_storeu_ps(out + c, v);
+    } else {
+      float tmp[4];
+      _mm_storeu_ps(tmp, v);
+      for (int64_t i = 0; i < left; ++i) out[c + i] = a.accumulate ? out[c + i] + tmp[i] : tmp[i];
+    }
+  }
+}
+
+}  // namespace
+
+namespace bnas_deploy {
+
+void pack_rows_avx2(const PackArgs& a, int64_t r0, int64_t r1) {
+  if (a.sC != 1) {
+    pack_rows_generic(a, r0, r1);
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / a.H, h = r % a.H;
+    for (int64_t w = 0; w < a.W; ++w) {
+      uint64_t* dst = a.out + (((n * a.Hp) + h + a.pad) * a.Wp + w + a.pad) * a.Kw * 2;
+      const float* src = a.x + n * a.sN + h * a.sH + w * a.sW;
+      for (int64_t k = 0; k < a.Kw; ++k) {
+        uint64_t s = 0, m = 0;
+        const int64_t c_end = (k + 1) * 64 < a.C ? (k + 1) * 64 : a.C;
+        int64_t c = k * 64;
+        for (; c + 8 <= c_end; c += 8) {
+          const __m256i xi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c)),
+                                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.flip + c)));
+          const __m256 x = _mm256_castsi256_ps(xi);
+          const uint64_t not_neg = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_loadu_ps(a.t_zero + c), _CMP_GE_OQ)));
+          const uint64_t pos = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_loadu_ps(a.t_pos + c), _CMP_GE_OQ)));
+          const uint64_t neg = (~not_neg) & 0xffu;
+          s |= neg << (c - k * 64);
+          m |= (neg | pos) << (c - k * 64);
+        }
+        for (; c < c_end; ++c)
+          sign_bits_generic(src[c], a.t_zero[c], a.t_pos[c], a.flip[c], uint64_t(1) << (c - k * 64), s, m);
+        dst[2 * k] = s;
+        dst[2 * k + 1] = m;
+      }
+    }
+  }
+}
+
+void conv_rows_avx2(const ConvArgs& a, int64_t r0, int64_t r1) {
+  int32_t nnz[kMaxRow];
+  const int64_t nv = a.Opad / 4;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / a.OH, oh = r % a.OH;
+    const uint64_t* act_n = a.act + n * a.Hp * a.Wp * a.Kw * 2;
+    row_nnz(a, act_n, oh, nnz);
+    float* out_row = a.out + n * a.oN + oh * a.oH;
+    for (int64_t ow = 0; ow < a.OW; ++ow) {
+      int64_t v0 = 0;
+      for (; v0 + 4 <= nv; v0 += 4) conv_pixel<4>(a, act_n, oh, ow, v0, nnz[ow], out_row + ow * a.oW);
+      switch (nv - v0) {
+        case 3: conv_pixel<3>(a, act_n, oh, ow, v0, nnz[ow], out_row + ow * a.oW); break;
+        case 2: conv_pixel<2>(a, act_n, oh, ow, v0, nnz[ow], out_row + ow * a.oW); break;
+        case 1: conv_pixel<1>(a, act_n, oh, ow, v0, nnz[ow], out_row + ow * a.oW); break;
+        default: break;
+      }
+    }
+  }
+}
+
+void pool_rows_avx2(const PoolArgs& a, int64_t r0, int64_t r1) { pool_rows_generic(a, r0, r1); }
+
+}  // namespace bnas_deploy

@@ -1,0 +1,149 @@
+// AVX-512 path: 8 filters per 512-bit vector; per 64 input channels one VPTERNLOGQ ((s ^ w) & m), one
+// VPOPCNTQ and one add. Requires AVX512F/BW/DQ/VL and AVX512_VPOPCNTDQ (checked at run time by engine.cpp).
+#include <cstdint>
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,popcnt")
+
+#include "generic.inc"
+
+namespace {
+
+using bnas_deploy::ConvArgs;
+using bnas_deploy::PackArgs;
+
+constexpr int kMaxRow = 4096;
+
+template <int OB, int PB>
+inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t ow0, int64_t v0,
+                       const int32_t* nnz, float* out0) {
+  __m512i acc[PB][OB];
+  for (int p = 0; p < PB; ++p)
+    for (int b = 0; b < OB; ++b) acc[p][b] = _mm512_setzero_si512();
+  const int64_t pix = a.Kw * 2;
+  for (int64_t kh = 0; kh < a.KH; ++kh) {
+    const uint64_t* row = act_n + (oh * a.stride + kh * a.dil) * a.Wp * pix;
+    for (int64_t kw = 0; kw < a.KW; ++kw) {
+      const uint64_t* wt = a.w + (kh * a.KW + kw) * a.Kw * a.Opad + v0 * 8;
+      const uint64_t* px0 = row + (ow0 * a.stride + kw * a.dil) * pix;
+      for (int64_t k = 0; k < a.Kw; ++k) {
+        __m512i wv[OB];
+        for (int b = 0; b < OB; ++b) wv[b] = _mm512_loadu_si512(wt + k * a.Opad + b * 8);
+        for (int p = 0; p < PB; ++p) {
+          const uint64_t* px = px0 + p * a.stride * pix + 2 * k;
+          const __m512i s = _mm512_set1_epi64(static_cast<long long>(px[0]));
+          const __m512i m = _mm512_set1_epi64(static_cast<long long>(px[1]));
+          for (int b = 0; b < OB; ++b)
+            acc[p][b] = _mm512_add_epi64(acc[p][b], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(s, wv[b], m, 0x28)));
+        }
+      }
+    }
+  }
+  const __m256 zero = _mm256_setzero_ps();
+  for (int p = 0; p < PB; ++p) {
+    const __m512i nz = _mm512_set1_epi64(nnz[p]);
+    float* out = out0 + p * a.oW;
+    for (int b = 0; b < OB; ++b) {
+      const int64_t c = (v0 + b) * 8;
+      const int64_t left = a.O - c;
+      const __m512i dot = _mm512_sub_epi64(nz, _mm512_slli_epi64(acc[p][b], 1));
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(a.alpha + c), _mm512_cvtepi64_ps(dot));
+      if (a.relu) v = _mm256_max_ps(v, zero);
+      if (left >= 8) {  // plain loads and stores: masked memory operations are slow on some CPUs (AMD Zen 4)
+        if (a.accumulate) v = _mm256_add_ps(_mm256_loadu_ps(out + c), v);
+        _mm256_storeu_ps(out + c, v);
+      } else {
+        const __mmask8 mask = static_cast<__mmask8>((1u << left) - 1u);
+        if (a.accumulate) v = _mm256_add_ps(_mm256_maskz_loadu_ps(mask, out + c), v);
+        _mm256_mask_storeu_ps(out + c, mask, v);
+      }
+    }
+  }
+}
+
+template <int OB>
+inline void conv_row_chunk(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t v0, const int32_t* nnz,
+                           float* out_row) {
+  int64_t ow = 0;
+  for (; ow + 4 <= a.OW; ow += 4) conv_block<OB, 4>(a, act_n, oh, ow, v0, nnz + ow, out_row + ow * a.oW);
+  switch (a.OW - ow) {
+    case 3: conv_block<OB, 3>(a, act_n, oh, ow, v0, nnz + ow, out_row + ow * a.oW); break;
+    case 2: conv_block<OB, 2>(a, act_n, oh, ow, v0, nnz + ow, out_row + ow * a.oW); break;
+    case 1: conv_block<OB, 1>(a, act_n, oh, ow, v0, nnz + ow, out_row + ow * a.oW); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+namespace bnas_deploy {
+
+void pack_rows_avx512(const PackArgs& a, int64_t r0, int64_t r1) {
+  if (a.sC != 1) {
+    pack_rows_generic(a, r0, r1);
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / a.H, h = r % a.H;
+    for (int64_t w = 0; w < a.W; ++w) {
+      uint64_t* dst = a.out + (((n * a.Hp) + h + a.pad) * a.Wp + w + a.pad) * a.Kw * 2;
+      const float* src = a.x + n * a.sN + h * a.sH + w * a.sW;
+      for (int64_t k = 0; k < a.Kw; ++k) {
+        uint64_t s = 0, m = 0;
+        for (int j = 0; j < 4; ++j) {
+          const int64_t c = k * 64 + j * 16;
+          if (c >= a.C) break;
+          const int64_t left = a.C - c;
+          __mmask16 not_neg, pos, valid;
+          if (left >= 16) {
+            valid = static_cast<__mmask16>(0xffff);
+            const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_loadu_si512(src + c), _mm512_loadu_si512(a.flip + c)));
+            not_neg = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_zero + c), _CMP_GE_OQ);
+            pos = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_pos + c), _CMP_GE_OQ);
+          } else {
+            valid = static_cast<__mmask16>((1u << left) - 1u);
+            const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_maskz_loadu_epi32(valid, src + c),
+                                                                  _mm512_maskz_loadu_epi32(valid, a.flip + c)));
+            not_neg = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_zero + c), _CMP_GE_OQ);
+            pos = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_pos + c), _CMP_GE_OQ);
+          }
+          const uint64_t neg = static_cast<uint64_t>(valid & static_cast<__mmask16>(~not_neg));
+          s |= neg << (16 * j);
+          m |= (neg | static_cast<uint64_t>(pos)) << (16 * j);
+        }
+        dst[2 * k] = s;
+        dst[2 * k + 1] = m;
+      }
+    }
+  }
+}
+
+void conv_rows_avx512(const ConvArgs& a, int64_t r0, int64_t r1) {
+  int32_t nnz[kMaxRow];
+  const int64_t nv = a.Opad / 8;
+  const int64_t groups = (nv + 4) / 5;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / a.OH, oh = r % a.OH;
+    const uint64_t* act_n = a.act + n * a.Hp * a.Wp * a.Kw * 2;
+    row_nnz(a, act_n, oh, nnz);
+    float* out_row = a.out + n * a.oN + oh * a.oH;
+    int64_t v0 = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t ob = nv / groups + (g < nv % groups ? 1 : 0);
+      switch (ob) {
+        case 5: conv_row_chunk<5>(a, act_n, oh, v0, nnz, out_row); break;
+        case 4: conv_row_chunk<4>(a, act_n, oh, v0, nnz, out_row); break;
+        case 3: conv_row_chunk<3>(a, act_n, oh, v0, nnz, out_row); break;
+        case 2: conv_row_chunk<2>(a, act_n, oh, v0, nnz, out_row); break;
+        default: conv_row_chunk<1>(a, act_n, oh, v0, nnz, out_row); break;
+      }
+      v0 += ob;
+    }
+  }
+}
+
+void pool_rows_avx512(const PoolArgs& a, int64_t r0, int64_t r1) { pool_rows_generic(a, r0, r1); }
+
+}  // namespace bnas_deploy

@@ -1,0 +1,363 @@
+"""The packed CPU engine: a module that runs a packed BNAS network on float image batches.
+
+Activations between ops are float32 tensors in channels-last memory (NHWC), so that the fused C++
+kernel can threshold, sign and pack the channels of a pixel with a few vector compares, and a cell's
+ops write straight into their channel slice of the cell output (the concat costs nothing; the two ops
+of a node accumulate into it, in the float model's order of additions, and the residual is added last).
+
+* **Binary ops** (sign input, binary weights): one C++ call each -- thresholds + sign + bit packing of
+  the input into a zero-bordered buffer, then an XNOR/popcount direct convolution over packed words
+  with the output channels blocked in vector lanes, threads over output rows, ReLU and the
+  accumulation into the node fused. Zero padding and ``sign(0) = 0`` are exact by construction: the
+  bit planes hold a sign bit and a non-zero bit, and padded pixels are all-zero (see ``csrc/kernels.h``).
+* **Pools** run in C++ on the channels-last tensors.
+* **Full-precision parts** (stems, residual convs, classifier; convs that keep float weights or see a
+  float input under the official precision rules) run as the same PyTorch ops on the same contiguous
+  NCHW tensors as the float model, so they produce the same bits.
+
+The logits therefore equal the float model's up to the order in which it adds the ``±alpha`` terms of
+its binary convs (the engine computes the exact integer count and scales once); see the README's
+Deploy section for when that can move a value across a sign threshold.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError
+from . import kernels
+from .fold import kernel_thresholds, kernel_weight_words, threshold_signs, unpack_filter_bits, unpack_negate
+
+__all__ = ['PackedNetwork']
+
+CL = torch.channels_last
+
+#: bytes of a cell's inputs, preprocessed states and output per thread that a group of images should fit
+#: in: a cell then runs group by group and its intermediate tensors stay in cache from one op to the next
+#: instead of going through memory (BNAS-A at batch 32: the 32x32 cells run image by image)
+CACHE_BUDGET = 3 << 19
+
+
+def _cl(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=CL)
+
+
+def _check(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise CheckpointError(f'packed model: {where}: {what}; the file does not match this bnas-nni, re-export it')
+
+
+def _tensor(d: Dict[str, Any], key: str, where: str, dtype: torch.dtype, shape: Optional[Tuple[int, ...]] = None):
+    t = d.get(key)
+    _check(isinstance(t, torch.Tensor), where, f'missing tensor {key!r}')
+    _check(t.dtype == dtype, where, f'{key} has dtype {t.dtype}, expected {dtype}')
+    if shape is not None:
+        _check(tuple(t.shape) == tuple(shape), where, f'{key} has shape {tuple(t.shape)}, expected {tuple(shape)}')
+    return t.contiguous()
+
+
+def _conv_weight(conv: Dict[str, Any], where: str) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """(negative bits as bool [O, C, KH, KW] or None, alpha or None, float weight [O, C, KH, KW])."""
+    O, C = int(conv['out']), int(conv['in'])
+    KH, KW = (int(k) for k in conv['kernel'])
+    if conv['binary']:
+        nbytes = (KH * KW * C + 7) // 8
+        bits = _tensor(conv, 'bits', where, torch.uint8, (O, nbytes))
+        alpha = _tensor(conv, 'alpha', where, torch.float32, (O,))
+        negative = unpack_filter_bits(bits, (O, C, KH, KW))
+        # exactly the float model's effective weight sign(W) * alpha
+        weight = torch.where(negative, -alpha.view(-1, 1, 1, 1), alpha.view(-1, 1, 1, 1)).contiguous()
+        return negative, alpha, weight
+    return None, None, _tensor(conv, 'weight', where, torch.float32, (O, C, KH, KW))
+
+
+class _Timer:
+    """Per-layer wall-clock and process CPU times when profiling (``records`` is a list), nothing otherwise."""
+
+    def __init__(self) -> None:
+        self.records: Optional[List[Tuple[str, str, float, float]]] = None
+
+    def run(self, name: str, kind: str, fn, *args, **kwargs):
+        if self.records is None:
+            return fn(*args, **kwargs)
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn(*args, **kwargs)
+        self.records.append((name, kind, time.perf_counter() - t0, time.process_time() - c0))
+        return out
+
+
+class _Unit:
+    """BN -> quantizer -> conv -> (ReLU): on the packed kernels when it is sign x binary, else as float ops."""
+
+    def __init__(self, d: Dict[str, Any]) -> None:
+        where = d.get('name', 'unit')
+        self.name = where
+        conv = d['conv']
+        self.in_ch, self.out_ch = int(conv['in']), int(conv['out'])
+        self.kernel = tuple(int(k) for k in conv['kernel'])
+        self.stride, self.padding, self.dilation = int(conv['stride']), int(conv['padding']), int(conv['dilation'])
+        self.relu = bool(d['relu'])
+        self.sign = d['input'] == 'sign'
+        _check(d['input'] in ('sign', 'float'), where, f"unknown input kind {d['input']!r}")
+        negative, alpha, weight = _conv_weight(conv, where)
+        self.bias = conv.get('bias')
+        if self.bias is not None:
+            self.bias = _tensor(conv, 'bias', where, torch.float32, (self.out_ch,))
+        if self.sign:
+            self.thresholds = _tensor(d, 'thresholds', where, torch.float32, (2, self.in_ch))
+            negate_bits = _tensor(d, 'negate', where, torch.uint8, ((self.in_ch + 7) // 8,))
+            self.negate = unpack_negate(negate_bits, self.in_ch)
+        else:
+            bn = d['bn']
+            self.bn = {k: (None if bn.get(k) is None else _tensor(bn, k, f'{where}.bn', torch.float32, (self.in_ch,)))
+                       for k in ('weight', 'bias', 'mean', 'var')}
+            _check(self.bn['mean'] is not None and self.bn['var'] is not None, where, 'BN statistics missing')
+            self.eps = float(bn['eps'])
+        self.packed = self.sign and negative is not None and self.bias is None
+        if self.packed:
+            self.t_zero, self.t_pos, self.flip = kernel_thresholds(self.thresholds, self.negate)
+            self.words = kernel_weight_words(negative)
+            self.alpha = torch.zeros(self.words.shape[1], dtype=torch.float32)
+            self.alpha[:self.out_ch] = alpha
+        else:
+            self.weight = weight
+        kind = 'binary' if self.packed else ('sign-input float' if self.sign else
+                                             ('float-input binary' if negative is not None else 'float'))
+        k = f'{self.kernel[0]}x{self.kernel[1]}'
+        self.kind = f'{kind} conv {k}' + (f' dil {self.dilation}' if self.dilation > 1 else '') + \
+            (f' stride {self.stride}' if self.stride > 1 else '')
+
+    def out_hw(self, h: int, w: int) -> Tuple[int, int]:
+        KH, KW = self.kernel
+        f = lambda n, k: (n + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1  # noqa: E731
+        return f(h, KH), f(w, KW)
+
+    def __call__(self, x: torch.Tensor, isa: int, out: Optional[torch.Tensor] = None, accumulate: bool = False,
+                 layout: str = 'cl') -> torch.Tensor:
+        if x.shape[1] != self.in_ch:
+            raise ConfigError(f'{self.name}: input has {x.shape[1]} channels, the layer expects {self.in_ch}')
+        if self.packed:
+            if out is None:
+                oh, ow = self.out_hw(x.shape[2], x.shape[3])
+                out = torch.empty((x.shape[0], self.out_ch, oh, ow), memory_format=CL)
+            kernels.extension().binary_conv(x, self.t_zero, self.t_pos, self.flip, self.words, self.alpha, out,
+                                            self.kernel[0], self.kernel[1], self.stride, self.padding, self.dilation,
+                                            self.relu, accumulate, isa)
+            return out
+        x = x.contiguous()
+        if self.sign:
+            h = threshold_signs(x, self.thresholds, self.negate)
+        else:
+            b = self.bn
+            h = F.batch_norm(x, b['mean'], b['var'], b['weight'], b['bias'], False, 0.0, self.eps)
+        y = F.conv2d(h, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.relu:
+            y = F.relu(y)
+        if out is None:
+            return _cl(y) if layout == 'cl' else y
+        if accumulate:
+            out.add_(y)
+        else:
+            out.copy_(y)
+        return out
+
+
+class _Pool:
+    def __init__(self, d: Dict[str, Any]) -> None:
+        self.name, self.stride, self.is_max = d.get('name', 'pool'), int(d['stride']), d['type'] == 'max_pool'
+        self.kind = f"{'max' if self.is_max else 'avg'} pool 3x3" + (' stride 2' if self.stride == 2 else '')
+
+    def __call__(self, x: torch.Tensor, isa: int, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
+        if x.stride(1) != 1:
+            x = _cl(x)
+        kernels.extension().pool2d(x, out, 3, self.stride, 1, self.is_max, accumulate, isa)
+        return out
+
+
+def _prim_fn(p: Dict[str, Any], where: str):
+    """A float stem primitive (conv / bn / relu) as a function of an NCHW tensor."""
+    if p['type'] == 'relu':
+        return F.relu
+    if p['type'] == 'bn':
+        C = int(p['mean'].numel()) if isinstance(p.get('mean'), torch.Tensor) else 0
+        b = {k: (None if p.get(k) is None else _tensor(p, k, where, torch.float32, (C,))) for k in ('weight', 'bias', 'mean', 'var')}
+        eps = float(p['eps'])
+        return lambda x: F.batch_norm(x, b['mean'], b['var'], b['weight'], b['bias'], False, 0.0, eps)
+    if p['type'] == 'conv':
+        _, _, w = _conv_weight(p, where)
+        bias = None if p.get('bias') is None else _tensor(p, 'bias', where, torch.float32, (int(p['out']),))
+        s, pad, dil = int(p['stride']), int(p['padding']), int(p['dilation'])
+        return lambda x: F.conv2d(x, w, bias, s, pad, dil)
+    raise CheckpointError(f"packed model: {where}: unknown stem layer {p['type']!r}; re-export it")
+
+
+class _Cell:
+    def __init__(self, d: Dict[str, Any]) -> None:
+        self.name = d['name']
+        self.reduction = bool(d['reduction'])
+        self.pre0, self.pre1 = _Unit(d['preprocess0']), _Unit(d['preprocess1'])
+        self.ops: List[Any] = []
+        for op in d['ops']:
+            if op['type'] == 'unit':
+                self.ops.append(_Unit(op))
+            elif op['type'] in ('max_pool', 'avg_pool'):
+                self.ops.append(_Pool(op))
+            elif op['type'] == 'zeroise':
+                self.ops.append(None)
+            else:
+                raise CheckpointError(f"packed model: {op.get('name')}: unknown op {op['type']!r}; re-export it")
+        self.indices = [int(j) for j in d['indices']]
+        self.concat = [int(c) for c in d['concat']]
+        _check(len(self.ops) == len(self.indices) and len(self.ops) % 2 == 0, self.name, 'ops and inputs do not pair up')
+        res = d['residual']
+        self.residual = _Unit(res) if isinstance(res, dict) else res
+        self.C = self.pre1.out_ch
+        units = [self.pre0, self.pre1] + [op for op in self.ops if isinstance(op, _Unit)]
+        # a cell whose ops are all packed kernels runs a few images at a time (see CACHE_BUDGET); one with
+        # float convs inside runs the whole batch at once, as the float model does
+        self.chunkable = all(u.packed for u in units)
+
+    def __call__(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer) -> torch.Tensor:
+        N, _, H, W = s1.shape
+        stride = 2 if self.reduction else 1
+        C = self.C
+        out = torch.empty((N, len(self.concat) * C, (H - 1) // stride + 1, (W - 1) // stride + 1), memory_format=CL)
+        res = None
+        if isinstance(self.residual, _Unit):   # full batch: the float ops exactly as the float model runs them
+            res = timer.run(f'{self.name}.residual', self.residual.kind, self.residual, s1, isa, layout='any')
+        chunk = N
+        if self.chunkable:
+            per_image = 4 * (s0[0].numel() + s1[0].numel() + out[0].numel() + 2 * C * H * W)
+            chunk = max(1, min(N, torch.get_num_threads() * CACHE_BUDGET // per_image))
+        for i in range(0, N, chunk):
+            j = min(N, i + chunk)
+            self._run(s0[i:j], s1[i:j], out[i:j], None if res is None else res[i:j], isa, timer)
+        return out
+
+    def _run(self, s0: torch.Tensor, s1: torch.Tensor, out: torch.Tensor, res: Optional[torch.Tensor], isa: int,
+             timer: _Timer) -> None:
+        p0 = timer.run(f'{self.name}.preprocess0', self.pre0.kind, self.pre0, s0, isa)
+        p1 = timer.run(f'{self.name}.preprocess1', self.pre1.kind, self.pre1, s1, isa)
+        C = self.C
+        N, _, OH, OW = out.shape
+        slot_of: Dict[int, int] = {}
+        for slot, idx in enumerate(self.concat):
+            slot_of.setdefault(idx, slot)
+        states = [p0, p1]
+        for i in range(len(self.ops) // 2):
+            node = i + 2
+            if node in slot_of:
+                s = slot_of[node]
+                target = out[:, s * C:(s + 1) * C]
+            else:
+                target = torch.empty((N, C, OH, OW), memory_format=CL)
+            written = False
+            for k in (2 * i, 2 * i + 1):
+                op = self.ops[k]
+                if op is None:
+                    continue
+                timer.run(f'{self.name}.ops.{k}', op.kind, op, states[self.indices[k]], isa, out=target,
+                          accumulate=written)
+                written = True
+            if not written:
+                kernels.extension().zero_fill(target)
+            states.append(target)
+        for slot, idx in enumerate(self.concat):
+            if slot_of.get(idx) != slot or idx < 2:
+                out[:, slot * C:(slot + 1) * C].copy_(states[idx])
+        if self.residual == 'identity':
+            timer.run(f'{self.name}.residual', 'residual add', out.add_, s1)
+        elif res is not None:
+            timer.run(f'{self.name}.residual', 'residual add', out.add_, res)
+
+
+class PackedNetwork(nn.Module):
+    """A packed BNAS network: ``forward(images)`` -> logits, float32 on the CPU.
+
+    ``isa`` picks the kernel path (``avx512``, ``avx2``, ``portable``; default: ``$BNAS_DEPLOY_ISA`` or the
+    fastest this CPU supports); :meth:`set_isa` switches it later. :meth:`profile` returns per-layer times.
+    """
+
+    def __init__(self, packed: Dict[str, Any], isa: Optional[str] = None) -> None:
+        super().__init__()
+        net = packed['network']
+        self.architecture: Dict[str, Any] = dict(packed.get('architecture') or {})
+        try:
+            self.family = net['family']
+            self.in_channels = int(net['in_channels'])
+            self.num_classes = int(net['num_classes'])
+            if self.family == 'imagenet':
+                self.stem0 = [_prim_fn(p, f'stem0.{i}') for i, p in enumerate(net['stem']['stem0'])]
+                self.stem1 = [_prim_fn(p, f'stem1.{i}') for i, p in enumerate(net['stem']['stem1'])]
+            else:
+                _check(self.family == 'cifar', 'network', f'unknown family {self.family!r}')
+                self.stem = _Unit(net['stem'][0])
+            self.cells = [_Cell(c) for c in net['cells']]
+            cls = net['classifier']
+            self.fc_weight = _tensor(cls, 'weight', 'classifier', torch.float32)
+            self.fc_bias = _tensor(cls, 'bias', 'classifier', torch.float32, (self.num_classes,))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CheckpointError(f'packed model: malformed network description ({type(exc).__name__}: {exc}); '
+                                  're-export it') from None
+        self._timer = _Timer()
+        self.set_isa(isa)
+
+    def set_isa(self, isa: Optional[str] = None) -> None:
+        """Switch the kernel path (see :func:`bnas_nni.deploy.kernels.resolve_isa`)."""
+        self.isa = kernels.resolve_isa(isa)
+        self._isa_id = kernels.isa_id(self.isa)
+
+    def extra_repr(self) -> str:
+        g = (self.architecture.get('genotype') or {}).get('name', '?')
+        return (f'genotype={g}, family={self.family}, cells={len(self.cells)}, classes={self.num_classes}, '
+                f'isa={self.isa}')
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ConfigError(f'the packed model takes N x {self.in_channels} x H x W images, got {shape}')
+        if x.device.type != 'cpu':
+            raise ConfigError('the packed engine runs on the CPU; move the images there first (x.cpu())')
+        x = x.float()
+        isa, timer = self._isa_id, self._timer
+        s0, s1 = timer.run('stem', 'float stem', self._stem, x.contiguous(), isa)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, isa, timer)
+        return timer.run('head', 'float head', self._head, s1)
+
+    def _stem(self, x: torch.Tensor, isa: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.family == 'imagenet':
+            s0 = x
+            for f in self.stem0:
+                s0 = f(s0)
+            s1 = s0
+            for f in self.stem1:
+                s1 = f(s1)
+            return _cl(s0), _cl(s1)
+        s = self.stem(x, isa)
+        return s, s
+
+    def _head(self, s: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(s.contiguous(), 1).flatten(1)
+        return F.linear(pooled, self.fc_weight, self.fc_bias)
+
+    def profile(self, x: torch.Tensor, cpu: bool = False) -> Tuple[torch.Tensor, List[Tuple]]:
+        """``(logits, [(layer, kind, seconds), ...])`` of one forward pass, in execution order (a layer that ran
+        group by group, see ``CACHE_BUDGET``, is summed over its groups); with ``cpu=True`` each entry also has
+        the process CPU seconds (all threads) spent in the layer."""
+        self._timer.records = []
+        try:
+            logits = self(x)
+            merged: Dict[Tuple[str, str], List[float]] = {}
+            for name, kind, t, c in self._timer.records:
+                acc = merged.setdefault((name, kind), [0.0, 0.0])
+                acc[0] += t
+                acc[1] += c
+            return logits, [(name, kind, t, c) if cpu else (name, kind, t) for (name, kind), (t, c) in merged.items()]
+        finally:
+            self._timer.records = None

@@ -1,0 +1,94 @@
+"""Building, loading and choosing the packed engine's C++ kernels.
+
+The extension (``csrc/*.cpp``) is compiled with :func:`torch.utils.cpp_extension.load` the first time it
+is needed and cached by torch (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); a source
+change triggers a rebuild. It needs a C++ compiler and ``ninja``.
+
+Three instruction-set paths are compiled into it and one is picked per call: ``avx512`` (AVX512F/BW/DQ/VL
++ AVX512_VPOPCNTDQ), ``avx2`` (popcount by nibble lookup) and ``portable`` (plain C++). The default is
+the best one the CPU supports; ``BNAS_DEPLOY_ISA=avx512|avx2|portable`` (or ``auto``) overrides it, and so
+does the ``isa`` argument of :func:`bnas_nni.deploy.load`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+from ..errors import BNASError, ConfigError
+
+__all__ = ['ISAS', 'ISA_ENV', 'EngineBuildError', 'extension', 'supported_isas', 'resolve_isa', 'isa_id']
+
+ISAS = ('portable', 'avx2', 'avx512')
+ISA_ENV = 'BNAS_DEPLOY_ISA'
+_SOURCES = ('engine.cpp', 'kernels_portable.cpp', 'kernels_avx2.cpp', 'kernels_avx512.cpp')
+_EXTENSION_NAME = 'bnas_nni_deploy'
+
+
+class EngineBuildError(BNASError):
+    """The C++ extension could not be compiled or loaded (compiler, ninja or headers missing)."""
+
+
+def _csrc() -> Path:
+    return Path(__file__).resolve().parent / 'csrc'
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled extension module (built once per source version, then loaded from torch's cache)."""
+    import logging
+
+    # importing cpp_extension on a CPU-only torch logs a warning about CUDA_HOME that does not concern us
+    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
+    import torch.utils.cpp_extension as cpp
+
+    src = _csrc()
+    _clear_stale_lock(cpp)
+    try:
+        return cpp.load(name=_EXTENSION_NAME, sources=[str(src / s) for s in _SOURCES],
+                        extra_include_paths=[str(src)],
+                        # -ffp-contract=off: no fused multiply-adds that the float model does not do
+                        extra_cflags=['-O3', '-fopenmp', '-ffp-contract=off'],
+                        extra_ldflags=['-fopenmp'], verbose=False)
+    except (RuntimeError, OSError, ImportError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if 'error' in ln.lower()]
+        detail = (errors or lines or [type(exc).__name__])[0][:300]
+        raise EngineBuildError(f'cannot build the packed engine (C++ extension in {src}): {detail}; it needs g++ '
+                               'and ninja (pip install ninja)') from None
+
+
+def _clear_stale_lock(cpp, max_age_s: float = 900.0) -> None:
+    """Remove a build lock left by a killed build (torch would wait on it forever); a live build is younger."""
+    import time
+
+    try:
+        lock = Path(cpp._get_build_directory(_EXTENSION_NAME, False)) / 'lock'
+        if lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+    except (AttributeError, OSError, TypeError):  # private torch helper moved, or a race with another process
+        pass
+
+
+@functools.lru_cache(maxsize=None)
+def supported_isas() -> Tuple[str, ...]:
+    """The instruction-set paths this CPU can run, slowest first."""
+    return tuple(name for name in ISAS if name in set(extension().supported_isas()))
+
+
+def resolve_isa(isa: Optional[str] = None) -> str:
+    """``isa``, else ``$BNAS_DEPLOY_ISA``, else the fastest supported path; a one-line error if unusable."""
+    requested = (isa or os.environ.get(ISA_ENV) or 'auto').strip().lower()
+    if requested == 'auto':
+        return supported_isas()[-1]
+    if requested not in ISAS:
+        raise ConfigError(f'unknown instruction set {requested!r} (from {"isa=" if isa else ISA_ENV}); '
+                          f'choose auto, {", ".join(ISAS)}')
+    if requested not in supported_isas():
+        raise ConfigError(f'this CPU cannot run the {requested} path; it supports {", ".join(supported_isas())}')
+    return requested
+
+
+def isa_id(name: str) -> int:
+    return ISAS.index(name)

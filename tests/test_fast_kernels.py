@@ -1,0 +1,290 @@
+"""The fast cell's kernel paths against the straightforward cell, and the int8 ternary convolution itself.
+
+Every path of :class:`FastBinaryMixedCell` (int8 ternary convs, or fp32 convs in the fused per-state
+function, or the plain per-kernel-type path of ``BNAS_FAST_KERNELS=0``; ReLU recomputed or kept as masks)
+must give what :class:`BinaryMixedCell` gives: outputs, alpha and weight gradients, input gradients and BN
+running statistics, over whole search iterations (architecture step with the weights frozen, then weight
+step) and in eval mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+
+from bnas_nni.quant import attach_latent_constraint, make_binarizer  # noqa: E402
+from bnas_nni.search import fast_cell, kernels  # noqa: E402
+from bnas_nni.search.fast_cell import FastBinaryMixedCell  # noqa: E402
+from bnas_nni.search.mixed_cell import BinaryMixedCell  # noqa: E402
+
+from test_fast_cell import TOL, _assert_close_dicts, _grads, _pair  # noqa: E402
+
+needs_int8 = pytest.mark.skipif(not kernels.ternary_conv_supported(),
+                                reason='no oneDNN int8 convolution in this build/CPU (the fp32 path is tested)')
+
+
+# ------------------------------------------------------------------ the int8 ternary convolution
+
+
+@needs_int8
+@pytest.mark.parametrize('k,stride,padding,dilation', [(3, 1, 1, 1), (5, 1, 2, 1), (3, 1, 2, 2), (5, 1, 4, 2),
+                                                       (3, 2, 1, 1), (5, 2, 4, 2), (1, 1, 0, 1)])
+def test_ternary_conv_is_the_exact_integer_convolution(k, stride, padding, dilation):
+    g = torch.Generator().manual_seed(k * 10 + stride + dilation)
+    for batch, c_in, c_out, size in ((3, 16, 24, 9), (1, 7, 5, 6)):
+        s = torch.randint(-1, 2, (batch, c_in, size, size), generator=g).float()
+        q = torch.randint(-1, 2, (c_out, c_in, k, k), generator=g).float()
+        conv = kernels.TernaryConv(q.to(torch.int8), (stride, stride), (padding, padding), (dilation, dilation), 1)
+        want = F.conv2d(s, q, None, stride, padding, dilation)  # small integers: exact in fp32
+        got = conv(kernels.sign_to_uint8(s), relu=False)
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, want)
+        assert torch.equal(conv(kernels.sign_to_uint8(s), relu=True), want.clamp_min(0))
+
+
+def test_ternary_weight_accepts_only_per_filter_scaled_signs():
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(6, 4, 3, 3, generator=g)
+    for name in ('xnor', 'sign'):
+        w = make_binarizer(name)(latent)
+        q, scale = kernels.ternary_weight(w)
+        assert q.dtype == torch.int8 and torch.equal(q.float() * scale.view(-1, 1, 1, 1), w)
+    assert kernels.ternary_weight(latent) is None                     # real-valued
+    w = make_binarizer('xnor')(latent)
+    w[0, 0, 0, 0] *= 2                                                 # two magnitudes in one filter
+    assert kernels.ternary_weight(w) is None
+    w = make_binarizer('xnor')(latent)
+    w[1] = 0                                                           # an all-zero filter is ternary (scale 0)
+    q, scale = kernels.ternary_weight(w)
+    assert scale[1] == 0 and not q[1].any()
+
+
+def test_env_switch_turns_the_fast_kernels_off(monkeypatch):
+    monkeypatch.setenv('BNAS_FAST_KERNELS', '0')
+    assert not kernels.fast_kernels_enabled() and not kernels.ternary_conv_supported()
+    monkeypatch.setenv('BNAS_FAST_KERNELS', '1')
+    assert kernels.fast_kernels_enabled()
+
+
+# ------------------------------------------------------------------ the cell, per kernel path
+
+
+class _Count:
+    """Counts calls of the fused state function and how many of them ran int8 convolutions."""
+
+    def __init__(self, monkeypatch):
+        self.fused = self.int8 = 0
+        apply = fast_cell._StateBinaryOps.apply
+
+        def counted(*args):
+            self.fused += 1
+            self.int8 += bool(args[4])
+            return apply(*args)
+        monkeypatch.setattr(fast_cell._StateBinaryOps, 'apply', counted)
+
+
+PATHS = ['int8', 'int8-masks', 'fused-fp32', 'plain']
+
+
+def _select_path(path, monkeypatch):
+    """Force one kernel path of the fast cell; returns the fast cell class to use."""
+    if path == 'int8' and not kernels.ternary_conv_supported():
+        pytest.skip('no int8 convolution here')
+    if path == 'int8-masks':
+        if not kernels.ternary_conv_supported():
+            pytest.skip('no int8 convolution here')
+        return type('FastMasks', (FastBinaryMixedCell,), {'recompute_relu_masks': False})
+    if path == 'fused-fp32':
+        monkeypatch.setattr(kernels, 'ternary_conv_supported', lambda: False)
+    if path == 'plain':
+        monkeypatch.setenv('BNAS_FAST_KERNELS', '0')
+    return FastBinaryMixedCell
+
+
+def _iterations(ref, fast, batches, tol, channels_last=False, contexts=(contextlib.nullcontext,) * 2):
+    """Two full search iterations (arch step with weights frozen, weight step with alphas frozen) on both
+    supernets; after each step the gradients that step computes must match, and after both the states.
+    ``contexts``: one context factory per model, entered around each of its steps."""
+    rtol, atol = tol
+    setups = []
+    for model in (ref, fast):
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.train()
+        alphas = list({id(p): p for m in model.modules() if isinstance(m, BinaryMixedCell)
+                       for p in m.arch_parameters()}.values())
+        ids = {id(p) for p in alphas}
+        weights = [p for p in model.parameters() if id(p) not in ids]
+        w_opt = torch.optim.SGD(weights, lr=0.025, momentum=0.9, weight_decay=3e-4)
+        attach_latent_constraint(w_opt, model)
+        a_opt = torch.optim.Adam(alphas, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+        setups.append((model, alphas, weights, w_opt, a_opt))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for it, ((xv, yv), (xt, yt)) in enumerate(batches):
+        # architecture step: input gradients flow through every cell, weights get none
+        outs, grads, in_grads = [], [], []
+        for (model, alphas, weights, _, a_opt), ctx in zip(setups, contexts):
+            ctx_ = ctx()
+            ctx_.__enter__()
+            for p in weights:
+                p.requires_grad_(False)
+            model.zero_grad(set_to_none=True)
+            x = xv.clone().contiguous(memory_format=fmt).requires_grad_()
+            out = model(x)
+            rows = torch.cat([m.alpha_matrix() for m in model.modules() if isinstance(m, BinaryMixedCell)])
+            p = rows.softmax(-1)
+            loss = F.cross_entropy(out, yv) - math.exp(-it / 7.7) * (-(p * p.log()).sum(-1).mean())
+            loss.backward()
+            outs.append(out.detach())
+            grads.append(_grads(model))
+            in_grads.append({'x': x.grad})
+            a_opt.step()
+            for p in weights:
+                p.requires_grad_(True)
+            ctx_.__exit__(None, None, None)
+        torch.testing.assert_close(outs[1], outs[0], rtol=rtol, atol=atol)
+        assert all(v is None for k, v in grads[1].items() if '_arch_alpha' not in k)
+        assert all(v is not None and v.abs().sum() > 0 for k, v in grads[0].items() if '_arch_alpha' in k)
+        _assert_close_dicts(grads[0], grads[1], f'iteration {it} arch-step grad', rtol, atol)
+        _assert_close_dicts(in_grads[0], in_grads[1], f'iteration {it} input grad', rtol, atol)
+        # weight step
+        grads = []
+        for (model, alphas, weights, w_opt, _), ctx in zip(setups, contexts):
+            for p in alphas:
+                p.requires_grad_(False)
+            w_opt.zero_grad(set_to_none=True)
+            with ctx():
+                F.cross_entropy(model(xt.contiguous(memory_format=fmt)), yt).backward()
+            grads.append(_grads(model))
+            w_opt.step()
+            for p in alphas:
+                p.requires_grad_(True)
+        assert any(k.endswith('op.0.weight') and v is not None and v.abs().sum() > 0 for k, v in grads[0].items())
+        _assert_close_dicts(grads[0], grads[1], f'iteration {it} weight-step grad', rtol, atol)
+        _assert_close_dicts(ref.state_dict(), fast.state_dict(), f'iteration {it} state', rtol, atol)
+        _snap_binary_weights(ref, fast)
+    for model, *_ in setups:
+        model.eval()
+    with torch.no_grad():
+        x = batches[0][0][0].contiguous(memory_format=fmt)
+        with contexts[0]():
+            want = ref(x)
+        with contexts[1]():
+            got = fast(x)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+@torch.no_grad()
+def _snap_binary_weights(ref, other):
+    """Put the binary convs' latent weights back on the +-0.25 lattice of ``_pair`` (signs from the
+    reference's current weights, zero mean over input channels; the same values into both models): the XNOR
+    scale is then exactly 0.25 and every conv output an exact multiple of it, so the straightforward cell's
+    fp32 sums have no round-off that could move a ReLU tie at 0 (the int8 path computes those sums exactly
+    whatever the weights)."""
+    theirs = dict(other.named_parameters())
+    for name, w in ref.named_parameters():
+        if '_arch_alpha' in name or w.dim() != 4 or w.shape[1] % 2 or not name.endswith('op.0.weight') \
+                or 'preprocess' in name:
+            continue
+        rank = w.argsort(dim=1, stable=True).argsort(dim=1)  # rank of each input channel per (out, kh, kw)
+        w.copy_(torch.where(rank >= w.shape[1] // 2, 0.25, -0.25).to(w.dtype))
+        theirs[name].copy_(w)
+
+
+def _batches(n, size, seed, iterations=2):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple((torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g))
+                  for _ in range(2)) for _ in range(iterations)]
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_search_iterations_match_on_every_kernel_path(path, monkeypatch):
+    """fp32, the working precision (int8 only runs in fp32): whole iterations, every gradient and state."""
+    cls = _select_path(path, monkeypatch)
+    count = _Count(monkeypatch)
+    ref, fast = _pair(torch.float32, cls, init_channels=4, layers=3, num_nodes=3)
+    _iterations(ref, fast, _batches(4, 16, seed=7), TOL[torch.float32])
+    if path == 'plain':
+        assert count.fused == 0
+    else:
+        assert count.fused > 0 and (count.int8 == count.fused if path.startswith('int8') else count.int8 == 0)
+
+
+@pytest.mark.parametrize('path', ['fused-fp32', 'plain'])
+def test_search_iterations_match_in_float64(path, monkeypatch):
+    """float64 checks the fused function's math to round-off (int8 is fp32-only, so fp32 convs here)."""
+    cls = _select_path(path, monkeypatch)
+    ref, fast = _pair(torch.float64, cls, init_channels=4, layers=3, num_nodes=3)
+    _iterations(ref, fast, [tuple((x.double(), y) for x, y in it) for it in _batches(3, 16, seed=8)],
+                TOL[torch.float64])
+
+
+def test_paper_cells_channels_last_model_match(monkeypatch):
+    """The paper's cells (C=16, 4 nodes, all seven ops, a normal and two reduction cells), the model and its
+    inputs channels-last end to end as ``channels_last: true`` runs them; float64 (fp32 convs) so that the
+    comparison with the straightforward cell is to round-off, as in test_fast_cell."""
+    monkeypatch.setattr(kernels, 'ternary_conv_supported', lambda: False)
+    ref, fast = _pair(torch.float64, init_channels=16, layers=3, num_nodes=4)
+    _iterations(ref, fast, [tuple((x.double(), y) for x, y in it) for it in _batches(2, 16, seed=9, iterations=1)],
+                TOL[torch.float64], channels_last=True)
+
+
+@needs_int8
+def test_paper_cells_int8_equals_fp32_convs():
+    """At paper size in fp32 a state whose normalised value is within round-off of 0 can take either sign in
+    two implementations that sum in different orders, so the fp32 comparison with the straightforward cell
+    is made on small cells (above). Here the int8 path is compared with the fp32-conv path of the same cell,
+    which sums in the same order: with the lattice weights both compute exactly the same products."""
+    int8_on = contextlib.nullcontext
+
+    @contextlib.contextmanager
+    def int8_off():
+        real = kernels.ternary_conv_supported
+        kernels.ternary_conv_supported = lambda: False
+        try:
+            yield
+        finally:
+            kernels.ternary_conv_supported = real
+
+    fp32, int8 = _pair(torch.float32, init_channels=16, layers=3, num_nodes=4)[1], \
+        _pair(torch.float32, init_channels=16, layers=3, num_nodes=4)[1]
+    _iterations(fp32, int8, _batches(2, 16, seed=9), (1e-5, 1e-6), channels_last=True,
+                contexts=(int8_off, int8_on))
+
+
+def test_cell_keeps_the_callers_memory_format():
+    _, fast = _pair(torch.float32, init_channels=4, layers=2, num_nodes=2)
+    fast.train()
+    cell = next(m for m in fast.modules() if type(m) is FastBinaryMixedCell)
+    s = torch.randn(2, 12, 8, 8)   # the stem's output: 3 * 4 channels
+    assert cell(s, s).is_contiguous()
+    s_cl = s.contiguous(memory_format=torch.channels_last)
+    assert cell(s_cl, s_cl).is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_int8
+def test_packed_weights_follow_weight_changes():
+    """The packed int8 weights are reused only while the weight signs are unchanged."""
+    ref, fast = _pair(torch.float32, init_channels=4, layers=2, num_nodes=2)
+    x = torch.randn(2, 3, 16, 16)
+    for model in (ref, fast):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), **dict(zip(('rtol', 'atol'), TOL[torch.float32])))
+        specs = [c.spec for m in fast.modules() if type(m) is FastBinaryMixedCell
+                 for plan in m._plans for bundles in plan.bundles.values() for b in bundles for c in b.convs]
+        packed = [s._packed for s in specs]
+        fast(x)
+        assert [s._packed for s in specs] == packed       # same weights: nothing repacked
+        for model in (ref, fast):
+            for n, p in model.named_parameters():
+                if n.endswith('op.0.weight') and p.dim() == 4 and p.shape[-1] > 1:
+                    p.neg_()                               # every sign flips
+        assert torch.allclose(fast(x), ref(x), *TOL[torch.float32])
+        assert all(s._packed is not old for s, old in zip(specs, packed))
