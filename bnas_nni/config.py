@@ -100,6 +100,9 @@ class Space:
     ops: Optional[List[str]] = None
     binarizer: Optional[Any] = None       # a weight binarizer name or {name: ..., option: ...}
     activation: Optional[Any] = None      # an activation quantizer name or mapping
+    op_set: Optional[str] = None          # paper | react: the binary block's parts, unless set one by one
+    nonlinearity: Optional[Any] = None    # after each binary conv: relu (paper), rprelu, prelu, identity
+    shortcut: Optional[bool] = None       # real-valued shortcut around each binary conv where shapes allow
 
 
 @dataclass
@@ -113,6 +116,9 @@ class Model:
     precision_rule: Optional[Literal['standard', 'official-2020-11', 'official-2020-08']] = None
     binarizer: Optional[Any] = None       # None: the model config's (xnor); 'none': full-precision weights
     activation: Optional[Any] = None      # None: the model config's (ste_sign); 'identity': real activations
+    op_set: Optional[str] = None          # paper | react (rsign, scaled_sign, rprelu); explicit keys win
+    nonlinearity: Optional[Any] = None    # after each binary conv: relu (paper), rprelu, prelu, identity
+    shortcut: Optional[bool] = None       # real-valued shortcut around each binary conv where shapes allow
 
 
 @dataclass
@@ -141,6 +147,10 @@ class Recipe:
     onecycle_reduce_factor: float = 0.01
     restart_epochs: int = 50              # cosine warm restarts period T_0, in epochs
     weight_decay_binary: Optional[float] = None   # weight decay of binary convs' latent weights; None: weight_decay
+    weight_decay_other: Optional[float] = None    # decay of non-conv parameters (BN, biases, classifier,
+                                                  # thresholds, slopes); None: weight_decay
+    step1_epochs: Optional[int] = None    # two-step recipes (react): epochs of step 1; None: epochs
+    step2_weight_decay: float = 0.0       # two-step recipes (react): weight decay of step 2 (step 1: weight_decay)
     label_smoothing: float = 0.0
     grad_clip_mode: Literal['binary', 'latent'] = 'binary'   # binary: norm w.r.t. the binary weights (official)
     drop_path_prob: float = 0.2           # final value; epoch e uses drop_path_prob * e / epochs
@@ -490,7 +500,10 @@ def _check_train(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f'drop_path_prob must be in [0, 1), got {cfg["drop_path_prob"]}')
     if not 0 <= cfg['label_smoothing'] < 1:
         raise ConfigError(f'label_smoothing must be in [0, 1), got {cfg["label_smoothing"]}')
-    _positive(cfg, 'restart_epochs', 'report_freq', 'val_resize')
+    _positive(cfg, 'restart_epochs', 'report_freq', 'val_resize', 'step1_epochs')
+    for key in ('weight_decay', 'weight_decay_binary', 'weight_decay_other', 'step2_weight_decay'):
+        if cfg.get(key) is not None and cfg[key] < 0:
+            raise ConfigError(f'{key} must be >= 0, got {cfg[key]}')
 
 
 _EXEC_FREE = ('threads', 'device', 'workers', 'progress', 'tensorboard', 'description', 'run_dir', 'imports')

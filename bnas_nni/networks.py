@@ -22,14 +22,14 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .quant import BinaryConv2d, QuantizerSpec, make_activation, make_binarizer
+from .quant import BinaryConv2d, QuantizerSpec, make_activation, make_binarizer, make_nonlinearity
 from .errors import ConfigError
 from .genotypes import Genotype, load_genotype
 from .io import load_yaml
-from .ops import BNConvReLU, make_op
+from .ops import BNConvReLU, binary_block, expand_op_set, make_op
 from .paths import search_spaces_dir
 
-__all__ = ['FixedCell', 'BNASNetwork', 'drop_path', 'build_model', 'load_model_configs', 'model_config',
+__all__ = ['FixedCell', 'BNASNetwork', 'drop_path', 'build_model', 'load_model_configs', 'model_config', 'check_block',
            'apply_precision_rule', 'PRECISION_RULES', 'count_parameters', 'network_family', 'reduction_indices']
 
 PRECISION_RULES = ('standard', 'official-2020-11', 'official-2020-08')
@@ -64,17 +64,18 @@ class FixedCell(nn.Module):
 
     def __init__(self, genotype: Genotype, cell_index: int, C_pp: int, C_p: int, C: int, reduction: bool,
                  reduction_prev: bool, *, family: str = 'cifar', binarizer: QuantizerSpec = 'xnor',
-                 activation: QuantizerSpec = 'ste_sign') -> None:
+                 activation: QuantizerSpec = 'ste_sign', nonlinearity: QuantizerSpec = 'relu',
+                 shortcut: bool = False) -> None:
         super().__init__()
-        q = dict(binarizer=binarizer, activation=activation)
+        q = dict(binarizer=binarizer, activation=activation, nonlinearity=nonlinearity, shortcut=shortcut)
         self.cell_index = cell_index
         self.reduction = reduction
         if reduction_prev:
             # the official CIFAR net uses a non-affine BN here; the ImageNet net an affine one
-            self.preprocess0 = BNConvReLU(C_pp, C, 3, 2, 1, affine=family == 'imagenet', **q)
+            self.preprocess0 = binary_block(C_pp, C, 3, 2, 1, affine=family == 'imagenet', **q)
         else:
-            self.preprocess0 = BNConvReLU(C_pp, C, 1, 1, 0, **q)
-        self.preprocess1 = BNConvReLU(C_p, C, 1, 1, 0, **q)
+            self.preprocess0 = binary_block(C_pp, C, 1, 1, 0, **q)
+        self.preprocess1 = binary_block(C_p, C, 1, 1, 0, **q)
         entries = genotype.reduce if reduction else genotype.normal
         concat = genotype.reduce_concat if reduction else genotype.normal_concat
         self.multiplier = len(concat)
@@ -139,13 +140,15 @@ class NetworkForwardMixin:
 
 
 def build_fixed_body(module: nn.Module, genotype: Genotype, *, C: int, layers: int, num_classes: int,
-                     family: str, binarizer: QuantizerSpec, activation: QuantizerSpec) -> None:
+                     family: str, binarizer: QuantizerSpec, activation: QuantizerSpec,
+                     nonlinearity: QuantizerSpec = 'relu', shortcut: bool = False) -> None:
     """Attach stem, cells, pooling and classifier of a fixed network to ``module``."""
     if family not in FAMILIES:
         raise ConfigError(f'unknown network family {family!r}; choose one of {FAMILIES}')
     if binarizer is not None:
         make_binarizer(binarizer, channels=1)     # a wrong name or option fails here, in one line
     make_activation(activation, channels=1)
+    make_nonlinearity(nonlinearity, channels=1)
     stems, C_pp, C_p, reduction_prev = build_stem(family, C)
     for name, m in stems.items():
         setattr(module, name, m)
@@ -156,7 +159,7 @@ def build_fixed_body(module: nn.Module, genotype: Genotype, *, C: int, layers: i
         if reduction:
             C_curr *= 2
         cell = FixedCell(genotype, i, C_pp, C_p, C_curr, reduction, reduction_prev, family=family,
-                         binarizer=binarizer, activation=activation)
+                         binarizer=binarizer, activation=activation, nonlinearity=nonlinearity, shortcut=shortcut)
         cells.append(cell)
         reduction_prev = reduction
         C_pp, C_p = C_p, cell.multiplier * C_curr
@@ -171,16 +174,22 @@ class BNASNetwork(NetworkForwardMixin, nn.Module):
     Attributes: ``stem`` (CIFAR) or ``stem0``/``stem1`` (ImageNet), ``cells`` (``FixedCell``s with
     reductions at ``layers // 3`` and ``2 * layers // 3``), ``global_pooling``, ``classifier``, and
     ``drop_path_prob`` (set by the trainer each epoch).
+
+    ``binarizer``, ``activation``, ``nonlinearity`` and ``shortcut`` choose the binary block (see
+    :mod:`bnas_nni.ops`; the defaults are the paper's ops, ``op_set: react`` in a model config the ReActNet
+    ones).
     """
 
     def __init__(self, genotype: Genotype | str, *, init_channels: int = 36, layers: int = 20, num_classes: int = 10,
                  dataset: str = 'cifar10', binarizer: QuantizerSpec = 'xnor', activation: QuantizerSpec = 'ste_sign',
-                 precision_rule: str = 'standard', num_skip: Optional[int] = None) -> None:
+                 precision_rule: str = 'standard', num_skip: Optional[int] = None,
+                 nonlinearity: QuantizerSpec = 'relu', shortcut: bool = False) -> None:
         super().__init__()
         self.genotype = load_genotype(genotype)
         self.family = network_family(dataset)
         build_fixed_body(self, self.genotype, C=init_channels, layers=layers, num_classes=num_classes,
-                         family=self.family, binarizer=binarizer, activation=activation)
+                         family=self.family, binarizer=binarizer, activation=activation, nonlinearity=nonlinearity,
+                         shortcut=bool(shortcut))
         if num_skip is None:
             num_skip = 3 if self.family == 'imagenet' else 1
         apply_precision_rule(self, precision_rule, num_skip=num_skip, binarizer=binarizer)
@@ -188,7 +197,8 @@ class BNASNetwork(NetworkForwardMixin, nn.Module):
         self.config = {'genotype': self.genotype.to_dict(), 'init_channels': int(init_channels), 'layers': int(layers),
                        'num_classes': int(num_classes), 'dataset': str(dataset), 'binarizer': _plain_spec(binarizer),
                        'activation': _plain_spec(activation), 'precision_rule': precision_rule,
-                       'num_skip': int(num_skip)}
+                       'num_skip': int(num_skip), 'nonlinearity': _plain_spec(nonlinearity),
+                       'shortcut': bool(shortcut)}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> 'BNASNetwork':
@@ -234,7 +244,7 @@ def apply_precision_rule(model: nn.Module, rule: str, *, num_skip: int = 1, bina
 # --------------------------------------------------------------------------- model configs
 
 _CONFIG_KEYS = {'genotype', 'dataset', 'init_channels', 'layers', 'num_classes', 'num_skip', 'binarizer',
-                'activation', 'precision_rule'}
+                'activation', 'precision_rule', 'op_set', 'nonlinearity', 'shortcut'}
 
 
 def load_model_configs() -> Dict[str, Dict[str, Any]]:
@@ -252,7 +262,20 @@ def model_config(name: str, **overrides: Any) -> Dict[str, Any]:
     unknown = set(cfg) - _CONFIG_KEYS
     if unknown:
         raise ConfigError(f'unknown model config keys {sorted(unknown)}; allowed: {sorted(_CONFIG_KEYS)}')
+    check_block(cfg)
     return cfg
+
+
+def check_block(cfg: Mapping[str, Any]) -> None:
+    """The op set and the block's quantizer / nonlinearity specs of a model config exist and take their
+    options (cheap: one-channel modules), so a typo fails before a network is built."""
+    block = expand_op_set({k: cfg.get(k) for k in ('op_set', 'binarizer', 'activation', 'nonlinearity')})
+    if block.get('binarizer') is not None:
+        make_binarizer(block['binarizer'], channels=1)
+    if block.get('activation') is not None:
+        make_activation(block['activation'], channels=1)
+    if block.get('nonlinearity') is not None:
+        make_nonlinearity(block['nonlinearity'], channels=1)
 
 
 def build_model(config: str | Mapping[str, Any], **overrides: Any) -> BNASNetwork:
@@ -264,4 +287,5 @@ def build_model(config: str | Mapping[str, Any], **overrides: Any) -> BNASNetwor
         raise ConfigError(f'unknown model config keys {sorted(unknown)}; allowed: {sorted(_CONFIG_KEYS)}')
     if 'genotype' not in cfg:
         raise ConfigError('model config needs a "genotype" (a name in search_spaces/genotypes or a YAML path)')
+    cfg = expand_op_set(cfg)            # op_set: react -> its binarizer, activation, nonlinearity (unless given)
     return BNASNetwork(cfg['genotype'], **{k: v for k, v in cfg.items() if k != 'genotype'})

@@ -32,13 +32,13 @@ from .genotypes import Genotype
 from .io import load_yaml
 from .networks import (NetworkForwardMixin, apply_precision_rule, build_fixed_body, build_stem, network_family,
                        reduction_indices)
-from .ops import BNConvReLU, PRIMITIVES, check_ops, make_op
+from .ops import BNConvReLU, PRIMITIVES, check_ops, expand_op_set, make_op
 from .paths import resolve_named_file, search_spaces_dir
 
 __all__ = ['BNASSpace', 'CellInputs', 'CellOutput', 'SPACE_KEYS', 'load_space_config']
 
 SPACE_KEYS = ('dataset', 'init_channels', 'layers', 'num_nodes', 'ops', 'num_classes', 'binarizer', 'activation',
-              'precision_rule')
+              'precision_rule', 'op_set', 'nonlinearity', 'shortcut')
 
 
 class CellInputs(nn.Module):
@@ -78,10 +78,10 @@ class CellOutput(nn.Module):
 
 
 def _candidate(node_index: int, op_index: int, input_index: Optional[int], *, name: str, C: int, reduction: bool,
-               binarizer: QuantizerSpec, activation: QuantizerSpec) -> nn.Module:
+               **block: Any) -> nn.Module:
     # input_index is None while the space is built; an int when an edge is materialised
     stride = 2 if reduction and (input_index is None or input_index < 2) else 1
-    return make_op(name, C, stride, search=True, binarizer=binarizer, activation=activation)
+    return make_op(name, C, stride, search=True, **block)
 
 
 class BNASSpace(NetworkForwardMixin, ModelSpace):
@@ -101,7 +101,8 @@ class BNASSpace(NetworkForwardMixin, ModelSpace):
 
     def __init__(self, *, dataset: str = 'cifar10', init_channels: int = 16, layers: int = 8, num_nodes: int = 4,
                  ops: Sequence[str] = PRIMITIVES, num_classes: int = 10, binarizer: QuantizerSpec = 'xnor',
-                 activation: QuantizerSpec = 'ste_sign', precision_rule: str = 'standard') -> None:
+                 activation: QuantizerSpec = 'ste_sign', precision_rule: str = 'standard',
+                 nonlinearity: QuantizerSpec = 'relu', shortcut: bool = False) -> None:
         super().__init__()
         self.ops = check_ops(list(ops), where='the space')
         if len(self.ops) < 1:
@@ -111,6 +112,7 @@ class BNASSpace(NetworkForwardMixin, ModelSpace):
         self.num_nodes = num_nodes
         self.family = network_family(dataset)
         self.dataset = dataset
+        block = dict(binarizer=binarizer, activation=activation, nonlinearity=nonlinearity, shortcut=bool(shortcut))
         arch = current_model()
         if arch is not None and 'normal/op_2_0' in arch:
             genotype = Genotype.from_arch_dict(arch)
@@ -119,13 +121,13 @@ class BNASSpace(NetworkForwardMixin, ModelSpace):
                 raise ConfigError(f'architecture uses ops {sorted(outside)} outside this space ({", ".join(self.ops)})')
             self.genotype = genotype
             build_fixed_body(self, genotype, C=init_channels, layers=layers, num_classes=num_classes,
-                             family=self.family, binarizer=binarizer, activation=activation)
+                             family=self.family, **block)
             apply_precision_rule(self, precision_rule, num_skip=3 if self.family == 'imagenet' else 1,
                                  binarizer=binarizer)
         else:
-            self._build_supernet(init_channels, layers, num_classes, binarizer, activation)
+            self._build_supernet(init_channels, layers, num_classes, block)
 
-    def _build_supernet(self, C: int, layers: int, num_classes: int, binarizer: QuantizerSpec, activation: QuantizerSpec) -> None:
+    def _build_supernet(self, C: int, layers: int, num_classes: int, block: Dict[str, Any]) -> None:
         stems, C_pp, C_p, reduction_prev = build_stem(self.family, C)
         for name, m in stems.items():
             setattr(self, name, m)
@@ -135,8 +137,8 @@ class BNASSpace(NetworkForwardMixin, ModelSpace):
             reduction = i in reduction_indices(layers)
             if reduction:
                 C_curr *= 2
-            candidates = {name: partial(_candidate, name=name, C=C_curr, reduction=reduction, binarizer=binarizer,
-                                        activation=activation) for name in self.ops}
+            candidates = {name: partial(_candidate, name=name, C=C_curr, reduction=reduction, **block)
+                          for name in self.ops}
             C_out = self.num_nodes * C_curr
             self.cells.append(Cell(candidates, num_nodes=self.num_nodes, num_ops_per_node=2, num_predecessors=2,
                                    merge_op='all', preprocessor=CellInputs(C_pp, C_p, C_curr, reduction_prev),
@@ -174,4 +176,4 @@ def load_space_config(config: str | Dict[str, Any] = 'bnas', **overrides: Any) -
         raise ConfigError(f'{where}: unknown keys {unknown}; allowed: {", ".join(SPACE_KEYS)}')
     if 'ops' in data:
         data['ops'] = check_ops(list(data['ops']), where=where)
-    return data
+    return expand_op_set(data)          # op_set: react -> its binarizer, activation, nonlinearity (unless given)

@@ -9,7 +9,9 @@ ImageNet) with hooks on every ``Conv2d`` and ``Linear``, and reports:
   conv's binarizer module (its ``precision``); the activation side is 1 bit because
   every binary op binarizes its input with sign. BOPs = MACs x weight bits (= MACs for 1-bit weights);
 * **full-precision MACs** (= FLOPs): all other convs plus the classifier ``Linear``; pools, BN,
-  ReLU and additions are not counted (the usual convention);
+  ReLU and additions are not counted (the usual convention), nor are the elementwise RSign shift,
+  RPReLU and ReActNet shortcut of the ``react`` op set (``--op-set react``), whose thresholds and
+  slopes count as full-precision parameters;
 * **OPs = BOPs / 64 + FLOPs** (the Bi-Real / XNOR-Net convention);
 * **model size**: binary weights packed at their bit width plus one fp32 scale per output filter
   when the binarizer scales (its ``scaled`` attribute), and
@@ -246,7 +248,7 @@ def _looks_like_path(spec: str) -> bool:
 def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optional[int] = None,
                     init_channels: Optional[int] = None, precision_rule: Optional[str] = None,
                     dataset: Optional[str] = None, num_classes: Optional[int] = None,
-                    binarizer: Optional[str] = None) -> tuple:
+                    binarizer: Optional[str] = None, op_set: Optional[str] = None) -> tuple:
     """Build a network from a model config name or a genotype (name or YAML path).
 
     Returns ``(network, description)``. Flags override the config; a genotype alone uses CIFAR-10,
@@ -256,7 +258,7 @@ def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optio
     from .networks import build_model, load_model_configs
 
     overrides = dict(genotype=genotype, layers=layers, init_channels=init_channels, precision_rule=precision_rule,
-                     dataset=dataset, num_classes=num_classes, binarizer=binarizer)
+                     dataset=dataset, num_classes=num_classes, binarizer=binarizer, op_set=op_set)
     configs = load_model_configs()
     if model in configs:
         cfg = {**configs[model], **{k: v for k, v in overrides.items() if v is not None}}
@@ -285,6 +287,8 @@ def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optio
             cfg['precision_rule'] = precision_rule
         if binarizer is not None:
             cfg['binarizer'] = binarizer
+        if op_set is not None:
+            cfg['op_set'] = op_set
         label = g.name or model
     for key in ('layers', 'init_channels', 'num_classes'):
         if cfg.get(key) is not None and int(cfg[key]) < 1:
@@ -299,7 +303,8 @@ def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optio
 def _run(args: argparse.Namespace) -> int:
     net, desc = build_from_spec(args.model, genotype=args.genotype, layers=args.layers,
                                 init_channels=args.init_channels, precision_rule=args.precision_rule,
-                                dataset=args.dataset, num_classes=args.num_classes, binarizer=args.binarizer)
+                                dataset=args.dataset, num_classes=args.num_classes, binarizer=args.binarizer,
+                                op_set=args.op_set)
     s = summarize(net)
     if args.json:
         out = s.to_dict(layers=args.verbose)
@@ -325,6 +330,7 @@ def register(subparsers: Any) -> None:
     p.add_argument('--num-classes', type=int, help='classifier outputs')
     p.add_argument('--precision-rule', choices=PRECISION_RULES, help='which convs stay full precision (default standard)')
     p.add_argument('--binarizer', help='weight binarizer from the registry (default xnor)')
+    p.add_argument('--op-set', help='binary block: paper (default) or react (RSign, scaled_sign, RPReLU)')
     p.add_argument('--verbose', action='store_true', help='one row per layer')
     p.add_argument('--json', action='store_true', help='machine-readable output')
     p.set_defaults(func=_run)

@@ -15,6 +15,11 @@ instead of swapping ``.data`` in and out around each step:
 The forward and backward use the constrained weights :math:`C(W)`, and the optimizer pre-step hook
 (:func:`bnas_nni.quant.attach_latent_constraint`) writes :math:`C(W)` back into the latent weights,
 which is the same sequence of values the official code produces (constrain, forward/backward, step).
+
+``scaled_sign`` is the ReActNet / Bi-Real weight binarizer: the same :math:`\mathrm{sign}(W)\,\alpha_o`
+forward, but on the latent weights as they are (no mean-centring, no persistent clamp), with
+:math:`\alpha_o` treated as a constant in backward and the clipped straight-through gradient
+:math:`g_W = g\,1_{|W|\le 1}`.
 """
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ import torch
 from ..registry import Registry
 from .base import Quantizer, class_registrar, snake_name
 
-__all__ = ['WEIGHT_BINARIZERS', 'WeightBinarizer', 'XnorBinarizer', 'SignBinarizer', 'register_binarizer',
-           'xnor_constrain']
+__all__ = ['WEIGHT_BINARIZERS', 'WeightBinarizer', 'XnorBinarizer', 'SignBinarizer', 'ScaledSignBinarizer',
+           'register_binarizer', 'xnor_constrain']
 
 #: name -> weight binarizer class
 WEIGHT_BINARIZERS: Registry = Registry('weight binarizer', normalize=snake_name)
@@ -120,3 +125,27 @@ class SignBinarizer(WeightBinarizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return _SignWeight.apply(w)
+
+
+class _ScaledSignWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w)
+        alpha = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+        return torch.sign(w) * alpha
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        return g * (w.abs() <= 1.0).to(g.dtype)
+
+
+@register_binarizer('scaled_sign')
+class ScaledSignBinarizer(WeightBinarizer):
+    r""":math:`\mathrm{sign}(W)\cdot\mathrm{mean}|W|` per output filter without latent mean-centring;
+    clipped straight-through gradient :math:`g\,1_{|W|\le 1}` (ReActNet, Bi-Real Net)."""
+
+    scaled = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _ScaledSignWeight.apply(w)

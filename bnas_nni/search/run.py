@@ -50,7 +50,8 @@ def resolve_search_config(path: Optional[str | os.PathLike] = None, overrides: O
 
 
 def _space_overrides(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    keys = ('init_channels', 'layers', 'num_nodes', 'ops', 'binarizer', 'activation')
+    keys = ('init_channels', 'layers', 'num_nodes', 'ops', 'binarizer', 'activation', 'op_set', 'nonlinearity',
+            'shortcut')
     return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 

@@ -13,7 +13,7 @@ __all__ = ['register', 'add_common_arguments', 'overrides_from_args', 'train_mai
 
 # flag -> config key (None values are "not given")
 _FLAGS = (
-    ('--recipe', 'recipe', str, 'training recipe: paper (the official recipes)'),
+    ('--recipe', 'recipe', str, 'training recipe: paper (the official recipes) or react (ReActNet-style two steps)'),
     ('--model', 'model', str, 'model config name (search_spaces/models.yaml): bnas-a, bnas-d .. bnas-h'),
     ('--arch', 'genotype', str, 'genotype name or YAML path (overrides the model config\'s)'),
     ('--layers', 'layers', int, 'number of cells'),

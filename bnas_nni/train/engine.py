@@ -29,7 +29,8 @@ __all__ = ['resolve_train_config', 'resolve_model_config', 'build_network', 'mak
 
 TRAIN_CSV_FIELDS = ['epoch', 'lr', 'drop_path_prob', 'train_loss', 'train_top1', 'train_top5', 'valid_loss',
                     'valid_top1', 'valid_top5', 'epoch_seconds']
-MODEL_KEYS = ('genotype', 'init_channels', 'layers', 'num_classes', 'precision_rule', 'binarizer', 'activation')
+MODEL_KEYS = ('genotype', 'init_channels', 'layers', 'num_classes', 'precision_rule', 'binarizer', 'activation',
+              'op_set', 'nonlinearity', 'shortcut')
 #: keys that matter only for one family; the ``args =`` log line leaves them out elsewhere
 _IMAGENET_ONLY = ('val_resize', 'color_jitter', 'restart_epochs', 'grad_clip_mode')
 _CIFAR_ONLY = ('onecycle_min_factor', 'onecycle_momentum', 'onecycle_annihilation', 'onecycle_reduce_factor')
@@ -153,6 +154,7 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
             cfg = resolve_train_config(config_path, overrides, nni_params, defaults=defaults)
         recipe = get_recipe(cfg['recipe'])
         stages = recipe.stages(cfg)
+        recipe.check(cfg)                       # the model config and the teacher, before any file is written
         run_dir = default_run_dir(cfg)
         cfg['run_dir'] = str(run_dir)
         resume_path = None

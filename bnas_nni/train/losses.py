@@ -3,9 +3,15 @@ r"""Training losses: what a recipe minimises, given the logits, the targets and 
 * :class:`CrossEntropy`: cross entropy; with label smoothing :math:`\epsilon` the targets are
   :math:`(1-\epsilon)\,\text{onehot} + \epsilon / K` and the loss is the batch mean of the sum over
   classes, i.e. the official ``CrossEntropyLabelSmooth``.
-* :class:`Distillation`: the distributional loss of ReActNet,
-  :math:`-\sum_k \mathrm{softmax}(z^{t})_k \log\mathrm{softmax}(z^{s})_k` averaged over the batch, with
-  the logits :math:`z^{t}` of a frozen real-valued teacher run on the same images.
+* :class:`Distillation`: the distributional loss of ReActNet against the logits :math:`z^{t}` of a frozen
+  real-valued teacher run on the same images (:func:`distribution_loss`).
+
+ReActNet writes the distributional loss as the cross entropy
+:math:`-\sum_k p^t_k \log p^s_k` (:math:`p = \mathrm{softmax}(z)`). We compute it minus the teacher's
+entropy :math:`H(p^t) = -\sum_k p^t_k \log p^t_k`, i.e. the KL divergence
+:math:`\sum_k p^t_k (\log p^t_k - \log p^s_k)`: the teacher is frozen, so :math:`H(p^t)` is a constant and
+the gradient w.r.t. the student is the same (:math:`(p^s - p^t)/B` per logit), while the value is 0
+exactly when the student's distribution equals the teacher's (a logged loss that reads as distance).
 
 Losses take ``(logits, target, images)`` so a teacher can see the batch; they are modules so that a
 teacher moves with ``.to(device)``.
@@ -36,9 +42,12 @@ class CrossEntropy(TrainLoss):
 
 
 def distribution_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    r""":math:`-\frac{1}{B}\sum_b\sum_k \mathrm{softmax}(z^t_b)_k \log\mathrm{softmax}(z^s_b)_k`."""
-    target = F.softmax(teacher_logits.float(), dim=1)
-    return -(target * F.log_softmax(student_logits.float(), dim=1)).sum(dim=1).mean()
+    r""":math:`\frac{1}{B}\sum_b\sum_k p^t_{bk}(\log p^t_{bk} - \log p^s_{bk})`: ReActNet's
+    :math:`-\frac{1}{B}\sum_b\sum_k p^t_{bk}\log p^s_{bk}` minus the (constant) teacher entropy, so the same
+    gradient and 0 for identical logits (see the module docstring). The teacher side is never differentiated."""
+    log_t = F.log_softmax(teacher_logits.detach().float(), dim=1)
+    log_s = F.log_softmax(student_logits.float(), dim=1)
+    return (log_t.exp() * (log_t - log_s)).sum(dim=1).mean()
 
 
 class Distillation(TrainLoss):

@@ -23,6 +23,15 @@ Presets:
 ``paper`` (imagenet)    BNAS-D..H, official ``train_imagenet.py``: 250 epochs, SGD 0.05, wd 3e-5,
                         cosine warm restarts every 50 epochs per iteration, label smoothing 0.1,
                         gradient clip 5 on the binary-weight gradient, no drop path.
+``react`` (cifar)       ReActNet / AdamBNN two-step training of the ``react`` op set (RSign,
+                        scaled-sign weights, RPReLU): step 1 binary activations with real weights,
+                        step 2 binary weights too, started from step 1's weights; each step
+                        ``epochs`` epochs (step 1: ``step1_epochs`` when set), batch 256, Adam
+                        (0.9, 0.999) lr 5e-4 decayed linearly to 0 per iteration, weight decay on
+                        conv weights only, 5e-6 in step 1 and ``step2_weight_decay`` (0) in step 2,
+                        no drop path; distillation from ``teacher`` (else cross entropy). 300 + 300
+                        epochs, the paper recipe's 600 in all.
+``react`` (imagenet)    the same with 256 + 256 epochs, lr 1.25e-3 (AdamBNN), batch 256.
 ======================  ==========================================================================
 """
 from __future__ import annotations
@@ -37,7 +46,8 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..registry import Registry
 
-__all__ = ['Stage', 'Recipe', 'PaperRecipe', 'RECIPES', 'register_recipe', 'get_recipe', 'recipe_defaults_hook']
+__all__ = ['Stage', 'Recipe', 'PaperRecipe', 'ReactRecipe', 'RECIPES', 'register_recipe', 'get_recipe',
+           'recipe_defaults_hook']
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,17 @@ class Recipe:
 
         return build_schedule(dict(cfg), optimizer, iters_per_epoch)
 
+    def check(self, cfg: Mapping[str, Any]) -> None:
+        """Called before anything is written: the model config (op set, quantizers) and the teacher must
+        be usable, else a one-line error. Recipes with other inputs extend it."""
+        from .engine import resolve_model_config
+
+        model_cfg = resolve_model_config(cfg)
+        if cfg.get('teacher'):
+            from .teacher import load_teacher
+
+            load_teacher(cfg['teacher'], num_classes=int(model_cfg['num_classes']), family=_family(cfg))
+
     def loss(self, cfg: Mapping[str, Any], num_classes: int):
         """The training loss: distillation from ``cfg['teacher']`` when set, else cross entropy."""
         from .losses import CrossEntropy, Distillation
@@ -107,6 +128,35 @@ class PaperRecipe(Recipe):
         return dict(self.IMAGENET if family == 'imagenet' else self.CIFAR)
 
 
+class ReactRecipe(Recipe):
+    """ReActNet's two-step recipe with AdamBNN's weight-decay rule (see the module docstring).
+
+    Both steps distil from ``teacher`` when one is given (a bnas-nni checkpoint of any network, e.g. the
+    full-precision version of the same genotype with ``binarizer: none, activation: identity``, or
+    ``torchvision:NAME=WEIGHTS_FILE``). Step 1 runs in ``<run_dir>/step1``, step 2 in ``<run_dir>/step2``;
+    each resumes on its own, and step 2 starts from step 1's final weights (its RSign thresholds and
+    RPReLU parameters included; the binarizers own no tensors, so the state dicts are the same).
+    """
+
+    name = 'react'
+    description = ('ReActNet-style two steps (binary activations, then binary weights too), Adam with linear '
+                   'decay, conv-only weight decay (0 in step 2), distillation from `teacher`')
+
+    CIFAR = {'epochs': 300, 'batch_size': 256, 'optimizer': 'adam', 'lr': 5e-4, 'lr_min': 0.0, 'betas': [0.9, 0.999],
+             'weight_decay': 5e-6, 'weight_decay_other': 0.0, 'step2_weight_decay': 0.0, 'schedule': 'linear',
+             'label_smoothing': 0.0, 'grad_clip': None, 'drop_path_prob': 0.0, 'op_set': 'react',
+             'workers': 2, 'report_freq': 50}
+    IMAGENET = {**CIFAR, 'epochs': 256, 'lr': 1.25e-3, 'workers': 4, 'report_freq': 100}
+
+    def defaults(self, family: str) -> Dict[str, Any]:
+        return dict(self.IMAGENET if family == 'imagenet' else self.CIFAR)
+
+    def stages(self, cfg: Mapping[str, Any]) -> List[Stage]:
+        step1_epochs = cfg.get('step1_epochs') or cfg['epochs']
+        return [Stage('step1', {'binarizer': 'none', 'epochs': int(step1_epochs)}),
+                Stage('step2', {'weight_decay': float(cfg.get('step2_weight_decay') or 0.0)}, init_from_previous=True)]
+
+
 #: name -> Recipe instance
 RECIPES: Registry = Registry('recipe')
 
@@ -123,6 +173,7 @@ def get_recipe(name: str) -> Recipe:
 
 
 register_recipe(PaperRecipe())
+register_recipe(ReactRecipe())
 
 
 def recipe_defaults_hook(lookup) -> Dict[str, Any]:

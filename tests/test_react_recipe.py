@@ -1,0 +1,212 @@
+"""The react recipe: two steps with one command (step 2 starts from step 1's weights), resumable in either
+step, Adam with conv-only weight decay that is really 0 in step 2, distillation from a checkpoint or a
+torchvision teacher, and one-line errors for bad teachers and recipes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnas_nni.data import DEBIAN_FASHION_MNIST
+from bnas_nni.paths import experiments_dir
+
+pytestmark = pytest.mark.skipif(not Path(DEBIAN_FASHION_MNIST, 'train-images-idx3-ubyte.gz').is_file()
+                                and not os.environ.get('BNAS_FASHION_MNIST'),
+                                reason='Debian dataset-fashion-mnist is not installed')
+
+QUICK = experiments_dir() / 'train_quick_fashion.yaml'
+REACT = experiments_dir() / 'train_quick_fashion_react.yaml'
+TINY = {'train_subset': 64, 'val_subset': 32, 'batch_size': 32, 'init_channels': 4, 'layers': 3, 'threads': 1,
+        'epochs': 2, 'progress': 'never', 'tensorboard': False}
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory) -> Path:
+    """A full-precision version of the same genotype (binarizer none, activation identity), one epoch."""
+    from bnas_nni.train.engine import run_training
+
+    run = tmp_path_factory.mktemp('teacher') / 'fp'
+    run_training(QUICK, {**TINY, 'epochs': 1, 'binarizer': 'none', 'activation': 'identity', 'run_dir': str(run)})
+    return run
+
+
+def test_react_defaults_and_stages():
+    from bnas_nni.train.engine import resolve_train_config
+    from bnas_nni.train.recipes import get_recipe
+
+    cifar = resolve_train_config(None, {'recipe': 'react'})
+    assert (cifar['optimizer'], cifar['lr'], cifar['betas'], cifar['schedule'], cifar['epochs'], cifar['batch_size'],
+            cifar['weight_decay'], cifar['weight_decay_other'], cifar['step2_weight_decay'], cifar['op_set'],
+            cifar['drop_path_prob']) == ('adam', 5e-4, [0.9, 0.999], 'linear', 300, 256, 5e-6, 0.0, 0.0, 'react', 0.0)
+    imagenet = resolve_train_config(None, {'recipe': 'react', 'model': 'bnas-d'})
+    assert (imagenet['dataset'], imagenet['lr'], imagenet['epochs'], imagenet['batch_size'], imagenet['image_size']) == \
+        ('imagenet', 1.25e-3, 256, 256, 224)
+    stages = get_recipe('react').stages({**cifar, 'step1_epochs': 7, 'step2_weight_decay': 1e-7})
+    assert [(s.name, dict(s.overrides), s.init_from_previous) for s in stages] == [
+        ('step1', {'binarizer': 'none', 'epochs': 7}, False), ('step2', {'weight_decay': 1e-7}, True)]
+    paper = resolve_train_config(None, {})
+    assert paper['op_set'] is None and paper['weight_decay_other'] is None     # the paper recipe is untouched
+
+
+def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):
+    from bnas_nni.checkpoints import read_checkpoint
+    from bnas_nni.train.engine import run_training
+
+    run = tmp_path / 'react'
+    out = run_training(REACT, {**TINY, 'teacher': str(teacher), 'run_dir': str(run), 'step1_epochs': 1})
+    assert [Path(s['run_dir']).name for s in out['stages']] == ['step1', 'step2']
+    assert [s['epochs_run'] for s in out['stages']] == [1, 2]
+    s1, s2 = read_checkpoint(run / 'step1'), read_checkpoint(run / 'step2')
+    assert s1['model']['binarizers'] == {}                                  # step 1: real weights
+    assert set(s2['model']['binarizers'].values()) == {'scaled_sign'}      # step 2: binary weights too
+    assert s1['model']['config']['activation'] == s2['model']['config']['activation'] == 'rsign'
+    assert (s1['config']['weight_decay'], s2['config']['weight_decay']) == (5e-6, 0.0)
+    assert s1.keys() >= {'optimizer'} and s1['state_dict'].keys() == s2['state_dict'].keys()
+    log = (run / 'log.txt').read_text()
+    assert f'initialised the weights from {run / "step1" / "checkpoint.pt"}' in log
+    # the distilled loss is the KL to the teacher (>= 0), not the cross entropy
+    assert 0 <= out['final']['train_loss'] < out['final']['valid_loss']
+    # step 2 started from step 1's final weights: the same training as one stage initialised from step 1
+    again = run_training(QUICK, {**TINY, 'recipe': 'paper', 'op_set': 'react', 'optimizer': 'adam', 'lr': 2e-3,
+                                 'betas': [0.9, 0.999], 'schedule': 'linear', 'weight_decay': 0.0,
+                                 'weight_decay_other': 0.0, 'drop_path_prob': 0.0, 'teacher': str(teacher),
+                                 'init_from': str(run / 'step1'), 'run_dir': str(tmp_path / 'again')})
+    assert again['epochs_run'] == 2
+    ref = read_checkpoint(tmp_path / 'again')['state_dict']
+    for k, v in s2['state_dict'].items():
+        assert torch.equal(v, ref[k]), k
+    moved = [k for k in s1['state_dict'] if k.endswith('quantizer.beta')
+             and not torch.equal(s1['state_dict'][k], s2['state_dict'][k])]
+    assert moved                                                            # the thresholds trained on in step 2
+
+
+@pytest.mark.parametrize('stop_stage', [0, 1])
+def test_resumable_in_either_step(tmp_path, teacher, stop_stage):
+    """Killed in step 1 or step 2, ``--resume`` finishes with the same weights as an uninterrupted run."""
+    from bnas_nni.checkpoints import read_checkpoint
+    from bnas_nni.train.engine import run_training
+
+    cfg = {**TINY, 'teacher': str(teacher), 'step1_epochs': 2}
+    full = run_training(REACT, {**cfg, 'run_dir': str(tmp_path / 'full')})
+    calls = {'n': 0}
+    per_epoch = 2                                                     # 64 images, batch 32
+
+    def stop(epoch, step):
+        calls['n'] += 1
+        if calls['n'] == stop_stage * 2 * per_epoch + per_epoch + 1:   # the second epoch of the chosen step
+            raise _Stop()
+
+    run = tmp_path / 'cut'
+    with pytest.raises(_Stop):
+        run_training(REACT, {**cfg, 'run_dir': str(run)}, on_step=stop)
+    assert (run / 'step1' / 'checkpoint.pt').is_file()
+    assert (run / 'step2' / 'checkpoint.pt').is_file() == (stop_stage == 1)
+    done = run_training(REACT, {**cfg, 'run_dir': str(run)}, resume=True)
+    assert done['epochs_run'] == (3 if stop_stage == 0 else 1)
+    a, b = read_checkpoint(tmp_path / 'full' / 'step2')['state_dict'], read_checkpoint(run / 'step2')['state_dict']
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full['final']['valid_top1'] == done['final']['valid_top1']
+
+
+def test_step2_leaves_binary_latent_weights_undecayed():
+    """The optimizers the recipe builds: step 1 decays conv weights only; in step 2 (weight decay 0)
+    Adam steps with zero gradients leave every latent binary weight exactly where it was."""
+    from bnas_nni.quant import binary_convs
+    from bnas_nni.train.engine import build_network, resolve_model_config, resolve_train_config
+    from bnas_nni.train.recipes import get_recipe
+
+    recipe = get_recipe('react')
+    cfg = resolve_train_config(None, {'recipe': 'react', 'init_channels': 4, 'layers': 3, 'lr': 0.1})
+    step1, step2 = [resolve_train_config(base=cfg, overrides=dict(s.overrides)) for s in recipe.stages(cfg)]
+
+    def run_steps(stage_cfg):
+        model = build_network(resolve_model_config(stage_cfg))
+        opt = recipe.optimizer(model, stage_cfg)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for _ in range(3):
+            opt.step()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        return model, opt, moved
+
+    model1, opt1, moved1 = run_steps(step1)
+    assert not binary_convs(model1)                                    # real weights in step 1
+    conv_weights = {f'{n}.weight' for n, m in model1.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert moved1 == conv_weights                                      # decay reaches the (latent) conv weights only
+    assert {g['weight_decay'] for g in opt1.param_groups} == {5e-6, 0.0}
+    model2, opt2, moved2 = run_steps(step2)
+    assert binary_convs(model2) and moved2 == set()
+    assert all(g['weight_decay'] == 0.0 for g in opt2.param_groups)
+    assert isinstance(opt2, torch.optim.Adam) and opt2.param_groups[0]['betas'] == (0.9, 0.999)
+
+
+def test_torchvision_teacher_from_a_local_file(tmp_path):
+    import torchvision
+
+    from bnas_nni.errors import BNASError
+    from bnas_nni.train.losses import Distillation
+    from bnas_nni.train.teacher import load_teacher
+
+    weights = tmp_path / 'resnet18.pth'
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), weights)
+    model = load_teacher(f'torchvision:resnet18={weights}', num_classes=10)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    loss = Distillation(model)(model(x), None, x)
+    assert float(loss) == 0.0
+    with pytest.raises(BNASError, match='predicts 10 classes but the student has 12'):
+        load_teacher(f'torchvision:resnet18={weights}', num_classes=12)
+    with pytest.raises(BNASError, match='do not fit torchvision resnet34'):
+        load_teacher(f'torchvision:resnet34={weights}', num_classes=10)
+    with pytest.raises(BNASError, match='torchvision:NAME=WEIGHTS_FILE'):
+        load_teacher('torchvision:resnet18', num_classes=10)
+
+
+def _one_line_error(argv, capsys) -> str:
+    from bnas_nni.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: '), err
+    return err[0]
+
+
+def test_bad_teachers_and_recipes_are_one_line_errors(tmp_path, teacher, capsys):
+    from bnas_nni.checkpoints import read_checkpoint
+
+    base = ['train', '--config', str(REACT), '--set', 'train_subset=32', '--set', 'val_subset=16',
+            '--set', 'init_channels=4', '--set', 'layers=3', '--set', 'epochs=1', '--set', 'progress=never']
+    # a teacher checkpoint whose weights do not fit the network it describes
+    obj = read_checkpoint(teacher)
+    key = next(k for k in obj['state_dict'] if k.endswith('op.0.weight'))
+    del obj['state_dict'][key]
+    broken = tmp_path / 'broken.pt'
+    torch.save(obj, broken)
+    err = _one_line_error(base + ['--set', f'teacher={broken}', '--run-dir', str(tmp_path / 'a')], capsys)
+    assert f'teacher {broken}' in err and '1 missing' in err and key in err
+    # a teacher with another number of classes
+    err = _one_line_error(base + ['--set', f'teacher={teacher}', '--num-classes', '12',
+                                  '--run-dir', str(tmp_path / 'b')], capsys)
+    assert 'predicts 10 classes but the student has 12' in err
+    # a file that is not a bnas-nni checkpoint, and one that does not exist
+    bare = tmp_path / 'bare.pt'
+    torch.save(obj['state_dict'], bare)
+    assert 'not a bnas-nni checkpoint' in _one_line_error(base + ['--set', f'teacher={bare}', '--run-dir',
+                                                                  str(tmp_path / 'c')], capsys)
+    assert 'checkpoint not found' in _one_line_error(base + ['--set', f'teacher={tmp_path / "nope.pt"}',
+                                                             '--run-dir', str(tmp_path / 'd')], capsys)
+    # a recipe that does not exist; an op set that does not exist
+    err = _one_line_error(base + ['--recipe', 'reactnet', '--run-dir', str(tmp_path / 'e')], capsys)
+    assert "unknown recipe 'reactnet'; choose one of paper, react" in err
+    err = _one_line_error(base + ['--set', 'op_set=bireal', '--run-dir', str(tmp_path / 'f')], capsys)
+    assert "unknown op set 'bireal'" in err
+    for name in 'abcdef':
+        assert not (tmp_path / name).exists(), name                  # refused before any file is written
