@@ -38,18 +38,24 @@ class ActivationQuantizer(Quantizer):
     """Maps activations ``x`` to a low-precision set (``forward(x)``)."""
 
 
-class _SignSTE(torch.autograd.Function):
-    """sign(x) forward; clipped straight-through gradient (passes where |x| < 1)."""
+def ste_grad(x: torch.Tensor) -> torch.Tensor:
+    r"""The clipped straight-through derivative of sign: :math:`1_{|x|<1}`."""
+    return (x.abs() < 1).to(x.dtype)
+
+
+class _SignFn(torch.autograd.Function):
+    """sign(x) forward; ``surrogate(x)`` times the incoming gradient backward (keeps only ``x``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, surrogate) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
+        ctx.surrogate = surrogate
         return torch.sign(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return grad * (x.abs() < 1).to(grad.dtype)
+        return grad * ctx.surrogate(x).to(grad.dtype), None
 
 
 @register_activation('ste_sign')
@@ -60,7 +66,7 @@ class SteSign(ActivationQuantizer):
     precision = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SignSTE.apply(x)
+        return _SignFn.apply(x, ste_grad)
 
 
 @register_activation('identity')
@@ -78,20 +84,6 @@ def approx_sign_grad(x: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * x.abs()).clamp_min(0.0)     # both pieces are 2 - 2|x|, which is <= 0 outside (-1, 1)
 
 
-class _ApproxSignFn(torch.autograd.Function):
-    """sign(x) forward; Bi-Real's ApproxSign gradient (keeps only ``x``; the polynomial is recomputed)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return torch.sign(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad * approx_sign_grad(x).to(grad.dtype)
-
-
 @register_activation('approx_sign')
 class ApproxSign(ActivationQuantizer):
     r"""Forward :math:`\mathrm{sign}(x)` (``sign(0) = 0``); backward Bi-Real's ApproxSign derivative
@@ -100,7 +92,7 @@ class ApproxSign(ActivationQuantizer):
     precision = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ApproxSignFn.apply(x)
+        return _SignFn.apply(x, approx_sign_grad)
 
 
 def channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -125,4 +117,4 @@ class RSign(ActivationQuantizer):
         self.beta = nn.Parameter(torch.full((int(channels),), self.init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ApproxSignFn.apply(x - channel_view(self.beta, x).to(x.dtype))
+        return _SignFn.apply(x - channel_view(self.beta, x).to(x.dtype), approx_sign_grad)
