@@ -19,8 +19,8 @@ bench is started again with the same settings (``--fresh`` retrains), so an inte
 Examples::
 
     python bench/recipes.py --quick                                   # smoke check (a few minutes)
-    python bench/recipes.py                                           # the README table
-    python bench/recipes.py --epochs 8 --train-subset 8192 --seeds 0 1 2 3 4
+    python bench/recipes.py --threads 1                               # the README table (C=8, L=5, 8 epochs)
+    python bench/recipes.py --epochs 40 --train-subset 60000 --init-channels 16 --layers 8   # a larger budget
 """
 from __future__ import annotations
 
@@ -50,20 +50,21 @@ LABELS = {'teacher': '(a) full-precision teacher',
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--epochs', type=int, default=4, help='total epochs of every recipe (react: both steps)')
+    p.add_argument('--epochs', type=int, default=8, help='total epochs of every recipe (react: both steps)')
     p.add_argument('--step1-epochs', type=int, default=None, help='react step 1 (default: half of --epochs)')
     p.add_argument('--train-subset', type=int, default=4096, help='first N of the 60,000 training images')
     p.add_argument('--val-subset', type=int, default=500, help='test images scored after each epoch (the final '
                                                                'score always uses all 10,000)')
-    p.add_argument('--init-channels', type=int, default=16)
-    p.add_argument('--layers', type=int, default=8)
+    p.add_argument('--init-channels', type=int, default=8)
+    p.add_argument('--layers', type=int, default=5)
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--paper-lr', type=float, default=None, help='peak lr of the paper recipe (default: its 0.05)')
     p.add_argument('--teacher-optim', choices=('adam', 'sgd'), default='adam',
                    help='teacher: Adam with linear decay, or the paper recipe (SGD one-cycle)')
     p.add_argument('--teacher-lr', type=float, default=None,
                    help='teacher lr (default: 2e-3 with adam, --paper-lr or 0.05 with sgd)')
-    p.add_argument('--react-lr', type=float, default=None, help='Adam lr of the react recipe (default: its 5e-4)')
+    p.add_argument('--react-lr', type=float, default=2e-3, help='Adam lr of the react recipe (default 2e-3: the '
+                   'recipe\'s own 5e-4 is for 300 + 300 epochs and far too low for a few hundred steps)')
     p.add_argument('--shortcut', action='store_true', help='react: the real-valued shortcut around binary convs')
     p.add_argument('--only', nargs='+', choices=NAMES, default=list(NAMES))
     p.add_argument('--threads', type=int, default=2)
