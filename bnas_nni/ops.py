@@ -47,7 +47,32 @@ class Zeroise(nn.Module):
         return f'stride={self.stride}'
 
 
-class BNConvReLU(nn.Module):
+class _QuantizedConvBlock(nn.Module):
+    """BN -> activation quantizer -> conv -> nonlinearity, the parts every binary op is made of.
+
+    Built in that order (``bn``, ``quantizer``, ``op.0`` the conv, ``op.1`` the nonlinearity) so the
+    random initialisation and the state-dict layout are the official ones.
+    """
+
+    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, dilation: int,
+                 affine: bool, binarizer: QuantizerSpec, activation: QuantizerSpec,
+                 nonlinearity: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(C_in, affine=affine)
+        self.quantizer = make_activation(activation, channels=C_in)
+        self.op = nn.Sequential(
+            BinaryConv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False,
+                         binarizer=binarizer),
+            nonlinearity(),
+        )
+
+    @property
+    def activation(self) -> str:
+        """The name of the input quantizer (``ste_sign``, ``identity``, ``rsign`` ...)."""
+        return self.quantizer.name
+
+
+class BNConvReLU(_QuantizedConvBlock):
     """BN -> activation quantizer -> conv -> ReLU.
 
     With ``activation='ste_sign'`` and a binarizer this is the official ``BinReLUConvBN``/``BinDilConv``;
@@ -59,46 +84,29 @@ class BNConvReLU(nn.Module):
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, dilation: int = 1,
                  affine: bool = True, *, binarizer: QuantizerSpec = 'xnor',
                  activation: QuantizerSpec = 'ste_sign') -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(C_in, affine=affine)
-        self.quantizer = make_activation(activation, channels=C_in)
-        self.op = nn.Sequential(
-            BinaryConv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False,
-                         binarizer=binarizer),
-            nn.ReLU(inplace=False),
-        )
+        super().__init__(C_in, C_out, kernel_size, stride, padding, dilation, affine, binarizer, activation,
+                         lambda: nn.ReLU(inplace=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(self.quantizer(self.bn(x)))
 
-    @property
-    def activation(self) -> str:
-        """The name of the input quantizer (``ste_sign``, ``identity`` ...)."""
-        return self.quantizer.name
 
-
-class ReActConv(nn.Module):
+class ReActConv(_QuantizedConvBlock):
     """BN -> activation quantizer -> binary conv [+ real-valued shortcut of the input] -> nonlinearity.
 
     The ReActNet block in the BNAS order (BN before the sign, no BN after the conv): with the ``react``
     op set, ``rsign`` -> ``scaled_sign`` conv -> ``rprelu``. The shortcut (``shortcut=True``) adds the
     block's real-valued input to the conv output before the nonlinearity, as ReActNet does around each
     binary conv, where the shapes allow it: the identity for stride 1, a 2x2 average pool for stride 2,
-    none when the channel counts differ. Attribute names follow :class:`BNConvReLU` (``bn``,
-    ``quantizer``, ``op.0`` the conv, ``op.1`` the nonlinearity) so tools that look for ``op.0`` work.
+    none when the channel counts differ. Attribute names follow :class:`BNConvReLU` so tools that look
+    for ``op.0`` work.
     """
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, dilation: int = 1,
                  affine: bool = True, *, binarizer: QuantizerSpec = 'scaled_sign', activation: QuantizerSpec = 'rsign',
                  nonlinearity: QuantizerSpec = 'rprelu', shortcut: bool = False) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(C_in, affine=affine)
-        self.quantizer = make_activation(activation, channels=C_in)
-        self.op = nn.Sequential(
-            BinaryConv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False,
-                         binarizer=binarizer),
-            make_nonlinearity(nonlinearity, channels=C_out),
-        )
+        super().__init__(C_in, C_out, kernel_size, stride, padding, dilation, affine, binarizer, activation,
+                         lambda: make_nonlinearity(nonlinearity, channels=C_out))
         self.shortcut: Optional[nn.Module] = None
         if shortcut and C_in == C_out:
             self.shortcut = nn.Identity() if stride == 1 else \
@@ -109,10 +117,6 @@ class ReActConv(nn.Module):
         if self.shortcut is not None:
             y = y + self.shortcut(x)
         return self.op[1](y)
-
-    @property
-    def activation(self) -> str:
-        return self.quantizer.name
 
     @property
     def nonlinearity(self) -> str:
