@@ -227,19 +227,9 @@ class SearchSteps:
         self.epoch = 0
 
     def _frozen(self, params):
-        import contextlib
+        from bnas_nni.search.binary_darts import requires_grad_off
 
-        @contextlib.contextmanager
-        def cm():
-            changed = [p for p in params if p.requires_grad]
-            for p in changed:
-                p.requires_grad_(False)
-            try:
-                yield
-            finally:
-                for p in changed:
-                    p.requires_grad_(True)
-        return cm()
+        return requires_grad_off(params)
 
     def arch_step(self) -> None:
         F = self.torch.nn.functional

@@ -76,3 +76,15 @@ def nni_home(monkeypatch, tmp_path) -> Path:
     monkeypatch.setattr(config_utils, 'NNI_HOME_DIR', manifest, raising=False)
     monkeypatch.setattr(config_utils.Experiments.__init__, '__defaults__', (manifest,))
     return home
+
+
+@pytest.fixture
+def needs_fashion() -> None:
+    """Skip where the embedded Fashion-MNIST (Debian ``dataset-fashion-mnist``) is not installed."""
+    from bnas_nni.data import fashion_mnist_root
+    from bnas_nni.errors import DatasetError
+
+    try:
+        fashion_mnist_root()
+    except DatasetError as exc:
+        pytest.skip(str(exc))

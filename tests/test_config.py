@@ -100,16 +100,9 @@ def test_cli_set_null_reaches_the_saved_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_paper_preset_runs_on_fashion_mnist_with_only_the_dataset_changed(tmp_path, capsys):
+def test_paper_preset_runs_on_fashion_mnist_with_only_the_dataset_changed(tmp_path, capsys, needs_fashion):
     """The paper's preset (C=16, 8 cells, 60,000 images) with --set dataset=fashion-mnist: the CIFAR path
     of the preset does not get in the way. Only run-time caps are added so the test takes seconds."""
-    from bnas_nni.data import fashion_mnist_root
-    from bnas_nni.errors import DatasetError
-
-    try:
-        fashion_mnist_root()
-    except DatasetError as exc:
-        pytest.skip(str(exc))
     rc = main(['search', '--config', str(PAPER), '--set', 'dataset=fashion-mnist', '--epochs', '1',
                '--set', 'max_train_batches=1', '--set', 'max_val_batches=1', '--batch-size', '8',
                '--set', 'workers=0', '--run-dir', str(tmp_path / 'run')])

@@ -104,14 +104,7 @@ def test_plain_stream_handler_is_cut_by_the_bar(tmp_path):
 
 
 @pytest.mark.slow
-def test_bnas_nni_train_progress_and_log_share_the_terminal(tmp_path):
-    from bnas_nni.data import fashion_mnist_root
-    from bnas_nni.errors import DatasetError
-
-    try:
-        fashion_mnist_root()
-    except DatasetError as exc:
-        pytest.skip(str(exc))
+def test_bnas_nni_train_progress_and_log_share_the_terminal(tmp_path, needs_fashion):
     lines = _screen([sys.executable, '-m', 'bnas_nni.cli', 'train', '--config',
                      str(REPO_ROOT / 'experiments' / 'train_quick_fashion.yaml'), '--epochs', '1',
                      '--train-subset', '384', '--val-subset', '128', '--batch-size', '32', '--init-channels', '4',

@@ -36,14 +36,7 @@ def _listening(port: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_nnictl_search_grid_reports_intermediate_and_final(tmp_path):
-    from bnas_nni.data import fashion_mnist_root
-    from bnas_nni.errors import DatasetError
-
-    try:
-        fashion_mnist_root()
-    except DatasetError as exc:
-        pytest.skip(str(exc))
+def test_nnictl_search_grid_reports_intermediate_and_final(tmp_path, needs_fashion):
     config = yaml.safe_load((REPO / 'experiments' / 'nnictl_search_grid.yml').read_text())
     assert config['trialCommand'].startswith('python trainers/search_trial.py')
     # the shipped grid, shrunk to two tiny trials

@@ -166,14 +166,7 @@ def test_cli_genotype_and_errors(tmp_path):
 
 @needs_dot
 @pytest.mark.slow
-def test_cli_on_a_real_search_run(tmp_path):
-    from bnas_nni.data import fashion_mnist_root
-    from bnas_nni.errors import DatasetError
-
-    try:
-        fashion_mnist_root()
-    except DatasetError as exc:
-        pytest.skip(str(exc))
+def test_cli_on_a_real_search_run(tmp_path, needs_fashion):
     run = tmp_path / 'run'
     search = _bnas_nni('search', '--config', str(REPO_ROOT / 'experiments' / 'search_quick_fashion.yaml'),
                        '--epochs', '2', '--set', 'train_subset=128', '--set', 'tensorboard=false',

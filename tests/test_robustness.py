@@ -20,15 +20,7 @@ QUICK_TRAIN = str(experiments_dir() / 'train_quick_fashion.yaml')
 TINY_SEARCH = ['--set', 'train_subset=128', '--set', 'image_size=8', '--set', 'batch_size=32', '--set', 'threads=1']
 
 
-@pytest.fixture(autouse=True)
-def _needs_fashion():
-    from bnas_nni.data import fashion_mnist_root
-    from bnas_nni.errors import DatasetError
-
-    try:
-        fashion_mnist_root()
-    except DatasetError as exc:
-        pytest.skip(str(exc))
+pytestmark = pytest.mark.usefixtures('needs_fashion')
 
 
 def _one_line(capsys, *needles):

@@ -20,15 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 PRESET = REPO / 'experiments' / 'search_quick_fashion.yaml'
 
 
-@pytest.fixture(autouse=True)
-def _needs_fashion():
-    from bnas_nni.data import fashion_mnist_root
-    from bnas_nni.errors import DatasetError
-
-    try:
-        fashion_mnist_root()
-    except DatasetError as exc:
-        pytest.skip(str(exc))
+pytestmark = pytest.mark.usefixtures('needs_fashion')
 
 
 def _train_a_few_steps(genotype_path: Path) -> None:
