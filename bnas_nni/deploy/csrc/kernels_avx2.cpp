@@ -82,32 +82,22 @@ void pack_rows_avx2(const PackArgs& a, int64_t r0, int64_t r1) {
     pack_rows_generic(a, r0, r1);
     return;
   }
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / a.H, h = r % a.H;
-    for (int64_t w = 0; w < a.W; ++w) {
-      uint64_t* dst = a.out + (((n * a.Hp) + h + a.pad) * a.Wp + w + a.pad) * a.Kw * 2;
-      const float* src = a.x + n * a.sN + h * a.sH + w * a.sW;
-      for (int64_t k = 0; k < a.Kw; ++k) {
-        uint64_t s = 0, m = 0;
-        const int64_t c_end = (k + 1) * 64 < a.C ? (k + 1) * 64 : a.C;
-        int64_t c = k * 64;
-        for (; c + 8 <= c_end; c += 8) {
-          const __m256i xi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c)),
-                                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.flip + c)));
-          const __m256 x = _mm256_castsi256_ps(xi);
-          const uint64_t not_neg = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_loadu_ps(a.t_zero + c), _CMP_GE_OQ)));
-          const uint64_t pos = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_loadu_ps(a.t_pos + c), _CMP_GE_OQ)));
-          const uint64_t neg = (~not_neg) & 0xffu;
-          s |= neg << (c - k * 64);
-          m |= (neg | pos) << (c - k * 64);
-        }
-        for (; c < c_end; ++c)
-          sign_bits_generic(src[c], a.t_zero[c], a.t_pos[c], a.flip[c], uint64_t(1) << (c - k * 64), s, m);
-        dst[2 * k] = s;
-        dst[2 * k + 1] = m;
-      }
+  pack_rows_with(a, r0, r1, [&a](const float* src, int64_t k, uint64_t& s, uint64_t& m) {
+    const int64_t c_end = (k + 1) * 64 < a.C ? (k + 1) * 64 : a.C;
+    int64_t c = k * 64;
+    for (; c + 8 <= c_end; c += 8) {
+      const __m256i xi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.flip + c)));
+      const __m256 x = _mm256_castsi256_ps(xi);
+      const uint64_t not_neg = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_loadu_ps(a.t_zero + c), _CMP_GE_OQ)));
+      const uint64_t pos = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_loadu_ps(a.t_pos + c), _CMP_GE_OQ)));
+      const uint64_t neg = (~not_neg) & 0xffu;
+      s |= neg << (c - k * 64);
+      m |= (neg | pos) << (c - k * 64);
     }
-  }
+    for (; c < c_end; ++c)
+      sign_bits_generic(src[c], a.t_zero[c], a.t_pos[c], a.flip[c], uint64_t(1) << (c - k * 64), s, m);
+  });
 }
 
 void conv_rows_avx2(const ConvArgs& a, int64_t r0, int64_t r1) {

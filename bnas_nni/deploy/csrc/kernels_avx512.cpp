@@ -85,39 +85,29 @@ void pack_rows_avx512(const PackArgs& a, int64_t r0, int64_t r1) {
     pack_rows_generic(a, r0, r1);
     return;
   }
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / a.H, h = r % a.H;
-    for (int64_t w = 0; w < a.W; ++w) {
-      uint64_t* dst = a.out + (((n * a.Hp) + h + a.pad) * a.Wp + w + a.pad) * a.Kw * 2;
-      const float* src = a.x + n * a.sN + h * a.sH + w * a.sW;
-      for (int64_t k = 0; k < a.Kw; ++k) {
-        uint64_t s = 0, m = 0;
-        for (int j = 0; j < 4; ++j) {
-          const int64_t c = k * 64 + j * 16;
-          if (c >= a.C) break;
-          const int64_t left = a.C - c;
-          __mmask16 not_neg, pos, valid;
-          if (left >= 16) {
-            valid = static_cast<__mmask16>(0xffff);
-            const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_loadu_si512(src + c), _mm512_loadu_si512(a.flip + c)));
-            not_neg = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_zero + c), _CMP_GE_OQ);
-            pos = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_pos + c), _CMP_GE_OQ);
-          } else {
-            valid = static_cast<__mmask16>((1u << left) - 1u);
-            const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_maskz_loadu_epi32(valid, src + c),
-                                                                  _mm512_maskz_loadu_epi32(valid, a.flip + c)));
-            not_neg = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_zero + c), _CMP_GE_OQ);
-            pos = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_pos + c), _CMP_GE_OQ);
-          }
-          const uint64_t neg = static_cast<uint64_t>(valid & static_cast<__mmask16>(~not_neg));
-          s |= neg << (16 * j);
-          m |= (neg | static_cast<uint64_t>(pos)) << (16 * j);
-        }
-        dst[2 * k] = s;
-        dst[2 * k + 1] = m;
+  pack_rows_with(a, r0, r1, [&a](const float* src, int64_t k, uint64_t& s, uint64_t& m) {
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = k * 64 + j * 16;
+      if (c >= a.C) break;
+      const int64_t left = a.C - c;
+      __mmask16 not_neg, pos, valid;
+      if (left >= 16) {
+        valid = static_cast<__mmask16>(0xffff);
+        const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_loadu_si512(src + c), _mm512_loadu_si512(a.flip + c)));
+        not_neg = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_zero + c), _CMP_GE_OQ);
+        pos = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_pos + c), _CMP_GE_OQ);
+      } else {
+        valid = static_cast<__mmask16>((1u << left) - 1u);
+        const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_maskz_loadu_epi32(valid, src + c),
+                                                              _mm512_maskz_loadu_epi32(valid, a.flip + c)));
+        not_neg = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_zero + c), _CMP_GE_OQ);
+        pos = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_pos + c), _CMP_GE_OQ);
       }
+      const uint64_t neg = static_cast<uint64_t>(valid & static_cast<__mmask16>(~not_neg));
+      s |= neg << (16 * j);
+      m |= (neg | static_cast<uint64_t>(pos)) << (16 * j);
     }
-  }
+  });
 }
 
 void conv_rows_avx512(const ConvArgs& a, int64_t r0, int64_t r1) {
