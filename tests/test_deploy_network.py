@@ -144,10 +144,36 @@ def test_cells_run_group_by_group_give_the_same_bits(monkeypatch):
     x = torch.cat([x, x.flip(0)])
     whole = engine_of(model)(x)
     monkeypatch.setattr(engine_module, 'CACHE_BUDGET', 1)       # one image per group
+    monkeypatch.setattr(engine_module, 'CELL_PROGRAM', False)   # the op-by-op path groups; programs go image by image
     net = engine_of(model)
     assert sum(c.chunkable for c in net.cells) == len(net.cells)
     assert torch.equal(net(x), whole)
     assert (whole - float_logits(model, x)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize('name', list(SMALL))
+def test_cell_programs_give_the_bits_of_the_op_by_op_path(name, monkeypatch):
+    """At batch > 1 an all-binary cell runs as one C++ call, image by image per thread (csrc/cell.cpp); it
+    must compute exactly what the op-by-op path computes, on every instruction-set path, with and without
+    profiling, and the profile must attribute the cell's time to its layers."""
+    from bnas_nni.deploy import engine as engine_module
+
+    model, x = build(name, 'standard', exact=False, seed=2)
+    x = torch.cat([x, x.flip(0), x[:1]])   # 7 images: uneven per thread
+    net = engine_of(model)
+    assert any(c.chunkable for c in net.cells)
+    for isa in kernels.supported_isas():
+        net.set_isa(isa)
+        monkeypatch.setattr(engine_module, 'CELL_PROGRAM', False)
+        op_by_op = net(x)
+        monkeypatch.setattr(engine_module, 'CELL_PROGRAM', True)
+        assert torch.equal(net(x), op_by_op), isa
+        logits, records = net.profile(x, cpu=True)
+        assert torch.equal(logits, op_by_op)
+        kinds = {kind for _, kind, _, _ in records}
+        assert 'concat + residual add' in kinds and any(k.startswith('binary conv') for k in kinds)
+        assert all(t >= 0 and c >= 0 for _, _, t, c in records)
+    assert (op_by_op - float_logits(model, x)).abs().max().item() <= 1e-4
 
 
 def test_isa_paths_forced_by_the_environment_agree_bit_for_bit(tmp_path, monkeypatch):

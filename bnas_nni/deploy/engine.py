@@ -11,6 +11,8 @@ of a node accumulate into it, in the float model's order of additions, and the r
   accumulation into the node fused. Zero padding and ``sign(0) = 0`` are exact by construction: the
   bit planes hold a sign bit and a non-zero bit, and padded pixels are all-zero (see ``csrc/kernels.h``).
 * **Pools** run in C++ on the channels-last tensors.
+* **All-binary cells at batch > 1** run as one C++ call each (``csrc/cell.cpp``): image by image per
+  thread, every op of the cell on one image before the next, with the same kernels and float order.
 * **Full-precision parts** (stems, residual convs, classifier; convs that keep float weights or see a
   float input under the official precision rules) run as the same PyTorch ops on the same contiguous
   NCHW tensors as the float model, so they produce the same bits.
@@ -36,10 +38,14 @@ __all__ = ['PackedNetwork']
 
 CL = torch.channels_last
 
-#: bytes of a cell's inputs, preprocessed states and output per thread that a group of images should fit
-#: in: a cell then runs group by group and its intermediate tensors stay in cache from one op to the next
+#: op-by-op path (batch 1, or ``CELL_PROGRAM = False``): bytes of a cell's inputs, preprocessed states and
+#: output per thread that a group of images should fit in: a cell then runs group by group and its intermediate tensors stay in cache from one op to the next
 #: instead of going through memory (BNAS-A at batch 32: the 32x32 cells run image by image)
 CACHE_BUDGET = 3 << 19
+
+#: run all-binary cells at batch > 1 as one C++ call each, image by image on each thread (csrc/cell.cpp);
+#: False runs them op by op from Python (the same kernels and bits; kept for tests and comparison)
+CELL_PROGRAM = True
 
 
 def _cl(x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +226,27 @@ class _Cell:
         # a cell whose ops are all packed kernels runs a few images at a time (see CACHE_BUDGET); one with
         # float convs inside runs the whole batch at once, as the float model does
         self.chunkable = all(u.packed for u in units)
+        self._program = None
+        self._program_units = units
+
+    def program(self):
+        """The cell as one C++ call (csrc/cell.cpp), built on first use: for an all-binary cell only."""
+        if self._program is None:
+            units = self._program_units
+            index = {id(u): i for i, u in enumerate(units)}
+            specs = [(u.t_zero, u.t_pos, u.flip, u.words, u.alpha, u.in_ch, u.out_ch, u.kernel[0], u.kernel[1],
+                      u.stride, u.padding, u.dilation, u.relu) for u in units]
+            ops = []
+            for op, idx in zip(self.ops, self.indices):
+                if op is None:
+                    ops.append((0, -1, 1, idx))
+                elif isinstance(op, _Unit):
+                    ops.append((1, index[id(op)], op.stride, idx))
+                else:
+                    ops.append((2 if op.is_max else 3, -1, op.stride, idx))
+            self._program = kernels.extension().CellProgram(
+                specs, 0, 1, ops, self.concat, self.C, 2 if self.reduction else 1, self.residual == 'identity')
+        return self._program
 
     def __call__(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer) -> torch.Tensor:
         N, _, H, W = s1.shape
@@ -229,6 +256,9 @@ class _Cell:
         res = None
         if isinstance(self.residual, _Unit):   # full batch: the float ops exactly as the float model runs them
             res = timer.run(f'{self.name}.residual', self.residual.kind, self.residual, s1, isa, layout='any')
+        if self.chunkable and N > 1 and CELL_PROGRAM:
+            self._run_program(s0, s1, out, res, isa, timer)
+            return out
         chunk = N
         if self.chunkable:
             per_image = 4 * (s0[0].numel() + s1[0].numel() + out[0].numel() + 2 * C * H * W)
@@ -237,6 +267,29 @@ class _Cell:
             j = min(N, i + chunk)
             self._run(s0[i:j], s1[i:j], out[i:j], None if res is None else res[i:j], isa, timer)
         return out
+
+    def _run_program(self, s0: torch.Tensor, s1: torch.Tensor, out: torch.Tensor, res: Optional[torch.Tensor],
+                     isa: int, timer: _Timer) -> None:
+        program = self.program()
+        s0, s1 = (s if s.stride(1) == 1 else _cl(s) for s in (s0, s1))
+        if res is not None and res.shape != out.shape:   # broadcast as out.add_(res) does (odd map sizes)
+            res = res.expand_as(out)
+        if timer.records is None:
+            program.run(s0, s1, out, res, isa, None)
+            return
+        # profiling: the program times each op per image on whichever thread ran it; a layer's entry is its
+        # thread-seconds (the CPU column) and those divided by the threads at work (the wall-clock column)
+        times = torch.zeros(program.timing_slots(), dtype=torch.float64)
+        t0 = time.perf_counter()
+        program.run(s0, s1, out, res, isa, times)
+        wall = time.perf_counter() - t0
+        busy = max(float(times.sum()), 1e-12)
+        names = [(f'{self.name}.preprocess0', self.pre0.kind), (f'{self.name}.preprocess1', self.pre1.kind)]
+        names += [(f'{self.name}.ops.{k}', op.kind if op is not None else 'zeroise') for k, op in enumerate(self.ops)]
+        names.append((f'{self.name}.residual', 'concat + residual add'))
+        for (name, kind), t in zip(names, times.tolist()):
+            if t > 0:
+                timer.records.append((name, kind, wall * t / busy, t))
 
     def _run(self, s0: torch.Tensor, s1: torch.Tensor, out: torch.Tensor, res: Optional[torch.Tensor], isa: int,
              timer: _Timer) -> None:

@@ -76,6 +76,10 @@ torch::Tensor pack_impl(const torch::Tensor& x, const torch::Tensor& t_zero, con
 
 }  // namespace
 
+bool cpu_supports_isa(int64_t isa) { return cpu_supports(isa); }
+
+void bind_cell_program(pybind11::module& m);  // cell.cpp
+
 torch::Tensor pack_signs(const torch::Tensor& x, const torch::Tensor& t_zero, const torch::Tensor& t_pos,
                          const torch::Tensor& flip, int64_t pad, int64_t isa) {
   check_isa(isa);
@@ -197,4 +201,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_conv", &bnas_deploy::binary_conv, "fused threshold + sign + pack + XNOR/popcount conv (+ ReLU)");
   m.def("zero_fill", &bnas_deploy::zero_fill, "zero a channels-last view");
   m.def("pool2d", &bnas_deploy::pool2d, "max / average pooling on channels-last tensors");
+  bnas_deploy::bind_cell_program(m);
 }

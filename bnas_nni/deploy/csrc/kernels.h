@@ -57,6 +57,9 @@ struct PoolArgs {
   int accumulate;
 };
 
+// 0 portable, 1 avx2, 2 avx512 (engine.cpp)
+bool cpu_supports_isa(int64_t isa);
+
 // rows are n * H + h (pack) or n * OH + oh (conv, pool)
 void pack_rows_portable(const PackArgs& a, int64_t r0, int64_t r1);
 void conv_rows_portable(const ConvArgs& a, int64_t r0, int64_t r1);

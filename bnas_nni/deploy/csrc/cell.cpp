@@ -1,0 +1,297 @@
+// A whole all-binary cell in one call, image by image: each thread takes whole images and runs every op of
+// the cell on one image before the next, so an image's preprocessed states, node outputs and bit planes
+// stay in its core's L2 cache from op to op, and no thread waits for another between ops.
+//
+// Without it the engine calls one kernel per op from Python, and at batch 32 (BNAS-A: ~6,000 kernel calls
+// per forward pass) the per-call overhead and the thread wake-ups between ops cost more than the
+// XNOR/popcount arithmetic. The kernels are the same ones (kernels_<isa>.cpp), called on one image at a
+// time, in the same order of float operations as the per-op path: the two give the same bits.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "kernels.h"
+
+namespace bnas_deploy {
+namespace {
+
+// BN -> sign -> binary conv -> (ReLU), the BN folded into thresholds (see engine.cpp's binary_conv).
+struct Unit {
+  torch::Tensor t_zero, t_pos, flip, words, alpha;
+  int64_t in_ch, out_ch, kh, kw, stride, pad, dil;
+  bool relu;
+  int64_t out_size(int64_t n, int64_t k) const { return (n + 2 * pad - dil * (k - 1) - 1) / stride + 1; }
+};
+
+enum OpKind : int64_t { kZeroise = 0, kUnit = 1, kMaxPool = 2, kAvgPool = 3 };
+
+struct Op {
+  int64_t kind, unit, stride, input;
+};
+
+// A per-image activation: channel stride 1, pixel stride `px`, row stride `row`.
+struct View {
+  float* data;
+  int64_t C, H, W, px, row;
+};
+
+struct ConstView {
+  const float* data;
+  int64_t C, H, W, sC, sH, sW;
+};
+
+using Clock = std::chrono::steady_clock;
+
+}  // namespace
+
+class CellProgram {
+ public:
+  // units: (t_zero, t_pos, flip, words, alpha, in, out, kh, kw, stride, pad, dil, relu); ops: (kind, unit,
+  // stride, input); node i's ops are 2i and 2i + 1, inputs index [pre0, pre1, node 0, node 1, ...].
+  CellProgram(const std::vector<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                                           int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool>>& units,
+              int64_t pre0, int64_t pre1, const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>& ops,
+              std::vector<int64_t> concat, int64_t channels, int64_t stride, bool identity_residual)
+      : pre0_(pre0), pre1_(pre1), concat_(std::move(concat)), C_(channels), stride_(stride),
+        identity_residual_(identity_residual) {
+    for (const auto& u : units) {
+      Unit v{std::get<0>(u), std::get<1>(u), std::get<2>(u), std::get<3>(u), std::get<4>(u), std::get<5>(u),
+             std::get<6>(u), std::get<7>(u), std::get<8>(u), std::get<9>(u), std::get<10>(u), std::get<11>(u),
+             std::get<12>(u)};
+      const int64_t Kw = (v.in_ch + 63) / 64, Opad = (v.out_ch + 7) / 8 * 8;
+      TORCH_CHECK(v.words.scalar_type() == torch::kInt64 && v.words.is_contiguous() && v.words.dim() == 2 &&
+                      v.words.size(0) == v.kh * v.kw * Kw && v.words.size(1) == Opad,
+                  "cell program: packed weight of a unit has the wrong layout");
+      for (const torch::Tensor* t : {&v.t_zero, &v.t_pos})
+        TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() >= v.in_ch,
+                    "cell program: threshold vectors must be contiguous float32 with one entry per input channel");
+      TORCH_CHECK(v.flip.scalar_type() == torch::kInt32 && v.flip.is_contiguous() && v.flip.numel() >= v.in_ch,
+                  "cell program: flip must be contiguous int32");
+      TORCH_CHECK(v.alpha.scalar_type() == torch::kFloat32 && v.alpha.is_contiguous() && v.alpha.numel() >= Opad,
+                  "cell program: alpha must be contiguous float32 covering the padded filters");
+      units_.push_back(std::move(v));
+    }
+    const int64_t nunits = static_cast<int64_t>(units_.size());
+    TORCH_CHECK(pre0 >= 0 && pre0 < nunits && pre1 >= 0 && pre1 < nunits, "cell program: bad preprocess unit");
+    TORCH_CHECK(ops.size() % 2 == 0, "cell program: ops must pair up into nodes");
+    for (size_t k = 0; k < ops.size(); ++k) {
+      Op o{std::get<0>(ops[k]), std::get<1>(ops[k]), std::get<2>(ops[k]), std::get<3>(ops[k])};
+      TORCH_CHECK(o.kind >= kZeroise && o.kind <= kAvgPool, "cell program: unknown op kind");
+      TORCH_CHECK(o.kind != kUnit || (o.unit >= 0 && o.unit < nunits), "cell program: bad op unit");
+      TORCH_CHECK(o.input >= 0 && o.input < 2 + static_cast<int64_t>(k / 2), "cell program: op input out of range");
+      ops_.push_back(o);
+    }
+    const int64_t nstates = 2 + static_cast<int64_t>(ops_.size() / 2);
+    for (int64_t idx : concat_) TORCH_CHECK(idx >= 0 && idx < nstates, "cell program: concat index out of range");
+    // a node whose two ops are both Zeroise is all zeros: it gets no buffer unless a later op reads it
+    const int64_t nnodes = nstates - 2;
+    std::vector<bool> zero_node(nnodes, true);
+    stored_.assign(nnodes, false);
+    for (size_t k = 0; k < ops_.size(); ++k)
+      if (ops_[k].kind != kZeroise) zero_node[k / 2] = false;
+    for (const Op& o : ops_)
+      if (o.kind != kZeroise && o.input >= 2) stored_[o.input - 2] = true;
+    for (int64_t i = 0; i < nnodes; ++i) stored_[i] = stored_[i] || !zero_node[i];
+  }
+
+  // Entries of the `times` vector of run(): preprocess0, preprocess1, each op, then concat + residual.
+  int64_t timing_slots() const { return 3 + static_cast<int64_t>(ops_.size()); }
+
+  // out = cell(s0, s1) (+ residual): s0, s1 and out channel stride 1; res (if defined) any strides.
+  void run(const torch::Tensor& s0, const torch::Tensor& s1, torch::Tensor out, const c10::optional<torch::Tensor>& res,
+           int64_t isa, const c10::optional<torch::Tensor>& times) const {
+    for (const torch::Tensor* t : {&s0, &s1, static_cast<const torch::Tensor*>(&out)})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(1) == 1,
+                  "cell program: inputs and output must be float32 N x C x H x W with channel stride 1");
+    const int64_t N = s1.size(0), H = s1.size(2), W = s1.size(3);
+    const Unit& u0 = units_[pre0_];
+    const Unit& u1 = units_[pre1_];
+    TORCH_CHECK(s0.size(0) == N && out.size(0) == N, "cell program: batch sizes differ");
+    TORCH_CHECK(s0.size(1) == u0.in_ch && s1.size(1) == u1.in_ch, "cell program: input channels do not match");
+    TORCH_CHECK(u0.out_size(s0.size(2), u0.kh) == H && u0.out_size(s0.size(3), u0.kw) == W &&
+                    u1.out_size(H, u1.kh) == H && u1.out_size(W, u1.kw) == W && u0.out_ch == C_ && u1.out_ch == C_,
+                "cell program: preprocess geometry does not match the inputs");
+    const int64_t OH = (H - 1) / stride_ + 1, OW = (W - 1) / stride_ + 1;
+    TORCH_CHECK(out.size(1) == static_cast<int64_t>(concat_.size()) * C_ && out.size(2) == OH && out.size(3) == OW,
+                "cell program: output shape does not match the cell");
+    TORCH_CHECK(!identity_residual_ || (s1.size(1) == out.size(1) && H == OH && W == OW),
+                "cell program: identity residual needs the input shape of the output");
+    if (res.has_value())
+      TORCH_CHECK(res->scalar_type() == torch::kFloat32 && res->dim() == 4 && res->size(0) == N &&
+                      res->size(1) == out.size(1) && res->size(2) == OH && res->size(3) == OW,
+                  "cell program: residual shape does not match the output");
+    TORCH_CHECK(cpu_supports_isa(isa), "this CPU does not support the requested instruction set (id ", isa, ")");
+    double* time_acc = nullptr;
+    if (times.has_value()) {
+      TORCH_CHECK(times->scalar_type() == torch::kFloat64 && times->is_contiguous() && times->numel() >= timing_slots(),
+                  "cell program: times must be a float64 vector of timing_slots() entries");
+      time_acc = times->data_ptr<double>();
+    }
+    auto pack_fn = isa == 2 ? pack_rows_avx512 : isa == 1 ? pack_rows_avx2 : pack_rows_portable;
+    auto conv_fn = isa == 2 ? conv_rows_avx512 : isa == 1 ? conv_rows_avx2 : conv_rows_portable;
+    auto pool_fn = isa == 2 ? pool_rows_avx512 : isa == 1 ? pool_rows_avx2 : pool_rows_portable;
+
+    // scratch of one thread: the largest bit planes of any unit, the two preprocessed states, and the
+    // nodes that are not written straight into the output
+    int64_t plane_words = 0;
+    auto plane_size = [&](const Unit& u, int64_t h, int64_t w) {
+      plane_words = std::max(plane_words, (h + 2 * u.pad) * (w + 2 * u.pad) * ((u.in_ch + 63) / 64) * 2);
+    };
+    plane_size(u0, s0.size(2), s0.size(3));
+    plane_size(u1, H, W);
+    const int64_t nnodes = static_cast<int64_t>(ops_.size() / 2);
+    for (const Op& o : ops_) {
+      const bool on_input = o.input < 2;
+      const int64_t ih = on_input ? H : OH, iw = on_input ? W : OW;
+      if (o.kind == kUnit) {
+        const Unit& u = units_[o.unit];
+        TORCH_CHECK(u.in_ch == C_ && u.out_ch == C_ && u.out_size(ih, u.kh) == OH && u.out_size(iw, u.kw) == OW,
+                    "cell program: an op's convolution does not map its input to the node's shape");
+        plane_size(u, ih, iw);
+      } else if (o.kind != kZeroise) {
+        TORCH_CHECK((ih - 1) / o.stride + 1 == OH && (iw - 1) / o.stride + 1 == OW,
+                    "cell program: a pool's stride does not map its input to the node's shape");
+      }
+    }
+    int64_t scratch_nodes = 0;
+    for (int64_t i = 0; i < nnodes; ++i) scratch_nodes += stored_[i];
+    const int64_t state = C_ * H * W, node = C_ * OH * OW;
+    const int64_t nslots = timing_slots();
+    std::mutex time_mutex;
+
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      std::vector<uint64_t> planes(plane_words);
+      std::vector<float> buf(2 * state + scratch_nodes * node);
+      std::vector<double> local(time_acc ? nslots : 0, 0.0);
+      auto tick = [&](Clock::time_point& t0, int64_t slot) {
+        if (!time_acc) return;
+        const auto t1 = Clock::now();
+        local[slot] += std::chrono::duration<double>(t1 - t0).count();
+        t0 = t1;
+      };
+      // one unit on one image: pack the whole (padded) image, then convolve every output row
+      auto unit_on = [&](const Unit& u, const ConstView& x, const View& y, bool accumulate) {
+        const int64_t Kw = (u.in_ch + 63) / 64, Hp = x.H + 2 * u.pad, Wp = x.W + 2 * u.pad;
+        std::memset(planes.data(), 0, sizeof(uint64_t) * Hp * Wp * Kw * 2);
+        PackArgs p{x.data, 1, u.in_ch, x.H, x.W, 0, x.sC, x.sH, x.sW, u.t_zero.data_ptr<float>(),
+                   u.t_pos.data_ptr<float>(), reinterpret_cast<const uint32_t*>(u.flip.data_ptr<int32_t>()),
+                   planes.data(), Kw, Hp, Wp, u.pad};
+        pack_fn(p, 0, x.H);
+        ConvArgs c{planes.data(), 1, Hp, Wp, Kw, reinterpret_cast<const uint64_t*>(u.words.data_ptr<int64_t>()),
+                   u.alpha.data_ptr<float>(), u.out_ch, u.words.size(1), u.kh, u.kw, u.stride, u.dil, y.data,
+                   y.H, y.W, 0, y.row, y.px, u.relu ? 1 : 0, accumulate ? 1 : 0};
+        conv_fn(c, 0, y.H);
+      };
+      auto as_input = [](const View& v) { return ConstView{v.data, v.C, v.H, v.W, 1, v.row, v.px}; };
+      for (int64_t n = b; n < e; ++n) {
+        auto t0 = Clock::now();
+        float* out_n = out.data_ptr<float>() + n * out.stride(0);
+        const int64_t opx = out.stride(3), orow = out.stride(2);
+        std::vector<View> states;
+        states.reserve(2 + nnodes);
+        View p0{buf.data(), C_, H, W, C_, C_ * W}, p1{buf.data() + state, C_, H, W, C_, C_ * W};
+        unit_on(u0, ConstView{s0.data_ptr<float>() + n * s0.stride(0), u0.in_ch, s0.size(2), s0.size(3), 1,
+                              s0.stride(2), s0.stride(3)},
+                p0, false);
+        tick(t0, 0);
+        unit_on(u1, ConstView{s1.data_ptr<float>() + n * s1.stride(0), u1.in_ch, H, W, 1, s1.stride(2), s1.stride(3)},
+                p1, false);
+        tick(t0, 1);
+        states.push_back(p0);
+        states.push_back(p1);
+        // nodes go to per-image buffers (cache-resident; the output is written once, in the final pass)
+        float* scratch = buf.data() + 2 * state;
+        for (int64_t i = 0; i < nnodes; ++i) {
+          if (!stored_[i]) {
+            states.push_back(View{nullptr, C_, OH, OW, C_, C_ * OW});
+            continue;
+          }
+          const View target{scratch, C_, OH, OW, C_, C_ * OW};
+          scratch += node;
+          bool written = false;
+          for (int64_t k = 2 * i; k < 2 * i + 2; ++k) {
+            const Op& o = ops_[k];
+            if (o.kind == kZeroise) continue;
+            const View& x = states[o.input];
+            if (o.kind == kUnit) {
+              unit_on(units_[o.unit], as_input(x), target, written);
+            } else {
+              PoolArgs a{x.data, 1, x.C, x.H, x.W, 0, x.row, x.px, target.data, OH, OW, 0, target.row, target.px,
+                         3, o.stride, 1, o.kind == kMaxPool ? 1 : 0, written ? 1 : 0};
+              pool_fn(a, 0, OH);
+            }
+            written = true;
+            tick(t0, 2 + k);
+          }
+          if (!written) std::memset(target.data, 0, sizeof(float) * node);
+          states.push_back(target);
+        }
+        // the output in one pass: concat of the states (all-Zeroise nodes are 0), plus the residual; the
+        // same float additions as the op-by-op path's copy followed by out += residual
+        const float* r = nullptr;
+        int64_t rc = 0, rh = 0, rw = 0;
+        if (identity_residual_) {
+          r = s1.data_ptr<float>() + n * s1.stride(0);
+          rc = 1, rh = s1.stride(2), rw = s1.stride(3);
+        } else if (res.has_value()) {
+          r = res->data_ptr<float>() + n * res->stride(0);
+          rc = res->stride(1), rh = res->stride(2), rw = res->stride(3);
+        }
+        for (int64_t h = 0; h < OH; ++h)
+          for (int64_t w = 0; w < OW; ++w) {
+            float* o = out_n + h * orow + w * opx;
+            const float* rp = r ? r + h * rh + w * rw : nullptr;
+            for (size_t sl = 0; sl < concat_.size(); ++sl) {
+              const View& v = states[concat_[sl]];
+              float* oc = o + sl * C_;
+              const float* rs = rp ? rp + static_cast<int64_t>(sl) * C_ * rc : nullptr;
+              if (v.data == nullptr) {
+                if (!rs) std::memset(oc, 0, sizeof(float) * C_);
+                else if (rc == 1) for (int64_t c = 0; c < C_; ++c) oc[c] = 0.0f + rs[c];
+                else for (int64_t c = 0; c < C_; ++c) oc[c] = 0.0f + rs[c * rc];
+              } else {
+                const float* x = v.data + h * v.row + w * v.px;
+                if (!rs) std::memcpy(oc, x, sizeof(float) * C_);
+                else if (rc == 1) for (int64_t c = 0; c < C_; ++c) oc[c] = x[c] + rs[c];
+                else for (int64_t c = 0; c < C_; ++c) oc[c] = x[c] + rs[c * rc];
+              }
+            }
+          }
+        tick(t0, nslots - 1);
+      }
+      if (time_acc) {
+        std::lock_guard<std::mutex> lock(time_mutex);
+        for (int64_t s = 0; s < nslots; ++s) time_acc[s] += local[s];
+      }
+    });
+  }
+
+ private:
+  std::vector<Unit> units_;
+  std::vector<Op> ops_;
+  int64_t pre0_, pre1_;
+  std::vector<int64_t> concat_;
+  std::vector<bool> stored_;      // node i needs a buffer (it is computed, or a later op reads it)
+  int64_t C_, stride_;
+  bool identity_residual_;
+};
+
+void bind_cell_program(pybind11::module& m) {
+  pybind11::class_<CellProgram>(m, "CellProgram", "an all-binary cell run image by image in one call")
+      .def(pybind11::init<const std::vector<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                                                        torch::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                                        int64_t, int64_t, bool>>&,
+                          int64_t, int64_t, const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>&,
+                          std::vector<int64_t>, int64_t, int64_t, bool>())
+      .def("timing_slots", &CellProgram::timing_slots)
+      .def("run", &CellProgram::run, pybind11::arg("s0"), pybind11::arg("s1"), pybind11::arg("out"),
+           pybind11::arg("res"), pybind11::arg("isa"), pybind11::arg("times"));
+}
+
+}  // namespace bnas_deploy
