@@ -152,6 +152,8 @@ class Recipe:
     step1_epochs: Optional[int] = None    # two-step recipes (react): epochs of step 1; None: epochs
     step2_weight_decay: float = 0.0       # two-step recipes (react): weight decay of step 2 (step 1: weight_decay)
     label_smoothing: float = 0.0
+    bn_recalibration: int = 0             # after a stage's last epoch: re-estimate BN statistics on this many
+                                          # training batches (no gradients, drop path off); 0: off
     grad_clip_mode: Literal['binary', 'latent'] = 'binary'   # binary: norm w.r.t. the binary weights (official)
     drop_path_prob: float = 0.2           # final value; epoch e uses drop_path_prob * e / epochs
     amp: Optional[Literal['bf16', 'fp16']] = None
@@ -461,6 +463,8 @@ def _check_common(cfg: Dict[str, Any]) -> None:
     _positive(cfg, 'epochs', 'batch_size', 'lr', 'max_train_batches', 'max_val_batches', 'threads')
     if cfg.get('image_size') is not None and cfg['image_size'] < 8:
         raise ConfigError(f'image_size must be at least 8, got {cfg["image_size"]}')
+    if cfg.get('bn_recalibration') is not None and cfg['bn_recalibration'] < 0:
+        raise ConfigError(f'bn_recalibration must be >= 0 (training batches; 0: off), got {cfg["bn_recalibration"]}')
     if cfg.get('workers', 0) < 0:
         raise ConfigError(f'workers must be >= 0, got {cfg["workers"]}')
     for key in ('betas', 'arc_betas'):

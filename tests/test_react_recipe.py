@@ -50,8 +50,42 @@ def test_react_defaults_and_stages():
     stages = get_recipe('react').stages({**cifar, 'step1_epochs': 7, 'step2_weight_decay': 1e-7})
     assert [(s.name, dict(s.overrides), s.init_from_previous) for s in stages] == [
         ('step1', {'binarizer': 'none', 'epochs': 7}, False), ('step2', {'weight_decay': 1e-7}, True)]
+    assert cifar['bn_recalibration'] == imagenet['bn_recalibration'] == 100
     paper = resolve_train_config(None, {})
     assert paper['op_set'] is None and paper['weight_decay_other'] is None     # the paper recipe is untouched
+    assert paper['bn_recalibration'] == 0
+
+
+def test_bn_recalibration_is_the_plain_average_of_the_batch_statistics():
+    """Precise BN: each running mean / variance becomes the mean over the batches of the batch mean /
+    unbiased variance of the final weights' activations; weights, momentum and drop path are untouched."""
+    import torch.nn as nn
+
+    from bnas_nni.distributed import init_distributed
+    from bnas_nni.networks import build_model
+    from bnas_nni.train.loop import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = build_model('bnas-a', init_channels=4, layers=3, op_set='react').eval()
+    model.drop_path_prob = 0.3
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    probe = bns[len(bns) // 2]
+    seen = []
+    hook = probe.register_forward_pre_hook(lambda mod, inp: seen.append(
+        (inp[0].mean((0, 2, 3)), inp[0].transpose(0, 1).flatten(1).var(1, unbiased=True))))
+    batches = [(torch.randn(6, 3, 16, 16) * (1 + i), torch.zeros(6, dtype=torch.long)) for i in range(4)]
+    before = {k: v.clone() for k, v in model.state_dict().items() if 'running' not in k and 'num_batches' not in k}
+    ctx = init_distributed('cpu')
+    assert recalibrate_bn(model, batches, 3, ctx=ctx) == 18
+    hook.remove()
+    assert len(seen) == 3
+    mean = torch.stack([m for m, _ in seen]).mean(0)
+    var = torch.stack([v for _, v in seen]).mean(0)
+    torch.testing.assert_close(probe.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probe.running_var, var, rtol=1e-5, atol=1e-6)
+    assert all(m.momentum == 0.1 for m in bns) and model.drop_path_prob == 0.3 and not model.training
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):
@@ -76,6 +110,7 @@ def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):
     again = run_training(QUICK, {**TINY, 'recipe': 'paper', 'op_set': 'react', 'optimizer': 'adam', 'lr': 2e-3,
                                  'betas': [0.9, 0.999], 'schedule': 'linear', 'weight_decay': 0.0,
                                  'weight_decay_other': 0.0, 'drop_path_prob': 0.0, 'teacher': str(teacher),
+                                 'bn_recalibration': 100,
                                  'init_from': str(run / 'step1'), 'run_dir': str(tmp_path / 'again')})
     assert again['epochs_run'] == 2
     ref = read_checkpoint(tmp_path / 'again')['state_dict']

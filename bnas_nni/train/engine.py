@@ -213,7 +213,7 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
     from ..distributed import broadcast_buffers
     from ..rundir import RunDir
     from ..seeding import capture_rng, restore_rng, seed_everything
-    from .loop import evaluate, train_one_epoch
+    from .loop import evaluate, recalibrate_bn, train_one_epoch
 
     model_cfg = resolve_model_config(cfg)
     seed_everything(int(cfg['seed']))                               # the same initial weights on every rank
@@ -308,6 +308,10 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
                                  scaler=scaler, channels_last=cfg['channels_last'], report_freq=cfg['report_freq'],
                                  max_batches=cfg['max_train_batches'], show_progress=show, log=log, on_step=on_step)
             log(f"train_acc {tr['top1']:f}")
+            if cfg.get('bn_recalibration') and epoch == epochs - 1:
+                seen = recalibrate_bn(model, train_loader, int(cfg['bn_recalibration']), ctx=ctx, amp=cfg['amp'],
+                                      channels_last=cfg['channels_last'])
+                log(f'BN statistics re-estimated on {seen} training images (rank 0\'s are kept)')
             broadcast_buffers(net, ctx)                              # every rank evaluates rank 0's model
             va = evaluate(model, val_loader, ctx=ctx, amp=cfg['amp'], channels_last=cfg['channels_last'],
                           report_freq=cfg['report_freq'], max_batches=cfg['max_val_batches'], show_progress=show,

@@ -29,8 +29,10 @@ Presets:
                         ``epochs`` epochs (step 1: ``step1_epochs`` when set), batch 256, Adam
                         (0.9, 0.999) lr 5e-4 decayed linearly to 0 per iteration, weight decay on
                         conv weights only, 5e-6 in step 1 and ``step2_weight_decay`` (0) in step 2,
-                        no drop path; distillation from ``teacher`` (else cross entropy). 300 + 300
-                        epochs, the paper recipe's 600 in all.
+                        no drop path; distillation from ``teacher`` (else cross entropy); after
+                        each step's last epoch the BN statistics are re-estimated on 100 training
+                        batches (``bn_recalibration``, precise BN). 300 + 300 epochs, the paper
+                        recipe's 600 in all.
 ``react`` (imagenet)    the same with 256 + 256 epochs, lr 1.25e-3 (AdamBNN), batch 256.
 ======================  ==========================================================================
 """
@@ -145,7 +147,7 @@ class ReactRecipe(Recipe):
     CIFAR = {'epochs': 300, 'batch_size': 256, 'optimizer': 'adam', 'lr': 5e-4, 'lr_min': 0.0, 'betas': [0.9, 0.999],
              'weight_decay': 5e-6, 'weight_decay_other': 0.0, 'step2_weight_decay': 0.0, 'schedule': 'linear',
              'label_smoothing': 0.0, 'grad_clip': None, 'drop_path_prob': 0.0, 'op_set': 'react',
-             'workers': 2, 'report_freq': 50}
+             'bn_recalibration': 100, 'workers': 2, 'report_freq': 50}
     IMAGENET = {**CIFAR, 'epochs': 256, 'lr': 1.25e-3, 'workers': 4, 'report_freq': 100}
 
     def defaults(self, family: str) -> Dict[str, Any]:
