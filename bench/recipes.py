@@ -19,7 +19,7 @@ bench is started again with the same settings (``--fresh`` retrains), so an inte
 Examples::
 
     python bench/recipes.py --quick                                   # smoke check (a few minutes)
-    python bench/recipes.py --threads 1                               # the README table (C=8, L=5, 8 epochs)
+    python bench/recipes.py --threads 1                               # the README table (C=16, L=5, 8 epochs)
     python bench/recipes.py --epochs 40 --train-subset 60000 --init-channels 16 --layers 8   # a larger budget
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument('--train-subset', type=int, default=4096, help='first N of the 60,000 training images')
     p.add_argument('--val-subset', type=int, default=500, help='test images scored after each epoch (the final '
                                                                'score always uses all 10,000)')
-    p.add_argument('--init-channels', type=int, default=8)
+    p.add_argument('--init-channels', type=int, default=16)
     p.add_argument('--layers', type=int, default=5)
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--paper-lr', type=float, default=None, help='peak lr of the paper recipe (default: its 0.05)')

@@ -383,28 +383,34 @@ def search_splits(cfg: Dict[str, Any], *, trace: bool = False):
 
 def build_dataset(cfg: Dict[str, Any], split: str, *, trace: bool = False):
     """The ``train`` or ``val`` dataset of a resolved trainer config (keys ``dataset``, ``data``,
-    ``train_subset``/``val_subset``, image sizes). ``trace=True`` returns an ``nni.trace``d instance."""
-    if split not in ('train', 'val'):
-        raise ValueError(f'split must be train or val, not {split!r}')
+    ``train_subset``/``val_subset``, image sizes); ``train-eval`` is the training images with the
+    evaluation transform (BN re-estimation: the statistics of what the network sees when evaluated).
+    ``trace=True`` returns an ``nni.trace``d instance."""
+    if split not in ('train', 'val', 'train-eval'):
+        raise ValueError(f'split must be train, val or train-eval, not {split!r}')
     wrap = traced if trace else (lambda f: f)
-    train = split == 'train'
+    plain = split == 'train-eval'
+    train = split != 'val'
+    augment = train and not plain
     subset = cfg.get('train_subset' if train else 'val_subset')
     name = cfg['dataset']
     size = cfg.get('image_size')
     if name in ('fashion-mnist', 'cifar10'):
         if name == 'fashion-mnist':
-            ds = wrap(FashionMNIST32)(cfg.get('data'), train=train, subset=subset, augment=train)
+            ds = wrap(FashionMNIST32)(cfg.get('data'), train=train, subset=subset, augment=augment)
         else:
             ds = wrap(cifar10)(cfg.get('data') or 'data/cifar10', train=train, download=cfg.get('download', True),
-                               subset=subset)
+                               subset=subset, augment=augment)
         return wrap(DatasetView)(ds, image_size=size) if size and size != 32 else ds
     if name == 'imagenet':
         if not cfg.get('data'):
             raise DatasetError('dataset imagenet needs data: PATH (a folder with train/ and val/)')
         kw = dict(image_size=size or 224, val_resize=cfg.get('val_resize') or 256)
-        if train:
+        if augment:
             kw['color_jitter'] = cfg.get('color_jitter') or (0.4, 0.4, 0.4, 0.2)
-        return wrap(imagenet_folder)(cfg['data'], split, subset=subset, **kw)
+        if plain:
+            kw['transform'] = imagenet_transforms(False, **kw)
+        return wrap(imagenet_folder)(cfg['data'], 'train' if train else 'val', subset=subset, **kw)
     raise DatasetError(f'unknown dataset {name!r}; choose cifar10, fashion-mnist or imagenet')
 
 

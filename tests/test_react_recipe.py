@@ -56,6 +56,19 @@ def test_react_defaults_and_stages():
     assert paper['bn_recalibration'] == 0
 
 
+def test_recalibration_sees_the_training_images_with_the_evaluation_transform():
+    from bnas_nni.data import FashionMNIST32, build_dataset
+
+    cfg = {'dataset': 'fashion-mnist', 'data': None, 'train_subset': 16, 'val_subset': 8}
+    plain = build_dataset(cfg, 'train-eval')
+    train = build_dataset(cfg, 'train')
+    ref = FashionMNIST32(None, train=True, subset=16, augment=False)
+    assert len(plain) == len(train) == 16
+    assert all(torch.equal(plain[i][0], ref[i][0]) and plain[i][1] == train[i][1] for i in range(16))
+    torch.manual_seed(0)
+    assert any(not torch.equal(train[i][0], ref[i][0]) for i in range(16))      # train: crops and flips
+
+
 def test_bn_recalibration_is_the_plain_average_of_the_batch_statistics():
     """Precise BN: each running mean / variance becomes the mean over the batches of the batch mean /
     unbiased variance of the final weights' activations; weights, momentum and drop path are untouched."""

@@ -114,6 +114,21 @@ def make_loaders(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, ctx: Any):
     return train, val, train_sampler
 
 
+def recalibration_loader(cfg: Mapping[str, Any], ctx: Any):
+    """This rank's shuffled shard of the training images with the evaluation transform, for BN re-estimation
+    (augmented crops have other statistics than the images the network is evaluated on)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from ..data import build_dataset
+
+    ds = build_dataset(dict(cfg), 'train-eval')
+    sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=int(cfg['seed']) + 1, drop_last=False)
+    return DataLoader(ds, batch_size=cfg['batch_size'], sampler=sampler, num_workers=int(cfg['workers']),
+                      pin_memory=ctx.device.type == 'cuda')
+
+
 def _show_progress(cfg: Mapping[str, Any], ctx: Any) -> bool:
     import sys
 
@@ -309,9 +324,10 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
                                  max_batches=cfg['max_train_batches'], show_progress=show, log=log, on_step=on_step)
             log(f"train_acc {tr['top1']:f}")
             if cfg.get('bn_recalibration') and epoch == epochs - 1:
-                seen = recalibrate_bn(model, train_loader, int(cfg['bn_recalibration']), ctx=ctx, amp=cfg['amp'],
-                                      channels_last=cfg['channels_last'])
-                log(f'BN statistics re-estimated on {seen} training images (rank 0\'s are kept)')
+                seen = recalibrate_bn(model, recalibration_loader(cfg, ctx), int(cfg['bn_recalibration']), ctx=ctx,
+                                      amp=cfg['amp'], channels_last=cfg['channels_last'])
+                log(f'BN statistics re-estimated on {seen} training images with the evaluation transform '
+                    "(rank 0's are kept)")
             broadcast_buffers(net, ctx)                              # every rank evaluates rank 0's model
             va = evaluate(model, val_loader, ctx=ctx, amp=cfg['amp'], channels_last=cfg['channels_last'],
                           report_freq=cfg['report_freq'], max_batches=cfg['max_val_batches'], show_progress=show,
