@@ -19,6 +19,7 @@ of one full search iteration of the same supernet at the same batch size (``benc
 --profile``), with the part of the epoch outside the iterations (data loading, evaluation, driver).
 
     python bench/search_epoch.py --images 1280 --official ~/bnas/src
+    python bench/search_epoch.py --official ~/bnas/src --repeats 3 --no-profile   # alternating, medians
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument('--threads', type=int, default=2, help='OMP_NUM_THREADS of both sides (default 2)')
     ap.add_argument('--passive', action='store_true',
                     help='OMP_WAIT_POLICY=PASSIVE on both sides (steadier on a machine shared with other work)')
+    ap.add_argument('--repeats', type=int, default=1,
+                    help='runs per side, alternating ours / official; medians are compared (default 1)')
     ap.add_argument('--no-profile', action='store_true', help='skip the breakdown of one search iteration')
     ap.add_argument('--json', help='also write the figures to this file')
     args = ap.parse_args(argv)
@@ -159,19 +163,34 @@ def main(argv=None) -> int:
     print(f'# search epoch bench: {args.images} images (train_portion 0.5: {iterations} iterations of batch '
           f'{args.batch}), {args.threads} threads{", passive OpenMP waits" if args.passive else ""}', flush=True)
     out: Dict[str, object] = {'images': args.images, 'batch': args.batch, 'threads': args.threads}
-    ours = run_ours(args, env)
-    out['ours'] = {k: ours[k] for k in ('epoch_s', 'wall_s', 'peak_mib', 'command')}
-    print(f'bnas-nni  epoch {ours["epoch_s"]:.1f} s  {args.images / ours["epoch_s"]:.2f} images/s  peak RSS '
-          f'{ours["peak_mib"]:.0f} MiB  (process {ours["wall_s"]:.0f} s incl. start-up)\n'
-          f'          {ours["command"]}', flush=True)
+    if args.repeats < 1:
+        print(f'error: --repeats must be >= 1, got {args.repeats}', file=sys.stderr)
+        return 2
+    ours_runs, off_runs = [], []
+    for r in range(args.repeats):      # alternate the sides: drift of a shared machine hits both alike
+        ours = run_ours(args, env)
+        ours_runs.append(ours)
+        print(f'bnas-nni  run {r + 1}: epoch {ours["epoch_s"]:.1f} s  {args.images / ours["epoch_s"]:.2f} images/s  '
+              f'peak RSS {ours["peak_mib"]:.0f} MiB  (process {ours["wall_s"]:.0f} s incl. start-up)', flush=True)
+        if r == 0:
+            print(f'          {ours["command"]}', flush=True)
+        if args.official:
+            off = run_official(args, env)
+            off_runs.append(off)
+            print(f'official  run {r + 1}: epoch {off["epoch_s"]:.1f} s  {args.images / off["epoch_s"]:.2f} images/s  '
+                  f'peak RSS {off["peak_mib"]:.0f} MiB  (train {off.get("train_s", float("nan")):.1f} s + infer '
+                  f'{off.get("infer_s", float("nan")):.1f} s; process {off["wall_s"]:.0f} s)', flush=True)
+    ours = {'epoch_s': statistics.median(o['epoch_s'] for o in ours_runs),
+            'peak_mib': max(o['peak_mib'] for o in ours_runs), 'command': ours_runs[0]['command'],
+            'runs_s': [o['epoch_s'] for o in ours_runs]}
+    out['ours'] = ours
     if args.official:
-        off = run_official(args, env)
-        out['official'] = {k: off.get(k) for k in ('epoch_s', 'train_s', 'infer_s', 'wall_s', 'peak_mib')}
-        print(f'official  epoch {off["epoch_s"]:.1f} s  {args.images / off["epoch_s"]:.2f} images/s  peak RSS '
-              f'{off["peak_mib"]:.0f} MiB  (train {off.get("train_s", float("nan")):.1f} s + infer '
-              f'{off.get("infer_s", float("nan")):.1f} s; process {off["wall_s"]:.0f} s)', flush=True)
-        print(f'ratio     epoch speed x{off["epoch_s"] / ours["epoch_s"]:.2f}, peak RSS '
-              f'x{ours["peak_mib"] / off["peak_mib"]:.2f}', flush=True)
+        off = {'epoch_s': statistics.median(o['epoch_s'] for o in off_runs),
+               'peak_mib': max(o['peak_mib'] for o in off_runs), 'runs_s': [o['epoch_s'] for o in off_runs]}
+        out['official'] = off
+        label = f'medians of {args.repeats} runs per side' if args.repeats > 1 else 'one run per side'
+        print(f'ratio     epoch speed x{off["epoch_s"] / ours["epoch_s"]:.2f} ({label}: {ours["epoch_s"]:.1f} vs '
+              f'{off["epoch_s"]:.1f} s), peak RSS x{ours["peak_mib"] / off["peak_mib"]:.2f}', flush=True)
     if not args.no_profile:
         prof = run_profile(args, env)
         step_s = prof['median_s']
