@@ -324,7 +324,7 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
                                  max_batches=cfg['max_train_batches'], show_progress=show, log=log, on_step=on_step)
             log(f"train_acc {tr['top1']:f}")
             if cfg.get('bn_recalibration') and epoch == epochs - 1:
-                seen = recalibrate_bn(model, recalibration_loader(cfg, ctx), int(cfg['bn_recalibration']), ctx=ctx,
+                seen = recalibrate_bn(net, recalibration_loader(cfg, ctx), int(cfg['bn_recalibration']), ctx=ctx,
                                       amp=cfg['amp'], channels_last=cfg['channels_last'])
                 log(f'BN statistics re-estimated on {seen} training images with the evaluation transform '
                     "(rank 0's are kept)")

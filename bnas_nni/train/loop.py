@@ -270,23 +270,23 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Any, batches: int, *, ctx: DistContext, amp: Optional[str] = None,
+def recalibrate_bn(net: nn.Module, loader: Any, batches: int, *, ctx: DistContext, amp: Optional[str] = None,
                    channels_last: bool = False) -> int:
     """Re-estimate every BatchNorm's running statistics as the plain average over ``batches`` training
-    batches of the final weights (precise BN); returns the images seen.
+    batches of the final weights (precise BN); returns the images seen. ``net`` is the bare network
+    (:func:`bnas_nni.checkpoints.unwrap`), not a DDP wrapper: no gradient bookkeeping is wanted.
 
     Why: eval-mode BN uses running averages (momentum 0.1) of statistics of weights that kept moving. A
     binary network turns a small shift of a BN mean into many flipped signs, so at a high learning rate
     the eval accuracy swings from epoch to epoch while the train accuracy rises smoothly; statistics of
     the final weights remove that noise. No gradients, no optimizer step; drop path is off meanwhile.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns or batches <= 0:
         return 0
     saved = [m.momentum for m in bns]
-    net = model.module if hasattr(model, 'module') else model
     drop = getattr(net, 'drop_path_prob', None)
-    was_training = model.training
+    was_training = net.training
     seen = 0
     try:
         for m in bns:
@@ -294,7 +294,7 @@ def recalibrate_bn(model: nn.Module, loader: Any, batches: int, *, ctx: DistCont
             m.momentum = None                      # cumulative moving average: the mean over the batches
         if drop is not None:
             net.drop_path_prob = 0.0
-        model.train()
+        net.train()
         for step, (x, _) in enumerate(loader):
             if step >= batches:
                 break
@@ -302,14 +302,14 @@ def recalibrate_bn(model: nn.Module, loader: Any, batches: int, *, ctx: DistCont
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast_context(ctx.device, amp):
-                net(x)                             # not the DDP wrapper: no gradient bookkeeping
+                net(x)
             seen += x.size(0)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
         if drop is not None:
             net.drop_path_prob = drop
-        model.train(was_training)
+        net.train(was_training)
     return seen
 
 
