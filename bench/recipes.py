@@ -65,6 +65,8 @@ def _parse(argv=None) -> argparse.Namespace:
                    help='teacher lr (default: 2e-3 with adam, --paper-lr or 0.05 with sgd)')
     p.add_argument('--react-lr', type=float, default=2e-3, help='Adam lr of the react recipe (default 2e-3: the '
                    'recipe\'s own 5e-4 is for 300 + 300 epochs and far too low for a few hundred steps)')
+    p.add_argument('--bn-freeze-epochs', type=int, default=None,
+                   help='react: the last N epochs of step 2 train with BN statistics fixed (default: the recipe\'s)')
     p.add_argument('--shortcut', action='store_true', help='react: the real-valued shortcut around binary convs')
     p.add_argument('--only', nargs='+', choices=NAMES, default=list(NAMES))
     p.add_argument('--threads', type=int, default=2)
@@ -105,6 +107,8 @@ def run_config(name: str, seed: int, args: argparse.Namespace, out: Path) -> dic
                     'teacher': str(out / f'seed{seed}' / 'teacher'), 'shortcut': bool(args.shortcut)})
         if args.react_lr:
             cfg['lr'] = args.react_lr
+        if args.bn_freeze_epochs is not None:
+            cfg['bn_freeze_epochs'] = args.bn_freeze_epochs
     return cfg
 
 

@@ -154,6 +154,8 @@ class Recipe:
     label_smoothing: float = 0.0
     bn_recalibration: int = 0             # after a stage's last epoch: re-estimate BN statistics on this many
                                           # training batches (no gradients, drop path off); 0: off
+    bn_freeze_epochs: int = 0             # the last N epochs of each stage train with BN statistics fixed (eval-mode
+                                          # BN; re-estimated first when bn_recalibration > 0); 0: off
     grad_clip_mode: Literal['binary', 'latent'] = 'binary'   # binary: norm w.r.t. the binary weights (official)
     drop_path_prob: float = 0.2           # final value; epoch e uses drop_path_prob * e / epochs
     amp: Optional[Literal['bf16', 'fp16']] = None
@@ -465,6 +467,9 @@ def _check_common(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f'image_size must be at least 8, got {cfg["image_size"]}')
     if cfg.get('bn_recalibration') is not None and cfg['bn_recalibration'] < 0:
         raise ConfigError(f'bn_recalibration must be >= 0 (training batches; 0: off), got {cfg["bn_recalibration"]}')
+    if cfg.get('bn_freeze_epochs') is not None and cfg['bn_freeze_epochs'] < 0:
+        raise ConfigError(f'bn_freeze_epochs must be >= 0 (epochs at the end of each stage; 0: off), '
+                          f'got {cfg["bn_freeze_epochs"]}')
     if cfg.get('workers', 0) < 0:
         raise ConfigError(f'workers must be >= 0, got {cfg["workers"]}')
     for key in ('betas', 'arc_betas'):

@@ -49,11 +49,13 @@ def test_react_defaults_and_stages():
         ('imagenet', 1.25e-3, 256, 256, 224)
     stages = get_recipe('react').stages({**cifar, 'step1_epochs': 7, 'step2_weight_decay': 1e-7})
     assert [(s.name, dict(s.overrides), s.init_from_previous) for s in stages] == [
-        ('step1', {'binarizer': 'none', 'epochs': 7}, False), ('step2', {'weight_decay': 1e-7}, True)]
+        ('step1', {'binarizer': 'none', 'epochs': 7, 'bn_freeze_epochs': 0}, False),
+        ('step2', {'weight_decay': 1e-7}, True)]
     assert cifar['bn_recalibration'] == imagenet['bn_recalibration'] == 100
     paper = resolve_train_config(None, {})
     assert paper['op_set'] is None and paper['weight_decay_other'] is None     # the paper recipe is untouched
-    assert paper['bn_recalibration'] == 0
+    assert cifar['bn_freeze_epochs'] == imagenet['bn_freeze_epochs'] == 0
+    assert paper['bn_recalibration'] == paper['bn_freeze_epochs'] == 0
 
 
 def test_recalibration_sees_the_training_images_with_the_evaluation_transform():
@@ -99,6 +101,76 @@ def test_bn_recalibration_is_the_plain_average_of_the_batch_statistics():
     assert all(m.momentum == 0.1 for m in bns) and model.drop_path_prob == 0.3 and not model.training
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_frozen_bn_epochs_train_the_function_that_is_evaluated():
+    """``freeze_bn``: the logits the loss sees are the eval-mode network's, BN running statistics stay put,
+    and the weights (BN affine parameters, RSign thresholds included) still learn."""
+    import torch.nn as nn
+
+    from bnas_nni.distributed import init_distributed
+    from bnas_nni.networks import build_model
+    from bnas_nni.train.loop import train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_model('bnas-a', init_channels=4, layers=3, op_set='react', num_classes=10)
+    model.drop_path_prob = 0.0
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:                                           # statistics that differ from any batch's
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+    stats = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    batches = [(torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))) for _ in range(3)]
+    expected, seen = [], []
+
+    class Recording(nn.Module):
+        def forward(self, logits, target, images):
+            seen.append(logits.detach().clone())
+            model.eval()
+            with torch.no_grad():
+                expected.append(model(images))
+            model.train()
+            for m in bns:
+                m.eval()
+            return nn.functional.cross_entropy(logits, target)
+
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_one_epoch(model, batches, opt, Recording(), epoch=0, ctx=init_distributed('cpu'), freeze_bn=True,
+                    report_freq=0)
+    assert len(seen) == 3 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(seen, expected))
+    for m, (mean, var, n) in zip(bns, stats):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert torch.equal(m.num_batches_tracked, n)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), params[n])}
+    assert any(n.endswith('quantizer.beta') for n in moved) and any(n.endswith('bn.weight') for n in moved)
+
+
+def test_bn_freeze_epochs_keep_the_re_estimated_statistics(tmp_path):
+    """The last ``bn_freeze_epochs`` of a stage start from re-estimated statistics and keep them: the BN
+    buffers after the first and the last frozen epoch are equal while the weights moved; the run logs it."""
+    import shutil
+
+    from bnas_nni.checkpoints import read_checkpoint
+    from bnas_nni.train.engine import run_training
+
+    run = tmp_path / 'frozen'
+    kept = tmp_path / 'after_epoch1.pt'
+
+    def copy_checkpoint(epoch, step):
+        if epoch == 2 and step == 0:                         # the checkpoint still holds epoch 1's end
+            shutil.copy(run / 'checkpoint.pt', kept)
+
+    run_training(QUICK, {**TINY, 'epochs': 3, 'op_set': 'react', 'activation': 'rsign', 'bn_recalibration': 2,
+                         'bn_freeze_epochs': 2, 'drop_path_prob': 0.0, 'run_dir': str(run)},
+                 on_step=copy_checkpoint)
+    a, b = read_checkpoint(kept)['state_dict'], read_checkpoint(run)['state_dict']
+    buffers = [k for k in a if k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    assert buffers and all(torch.equal(a[k], b[k]) for k in buffers)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k not in buffers)
+    log = (run / 'log.txt').read_text()
+    assert 'epochs 1-2 train with BN statistics fixed' in log
+    assert log.count('BN statistics re-estimated on 64 training images') == 1    # before epoch 1, not at the end
 
 
 def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):

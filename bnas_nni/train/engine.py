@@ -310,6 +310,17 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
                     + '; optimizer and schedule state continue from the checkpoint')
         show = _show_progress(cfg, ctx)
         epochs = int(cfg['epochs'])
+        recal_batches = int(cfg.get('bn_recalibration') or 0)
+        freeze_from = epochs - min(int(cfg.get('bn_freeze_epochs') or 0), epochs) if cfg.get('bn_freeze_epochs') \
+            else None                                                # first epoch trained with fixed BN statistics
+
+        def recalibrate() -> None:
+            seen = recalibrate_bn(net, recalibration_loader(cfg, ctx), recal_batches, ctx=ctx, amp=cfg['amp'],
+                                  channels_last=cfg['channels_last'])
+            log(f'BN statistics re-estimated on {seen} training images with the evaluation transform '
+                "(rank 0's are kept)")
+            broadcast_buffers(net, ctx)
+
         for epoch in range(start_epoch, epochs):
             t0 = time.time()
             train_sampler.set_epoch(epoch)
@@ -318,16 +329,20 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
             schedule.set_epoch_start(epoch)
             lr = schedule.lr()
             log(f'epoch {epoch} lr {lr:e}')
+            frozen = freeze_from is not None and epoch >= freeze_from
+            if frozen and epoch == freeze_from:
+                if recal_batches:
+                    recalibrate()
+                span = f'epochs {freeze_from}-{epochs - 1}' if freeze_from < epochs - 1 else f'epoch {freeze_from}'
+                log(f'{span} train with BN statistics fixed')
             tr = train_one_epoch(model, train_loader, optimizer, criterion, epoch=epoch, ctx=ctx, schedule=schedule,
                                  grad_clip=cfg['grad_clip'], grad_clip_mode=cfg['grad_clip_mode'], amp=cfg['amp'],
                                  scaler=scaler, channels_last=cfg['channels_last'], report_freq=cfg['report_freq'],
-                                 max_batches=cfg['max_train_batches'], show_progress=show, log=log, on_step=on_step)
+                                 max_batches=cfg['max_train_batches'], show_progress=show, log=log, on_step=on_step,
+                                 freeze_bn=frozen)
             log(f"train_acc {tr['top1']:f}")
-            if cfg.get('bn_recalibration') and epoch == epochs - 1:
-                seen = recalibrate_bn(net, recalibration_loader(cfg, ctx), int(cfg['bn_recalibration']), ctx=ctx,
-                                      amp=cfg['amp'], channels_last=cfg['channels_last'])
-                log(f'BN statistics re-estimated on {seen} training images with the evaluation transform '
-                    "(rank 0's are kept)")
+            if recal_batches and freeze_from is None and epoch == epochs - 1:
+                recalibrate()
             broadcast_buffers(net, ctx)                              # every rank evaluates rank 0's model
             va = evaluate(model, val_loader, ctx=ctx, amp=cfg['amp'], channels_last=cfg['channels_last'],
                           report_freq=cfg['report_freq'], max_batches=cfg['max_val_batches'], show_progress=show,

@@ -201,8 +201,12 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
                     grad_clip_mode: str = 'binary', amp: Optional[str] = None, scaler: Any = None,
                     channels_last: bool = False, report_freq: int = 50, max_batches: Optional[int] = None,
                     show_progress: bool = False, log: Callable[[str], None] = LOGGER.info,
-                    on_step: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+                    on_step: Optional[Callable[[int, int], None]] = None,
+                    freeze_bn: bool = False) -> Dict[str, float]:
     """Train for one epoch; returns ``{'loss', 'top1', 'top5', 'n'}`` summed over all ranks.
+
+    ``freeze_bn``: every BatchNorm normalises with its running statistics and leaves them unchanged (its
+    affine parameters still learn), so the function trained is the one evaluated (see ``bn_freeze_epochs``).
 
     ``criterion(logits, target, images)`` is a :class:`~bnas_nni.train.losses.TrainLoss`.
 
@@ -211,6 +215,10 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     ``on_step(epoch, step)`` is called after each optimizer step (fault injection in tests, profiling).
     """
     model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     criterion.train()
     params = [p for group in optimizer.param_groups for p in group['params']]
     device = ctx.device
