@@ -235,7 +235,9 @@ def test_onnx_export_keeps_the_binary_pattern_and_matches_onnxruntime(tmp_path):
     assert sum(n.op_type == 'Sign' for n in proto.graph.node) > n_binary   # official rule: FP-weight convs behind a sign
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     got = sess.run(None, {'images': x.numpy()})[0]
-    assert abs(got - float_logits(model, x).numpy()).max() <= 1e-4
+    want = float_logits(model, x).numpy()
+    # float round-off only: a few ulps of the logit scale (these untrained logits reach a few hundred)
+    assert abs(got - want).max() <= 2e-6 * max(1.0, float(abs(want).max()))
 
 
 def test_model_from_checkpoint_rebuilds_precision_rules(tmp_path):

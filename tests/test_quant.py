@@ -97,23 +97,12 @@ def test_layers_own_their_quantizers_and_state_dicts_stay_official():
 
 
 def _learnable_pair():
-    from test_fast_cell import _strategy
+    """The straightforward and the fast supernet with a stateful quantizer, identical parameters: every op
+    its own threshold, and binary weights whose conv outputs are exact (see ``test_fast_cell._pair``; ReLU
+    ties at 0 would otherwise fall by summation order, which differs between the two cells' layouts)."""
+    from test_fast_cell import _pair
 
-    from bnas_nni.search.fast_cell import FastBinaryMixedCell
-    from bnas_nni.search.mixed_cell import BinaryMixedCell
-
-    kw = dict(init_channels=4, layers=3, num_nodes=2, activation={'name': 'test_learnable_sign', 'init': 0.0})
-    ref = _strategy(BinaryMixedCell).mutate_model(BNASSpace(**kw))
-    fast = _strategy(FastBinaryMixedCell).mutate_model(BNASSpace(**kw))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith('quantizer.beta'):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)     # every op its own threshold
-            elif '_arch_alpha' in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-    fast.load_state_dict(ref.state_dict())
-    return ref, fast
+    return _pair(init_channels=4, layers=3, num_nodes=2, activation={'name': 'test_learnable_sign', 'init': 0.0})
 
 
 def test_fast_cell_does_not_share_a_learnable_quantizer():
