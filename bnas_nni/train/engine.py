@@ -311,8 +311,8 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
         show = _show_progress(cfg, ctx)
         epochs = int(cfg['epochs'])
         recal_batches = int(cfg.get('bn_recalibration') or 0)
-        freeze_from = epochs - min(int(cfg.get('bn_freeze_epochs') or 0), epochs) if cfg.get('bn_freeze_epochs') \
-            else None                                                # first epoch trained with fixed BN statistics
+        freeze = min(int(cfg.get('bn_freeze_epochs') or 0), epochs)
+        freeze_from = epochs - freeze if freeze else None            # first epoch trained with fixed BN statistics
 
         def recalibrate() -> None:
             seen = recalibrate_bn(net, recalibration_loader(cfg, ctx), recal_batches, ctx=ctx, amp=cfg['amp'],
