@@ -67,6 +67,8 @@ def _parse(argv=None) -> argparse.Namespace:
                    'recipe\'s own 5e-4 is for 300 + 300 epochs and far too low for a few hundred steps)')
     p.add_argument('--bn-freeze-epochs', type=int, default=None,
                    help='react: the last N epochs of step 2 train with BN statistics fixed (default: the recipe\'s)')
+    p.add_argument('--bn-renorm-epochs', type=int, default=None,
+                   help='react: the last N epochs of step 2 train with Batch Renormalization (default: the recipe\'s)')
     p.add_argument('--shortcut', action='store_true', help='react: the real-valued shortcut around binary convs')
     p.add_argument('--only', nargs='+', choices=NAMES, default=list(NAMES))
     p.add_argument('--threads', type=int, default=2)
@@ -109,6 +111,8 @@ def run_config(name: str, seed: int, args: argparse.Namespace, out: Path) -> dic
             cfg['lr'] = args.react_lr
         if args.bn_freeze_epochs is not None:
             cfg['bn_freeze_epochs'] = args.bn_freeze_epochs
+        if args.bn_renorm_epochs is not None:
+            cfg['bn_renorm_epochs'] = args.bn_renorm_epochs
     return cfg
 
 

@@ -156,6 +156,9 @@ class Recipe:
                                           # training batches (no gradients, drop path off); 0: off
     bn_freeze_epochs: int = 0             # the last N epochs of each stage train with BN statistics fixed (eval-mode
                                           # BN; re-estimated first when bn_recalibration > 0); 0: off
+    bn_renorm_epochs: int = 0             # the last N epochs of each stage train with Batch Renormalization (forward
+                                          # with the running statistics, gradient through the batch's; re-estimated
+                                          # first when bn_recalibration > 0); 0: off
     grad_clip_mode: Literal['binary', 'latent'] = 'binary'   # binary: norm w.r.t. the binary weights (official)
     drop_path_prob: float = 0.2           # final value; epoch e uses drop_path_prob * e / epochs
     amp: Optional[Literal['bf16', 'fp16']] = None
@@ -470,6 +473,11 @@ def _check_common(cfg: Dict[str, Any]) -> None:
     if cfg.get('bn_freeze_epochs') is not None and cfg['bn_freeze_epochs'] < 0:
         raise ConfigError(f'bn_freeze_epochs must be >= 0 (epochs at the end of each stage; 0: off), '
                           f'got {cfg["bn_freeze_epochs"]}')
+    if cfg.get('bn_renorm_epochs') is not None and cfg['bn_renorm_epochs'] < 0:
+        raise ConfigError(f'bn_renorm_epochs must be >= 0 (epochs at the end of each stage; 0: off), '
+                          f'got {cfg["bn_renorm_epochs"]}')
+    if (cfg.get('bn_renorm_epochs') or 0) > 0 and (cfg.get('bn_freeze_epochs') or 0) > 0:
+        raise ConfigError('bn_freeze_epochs and bn_renorm_epochs exclude each other: set one of them to 0')
     if cfg.get('workers', 0) < 0:
         raise ConfigError(f'workers must be >= 0, got {cfg["workers"]}')
     for key in ('betas', 'arc_betas'):

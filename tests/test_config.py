@@ -111,3 +111,13 @@ def test_paper_preset_runs_on_fashion_mnist_with_only_the_dataset_changed(tmp_pa
     assert 'fashion-mnist (30000 weight / 30000 architecture images), space bnas' in captured.out
     saved = yaml.safe_load((tmp_path / 'run' / 'config.yaml').read_text())
     assert saved['data'] is None and saved['mixed_cell'] == 'fast' and saved['channels_last'] is True
+
+
+def test_bn_epoch_options_are_checked():
+    from bnas_nni.train.engine import resolve_train_config
+
+    assert resolve_train_config(None, {'bn_renorm_epochs': 2})['bn_renorm_epochs'] == 2
+    with pytest.raises(ConfigError, match='bn_renorm_epochs must be >= 0'):
+        resolve_train_config(None, {'bn_renorm_epochs': -1})
+    with pytest.raises(ConfigError, match='exclude each other: set one of them to 0'):
+        resolve_train_config(None, {'bn_renorm_epochs': 1, 'bn_freeze_epochs': 1})

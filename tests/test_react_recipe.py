@@ -49,13 +49,13 @@ def test_react_defaults_and_stages():
         ('imagenet', 1.25e-3, 256, 256, 224)
     stages = get_recipe('react').stages({**cifar, 'step1_epochs': 7, 'step2_weight_decay': 1e-7})
     assert [(s.name, dict(s.overrides), s.init_from_previous) for s in stages] == [
-        ('step1', {'binarizer': 'none', 'epochs': 7, 'bn_freeze_epochs': 0}, False),
+        ('step1', {'binarizer': 'none', 'epochs': 7, 'bn_freeze_epochs': 0, 'bn_renorm_epochs': 0}, False),
         ('step2', {'weight_decay': 1e-7}, True)]
     assert cifar['bn_recalibration'] == imagenet['bn_recalibration'] == 100
     paper = resolve_train_config(None, {})
     assert paper['op_set'] is None and paper['weight_decay_other'] is None     # the paper recipe is untouched
     assert cifar['bn_freeze_epochs'] == imagenet['bn_freeze_epochs'] == 0
-    assert paper['bn_recalibration'] == paper['bn_freeze_epochs'] == 0
+    assert paper['bn_recalibration'] == paper['bn_freeze_epochs'] == paper['bn_renorm_epochs'] == 0
 
 
 def test_recalibration_sees_the_training_images_with_the_evaluation_transform():
@@ -171,6 +171,53 @@ def test_bn_freeze_epochs_keep_the_re_estimated_statistics(tmp_path):
     log = (run / 'log.txt').read_text()
     assert 'epochs 1-2 train with BN statistics fixed' in log
     assert log.count('BN statistics re-estimated on 64 training images') == 1    # before epoch 1, not at the end
+
+
+def test_bn_renorm_epochs_train_with_the_running_statistics(tmp_path):
+    """``bn_renorm_epochs``: re-estimated once before the renorm epochs (not again at the end), the running
+    statistics keep moving, the log says so, and the epochs' training forward is the eval-mode one."""
+    import contextlib
+
+    from bnas_nni.checkpoints import read_checkpoint
+    from bnas_nni.train import loop
+    from bnas_nni.train.engine import run_training
+
+    run = tmp_path / 'renorm'
+    kept, checked = {}, []
+    real = loop.batch_renormalization
+
+    @contextlib.contextmanager
+    def spy(model, *a, **k):                                  # compare train and eval forwards inside the block
+        with real(model, r_max=float("inf"), d_max=float("inf")) as bns:   # no clip: exactly eval
+            x = torch.randn(4, 3, 16, 16)
+            with torch.no_grad():
+                saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+                train_out = model(x)
+                for m, (mean, var, n) in zip(bns, saved):
+                    m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+                model.eval()
+                eval_out = model(x)
+                model.train()
+            checked.append(torch.allclose(train_out, eval_out, atol=1e-4))
+            yield bns
+
+    def keep(epoch, step):
+        if epoch == 2 and step == 0:
+            kept['state'] = read_checkpoint(run)['state_dict']
+
+    loop.batch_renormalization = spy
+    try:
+        run_training(QUICK, {**TINY, 'epochs': 3, 'op_set': 'react', 'activation': 'rsign', 'bn_recalibration': 2,
+                             'bn_renorm_epochs': 2, 'drop_path_prob': 0.0, 'run_dir': str(run)}, on_step=keep)
+    finally:
+        loop.batch_renormalization = real
+    assert checked == [True, True]                            # epochs 1 and 2, not epoch 0
+    a, b = kept['state'], read_checkpoint(run)['state_dict']
+    means = [k for k in a if k.endswith('running_mean')]
+    assert means and all(not torch.equal(a[k], b[k]) for k in means)     # the statistics kept updating
+    log = (run / 'log.txt').read_text()
+    assert 'epochs 1-2 train with Batch Renormalization' in log
+    assert log.count('BN statistics re-estimated on 64 training images') == 1
 
 
 def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):

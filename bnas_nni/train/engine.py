@@ -312,7 +312,9 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
         epochs = int(cfg['epochs'])
         recal_batches = int(cfg.get('bn_recalibration') or 0)
         freeze = min(int(cfg.get('bn_freeze_epochs') or 0), epochs)
-        freeze_from = epochs - freeze if freeze else None            # first epoch trained with fixed BN statistics
+        renorm = min(int(cfg.get('bn_renorm_epochs') or 0), epochs)
+        fixed = freeze or renorm                                     # epochs whose forward uses running statistics
+        freeze_from = epochs - fixed if fixed else None              # the first of them
 
         def recalibrate() -> None:
             seen = recalibrate_bn(net, recalibration_loader(cfg, ctx), recal_batches, ctx=ctx, amp=cfg['amp'],
@@ -334,12 +336,13 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
                 if recal_batches:
                     recalibrate()
                 span = f'epochs {freeze_from}-{epochs - 1}' if freeze_from < epochs - 1 else f'epoch {freeze_from}'
-                log(f'{span} train with BN statistics fixed')
+                log(f'{span} train with BN statistics fixed' if freeze else
+                    f'{span} train with Batch Renormalization (forward with the running BN statistics)')
             tr = train_one_epoch(model, train_loader, optimizer, criterion, epoch=epoch, ctx=ctx, schedule=schedule,
                                  grad_clip=cfg['grad_clip'], grad_clip_mode=cfg['grad_clip_mode'], amp=cfg['amp'],
                                  scaler=scaler, channels_last=cfg['channels_last'], report_freq=cfg['report_freq'],
                                  max_batches=cfg['max_train_batches'], show_progress=show, log=log, on_step=on_step,
-                                 freeze_bn=frozen)
+                                 freeze_bn=frozen and bool(freeze), renorm_bn=frozen and bool(renorm))
             log(f"train_acc {tr['top1']:f}")
             if recal_batches and freeze_from is None and epoch == epochs - 1:
                 recalibrate()

@@ -38,6 +38,7 @@ from ..quant import BinaryConv2d, XnorBinarizer, binary_convs
 from ..distributed import DistContext, all_reduce_sums
 from ..errors import BNASError
 from ..rundir import LOGGER
+from .batch_renorm import batch_renormalization
 
 __all__ = ['AverageMeter', 'accuracy', 'binary_weight_grad', 'clip_binary_grad_norm_', 'NonFiniteError',
            'non_finite_message', 'check_finite_grads', 'check_finite_params', 'autocast_context', 'train_one_epoch', 'evaluate', 'progress']
@@ -202,11 +203,14 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
                     channels_last: bool = False, report_freq: int = 50, max_batches: Optional[int] = None,
                     show_progress: bool = False, log: Callable[[str], None] = LOGGER.info,
                     on_step: Optional[Callable[[int, int], None]] = None,
-                    freeze_bn: bool = False) -> Dict[str, float]:
+                    freeze_bn: bool = False, renorm_bn: bool = False) -> Dict[str, float]:
     """Train for one epoch; returns ``{'loss', 'top1', 'top5', 'n'}`` summed over all ranks.
 
     ``freeze_bn``: every BatchNorm normalises with its running statistics and leaves them unchanged (its
     affine parameters still learn), so the function trained is the one evaluated (see ``bn_freeze_epochs``).
+    ``renorm_bn``: every BatchNorm trains with Batch Renormalization (:mod:`bnas_nni.train.batch_renorm`):
+    the forward normalises with the running statistics, the gradient flows through the batch's, and the
+    running statistics keep updating (see ``bn_renorm_epochs``).
 
     ``criterion(logits, target, images)`` is a :class:`~bnas_nni.train.losses.TrainLoss`.
 
@@ -214,11 +218,25 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     constraint runs from the optimizer's pre-step hook (see :func:`bnas_nni.quant.attach_latent_constraint`).
     ``on_step(epoch, step)`` is called after each optimizer step (fault injection in tests, profiling).
     """
+    if freeze_bn and renorm_bn:
+        raise ValueError('freeze_bn and renorm_bn exclude each other')
     model.train()
     if freeze_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+    with batch_renormalization(model) if renorm_bn else contextlib.nullcontext():
+        return _train_epoch(model, loader, optimizer, criterion, epoch=epoch, ctx=ctx, schedule=schedule,
+                            grad_clip=grad_clip, grad_clip_mode=grad_clip_mode, amp=amp, scaler=scaler,
+                            channels_last=channels_last, report_freq=report_freq, max_batches=max_batches,
+                            show_progress=show_progress, log=log, on_step=on_step)
+
+
+def _train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
+                 epoch: int, ctx: DistContext, schedule: Any, grad_clip: Optional[float], grad_clip_mode: str,
+                 amp: Optional[str], scaler: Any, channels_last: bool, report_freq: int,
+                 max_batches: Optional[int], show_progress: bool, log: Callable[[str], None],
+                 on_step: Optional[Callable[[int, int], None]]) -> Dict[str, float]:
     criterion.train()
     params = [p for group in optimizer.param_groups for p in group['params']]
     device = ctx.device

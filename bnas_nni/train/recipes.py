@@ -33,7 +33,8 @@ Presets:
                         each step's last epoch the BN statistics are re-estimated on 100 training
                         batches (``bn_recalibration``, precise BN; ``bn_freeze_epochs`` N instead
                         re-estimates them before step 2's last N epochs and trains those with the
-                        statistics fixed). 300 + 300 epochs, the paper recipe's 600 in all.
+                        statistics fixed, ``bn_renorm_epochs`` N with Batch Renormalization). 300 +
+                        300 epochs, the paper recipe's 600 in all.
 ``react`` (imagenet)    the same with 256 + 256 epochs, lr 1.25e-3 (AdamBNN), batch 256.
 ======================  ==========================================================================
 """
@@ -157,7 +158,8 @@ class ReactRecipe(Recipe):
     def stages(self, cfg: Mapping[str, Any]) -> List[Stage]:
         step1_epochs = cfg.get('step1_epochs') or cfg['epochs']
         # step 1 never trains with fixed BN statistics: they only start step 2, which moves them again
-        return [Stage('step1', {'binarizer': 'none', 'epochs': int(step1_epochs), 'bn_freeze_epochs': 0}),
+        return [Stage('step1', {'binarizer': 'none', 'epochs': int(step1_epochs), 'bn_freeze_epochs': 0,
+                                'bn_renorm_epochs': 0}),
                 Stage('step2', {'weight_decay': float(cfg.get('step2_weight_decay') or 0.0)}, init_from_previous=True)]
 
 
