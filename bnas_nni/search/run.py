@@ -109,6 +109,9 @@ def _prepare_run_dir(cfg: Dict[str, Any], resume: bool) -> Tuple[Dict[str, Any],
         merged['run_dir'] = str(run_dir)
         return merged, run_dir
     if (run_dir / 'checkpoint.pt').exists():
+        from ..rundir import RunDir
+
+        RunDir(run_dir).check_free()            # a live run is named first: --resume would not help
         raise ConfigError(f'{run_dir} already holds a search; continue it with --resume or pick another --run-dir')
     cfg = dict(cfg, run_dir=str(run_dir))
     return cfg, run_dir
