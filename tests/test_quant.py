@@ -102,6 +102,8 @@ def _learnable_pair():
     ties at 0 would otherwise fall by summation order, which differs between the two cells' layouts)."""
     from test_fast_cell import _pair
 
+    torch.manual_seed(0)                      # the same parameters whatever ran before in this worker
+
     return _pair(init_channels=4, layers=3, num_nodes=2, activation={'name': 'test_learnable_sign', 'init': 0.0})
 
 
