@@ -69,6 +69,9 @@ def _parse(argv=None) -> argparse.Namespace:
                    help='react: the last N epochs of step 2 train with BN statistics fixed (default: the recipe\'s)')
     p.add_argument('--bn-renorm-epochs', type=int, default=None,
                    help='react: the last N epochs of step 2 train with Batch Renormalization (default: the recipe\'s)')
+    p.add_argument('--bn-recalibration-mode', choices=('eval', 'train'), default=None,
+                   help='react: how BN statistics are re-estimated after each step (default: the recipe\'s, eval: '
+                        'layer by layer with everything upstream in eval mode; train: one training-mode pass)')
     p.add_argument('--shortcut', action='store_true', help='react: the real-valued shortcut around binary convs')
     p.add_argument('--only', nargs='+', choices=NAMES, default=list(NAMES))
     p.add_argument('--threads', type=int, default=2)
@@ -113,6 +116,8 @@ def run_config(name: str, seed: int, args: argparse.Namespace, out: Path) -> dic
             cfg['bn_freeze_epochs'] = args.bn_freeze_epochs
         if args.bn_renorm_epochs is not None:
             cfg['bn_renorm_epochs'] = args.bn_renorm_epochs
+        if args.bn_recalibration_mode is not None:
+            cfg['bn_recalibration_mode'] = args.bn_recalibration_mode
     return cfg
 
 

@@ -154,6 +154,9 @@ class Recipe:
     label_smoothing: float = 0.0
     bn_recalibration: int = 0             # after a stage's last epoch: re-estimate BN statistics on this many
                                           # training batches (no gradients, drop path off); 0: off
+    bn_recalibration_mode: Literal['eval', 'train'] = 'eval'   # eval: layer by layer, each BN the statistics
+                                          # of its input with everything upstream in eval mode (the function
+                                          # evaluated); train: one pass in training mode (batch statistics upstream)
     bn_freeze_epochs: int = 0             # the last N epochs of each stage train with BN statistics fixed (eval-mode
                                           # BN; re-estimated first when bn_recalibration > 0); 0: off
     bn_renorm_epochs: int = 0             # the last N epochs of each stage train with Batch Renormalization (forward

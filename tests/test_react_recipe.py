@@ -52,6 +52,7 @@ def test_react_defaults_and_stages():
         ('step1', {'binarizer': 'none', 'epochs': 7, 'bn_freeze_epochs': 0, 'bn_renorm_epochs': 0}, False),
         ('step2', {'weight_decay': 1e-7}, True)]
     assert cifar['bn_recalibration'] == imagenet['bn_recalibration'] == 100
+    assert cifar['bn_recalibration_mode'] == imagenet['bn_recalibration_mode'] == 'eval'
     paper = resolve_train_config(None, {})
     assert paper['op_set'] is None and paper['weight_decay_other'] is None     # the paper recipe is untouched
     assert cifar['bn_freeze_epochs'] == imagenet['bn_freeze_epochs'] == 0
@@ -72,7 +73,7 @@ def test_recalibration_sees_the_training_images_with_the_evaluation_transform():
 
 
 def test_bn_recalibration_is_the_plain_average_of_the_batch_statistics():
-    """Precise BN: each running mean / variance becomes the mean over the batches of the batch mean /
+    """Precise BN in training mode (``bn_recalibration_mode: train``): each running mean / variance becomes the mean over the batches of the batch mean /
     unbiased variance of the final weights' activations; weights, momentum and drop path are untouched."""
     import torch.nn as nn
 
@@ -91,7 +92,7 @@ def test_bn_recalibration_is_the_plain_average_of_the_batch_statistics():
     batches = [(torch.randn(6, 3, 16, 16) * (1 + i), torch.zeros(6, dtype=torch.long)) for i in range(4)]
     before = {k: v.clone() for k, v in model.state_dict().items() if 'running' not in k and 'num_batches' not in k}
     ctx = init_distributed('cpu')
-    assert recalibrate_bn(model, batches, 3, ctx=ctx) == 18
+    assert recalibrate_bn(model, batches, 3, ctx=ctx, mode='train') == 18
     hook.remove()
     assert len(seen) == 3
     mean = torch.stack([m for m, _ in seen]).mean(0)
@@ -101,6 +102,58 @@ def test_bn_recalibration_is_the_plain_average_of_the_batch_statistics():
     assert all(m.momentum == 0.1 for m in bns) and model.drop_path_prob == 0.3 and not model.training
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize('cached', [True, False])
+def test_eval_mode_recalibration_gives_each_bn_the_statistics_of_the_evaluated_network(monkeypatch, cached):
+    """``bn_recalibration_mode: eval`` (the default): after re-estimation, every BN's running mean / variance
+    are the average over the batches of the batch mean / unbiased variance of its input *in the eval-mode
+    network with the new statistics*; this differs from training-mode re-estimation; weights, momentum,
+    drop path and the train/eval flag are untouched. ``cached=False``: the batches are read again per BN."""
+    import torch.nn as nn
+
+    from bnas_nni.distributed import init_distributed
+    from bnas_nni.networks import build_model
+    from bnas_nni.train import loop
+
+    if not cached:
+        monkeypatch.setattr(loop, 'RECALIBRATION_CACHE_BYTES', 0)
+    torch.manual_seed(0)
+    model = build_model('bnas-a', init_channels=4, layers=3, op_set='react').train()
+    model.drop_path_prob = 0.3
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    batches = [(torch.randn(6, 3, 16, 16) * (1 + i), torch.zeros(6, dtype=torch.long)) for i in range(4)]
+    before = {k: v.clone() for k, v in model.state_dict().items() if 'running' not in k and 'num_batches' not in k}
+    ctx = init_distributed('cpu')
+    assert loop.recalibrate_bn(model, batches, 3, ctx=ctx, mode='train') == 18
+    by_train = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    assert loop.recalibrate_bn(model, batches, 3, ctx=ctx) == 18                 # mode='eval'
+    assert model.training and model.drop_path_prob == 0.3 and all(m.momentum == 0.1 for m in bns)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    # what the evaluated network feeds each BN, with the statistics just estimated
+    seen = {id(m): [] for m in bns}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: seen[id(mod)].append(inp[0].detach())) for m in bns]
+    model.eval()
+    with torch.no_grad():
+        for x, _ in batches[:3]:
+            model(x)
+    for h in hooks:
+        h.remove()
+    differs = False
+    for m, (train_mean, train_var) in zip(bns, by_train):
+        xs = seen[id(m)]
+        assert len(xs) == 3
+        mean = torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+        var = torch.stack([x.transpose(0, 1).flatten(1).var(1, unbiased=True) for x in xs]).mean(0)
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-4, atol=1e-5)
+        assert int(m.num_batches_tracked) == 3
+        differs |= not torch.allclose(m.running_mean, train_mean, rtol=1e-3, atol=1e-3) or \
+            not torch.allclose(m.running_var, train_var, rtol=1e-3, atol=1e-3)
+    assert differs                       # downstream of the first BN the two estimates are not the same
+    with pytest.raises(ValueError, match='mode must be one of'):
+        loop.recalibrate_bn(model, batches, 3, ctx=ctx, mode='batch')
 
 
 def test_frozen_bn_epochs_train_the_function_that_is_evaluated():
@@ -170,7 +223,7 @@ def test_bn_freeze_epochs_keep_the_re_estimated_statistics(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a if k not in buffers)
     log = (run / 'log.txt').read_text()
     assert 'epochs 1-2 train with BN statistics fixed' in log
-    assert log.count('BN statistics re-estimated on 64 training images') == 1    # before epoch 1, not at the end
+    assert log.count('BN statistics re-estimated layer by layer in eval mode on 64 training images') == 1    # before epoch 1, not at the end
 
 
 def test_bn_renorm_epochs_train_with_the_running_statistics(tmp_path):
@@ -217,7 +270,7 @@ def test_bn_renorm_epochs_train_with_the_running_statistics(tmp_path):
     assert means and all(not torch.equal(a[k], b[k]) for k in means)     # the statistics kept updating
     log = (run / 'log.txt').read_text()
     assert 'epochs 1-2 train with Batch Renormalization' in log
-    assert log.count('BN statistics re-estimated on 64 training images') == 1
+    assert log.count('BN statistics re-estimated layer by layer in eval mode on 64 training images') == 1
 
 
 def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):

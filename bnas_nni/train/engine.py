@@ -317,9 +317,11 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
         freeze_from = epochs - fixed if fixed else None              # the first of them
 
         def recalibrate() -> None:
+            mode = cfg.get('bn_recalibration_mode') or 'eval'
             seen = recalibrate_bn(net, recalibration_loader(cfg, ctx), recal_batches, ctx=ctx, amp=cfg['amp'],
-                                  channels_last=cfg['channels_last'])
-            log(f'BN statistics re-estimated on {seen} training images with the evaluation transform '
+                                  channels_last=cfg['channels_last'], mode=mode)
+            how = 'layer by layer in eval mode' if mode == 'eval' else 'in training mode'
+            log(f'BN statistics re-estimated {how} on {seen} training images with the evaluation transform '
                 "(rank 0's are kept)")
             broadcast_buffers(net, ctx)
 
