@@ -1,7 +1,8 @@
 """The fast cell's kernel paths against the straightforward cell, and the int8 ternary convolution itself.
 
 Every path of :class:`FastBinaryMixedCell` (int8 ternary convs, or fp32 convs in the fused per-state
-function, or the plain per-kernel-type path of ``BNAS_FAST_KERNELS=0``; ReLU recomputed or kept as masks)
+function, or the plain per-kernel-type path of ``BNAS_FAST_KERNELS=0``; ReLU recomputed, or kept as masks
+in weight steps and as values in architecture steps)
 must give what :class:`BinaryMixedCell` gives: outputs, alpha and weight gradients, input gradients and BN
 running statistics, over whole search iterations (architecture step with the weights frozen, then weight
 step) and in eval mode.
@@ -89,17 +90,17 @@ class _Count:
         monkeypatch.setattr(fast_cell._StateBinaryOps, 'apply', counted)
 
 
-PATHS = ['int8', 'int8-masks', 'fused-fp32', 'plain']
+PATHS = ['int8', 'int8-recompute', 'fused-fp32', 'plain']
 
 
 def _select_path(path, monkeypatch):
     """Force one kernel path of the fast cell; returns the fast cell class to use."""
     if path == 'int8' and not kernels.ternary_conv_supported():
         pytest.skip('no int8 convolution here')
-    if path == 'int8-masks':
+    if path == 'int8-recompute':   # ReLU(conv) recomputed in backward (the default keeps masks / ReLU outputs)
         if not kernels.ternary_conv_supported():
             pytest.skip('no int8 convolution here')
-        return type('FastMasks', (FastBinaryMixedCell,), {'recompute_relu_masks': False})
+        return type('FastRecompute', (FastBinaryMixedCell,), {'recompute_relu_masks': True})
     if path == 'fused-fp32':
         monkeypatch.setattr(kernels, 'ternary_conv_supported', lambda: False)
     if path == 'plain':

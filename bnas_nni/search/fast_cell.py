@@ -25,10 +25,10 @@ around its *states* instead of its edges:
   as integers by oneDNN, the per-filter XNOR scale applied once, with the softmax weight; see
   :mod:`.kernels`), about 3x cheaper than fp32; elsewhere, or for weights that are not per-filter-scaled
   signs, fp32 convs. Backward keeps a byte per element for the sign and the straight-through mask, uint8
-  ReLU masks in weight steps, nothing per conv output in architecture steps (the int8 kernel recomputes
-  ``ReLU(conv)``, which the softmax-weight gradient needs); pools are recomputed. The softmax-weight
+  ReLU masks in weight steps, the int8 convs' ``ReLU(conv)`` (exact integer sums, fp32) in architecture
+  steps, which the softmax-weight gradient needs; pools are recomputed. The softmax-weight
   gradient of a conv comes from the adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` when ``dW``
-  is computed anyway, else from the recomputed ``ReLU(conv)``: an architecture step (weights frozen)
+  is computed anyway, else from the kept ``ReLU(conv)``: an architecture step (weights frozen)
   computes no weight-gradient convolution at all. (Folding ``p`` into the weights before the ReLU was
   tried and dropped: ties at 0 then round to +-1 ulp, which flips ReLU gradients.)
 * **Fallbacks.** ``BNAS_FAST_KERNELS=0``, eval mode with unequal BN statistics and activation quantizers
@@ -212,12 +212,14 @@ class _ConvSpec:
 
 def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List[torch.Tensor],
                           weights: List[torch.Tensor], int8: bool, keep_masks: List[bool],
-                          eval_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+                          eval_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                          keep_relu: Optional[List[bool]] = None):
     """Shared body of :class:`_StateBinaryOps` (``ctx`` given) and of the no-grad forward (``ctx`` None):
     batch norm, sign, and per bundle the sum over its convs of ``p * ReLU(conv(sign, W))`` and over its
     pools of ``p * BN(pool(x))``. Returns the bundle outputs, the batch statistics of ``x`` and of each
     pooled tensor; with ``ctx``, stores on it what the backward needs. ``eval_stats``: normalise ``x`` with
-    these running (mean, var) instead (no gradients; bundles then carry no pools)."""
+    these running (mean, var) instead (no gradients; bundles then carry no pools). ``keep_relu[k]``: keep
+    conv ``k``'s ``ReLU(conv)`` (the unscaled sums of an int8 conv) for backward instead of recomputing it."""
     if eval_stats is None:
         xhat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
     else:
@@ -226,7 +228,7 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
     mask_in = (xhat.abs() < 1).view(torch.uint8) if ctx is not None else None
     sign = xhat.sign_()
     s_u8 = kernels.sign_to_uint8(sign) if int8 else None
-    outs, masks, tconvs, scales, pool_stats = [], [], [], [], []
+    outs, masks, tconvs, scales, pool_stats, relus = [], [], [], [], [], []
     k = 0
     for (conv_specs, pool_specs), p in zip(bundles, probs):
         y = None
@@ -240,12 +242,17 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
                 pc = pc * tern[1].to(pc.dtype)
             else:
                 z = F.conv2d(sign, w, None, spec.stride, spec.padding, spec.dilation, spec.groups).clamp_min_(0)
+            kept = ctx is not None and keep_relu is not None and keep_relu[k] and tern is not None
             if ctx is not None:
-                masks.append((z > 0).view(torch.uint8) if keep_masks[k] or tern is None else None)
+                masks.append((z > 0).view(torch.uint8) if (keep_masks[k] or tern is None) and not kept else None)
                 tconvs.append(tern[0] if tern is not None else None)
                 scales.append(tern[1] if tern is not None else None)
+                relus.append(z if kept else None)
             pc = pc.view(1, -1, 1, 1)
-            y = z.mul_(pc) if y is None else y.addcmul_(z, pc)
+            if y is None:
+                y = z * pc if kept else z.mul_(pc)
+            else:
+                y.addcmul_(z, pc)
             k += 1
         n_edges = p.size(1)
         for q, pspec in enumerate(pool_specs):
@@ -257,11 +264,13 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
     if ctx is not None:
         ctx.tconvs, ctx.n_masks = tconvs, [m is not None for m in masks]
         ctx.n_scales = [sc is not None for sc in scales]
+        ctx.n_relus = [r is not None for r in relus]
         ctx.s_is_u8 = s_u8 is not None
         # the sign, compactly: uint8 s + 1 when the int8 path made it, else int8 s
         s_c = s_u8 if s_u8 is not None else sign.to(torch.int8)
         ctx.save_for_backward(x, mean, invstd, mask_in, s_c, *[m for m in masks if m is not None],
-                              *[sc for sc in scales if sc is not None], *pool_stats, *probs, *weights)
+                              *[sc for sc in scales if sc is not None], *[r for r in relus if r is not None],
+                              *pool_stats, *probs, *weights)
     return outs, mean, invstd, pool_stats
 
 
@@ -280,8 +289,8 @@ class _StateBinaryOps(torch.autograd.Function):
     Kept for backward: the ``|BN(x)| < 1`` mask and the sign, one byte per element each; the state itself
     (kept anyway by its other readers); the pools' batch statistics; uint8 ReLU masks of the convs when
     weight gradients are needed (``recompute`` True and int8 convs: none, the backward recomputes
-    ``ReLU(conv)`` with the int8 kernel instead). Without weight gradients (the architecture step) nothing
-    per conv output is kept: the int8 kernel recomputes ``ReLU(conv)``. Pools are recomputed. The gradient of each conv's softmax weight comes from the adjoint identity
+    ``ReLU(conv)`` with the int8 kernel instead). Without weight gradients (the architecture step) the int8
+    convs' ``ReLU(conv)`` is kept (``recompute`` True: recomputed by the int8 kernel). Pools are recomputed. The gradient of each conv's softmax weight comes from the adjoint identity
     ``sum g * ReLU(conv(s, W)) = sum W * dW`` when the weight gradient ``dW`` is computed anyway, else
     (architecture step, weights frozen) from ``ReLU(conv)``, cheaper than a weight-gradient convolution.
     Inputs: ``x, eps, bundles, n_bundles, int8, recompute, *probs, *weights``; ``bundles[b]`` is
@@ -295,8 +304,10 @@ class _StateBinaryOps(torch.autograd.Function):
         probs, weights = list(tensors[:n_bundles]), list(tensors[n_bundles:])
         need_w = ctx.needs_input_grad[6 + n_bundles:]
         keep_masks = [bool(nw) and not recompute for nw in need_w]
+        # without weight gradients (architecture step) the backward needs ReLU(conv) itself
+        keep_relu = [not nw and not recompute for nw in need_w]
         outs, mean, invstd, pool_stats = _binary_state_forward(ctx, x, eps, bundles, probs, weights, int8,
-                                                               keep_masks)
+                                                               keep_masks, keep_relu=keep_relu)
         ctx.eps, ctx.bundles, ctx.n_bundles = eps, bundles, n_bundles
         ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(mean, invstd, *pool_stats)
@@ -311,6 +322,7 @@ class _StateBinaryOps(torch.autograd.Function):
         rest = iter(saved[5:])
         masks = [next(rest) if has else None for has in ctx.n_masks]
         scales = [next(rest) if has else None for has in ctx.n_scales]
+        relus = [next(rest) if has else None for has in ctx.n_relus]
         pool_stats = [next(rest) for _, pools in ctx.bundles for _ in range(2 * len(pools))]
         probs = [next(rest) for _ in range(nb)]
         weights = list(rest)
@@ -346,8 +358,10 @@ class _StateBinaryOps(torch.autograd.Function):
             for t, spec in enumerate(conv_specs):
                 w, mask, tconv, scale = weights[k], masks[k], ctx.tconvs[k], scales[k]
                 pc = p[t].repeat_interleave(spec.c_out).view(-1, 1, 1, 1)
-                z = None  # ReLU(conv) (for int8 convs: the unscaled integer sums)
-                if mask is not None:
+                z = relus[k]  # ReLU(conv) (for int8 convs: the unscaled integer sums), when kept
+                if z is not None:
+                    gm = torch.ops.aten.threshold_backward(g, z, 0)
+                elif mask is not None:
                     gm = g * mask  # through the ReLU; the gradient w.r.t. the conv output is gm * p
                 else:
                     with _scope('bnas::recompute'):
@@ -720,10 +734,11 @@ class FastBinaryMixedCell(BinaryMixedCell):
         The cell returns its output in the layout of its input either way; a model run channels-last end
         to end (``model.to(memory_format=torch.channels_last)`` and channels-last inputs) converts nothing.
     recompute_relu_masks : bool
-        With int8 convs, recompute ``ReLU(conv)`` in the backward of a step that computes weight gradients
-        instead of keeping a byte mask per conv output element (off by default: the masks cost ~120 MiB at
-        batch 32 on the paper supernet and save ~15% of a weight step on CPU). Steps without weight
-        gradients (the architecture step) always recompute: they need ``ReLU(conv)`` itself.
+        With int8 convs, recompute ``ReLU(conv)`` in backward instead of keeping a byte mask per conv output
+        element (steps with weight gradients) or ``ReLU(conv)`` itself in fp32 (the architecture step, whose
+        softmax-weight gradient needs it). Off by default: at batch 64 on the paper supernet the masks and
+        outputs cost a few hundred MiB and save ~15% of a weight step and the int8 recompute of an
+        architecture step (~5% of an iteration) on CPU.
     pool_channels_last : bool
         Pool in channels-last layout on CPU (on by default: PyTorch's NHWC max/avg pooling kernels are several
         times faster there; the result is the same).
