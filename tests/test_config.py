@@ -121,3 +121,7 @@ def test_bn_epoch_options_are_checked():
         resolve_train_config(None, {'bn_renorm_epochs': -1})
     with pytest.raises(ConfigError, match='exclude each other: set one of them to 0'):
         resolve_train_config(None, {'bn_renorm_epochs': 1, 'bn_freeze_epochs': 1})
+    assert resolve_train_config(None, {})['bn_recalibration_mode'] == 'eval'
+    assert resolve_train_config(None, {'bn_recalibration_mode': 'train'})['bn_recalibration_mode'] == 'train'
+    with pytest.raises(ConfigError, match="bn_recalibration_mode='batch'; choose one of eval, train"):
+        resolve_train_config(None, {'bn_recalibration_mode': 'batch'})

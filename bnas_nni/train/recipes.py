@@ -31,7 +31,9 @@ Presets:
                         conv weights only, 5e-6 in step 1 and ``step2_weight_decay`` (0) in step 2,
                         no drop path; distillation from ``teacher`` (else cross entropy); after
                         each step's last epoch the BN statistics are re-estimated on 100 training
-                        batches (``bn_recalibration``, precise BN; ``bn_freeze_epochs`` N instead
+                        batches, layer by layer with everything upstream in eval mode
+                        (``bn_recalibration``, ``bn_recalibration_mode: eval``, precise BN of the
+                        evaluated network; ``bn_freeze_epochs`` N instead
                         re-estimates them before step 2's last N epochs and trains those with the
                         statistics fixed, ``bn_renorm_epochs`` N with Batch Renormalization). 300 +
                         300 epochs, the paper recipe's 600 in all.
