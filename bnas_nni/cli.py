@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 # made every command ~25% slower on a quiet machine (the paper search epoch: 73-77 s against 93-100 s on
 # 2 cores), because the supernet's many small parallel regions then wake sleeping threads each time. On
 # a machine shared with other CPU work, export OMP_WAIT_POLICY=PASSIVE (the test suite does).
-from .errors import BNASError  # noqa: E402
+from .errors import BNASError
 
 # subcommand modules, each with ``register(subparsers)``
 COMMAND_MODULES = (

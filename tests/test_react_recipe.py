@@ -73,8 +73,9 @@ def test_recalibration_sees_the_training_images_with_the_evaluation_transform():
 
 
 def test_bn_recalibration_is_the_plain_average_of_the_batch_statistics():
-    """Precise BN in training mode (``bn_recalibration_mode: train``): each running mean / variance becomes the mean over the batches of the batch mean /
-    unbiased variance of the final weights' activations; weights, momentum and drop path are untouched."""
+    """Precise BN in training mode (``bn_recalibration_mode: train``): each running mean / variance becomes
+    the mean over the batches of the batch mean / unbiased variance of the final weights' activations;
+    weights, momentum and drop path are untouched."""
     import torch.nn as nn
 
     from bnas_nni.distributed import init_distributed

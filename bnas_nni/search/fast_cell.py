@@ -244,7 +244,7 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
                 z = F.conv2d(sign, w, None, spec.stride, spec.padding, spec.dilation, spec.groups).clamp_min_(0)
             kept = ctx is not None and keep_relu is not None and keep_relu[k] and tern is not None
             if ctx is not None:
-                masks.append((z > 0).view(torch.uint8) if (keep_masks[k] or tern is None) and not kept else None)
+                masks.append((z > 0).view(torch.uint8) if keep_masks[k] or tern is None else None)
                 tconvs.append(tern[0] if tern is not None else None)
                 scales.append(tern[1] if tern is not None else None)
                 relus.append(z if kept else None)
@@ -736,9 +736,8 @@ class FastBinaryMixedCell(BinaryMixedCell):
     recompute_relu_masks : bool
         With int8 convs, recompute ``ReLU(conv)`` in backward instead of keeping a byte mask per conv output
         element (steps with weight gradients) or ``ReLU(conv)`` itself in fp32 (the architecture step, whose
-        softmax-weight gradient needs it). Off by default: at batch 64 on the paper supernet the masks and
-        outputs cost a few hundred MiB and save ~15% of a weight step and the int8 recompute of an
-        architecture step (~5% of an iteration) on CPU.
+        softmax-weight gradient needs it). Off by default: on the paper supernet at batch 64 keeping them
+        costs ~1.1 GiB of peak memory and saves ~10% of a full search iteration on CPU (README, Benchmarks).
     pool_channels_last : bool
         Pool in channels-last layout on CPU (on by default: PyTorch's NHWC max/avg pooling kernels are several
         times faster there; the result is the same).

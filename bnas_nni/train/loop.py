@@ -335,7 +335,7 @@ def recalibrate_bn(net: nn.Module, loader: Any, batches: int, *, ctx: DistContex
     :math:`\sigma^2_k = \frac{1}{B}\sum_b \mathrm{var}(x_{k,b})` with
     :math:`x_{k,b} = f_{<k}^{\mathrm{eval}}(\mathrm{batch}_b)`. In a binary network the two differ: a
     shift of an upstream normalisation flips signs, which moves every later distribution; one seed of
-    ``bench/recipes.py`` lost 10 points of eval accuracy to that with ``'train'``. Costs one partial
+    ``bench/recipes.py`` lost 4.6 points of test accuracy to that with ``'train'`` (74.26 against 78.86 %). Costs one partial
     forward per BN and batch (about #BN / 2 eval forwards of the batches); the batches are kept in memory
     when they fit in 1 GiB, else the loader is read again for each BN (it must yield the same batches
     each time, as a sampler without ``set_epoch`` does). A BN called twice in one forward gets the
@@ -391,10 +391,11 @@ def _recalibrate_layer_by_layer(net: nn.Module, bns: List[nn.Module], loader: An
 
     # forward order: the order in which the BNs first see an input
     order: List[nn.Module] = []
-    wanted = set(map(id, bns))
+    noted = set()
 
     def note(module, _inputs):
-        if id(module) in wanted and all(module is not m for m in order):
+        if id(module) not in noted:
+            noted.add(id(module))
             order.append(module)
 
     handles = [m.register_forward_pre_hook(note) for m in bns]
