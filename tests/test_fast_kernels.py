@@ -97,7 +97,7 @@ def _select_path(path, monkeypatch):
     """Force one kernel path of the fast cell; returns the fast cell class to use."""
     if path == 'int8' and not kernels.ternary_conv_supported():
         pytest.skip('no int8 convolution here')
-    if path == 'int8-recompute':   # ReLU(conv) recomputed in backward (the default keeps masks / ReLU outputs)
+    if path == 'int8-recompute':   # ReLU(conv) recomputed in backward (the default keeps the ReLU outputs)
         if not kernels.ternary_conv_supported():
             pytest.skip('no int8 convolution here')
         return type('FastRecompute', (FastBinaryMixedCell,), {'recompute_relu_masks': True})
@@ -270,22 +270,60 @@ def test_cell_keeps_the_callers_memory_format():
 
 
 @needs_int8
-def test_packed_weights_follow_weight_changes():
-    """The packed int8 weights are reused only while the weight signs are unchanged."""
+def test_packed_weights_follow_weight_changes(monkeypatch):
+    """The packed int8 weights are reused, without even reading the weights, while every latent weight keeps
+    its storage and version; an in-place change, a new tensor behind a parameter or a new parameter makes the
+    cell repack."""
     ref, fast = _pair(torch.float32, init_channels=4, layers=2, num_nodes=2)
     x = torch.randn(2, 3, 16, 16)
     for model in (ref, fast):
         model.eval()
+    reads = []
+    real = kernels.ternary_weight
+    monkeypatch.setattr(kernels, 'ternary_weight', lambda w, trusted=False: reads.append(1) or real(w, trusted))
+
+    def flip_signs(change):
+        for model in (ref, fast):
+            for name, p in list(model.named_parameters()):
+                if name.endswith('op.0.weight') and p.dim() == 4 and p.shape[-1] > 1:
+                    change(model, name, p)
+
+    def renew(model, name, p):
+        owner = model.get_submodule(name.rsplit('.', 1)[0])
+        owner.weight = torch.nn.Parameter(-p.detach().clone())
+
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), **dict(zip(('rtol', 'atol'), TOL[torch.float32])))
         specs = [c.spec for m in fast.modules() if type(m) is FastBinaryMixedCell
                  for plan in m._plans for bundles in plan.bundles.values() for b in bundles for c in b.convs]
         packed = [s._packed for s in specs]
+        reads.clear()
         fast(x)
-        assert [s._packed for s in specs] == packed       # same weights: nothing repacked
-        for model in (ref, fast):
-            for n, p in model.named_parameters():
-                if n.endswith('op.0.weight') and p.dim() == 4 and p.shape[-1] > 1:
-                    p.neg_()                               # every sign flips
-        assert torch.allclose(fast(x), ref(x), *TOL[torch.float32])
-        assert all(s._packed is not old for s, old in zip(specs, packed))
+        assert [s._packed for s in specs] == packed and not reads   # same weights: nothing read or repacked
+        for change in (lambda m, n, p: p.neg_(),                      # in place: every sign flips
+                       lambda m, n, p: setattr(p, 'data', -p.data),   # a new tensor behind the parameter
+                       renew):                                        # a new parameter
+            flip_signs(change)
+            assert torch.allclose(fast(x), ref(x), *TOL[torch.float32])
+            assert all(s._packed is not old for s, old in zip(specs, packed))
+            packed = [s._packed for s in specs]
+
+
+def test_strided_dilated_convs_run_on_the_subsampled_input():
+    """A conv with stride s = dilation s and padding a multiple of s is the stride-1 undilated conv of
+    x[:, :, ::s, ::s] (exactly: the same products), for even and odd sizes; the reduction cells' dilated
+    convs run that way (their gradients are checked against the straightforward cell above)."""
+    g = torch.Generator().manual_seed(3)
+    for size in (8, 9, 16):
+        x = torch.randn(2, 5, size, size, generator=g, dtype=torch.float64)
+        for k in (3, 5):
+            w = torch.randn(7, 5, k, k, generator=g, dtype=torch.float64)
+            want = F.conv2d(x, w, None, 2, 2 * (k // 2), 2)
+            got = F.conv2d(fast_cell._subsample(x, 2), w, None, 1, k // 2, 1)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    _, fast = _pair(torch.float32, init_channels=4, layers=3, num_nodes=3)
+    specs = [c.spec for m in fast.modules() if type(m) is FastBinaryMixedCell
+             for plan in m._plans for bundles in plan.bundles.values() for b in bundles for c in b.convs]
+    subsampled = [s for s in specs if s.sub == 2]
+    assert subsampled and all(s.stride == (1, 1) and s.dilation == (1, 1) for s in subsampled)
+    assert any(s.sub == 1 and s.dilation == (2, 2) for s in specs)   # normal cells' dilated convs stay dilated

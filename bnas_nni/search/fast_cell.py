@@ -24,9 +24,13 @@ around its *states* instead of its edges:
   On CPU the binary convolutions are exact int8 ternary convolutions (``sign(x)`` times ``sign(W)`` summed
   as integers by oneDNN, the per-filter XNOR scale applied once, with the softmax weight; see
   :mod:`.kernels`), about 3x cheaper than fp32; elsewhere, or for weights that are not per-filter-scaled
-  signs, fp32 convs. Backward keeps a byte per element for the sign and the straight-through mask, uint8
-  ReLU masks in weight steps, the int8 convs' ``ReLU(conv)`` (exact integer sums, fp32) in architecture
-  steps, which the softmax-weight gradient needs; pools are recomputed. The softmax-weight
+  signs, fp32 convs. A reduction cell's dilated convs (stride = dilation = 2) run as the equivalent
+  stride-1, undilated convs of the input subsampled by 2, which oneDNN computes about twice as fast in
+  backward. Backward keeps a byte per element for the sign and the straight-through mask and the int8
+  convs' ``ReLU(conv)`` (exact integer sums, fp32), which the architecture step's softmax-weight gradient
+  needs and whose ReLU backward is the cheapest mask in weight steps (fp32 convs keep a byte mask); pools
+  are recomputed. The packed int8 weights are reused while the latent weights are unchanged (version
+  counters), so a weight step reuses its architecture step's packing. The softmax-weight
   gradient of a conv comes from the adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` when ``dW``
   is computed anyway, else from the kept ``ReLU(conv)``: an architecture step (weights frozen)
   computes no weight-gradient convolution at all. (Folding ``p`` into the weights before the ReLU was
@@ -75,6 +79,14 @@ def _scope(name: str):
     return contextlib.nullcontext()
 
 
+def _through_mask(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``g`` where the (bool or uint8) ``mask`` is set, else 0: the backward of a ReLU or a clipped straight-through
+    sign from its kept mask. The mask is cast to ``g``'s dtype first: PyTorch multiplies a float tensor by a byte
+    tensor on a slow mixed-dtype path (about 10x a float product on CPU), and ``threshold_backward`` (ReLU's own
+    backward) writes +0 where the mask is clear, as the straightforward cell's autograd does."""
+    return torch.ops.aten.threshold_backward(g, mask.to(g.dtype), 0)
+
+
 def _plain_bn(bn: nn.Module) -> bool:
     return type(bn) is nn.BatchNorm2d and not bn.affine
 
@@ -97,7 +109,7 @@ class _BNSignSTE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: torch.Tensor, _gm, _gi):  # type: ignore[override]
         x, mean, invstd, mask = ctx.saved_tensors
-        g = g * mask
+        g = _through_mask(g, mask)
         gx, _, _ = torch.ops.aten.native_batch_norm_backward(g, x, None, None, None, mean, invstd, True, ctx.eps,
                                                              [True, False, False])
         return gx, None
@@ -131,7 +143,7 @@ class _ConvReLUScale(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         s = s.to(ctx.s_dtype)
         need_s, need_w, need_p = ctx.needs_input_grad[:3]
-        gm = g * mask  # through the ReLU; the gradient w.r.t. the conv output is gm * p
+        gm = _through_mask(g, mask)  # through the ReLU; the gradient w.r.t. the conv output is gm * p
         gs = gw = gp = None
         if need_s:
             # conv^T(gm * p, W) == conv^T(gm, p * W): scale the small weight, not the activation
@@ -183,30 +195,64 @@ class _BNWeighted(torch.autograd.Function):
         return gx, gp, None
 
 
+def _subsample(t: torch.Tensor, s: int) -> torch.Tensor:
+    """``t[:, :, ::s, ::s]`` in ``t``'s memory format (the input of a :class:`_ConvSpec` with ``sub`` s)."""
+    if s == 1:
+        return t
+    fmt = torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return t[:, :, ::s, ::s].contiguous(memory_format=fmt)
+
+
 class _ConvSpec:
     """One merged convolution of a bundle: geometry, output channels per op, and the packed int8 weights of
-    its last ternary call (reused while the weight signs are unchanged: from the architecture step to the
-    weight step of one iteration, and over evaluation batches)."""
+    its last ternary call, reused while the weights are unchanged.
 
-    __slots__ = ('stride', 'padding', 'dilation', 'groups', 'c_out', 'trusted', '_q', '_packed')
+    ``source`` (set by the caller before each forward): the identity and version counters of the latent
+    weights the binarized weight was made from. While it equals the key of the cached result, ``ternary``
+    returns that result without looking at the weight (the weight step after an architecture step, evaluation
+    batches); any in-place change of a latent weight (optimizer step, latent constraint, state-dict load)
+    bumps its version. Only stateless binarizers (xnor, sign) are cached this way; for the others, and when
+    the key changed, the signs are compared and the int8 weights repacked only if they differ."""
 
-    def __init__(self, conv: BinaryConv2d) -> None:
+    __slots__ = ('stride', 'padding', 'dilation', 'groups', 'sub', 'c_out', 'trusted', 'source', '_q', '_packed',
+                 '_scale', '_source')
+
+    def __init__(self, conv: BinaryConv2d, trusted: bool) -> None:
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        # stride s == dilation s (the dilated convs of a reduction cell), padding a multiple of s: every tap
+        # reads x at s * (o + t) - p, so the conv is the stride-1, dilation-1 conv with padding p / s of the
+        # input subsampled by s (x[:, :, ::s, ::s]), the same sums. oneDNN runs the strided dilated conv's
+        # backward about 2x slower than this equivalent one.
+        self.sub = 1
+        stride, dilation, padding = tuple(conv.stride), tuple(conv.dilation), conv.padding
+        if len(stride) == 2 and stride[0] == stride[1] > 1 and dilation == stride and isinstance(padding, tuple) \
+                and all(isinstance(q, int) and q % stride[0] == 0 for q in padding):
+            self.sub = stride[0]
+            self.stride, self.dilation = (1, 1), (1, 1)
+            self.padding = tuple(q // self.sub for q in padding)
         self.c_out = conv.out_channels
         # binarizers whose output is sign * per-filter scale by construction (others are checked per call)
-        self.trusted = type(conv.weight_quantizer) in (XnorBinarizer, SignBinarizer)
+        self.trusted = trusted
+        self.source: Optional[Tuple] = None
         self._q: Optional[torch.Tensor] = None
         self._packed: Optional[kernels.TernaryConv] = None
+        self._scale: Optional[torch.Tensor] = None
+        self._source: Optional[Tuple] = None
 
     def ternary(self, w: torch.Tensor) -> Optional[Tuple[kernels.TernaryConv, torch.Tensor]]:
         """The int8 convolution of ``w`` and its per-filter scale, or None if ``w`` is not ternary."""
+        if self.source is not None and self.source == self._source:
+            return self._packed, self._scale
         tw = kernels.ternary_weight(w, trusted=self.trusted)
         if tw is None:
+            self._source = None
             return None
         q, scale = tw
         if self._packed is None or self._q.shape != q.shape or not torch.equal(self._q, q):
             self._packed = kernels.TernaryConv(q, self.stride, self.padding, self.dilation, self.groups)
             self._q = q
+        self._scale = scale
+        self._source = self.source if self.trusted else None
         return self._packed, scale
 
 
@@ -228,6 +274,16 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
     mask_in = (xhat.abs() < 1).view(torch.uint8) if ctx is not None else None
     sign = xhat.sign_()
     s_u8 = kernels.sign_to_uint8(sign) if int8 else None
+    subsampled: Dict[Tuple[int, int], torch.Tensor] = {}  # (id of the full tensor, s) -> its subsampling
+
+    def conv_input(t: torch.Tensor, spec: _ConvSpec) -> torch.Tensor:
+        if spec.sub == 1:
+            return t
+        key = (id(t), spec.sub)
+        if key not in subsampled:
+            subsampled[key] = _subsample(t, spec.sub)
+        return subsampled[key]
+
     outs, masks, tconvs, scales, pool_stats, relus = [], [], [], [], [], []
     k = 0
     for (conv_specs, pool_specs), p in zip(bundles, probs):
@@ -238,13 +294,14 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
             pc = p[t].repeat_interleave(spec.c_out)
             if tern is not None:
                 # exact integer sums ReLU(sum s * sign(W)); the per-filter scale goes with the softmax weight
-                z = tern[0](s_u8, relu=True)
+                z = tern[0](conv_input(s_u8, spec), relu=True)
                 pc = pc * tern[1].to(pc.dtype)
             else:
-                z = F.conv2d(sign, w, None, spec.stride, spec.padding, spec.dilation, spec.groups).clamp_min_(0)
+                z = F.conv2d(conv_input(sign, spec), w, None, spec.stride, spec.padding, spec.dilation,
+                             spec.groups).clamp_min_(0)
             kept = ctx is not None and keep_relu is not None and keep_relu[k] and tern is not None
             if ctx is not None:
-                masks.append((z > 0).view(torch.uint8) if keep_masks[k] or tern is None else None)
+                masks.append((z > 0).view(torch.uint8) if (keep_masks[k] and not kept) or tern is None else None)
                 tconvs.append(tern[0] if tern is not None else None)
                 scales.append(tern[1] if tern is not None else None)
                 relus.append(z if kept else None)
@@ -287,10 +344,9 @@ class _StateBinaryOps(torch.autograd.Function):
     fp32.
 
     Kept for backward: the ``|BN(x)| < 1`` mask and the sign, one byte per element each; the state itself
-    (kept anyway by its other readers); the pools' batch statistics; uint8 ReLU masks of the convs when
-    weight gradients are needed (``recompute`` True and int8 convs: none, the backward recomputes
-    ``ReLU(conv)`` with the int8 kernel instead). Without weight gradients (the architecture step) the int8
-    convs' ``ReLU(conv)`` is kept (``recompute`` True: recomputed by the int8 kernel). Pools are recomputed. The gradient of each conv's softmax weight comes from the adjoint identity
+    (kept anyway by its other readers); the pools' batch statistics; the int8 convs' ``ReLU(conv)``
+    (``recompute`` True: none, the backward recomputes it with the int8 kernel), uint8 ReLU masks of fp32
+    convs. Pools are recomputed. The gradient of each conv's softmax weight comes from the adjoint identity
     ``sum g * ReLU(conv(s, W)) = sum W * dW`` when the weight gradient ``dW`` is computed anyway, else
     (architecture step, weights frozen) from ``ReLU(conv)``, cheaper than a weight-gradient convolution.
     Inputs: ``x, eps, bundles, n_bundles, int8, recompute, *probs, *weights``; ``bundles[b]`` is
@@ -304,8 +360,10 @@ class _StateBinaryOps(torch.autograd.Function):
         probs, weights = list(tensors[:n_bundles]), list(tensors[n_bundles:])
         need_w = ctx.needs_input_grad[6 + n_bundles:]
         keep_masks = [bool(nw) and not recompute for nw in need_w]
-        # without weight gradients (architecture step) the backward needs ReLU(conv) itself
-        keep_relu = [not nw and not recompute for nw in need_w]
+        # int8 convs keep ReLU(conv) itself: the architecture step's softmax-weight gradient needs it, and in
+        # weight steps ReLU's own backward on it is faster than a byte mask (no mask pass in forward, no
+        # mixed-dtype product in backward) for no more peak memory (the architecture step keeps as much)
+        keep_relu = [not recompute] * len(need_w)
         outs, mean, invstd, pool_stats = _binary_state_forward(ctx, x, eps, bundles, probs, weights, int8,
                                                                keep_masks, keep_relu=keep_relu)
         ctx.eps, ctx.bundles, ctx.n_bundles = eps, bundles, n_bundles
@@ -331,13 +389,29 @@ class _StateBinaryOps(torch.autograd.Function):
         need_w = ctx.needs_input_grad[6 + nb:]
         s_f = None  # the sign as a float tensor, made once if needed
 
-        def sign_float() -> torch.Tensor:
+        subsampled: Dict[Tuple[str, int], torch.Tensor] = {}
+
+        def sign_float(sub: int = 1) -> torch.Tensor:
+            """The sign as a float tensor (subsampled by ``sub``), made once."""
             nonlocal s_f
+            if sub > 1:
+                if ('f', sub) not in subsampled:
+                    subsampled['f', sub] = _subsample(sign_float(), sub)
+                return subsampled['f', sub]
             if s_f is None:
                 s_f = s_c.to(ctx.x_dtype)
                 if ctx.s_is_u8:
                     s_f.sub_(1)
             return s_f
+
+        def sign_compact(sub: int) -> torch.Tensor:
+            if sub == 1:
+                return s_c
+            if ('c', sub) not in subsampled:
+                subsampled['c', sub] = _subsample(s_c, sub)
+            return subsampled['c', sub]
+
+        gx_sub: Dict[int, torch.Tensor] = {}  # s -> input gradient of the convs reading x[:, :, ::s, ::s]
 
         gx_sum = None    # gradient w.r.t. sign(BN(x)), summed over the convs
         gx_pools = None  # gradient w.r.t. x through the pools
@@ -362,21 +436,24 @@ class _StateBinaryOps(torch.autograd.Function):
                 if z is not None:
                     gm = torch.ops.aten.threshold_backward(g, z, 0)
                 elif mask is not None:
-                    gm = g * mask  # through the ReLU; the gradient w.r.t. the conv output is gm * p
+                    gm = _through_mask(g, mask)  # through the ReLU; the gradient w.r.t. the conv output is gm * p
                 else:
                     with _scope('bnas::recompute'):
-                        z = tconv(s_c, relu=True)
+                        z = tconv(sign_compact(spec.sub), relu=True)
                     gm = torch.ops.aten.threshold_backward(g, z, 0)
                 conv_args = (spec.stride, spec.padding, spec.dilation, False, [0, 0], spec.groups)
                 if need_x:
                     # conv^T(gm * p, W) == conv^T(gm, p * W): scale the small weight, not the activation
                     with _scope('bnas::input_grad'):
-                        gi = torch.ops.aten.convolution_backward(gm, x, w * pc, None, *conv_args,
-                                                                 [True, False, False])[0]
-                    gx_sum = gi if gx_sum is None else gx_sum.add_(gi)
+                        gi = torch.ops.aten.convolution_backward(gm, x if spec.sub == 1 else sign_float(spec.sub),
+                                                                 w * pc, None, *conv_args, [True, False, False])[0]
+                    if spec.sub == 1:
+                        gx_sum = gi if gx_sum is None else gx_sum.add_(gi)
+                    else:
+                        gx_sub[spec.sub] = gi if spec.sub not in gx_sub else gx_sub[spec.sub].add_(gi)
                 if need_w[k]:
                     with _scope('bnas::weight_grad'):
-                        dw = torch.ops.aten.convolution_backward(gm, sign_float(), w, None, *conv_args,
+                        dw = torch.ops.aten.convolution_backward(gm, sign_float(spec.sub), w, None, *conv_args,
                                                                  [False, True, False])[1]
                     g_weights[k] = dw * pc
                     if gp is not None:
@@ -384,8 +461,8 @@ class _StateBinaryOps(torch.autograd.Function):
                 elif gp is not None:
                     if z is None:
                         with _scope('bnas::recompute'):
-                            z = tconv(s_c, relu=True) if tconv is not None else F.conv2d(
-                                sign_float(), w, None, spec.stride, spec.padding, spec.dilation,
+                            z = tconv(sign_compact(spec.sub), relu=True) if tconv is not None else F.conv2d(
+                                sign_float(spec.sub), w, None, spec.stride, spec.padding, spec.dilation,
                                 spec.groups).clamp_min_(0)
                     gz = (g * z).sum(dim=(0, 2, 3))
                     if scale is not None:
@@ -415,9 +492,13 @@ class _StateBinaryOps(torch.autograd.Function):
             else:
                 kp += 2 * len(pool_specs)
             g_probs[b] = gp
+        for sub, gi in gx_sub.items():
+            if gx_sum is None:
+                gx_sum = torch.zeros_like(x, memory_format=torch.preserve_format)
+            gx_sum[:, :, ::sub, ::sub].add_(gi)
         gx = None
         if need_x and gx_sum is not None:
-            gx_sum.mul_(mask_in)
+            gx_sum = _through_mask(gx_sum, mask_in)
             gx = torch.ops.aten.native_batch_norm_backward(gx_sum, x, None, None, None, mean, invstd, True,
                                                            ctx.eps, [True, False, False])[0]
         if need_x and gx_pools is not None:
@@ -592,7 +673,23 @@ class _MergedConv:
 
     def __init__(self, items: List[Tuple[int, str, BNConvReLU]]) -> None:
         self.items = items
-        self.spec = _ConvSpec(items[0][2].op[0])
+        self.spec = _ConvSpec(items[0][2].op[0], trusted=all(_stateless_binarizer(op.op[0]) for _, _, op in items))
+
+    def source_key(self) -> Optional[Tuple]:
+        """What the binarized weight is made from, read now: each conv's latent weight (storage and version
+        counter) and binarizer; None unless every binarizer is a stateless one."""
+        key = []
+        for _, _, op in self.items:
+            conv = op.op[0]
+            if not _stateless_binarizer(conv):
+                return None
+            key.append((conv.weight.data_ptr(), conv.weight._version, id(conv.weight_quantizer)))
+        return tuple(key)
+
+
+def _stateless_binarizer(conv: BinaryConv2d) -> bool:
+    """Binarizers whose output is sign * per-filter scale by construction and depends on the weight only."""
+    return type(conv.weight_quantizer) in (XnorBinarizer, SignBinarizer)
 
 
 class _PoolSpec:
@@ -734,10 +831,10 @@ class FastBinaryMixedCell(BinaryMixedCell):
         The cell returns its output in the layout of its input either way; a model run channels-last end
         to end (``model.to(memory_format=torch.channels_last)`` and channels-last inputs) converts nothing.
     recompute_relu_masks : bool
-        With int8 convs, recompute ``ReLU(conv)`` in backward instead of keeping a byte mask per conv output
-        element (steps with weight gradients) or ``ReLU(conv)`` itself in fp32 (the architecture step, whose
-        softmax-weight gradient needs it). Off by default: on the paper supernet at batch 64 keeping them
-        costs ~1.1 GiB of peak memory and saves ~10% of a full search iteration on CPU (README, Benchmarks).
+        With int8 convs, recompute ``ReLU(conv)`` in backward instead of keeping it (fp32) for the
+        architecture step's softmax-weight gradient and the weight step's ReLU backward. Off by default: on
+        the paper supernet at batch 64 keeping it costs ~1.1 GiB of peak memory and saves ~10% of a full
+        search iteration on CPU (README, Benchmarks).
     pool_channels_last : bool
         Pool in channels-last layout on CPU (on by default: PyTorch's NHWC max/avg pooling kernels are several
         times faster there; the result is the same).
@@ -924,7 +1021,11 @@ class FastBinaryMixedCell(BinaryMixedCell):
             idx = self._index([row[(i, j)] * n_ops + col[name] for items_ in rows for i, name, _ in items_],
                               x.device)
             p_list.append(flat.index_select(0, idx).view(len(rows), -1).to(x.dtype))
-        weights = [self._merged_weight(c.items) for bundle in bundles for c in bundle.convs]
+        weights = []
+        for bundle in bundles:
+            for c in bundle.convs:
+                c.spec.source = c.source_key()
+                weights.append(self._merged_weight(c.items))
         specs = [([c.spec for c in bundle.convs], [fp.spec for fp in bundle.pools] if with_pools else [])
                  for bundle in bundles]
         int8 = x.dtype == torch.float32 and x.device.type == 'cpu' and kernels.ternary_conv_supported()
