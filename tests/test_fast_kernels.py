@@ -327,3 +327,28 @@ def test_strided_dilated_convs_run_on_the_subsampled_input():
     subsampled = [s for s in specs if s.sub == 2]
     assert subsampled and all(s.stride == (1, 1) and s.dilation == (1, 1) for s in subsampled)
     assert any(s.sub == 1 and s.dilation == (2, 2) for s in specs)   # normal cells' dilated convs stay dilated
+
+
+def test_dilated_weight_gradient_over_the_phases():
+    """A stride-1 conv with dilation d and padding d * (k // 2): its weight gradient is the undilated conv's
+    over the d * d polyphase components stacked along the batch. The fast cell takes that route where the
+    dilated kernel spans the image (the 5x5 at 8x8 here; not the 3x3), tested against the straightforward
+    cell by the search iterations above (their 8x8 cells)."""
+    g = torch.Generator().manual_seed(4)
+    for k, size in ((5, 8), (3, 4), (5, 6)):
+        x = torch.randn(3, 4, size, size, generator=g, dtype=torch.float64)
+        gout = torch.randn(3, 6, size, size, generator=g, dtype=torch.float64)
+        w = torch.randn(6, 4, k, k, generator=g, dtype=torch.float64)
+        want = torch.ops.aten.convolution_backward(gout, x, w, None, [1, 1], [2 * (k // 2)] * 2, [2, 2], False,
+                                                   [0, 0], 1, [False, True, False])[1]
+        got = torch.ops.aten.convolution_backward(fast_cell._phases(gout, 2), fast_cell._phases(x, 2), w, None,
+                                                  [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1,
+                                                  [False, True, False])[1]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    _, fast = _pair(torch.float32, init_channels=4, layers=3, num_nodes=3)
+    specs = [c.spec for m in fast.modules() if type(m) is FastBinaryMixedCell
+             for plan in m._plans for bundles in plan.bundles.values() for b in bundles for c in b.convs]
+    out8 = torch.empty(1, 1, 8, 8)
+    assert {s.kernel_size: s.phase_split(out8) for s in specs if s.sub == 1 and s.dilation == (2, 2)} \
+        == {(3, 3): 1, (5, 5): 2}
+    assert all(s.phase_split(torch.empty(1, 1, 16, 16)) == 1 for s in specs)

@@ -203,6 +203,14 @@ def _subsample(t: torch.Tensor, s: int) -> torch.Tensor:
     return t[:, :, ::s, ::s].contiguous(memory_format=fmt)
 
 
+def _phases(t: torch.Tensor, d: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [d * d * B, C, H / d, W / d]``: the ``d * d`` polyphase components ``t[:, :, a::d, b::d]``
+    stacked along the batch (phase-major), channels-last."""
+    b, c, h, w = t.shape
+    return t.unflatten(3, (w // d, d)).unflatten(2, (h // d, d)).permute(3, 5, 0, 1, 2, 4) \
+        .reshape(d * d * b, c, h // d, w // d).contiguous(memory_format=torch.channels_last)
+
+
 class _ConvSpec:
     """One merged convolution of a bundle: geometry, output channels per op, and the packed int8 weights of
     its last ternary call, reused while the weights are unchanged.
@@ -214,11 +222,12 @@ class _ConvSpec:
     bumps its version. Only stateless binarizers (xnor, sign) are cached this way; for the others, and when
     the key changed, the signs are compared and the int8 weights repacked only if they differ."""
 
-    __slots__ = ('stride', 'padding', 'dilation', 'groups', 'sub', 'c_out', 'trusted', 'source', '_q', '_packed',
-                 '_scale', '_source')
+    __slots__ = ('stride', 'padding', 'dilation', 'groups', 'kernel_size', 'sub', 'c_out', 'trusted', 'source', '_q',
+                 '_packed', '_scale', '_source')
 
     def __init__(self, conv: BinaryConv2d, trusted: bool) -> None:
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.kernel_size = tuple(conv.kernel_size)
         # stride s == dilation s (the dilated convs of a reduction cell), padding a multiple of s: every tap
         # reads x at s * (o + t) - p, so the conv is the stride-1, dilation-1 conv with padding p / s of the
         # input subsampled by s (x[:, :, ::s, ::s]), the same sums. oneDNN runs the strided dilated conv's
@@ -238,6 +247,23 @@ class _ConvSpec:
         self._packed: Optional[kernels.TernaryConv] = None
         self._scale: Optional[torch.Tensor] = None
         self._source: Optional[Tuple] = None
+
+    def phase_split(self, out: torch.Tensor) -> int:
+        """``d`` when this conv's weight gradient should run over the ``d * d`` polyphase components, else 1.
+
+        A stride-1 conv with dilation ``d`` and padding ``d * (k // 2)`` maps output phase ``(a, b)`` from
+        input phase ``(a, b)`` only: it is the undilated conv (padding ``k // 2``) of each phase, and its
+        weight gradient the undilated one over the phases stacked along the batch, the same products. Used
+        where the dilated kernel spans the whole (even-sized) image, the case oneDNN's dilated
+        weight-gradient kernel handles at about half its usual rate (a 5x5 kernel, dilation 2, at 8x8)."""
+        d = self.dilation[0]
+        h, w = out.shape[-2:]
+        k = self.kernel_size
+        if d < 2 or tuple(self.dilation) != (d, d) or tuple(self.stride) != (1, 1) or self.groups != 1 \
+                or tuple(self.padding) != (d * (k[0] // 2), d * (k[1] // 2)) or k[0] % 2 == 0 or k[1] % 2 == 0 \
+                or h % d or w % d or (k[0] - 1) * d < h or (k[1] - 1) * d < w:
+            return 1
+        return d
 
     def ternary(self, w: torch.Tensor) -> Optional[Tuple[kernels.TernaryConv, torch.Tensor]]:
         """The int8 convolution of ``w`` and its per-filter scale, or None if ``w`` is not ternary."""
@@ -411,6 +437,11 @@ class _StateBinaryOps(torch.autograd.Function):
                 subsampled['c', sub] = _subsample(s_c, sub)
             return subsampled['c', sub]
 
+        def sign_phases(d: int) -> torch.Tensor:
+            if ('p', d) not in subsampled:
+                subsampled['p', d] = _phases(sign_float(), d)
+            return subsampled['p', d]
+
         gx_sub: Dict[int, torch.Tensor] = {}  # s -> input gradient of the convs reading x[:, :, ::s, ::s]
 
         gx_sum = None    # gradient w.r.t. sign(BN(x)), summed over the convs
@@ -453,8 +484,14 @@ class _StateBinaryOps(torch.autograd.Function):
                         gx_sub[spec.sub] = gi if spec.sub not in gx_sub else gx_sub[spec.sub].add_(gi)
                 if need_w[k]:
                     with _scope('bnas::weight_grad'):
-                        dw = torch.ops.aten.convolution_backward(gm, sign_float(spec.sub), w, None, *conv_args,
-                                                                 [False, True, False])[1]
+                        d = spec.phase_split(gm)
+                        if d > 1:  # the same products, as an undilated conv over the d * d phases
+                            dw = torch.ops.aten.convolution_backward(
+                                _phases(gm, d), sign_phases(d), w, None, [1, 1], [q // d for q in spec.padding],
+                                [1, 1], False, [0, 0], spec.groups, [False, True, False])[1]
+                        else:
+                            dw = torch.ops.aten.convolution_backward(gm, sign_float(spec.sub), w, None, *conv_args,
+                                                                     [False, True, False])[1]
                     g_weights[k] = dw * pc
                     if gp is not None:
                         gp[t] = (w * dw).sum(dim=(1, 2, 3)).view(-1, spec.c_out).sum(1)
