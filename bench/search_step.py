@@ -45,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -372,6 +372,9 @@ def main(argv=None) -> int:
                          '../shared/bench-official beside the checkout)')
     ap.add_argument('--passive', action='store_true',
                     help='OMP_WAIT_POLICY=PASSIVE on every side (steadier on a machine shared with other work)')
+    ap.add_argument('--rounds', type=int, default=1,
+                    help='run the official bench and every row this many times, alternating, and print the '
+                         'medians over rounds and their ratio (steadier on a machine whose speed drifts)')
     ap.add_argument('--quick', action='store_true', help='smoke check: batch 8, 1 warm-up, 2 repeats')
     ap.add_argument('--json', help='also write all results to this file')
     ap.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
@@ -407,6 +410,56 @@ def main(argv=None) -> int:
     print(f'# search step bench: space={args.space} device={args.device} threads={args.threads or "default"} '
           f'warmup={args.warmup} repeats={args.repeats} (median); one fresh process per row'
           f'{"; passive OpenMP waits" if args.passive else ""}', flush=True)
+    if args.rounds < 1:
+        print(f'error: --rounds {args.rounds}: give 1 or more', file=sys.stderr)
+        return 2
+    results = []
+    officials: List[Dict[str, float]] = []
+    for rnd in range(args.rounds):
+        if args.rounds > 1:
+            print(f'# round {rnd + 1} of {args.rounds}', flush=True)
+        official = _bench_round(args, scripts, results)
+        if official is not None:
+            officials.append(official)
+    if args.rounds > 1:
+        _print_rounds(results, officials)
+    if args.device == 'cpu' and not officials:
+        print(f'# for scale, official code at batch 32 on a 2-vCPU VM, 2 threads (notes, not measured here): '
+              f'weight step {OFFICIAL_NOTES_CPU["weight"]} img/s, full iteration {OFFICIAL_NOTES_CPU["full"]} img/s, '
+              f'peak ~{OFFICIAL_NOTES_CPU["peak_mib"]:.0f} MiB; --official SRC measures it here', flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'official': officials, 'rows': results}, f, indent=1)
+    return 0
+
+
+def _print_rounds(results: List[dict], officials: List[Dict[str, float]]) -> None:
+    """Medians over the rounds of each side's per-round median, and the ratio of those."""
+    print(f'# over {len(officials) or "the"} rounds (median of the per-round medians)', flush=True)
+    rows: Dict[tuple, List[dict]] = {}
+    for r in results:
+        rows.setdefault((r['mode'], r['batch'], r['cell']), []).append(r)
+    for mode in MODES:
+        if officials:
+            times = [o[mode + '_s'] for o in officials]
+            print(f'official  {mode:<7} b32  {statistics.median(times):.3f} s  rounds: '
+                  + ' '.join(f'{t:.2f}' for t in times), flush=True)
+        for (m, batch, cell), rs in rows.items():
+            if m != mode:
+                continue
+            med = statistics.median(r['median_s'] for r in rs)
+            line = (f'{cell:<9} {mode:<7} b{batch:<3} {med:.3f} s  rounds: '
+                    + ' '.join(f'{r["median_s"]:.2f}' for r in rs))
+            if officials and batch == 32:
+                ratio = statistics.median(o[mode + '_s'] for o in officials) / med
+                per = [o[mode + '_s'] / r['median_s'] for o, r in zip(officials, rs)]
+                line += (f'   ratio {cell}/official: speed x{ratio:.2f} (per round '
+                         + ' '.join(f'x{x:.2f}' for x in per) + ')')
+            print(line, flush=True)
+
+
+def _bench_round(args, scripts: str, results: List[dict]) -> Optional[Dict[str, float]]:
+    """One round: the official step bench (with --official), then every row; appends the rows' results."""
     official = None
     if args.official:
         print('# official step bench (same sitting) ...', flush=True)
@@ -414,7 +467,6 @@ def main(argv=None) -> int:
         print(f'official  batch 32: weight step {official["weight"]:.2f} img/s, full iteration '
               f'{official["full"]:.2f} img/s ({official["full_s"]:.2f} s), peak RSS {official["peak_mib"]:.0f} MiB',
               flush=True)
-    results = []
     header = (f'{"mode":<7}{"batch":>6}  {"cell":<12}{"median s":>10}{"img/s":>9}{"best img/s":>12}{"CPU s":>8}'
               f'{"peak RSS MiB":>14}')
     if args.device != 'cpu':
@@ -450,14 +502,7 @@ def main(argv=None) -> int:
                     print(f'{"":<13}  ratio {cell}/official: speed x{r["img_s"] / official[mode]:.2f} '
                           f'(best-of x{r["best_img_s"] / official[mode]:.2f}), '
                           f'peak RSS x{r["peak_rss_mib"] / official["peak_mib"]:.2f}', flush=True)
-    if args.device == 'cpu' and official is None:
-        print(f'# for scale, official code at batch 32 on a 2-vCPU VM, 2 threads (notes, not measured here): '
-              f'weight step {OFFICIAL_NOTES_CPU["weight"]} img/s, full iteration {OFFICIAL_NOTES_CPU["full"]} img/s, '
-              f'peak ~{OFFICIAL_NOTES_CPU["peak_mib"]:.0f} MiB; --official SRC measures it here', flush=True)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'official': official, 'rows': results}, f, indent=1)
-    return 0
+    return official
 
 
 if __name__ == '__main__':
