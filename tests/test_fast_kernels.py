@@ -324,9 +324,13 @@ def test_strided_dilated_convs_run_on_the_subsampled_input():
     _, fast = _pair(torch.float32, init_channels=4, layers=3, num_nodes=3)
     specs = [c.spec for m in fast.modules() if type(m) is FastBinaryMixedCell
              for plan in m._plans for bundles in plan.bundles.values() for b in bundles for c in b.convs]
-    subsampled = [s for s in specs if s.sub == 2]
-    assert subsampled and all(s.stride == (1, 1) and s.dilation == (1, 1) for s in subsampled)
-    assert any(s.sub == 1 and s.dilation == (2, 2) for s in specs)   # normal cells' dilated convs stay dilated
+    cpu = {id(s): s.geometry(torch.device('cpu')) for s in specs}
+    subsampled = [s for s in specs if cpu[id(s)][0] == 2]
+    assert subsampled and all(s.stride == s.dilation == (2, 2) and cpu[id(s)][1:] == ((1, 1), (s.padding[0] // 2,
+                                                                                          s.padding[1] // 2), (1, 1))
+                              for s in subsampled)
+    assert any(cpu[id(s)][0] == 1 and s.dilation == (2, 2) for s in specs)   # normal cells' stay dilated
+    assert all(s.geometry(torch.device('meta')) == (1, s.stride, s.padding, s.dilation) for s in specs)  # CPU only
 
 
 def test_dilated_weight_gradient_over_the_phases():
@@ -349,6 +353,7 @@ def test_dilated_weight_gradient_over_the_phases():
     specs = [c.spec for m in fast.modules() if type(m) is FastBinaryMixedCell
              for plan in m._plans for bundles in plan.bundles.values() for b in bundles for c in b.convs]
     out8 = torch.empty(1, 1, 8, 8)
-    assert {s.kernel_size: s.phase_split(out8) for s in specs if s.sub == 1 and s.dilation == (2, 2)} \
+    assert {s.kernel_size: s.phase_split(out8) for s in specs if s.stride == (1, 1) and s.dilation == (2, 2)} \
         == {(3, 3): 1, (5, 5): 2}
     assert all(s.phase_split(torch.empty(1, 1, 16, 16)) == 1 for s in specs)
+    assert all(s.phase_split(torch.empty(1, 1, 8, 8, device='meta')) == 1 for s in specs)   # CPU only

@@ -222,23 +222,21 @@ class _ConvSpec:
     bumps its version. Only stateless binarizers (xnor, sign) are cached this way; for the others, and when
     the key changed, the signs are compared and the int8 weights repacked only if they differ."""
 
-    __slots__ = ('stride', 'padding', 'dilation', 'groups', 'kernel_size', 'sub', 'c_out', 'trusted', 'source', '_q',
-                 '_packed', '_scale', '_source')
+    __slots__ = ('stride', 'padding', 'dilation', 'groups', 'kernel_size', 'c_out', 'trusted', 'source', '_cpu',
+                 '_q', '_packed', '_scale', '_source')
 
     def __init__(self, conv: BinaryConv2d, trusted: bool) -> None:
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.kernel_size = tuple(conv.kernel_size)
         # stride s == dilation s (the dilated convs of a reduction cell), padding a multiple of s: every tap
         # reads x at s * (o + t) - p, so the conv is the stride-1, dilation-1 conv with padding p / s of the
-        # input subsampled by s (x[:, :, ::s, ::s]), the same sums. oneDNN runs the strided dilated conv's
-        # backward about 2x slower than this equivalent one.
-        self.sub = 1
+        # input subsampled by s (x[:, :, ::s, ::s]), the same sums. On CPU oneDNN runs the strided dilated
+        # conv's backward about 2x slower than this equivalent one (other devices: not measured, unchanged).
+        self._cpu = (1, self.stride, self.padding, self.dilation)
         stride, dilation, padding = tuple(conv.stride), tuple(conv.dilation), conv.padding
         if len(stride) == 2 and stride[0] == stride[1] > 1 and dilation == stride and isinstance(padding, tuple) \
                 and all(isinstance(q, int) and q % stride[0] == 0 for q in padding):
-            self.sub = stride[0]
-            self.stride, self.dilation = (1, 1), (1, 1)
-            self.padding = tuple(q // self.sub for q in padding)
+            self._cpu = (stride[0], (1, 1), tuple(q // stride[0] for q in padding), (1, 1))
         self.c_out = conv.out_channels
         # binarizers whose output is sign * per-filter scale by construction (others are checked per call)
         self.trusted = trusted
@@ -248,6 +246,11 @@ class _ConvSpec:
         self._scale: Optional[torch.Tensor] = None
         self._source: Optional[Tuple] = None
 
+    def geometry(self, device: torch.device) -> Tuple[int, Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
+        """``(s, stride, padding, dilation)`` of the conv as it runs on ``device``, on the input subsampled by
+        ``s`` (see ``__init__``)."""
+        return self._cpu if device.type == 'cpu' else (1, self.stride, self.padding, self.dilation)
+
     def phase_split(self, out: torch.Tensor) -> int:
         """``d`` when this conv's weight gradient should run over the ``d * d`` polyphase components, else 1.
 
@@ -255,8 +258,11 @@ class _ConvSpec:
         input phase ``(a, b)`` only: it is the undilated conv (padding ``k // 2``) of each phase, and its
         weight gradient the undilated one over the phases stacked along the batch, the same products. Used
         where the dilated kernel spans the whole (even-sized) image, the case oneDNN's dilated
-        weight-gradient kernel handles at about half its usual rate (a 5x5 kernel, dilation 2, at 8x8)."""
+        weight-gradient kernel handles at about half its usual rate (a 5x5 kernel, dilation 2, at 8x8; CPU
+        only, other devices not measured)."""
         d = self.dilation[0]
+        if out.device.type != 'cpu':
+            return 1
         h, w = out.shape[-2:]
         k = self.kernel_size
         if d < 2 or tuple(self.dilation) != (d, d) or tuple(self.stride) != (1, 1) or self.groups != 1 \
@@ -275,7 +281,7 @@ class _ConvSpec:
             return None
         q, scale = tw
         if self._packed is None or self._q.shape != q.shape or not torch.equal(self._q, q):
-            self._packed = kernels.TernaryConv(q, self.stride, self.padding, self.dilation, self.groups)
+            self._packed = kernels.TernaryConv(q, *self._cpu[1:], self.groups)  # CPU only: the CPU geometry
             self._q = q
         self._scale = scale
         self._source = self.source if self.trusted else None
@@ -302,12 +308,12 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
     s_u8 = kernels.sign_to_uint8(sign) if int8 else None
     subsampled: Dict[Tuple[int, int], torch.Tensor] = {}  # (id of the full tensor, s) -> its subsampling
 
-    def conv_input(t: torch.Tensor, spec: _ConvSpec) -> torch.Tensor:
-        if spec.sub == 1:
+    def conv_input(t: torch.Tensor, sub: int) -> torch.Tensor:
+        if sub == 1:
             return t
-        key = (id(t), spec.sub)
+        key = (id(t), sub)
         if key not in subsampled:
-            subsampled[key] = _subsample(t, spec.sub)
+            subsampled[key] = _subsample(t, sub)
         return subsampled[key]
 
     outs, masks, tconvs, scales, pool_stats, relus = [], [], [], [], [], []
@@ -320,11 +326,11 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
             pc = p[t].repeat_interleave(spec.c_out)
             if tern is not None:
                 # exact integer sums ReLU(sum s * sign(W)); the per-filter scale goes with the softmax weight
-                z = tern[0](conv_input(s_u8, spec), relu=True)
+                z = tern[0](conv_input(s_u8, spec.geometry(x.device)[0]), relu=True)
                 pc = pc * tern[1].to(pc.dtype)
             else:
-                z = F.conv2d(conv_input(sign, spec), w, None, spec.stride, spec.padding, spec.dilation,
-                             spec.groups).clamp_min_(0)
+                sub, stride, padding, dilation = spec.geometry(x.device)
+                z = F.conv2d(conv_input(sign, sub), w, None, stride, padding, dilation, spec.groups).clamp_min_(0)
             kept = ctx is not None and keep_relu is not None and keep_relu[k] and tern is not None
             if ctx is not None:
                 masks.append((z > 0).view(torch.uint8) if (keep_masks[k] and not kept) or tern is None else None)
@@ -463,6 +469,7 @@ class _StateBinaryOps(torch.autograd.Function):
             for t, spec in enumerate(conv_specs):
                 w, mask, tconv, scale = weights[k], masks[k], ctx.tconvs[k], scales[k]
                 pc = p[t].repeat_interleave(spec.c_out).view(-1, 1, 1, 1)
+                sub, stride, padding, dilation = spec.geometry(x.device)
                 z = relus[k]  # ReLU(conv) (for int8 convs: the unscaled integer sums), when kept
                 if z is not None:
                     gm = torch.ops.aten.threshold_backward(g, z, 0)
@@ -470,18 +477,18 @@ class _StateBinaryOps(torch.autograd.Function):
                     gm = _through_mask(g, mask)  # through the ReLU; the gradient w.r.t. the conv output is gm * p
                 else:
                     with _scope('bnas::recompute'):
-                        z = tconv(sign_compact(spec.sub), relu=True)
+                        z = tconv(sign_compact(sub), relu=True)
                     gm = torch.ops.aten.threshold_backward(g, z, 0)
-                conv_args = (spec.stride, spec.padding, spec.dilation, False, [0, 0], spec.groups)
+                conv_args = (stride, padding, dilation, False, [0, 0], spec.groups)
                 if need_x:
                     # conv^T(gm * p, W) == conv^T(gm, p * W): scale the small weight, not the activation
                     with _scope('bnas::input_grad'):
-                        gi = torch.ops.aten.convolution_backward(gm, x if spec.sub == 1 else sign_float(spec.sub),
-                                                                 w * pc, None, *conv_args, [True, False, False])[0]
-                    if spec.sub == 1:
+                        gi = torch.ops.aten.convolution_backward(gm, x if sub == 1 else sign_float(sub), w * pc,
+                                                                 None, *conv_args, [True, False, False])[0]
+                    if sub == 1:
                         gx_sum = gi if gx_sum is None else gx_sum.add_(gi)
                     else:
-                        gx_sub[spec.sub] = gi if spec.sub not in gx_sub else gx_sub[spec.sub].add_(gi)
+                        gx_sub[sub] = gi if sub not in gx_sub else gx_sub[sub].add_(gi)
                 if need_w[k]:
                     with _scope('bnas::weight_grad'):
                         d = spec.phase_split(gm)
@@ -490,7 +497,7 @@ class _StateBinaryOps(torch.autograd.Function):
                                 _phases(gm, d), sign_phases(d), w, None, [1, 1], [q // d for q in spec.padding],
                                 [1, 1], False, [0, 0], spec.groups, [False, True, False])[1]
                         else:
-                            dw = torch.ops.aten.convolution_backward(gm, sign_float(spec.sub), w, None, *conv_args,
+                            dw = torch.ops.aten.convolution_backward(gm, sign_float(sub), w, None, *conv_args,
                                                                      [False, True, False])[1]
                     g_weights[k] = dw * pc
                     if gp is not None:
@@ -498,9 +505,8 @@ class _StateBinaryOps(torch.autograd.Function):
                 elif gp is not None:
                     if z is None:
                         with _scope('bnas::recompute'):
-                            z = tconv(sign_compact(spec.sub), relu=True) if tconv is not None else F.conv2d(
-                                sign_float(spec.sub), w, None, spec.stride, spec.padding, spec.dilation,
-                                spec.groups).clamp_min_(0)
+                            z = tconv(sign_compact(sub), relu=True) if tconv is not None else F.conv2d(
+                                sign_float(sub), w, None, stride, padding, dilation, spec.groups).clamp_min_(0)
                     gz = (g * z).sum(dim=(0, 2, 3))
                     if scale is not None:
                         gz = gz * scale.to(gz.dtype)
