@@ -1,7 +1,9 @@
 """CUDA correctness and speed figures for the binary primitives and the derived networks.
 
 Prints, for a CUDA device: the xnor/sign binarizers and the sign STE against the CPU (forward and
-gradient), BNAS-A and bnas-d logits CUDA vs CPU (eval, same weights), a binarization-aware training step
+gradient), the search's fast cell against the straightforward cell on the device (one architecture step and
+one weight step of a three-cell supernet: outputs, alpha, weight and input gradients, BN statistics),
+BNAS-A and bnas-d logits CUDA vs CPU (eval, same weights), a binarization-aware training step
 in fp32, bf16 autocast and channels-last (finite loss, latent weights constrained), and train/eval
 throughput of BNAS-A (batch 256, the paper's) and bnas-d (batch 64). Exit status 1 if a check fails.
 
@@ -50,6 +52,71 @@ def primitives(device: torch.device) -> None:
     for t in xs:
         act(t).sum().backward()
     check('ste_sign grad cuda==cpu', torch.equal(xs[0].grad, xs[1].grad.cpu()))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4, atol_scale: float = 1e-4) -> bool:
+    a, b = a.double().cpu(), b.double().cpu()
+    return bool(torch.allclose(a, b, rtol=rtol, atol=atol_scale * max(1.0, float(a.abs().max()))))
+
+
+def fast_cell(device: torch.device) -> None:
+    """FastBinaryMixedCell against BinaryMixedCell, both on ``device``: a normal and two reduction cells with
+    every op, latent weights on a +-0.25 lattice (conv outputs are exact multiples of the XNOR scale, so ReLU
+    ties fall alike whatever the summation order), one architecture step with the weights frozen and one
+    weight step with the alphas frozen."""
+    import warnings
+    warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+    from bnas_nni.search.binary_darts import BinaryDARTS, arch_parameters
+    from bnas_nni.search.fast_cell import FastBinaryMixedCell
+    from bnas_nni.search.mixed_cell import BinaryMixedCell
+    from bnas_nni.space import BNASSpace
+
+    ref, fast = (BinaryDARTS(mixed_cell=cls).mutate_model(BNASSpace(init_channels=4, layers=3, num_nodes=3))
+                 for cls in (BinaryMixedCell, FastBinaryMixedCell))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if '_arch_alpha' in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.dim() == 4 and p.shape[1] % 2 == 0:
+                o, i, kh, kw = p.shape
+                half = torch.randint(0, 2, (o, i // 2, kh, kw), generator=g).float() * 2 - 1
+                p.copy_(torch.cat([half, -half], 1)[:, torch.randperm(i, generator=g)] * 0.25)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    fast.load_state_dict(ref.state_dict())
+    xv, xt = (torch.randn(4, 3, 16, 16, generator=g) for _ in range(2))
+    yv, yt = (torch.randint(0, 10, (4,), generator=g) for _ in range(2))
+    results = []
+    for model in (ref, fast):
+        model.to(device).train()
+        alphas = arch_parameters(model)
+        ids = {id(p) for p in alphas}
+        weights = [p for p in model.parameters() if id(p) not in ids]
+        for p in weights:
+            p.requires_grad_(False)
+        x = xv.clone().to(device).requires_grad_()  # a fresh leaf per model
+        out_arch = model(x)
+        F.cross_entropy(out_arch, yv.to(device)).backward()
+        arch = ([a.grad.detach().clone() for a in alphas], x.grad.detach().clone())
+        for p in weights:
+            p.requires_grad_(True)
+        for a in alphas:
+            a.requires_grad_(False)
+        out_weight = model(xt.to(device))
+        F.cross_entropy(out_weight, yt.to(device)).backward()
+        for a in alphas:
+            a.requires_grad_(True)
+        results.append({'arch-step output': [out_arch.detach()], 'alpha grads': arch[0], 'input grad': [arch[1]],
+                        'weight-step output': [out_weight.detach()],
+                        'weight grads': [p.grad for p in weights if p.grad is not None],
+                        'BN statistics': [b for n, b in model.named_buffers() if 'running' in n]})
+    for what, want in results[0].items():
+        got = results[1][what]
+        ok = len(got) == len(want) > 0 and all(_close(a, b) for a, b in zip(want, got))
+        worst = max((float((a.double().cpu() - b.double().cpu()).abs().max()) for a, b in zip(want, got)),
+                    default=float('nan'))
+        check(f'fast cell == straightforward cell on {device.type}: {what}', ok, f'max|d|={worst:.2e}')
 
 
 def logits(device: torch.device) -> None:
@@ -155,6 +222,7 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f'torch {torch.__version__} on {torch.cuda.get_device_name(device)}')
     primitives(device)
+    fast_cell(device)
     logits(device)
     train_step(device, args.steps)
     if not args.skip_throughput:

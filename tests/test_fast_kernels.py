@@ -357,3 +357,25 @@ def test_dilated_weight_gradient_over_the_phases():
         == {(3, 3): 1, (5, 5): 2}
     assert all(s.phase_split(torch.empty(1, 1, 16, 16)) == 1 for s in specs)
     assert all(s.phase_split(torch.empty(1, 1, 8, 8, device='meta')) == 1 for s in specs)   # CPU only
+
+
+def test_cuda_check_compares_the_cells_and_catches_a_difference(monkeypatch):
+    """``bench/cuda_check.py``'s fast-cell check (run on CUDA where a GPU is lent) runs here on the CPU: it
+    passes on the cell as it is and fails when the fast cell computes something else."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / 'bench' / 'cuda_check.py'
+    spec = importlib.util.spec_from_file_location('cuda_check_under_test', path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    check.fast_cell(torch.device('cpu'))
+    assert check.FAILED == []
+    if not kernels.ternary_conv_supported():
+        monkeypatch.setenv('BNAS_FAST_KERNELS', '0')   # the plain path: break its conv instead
+        monkeypatch.setattr(fast_cell._ConvReLUScale, 'apply', lambda s, w, p, *a: F.relu(F.conv2d(
+            s, w, None, *a[:4])) * p.view(1, -1, 1, 1) * 1.01)
+    else:
+        real = kernels.TernaryConv.__call__
+        monkeypatch.setattr(kernels.TernaryConv, '__call__', lambda self, s, relu: real(self, s, relu) * 1.01)
+    check.fast_cell(torch.device('cpu'))
+    assert any('output' in name for name in check.FAILED)
