@@ -324,12 +324,12 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
             w = weights[k]
             tern = spec.ternary(w) if int8 else None
             pc = p[t].repeat_interleave(spec.c_out)
+            sub, stride, padding, dilation = spec.geometry(x.device)
             if tern is not None:
                 # exact integer sums ReLU(sum s * sign(W)); the per-filter scale goes with the softmax weight
-                z = tern[0](conv_input(s_u8, spec.geometry(x.device)[0]), relu=True)
+                z = tern[0](conv_input(s_u8, sub), relu=True)
                 pc = pc * tern[1].to(pc.dtype)
             else:
-                sub, stride, padding, dilation = spec.geometry(x.device)
                 z = F.conv2d(conv_input(sign, sub), w, None, stride, padding, dilation, spec.groups).clamp_min_(0)
             kept = ctx is not None and keep_relu is not None and keep_relu[k] and tern is not None
             if ctx is not None:
@@ -419,34 +419,26 @@ class _StateBinaryOps(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         need_p = ctx.needs_input_grad[6:6 + nb]
         need_w = ctx.needs_input_grad[6 + nb:]
-        s_f = None  # the sign as a float tensor, made once if needed
+        made: Dict[Tuple[str, int], torch.Tensor] = {}  # forms of the sign, each made once if needed
 
-        subsampled: Dict[Tuple[str, int], torch.Tensor] = {}
+        def once(key: Tuple[str, int], make) -> torch.Tensor:
+            if key not in made:
+                made[key] = make()
+            return made[key]
 
         def sign_float(sub: int = 1) -> torch.Tensor:
-            """The sign as a float tensor (subsampled by ``sub``), made once."""
-            nonlocal s_f
+            """The sign as a float tensor, subsampled by ``sub``."""
             if sub > 1:
-                if ('f', sub) not in subsampled:
-                    subsampled['f', sub] = _subsample(sign_float(), sub)
-                return subsampled['f', sub]
-            if s_f is None:
-                s_f = s_c.to(ctx.x_dtype)
-                if ctx.s_is_u8:
-                    s_f.sub_(1)
-            return s_f
+                return once(('float', sub), lambda: _subsample(sign_float(), sub))
+            return once(('float', 1), lambda: s_c.to(ctx.x_dtype).sub_(1) if ctx.s_is_u8 else s_c.to(ctx.x_dtype))
 
         def sign_compact(sub: int) -> torch.Tensor:
-            if sub == 1:
-                return s_c
-            if ('c', sub) not in subsampled:
-                subsampled['c', sub] = _subsample(s_c, sub)
-            return subsampled['c', sub]
+            """The sign as saved (uint8 s + 1 or int8 s), subsampled by ``sub``."""
+            return s_c if sub == 1 else once(('compact', sub), lambda: _subsample(s_c, sub))
 
         def sign_phases(d: int) -> torch.Tensor:
-            if ('p', d) not in subsampled:
-                subsampled['p', d] = _phases(sign_float(), d)
-            return subsampled['p', d]
+            """The float sign's ``d * d`` polyphase components stacked along the batch."""
+            return once(('phases', d), lambda: _phases(sign_float(), d))
 
         gx_sub: Dict[int, torch.Tensor] = {}  # s -> input gradient of the convs reading x[:, :, ::s, ::s]
 
@@ -537,7 +529,7 @@ class _StateBinaryOps(torch.autograd.Function):
             g_probs[b] = gp
         for sub, gi in gx_sub.items():
             if gx_sum is None:
-                gx_sum = torch.zeros_like(x, memory_format=torch.preserve_format)
+                gx_sum = torch.zeros_like(x)
             gx_sum[:, :, ::sub, ::sub].add_(gi)
         gx = None
         if need_x and gx_sum is not None:
