@@ -1,8 +1,7 @@
 """Building, loading and choosing the packed engine's C++ kernels.
 
-The extension (``csrc/*.cpp``) is compiled with :func:`torch.utils.cpp_extension.load` the first time it
-is needed and cached by torch (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); a source
-change triggers a rebuild. It needs a C++ compiler and ``ninja``.
+The extension (``csrc/*.cpp``) is compiled the first time it is needed and cached (see
+:mod:`bnas_nni.extensions`); it needs a C++ compiler and ``ninja``.
 
 Three instruction-set paths are compiled into it and one is picked per call: ``avx512`` (AVX512F/BW/DQ/VL
 + AVX512_VPOPCNTDQ), ``avx2`` (popcount by nibble lookup) and ``portable`` (plain C++). The default is
@@ -16,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Optional, Tuple
 
-from ..errors import BNASError, ConfigError
+from ..errors import ConfigError
+from ..extensions import ExtensionBuildError, load_extension
 
 __all__ = ['ISAS', 'ISA_ENV', 'EngineBuildError', 'extension', 'supported_isas', 'resolve_isa', 'isa_id']
 
@@ -26,7 +26,7 @@ _SOURCES = ('engine.cpp', 'cell.cpp', 'kernels_portable.cpp', 'kernels_avx2.cpp'
 _EXTENSION_NAME = 'bnas_nni_deploy'
 
 
-class EngineBuildError(BNASError):
+class EngineBuildError(ExtensionBuildError):
     """The C++ extension could not be compiled or loaded (compiler, ninja or headers missing)."""
 
 
@@ -37,38 +37,15 @@ def _csrc() -> Path:
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled extension module (built once per source version, then loaded from torch's cache)."""
-    import logging
-
-    # importing cpp_extension on a CPU-only torch logs a warning about CUDA_HOME that does not concern us
-    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
-    import torch.utils.cpp_extension as cpp
-
     src = _csrc()
-    _clear_stale_lock(cpp)
     try:
-        return cpp.load(name=_EXTENSION_NAME, sources=[str(src / s) for s in _SOURCES],
-                        extra_include_paths=[str(src)],
-                        # -ffp-contract=off: no fused multiply-adds that the float model does not do
-                        extra_cflags=['-O3', '-fopenmp', '-ffp-contract=off'],
-                        extra_ldflags=['-fopenmp'], verbose=False)
-    except (RuntimeError, OSError, ImportError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if 'error' in ln.lower()]
-        detail = (errors or lines or [type(exc).__name__])[0][:300]
-        raise EngineBuildError(f'cannot build the packed engine (C++ extension in {src}): {detail}; it needs g++ '
+        # -ffp-contract=off: no fused multiply-adds that the float model does not do
+        return load_extension(_EXTENSION_NAME, [src / s for s in _SOURCES], include_dirs=[src],
+                              extra_cflags=['-fopenmp', '-ffp-contract=off'], extra_ldflags=['-fopenmp'],
+                              what='the packed engine')
+    except ExtensionBuildError as exc:
+        raise EngineBuildError(f'cannot build the packed engine (C++ extension in {src}): {exc}; it needs g++ '
                                'and ninja (pip install ninja)') from None
-
-
-def _clear_stale_lock(cpp, max_age_s: float = 900.0) -> None:
-    """Remove a build lock left by a killed build (torch would wait on it forever); a live build is younger."""
-    import time
-
-    try:
-        lock = Path(cpp._get_build_directory(_EXTENSION_NAME, False)) / 'lock'
-        if lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
-            lock.unlink()
-    except (AttributeError, OSError, TypeError):  # private torch helper moved, or a race with another process
-        pass
 
 
 @functools.lru_cache(maxsize=None)
