@@ -90,13 +90,17 @@ class _Count:
         monkeypatch.setattr(fast_cell._StateBinaryOps, 'apply', counted)
 
 
-PATHS = ['int8', 'int8-recompute', 'fused-fp32', 'plain']
+PATHS = ['int8', 'int8-recompute', 'int8-torch-ops', 'fused-fp32', 'plain']
 
 
 def _select_path(path, monkeypatch):
     """Force one kernel path of the fast cell; returns the fast cell class to use."""
-    if path == 'int8' and not kernels.ternary_conv_supported():
+    if path in ('int8', 'int8-torch-ops') and not kernels.ternary_conv_supported():
         pytest.skip('no int8 convolution here')
+    if path == 'int8':
+        assert kernels.fused_ops() is not None, 'the fused search ops did not build here'
+    if path == 'int8-torch-ops':   # the torch ops that the fused elementwise passes replace
+        monkeypatch.setenv('BNAS_FUSED_OPS', '0')
     if path == 'int8-recompute':   # ReLU(conv) recomputed in backward (the default keeps the ReLU outputs)
         if not kernels.ternary_conv_supported():
             pytest.skip('no int8 convolution here')
@@ -379,3 +383,118 @@ def test_cuda_check_compares_the_cells_and_catches_a_difference(monkeypatch):
         monkeypatch.setattr(kernels.TernaryConv, '__call__', lambda self, s, relu: real(self, s, relu) * 1.01)
     check.fast_cell(torch.device('cpu'))
     assert any('output' in name for name in check.FAILED)
+
+
+# ------------------------------------------------------------------ the fused elementwise passes
+
+
+def _cl(*shape, gen, low=None):
+    t = torch.randn(*shape, generator=gen)
+    if low is not None:
+        t = t.clamp_min(low)
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The extension's module; the tests compare each pass with its torch-ops fallback (BNAS_FUSED_OPS=0)."""
+    ext = kernels.fused_ops()
+    assert ext is not None, 'the fused search ops did not build here'
+    return ext
+
+
+def _torch_ops(monkeypatch, fn, *args, **kwargs):
+    with monkeypatch.context() as m:
+        m.setenv('BNAS_FUSED_OPS', '0')
+        return fn(*args, **kwargs)
+
+
+def test_fused_relu_backward_and_dots_match_the_torch_ops(fused, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    g = _cl(4, 24, 6, 6, gen=gen)
+    g[0, 0, 0, :3] = torch.tensor([-0.0, 0.0, -1.5])  # signed zeros and values where z == 0 go to +0
+    z = _cl(4, 24, 6, 6, gen=gen, low=0.0)          # a ReLU output: about half exact zeros
+    for want in (True, False):
+        gm, dots = kernels.relu_backward(g, z, want)
+        gm_ref, dots_ref = _torch_ops(monkeypatch, kernels.relu_backward, g, z, want)
+        assert torch.equal(gm, gm_ref) and gm.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(gm.view(torch.int32), gm_ref.view(torch.int32))  # +0, never -0, where z == 0
+        if want:
+            exact = (g.double() * z.double()).sum(dim=(0, 2, 3))
+            assert dots.dtype == torch.float64 and torch.allclose(dots, exact, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(dots_ref.double(), exact, rtol=1e-5, atol=1e-5)
+        else:
+            assert dots is None and dots_ref is None
+
+
+def test_fused_forward_passes_match_the_torch_ops(fused, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    zs = [_cl(3, 16, 5, 5, gen=gen, low=0.0) for _ in range(4)]
+    ps = [torch.rand(16, generator=gen) for _ in range(4)]
+    y = kernels.weighted_sum(zs, ps)
+    y_ref = _torch_ops(monkeypatch, kernels.weighted_sum, zs, ps)
+    exact = sum(z.double() * p.double().view(1, -1, 1, 1) for z, p in zip(zs, ps))
+    assert torch.allclose(y.double(), exact, rtol=1e-6, atol=1e-6) and torch.allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    # pools: one block per destination edge, added in place
+    xh = _cl(3, 4, 5, 5, gen=gen)
+    p = torch.rand(4, generator=gen)
+    blocks, blocks_ref = y.clone(), y.clone()
+    kernels.add_blocks_(blocks, xh, p)
+    _torch_ops(monkeypatch, kernels.add_blocks_, blocks_ref, xh, p)
+    assert torch.allclose(blocks, blocks_ref, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(blocks[:, 8:12], y[:, 8:12] + xh * p[2], rtol=1e-6, atol=1e-6)
+    # the sign and straight-through mask of a normalised state, including the edges 0 and +-1
+    x = _cl(2, 8, 4, 4, gen=gen)
+    x.permute(0, 2, 3, 1).view(-1)[:6] = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.999, -1.001])
+    sign, s_u8, mask = kernels.sign_and_mask(x.clone(), want_mask=True)
+    sign_ref, s_ref, mask_ref = _torch_ops(monkeypatch, kernels.sign_and_mask, x.clone(), want_mask=True)
+    assert sign is None and torch.equal(sign_ref, torch.sign(x))
+    assert torch.equal(s_u8, s_ref) and torch.equal(mask, mask_ref)
+    assert s_u8.dtype == mask.dtype == torch.uint8 and s_u8.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_backward_passes_match_the_torch_ops(fused, monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    g = _cl(3, 12, 5, 5, gen=gen)
+    mask = (torch.rand(3, 12, 5, 5, generator=gen) < 0.5).contiguous(memory_format=torch.channels_last)
+    for m in (mask, mask.view(torch.uint8)):
+        out = kernels.through_mask(g, m)
+        assert torch.equal(out.view(torch.int32), _torch_ops(monkeypatch, kernels.through_mask, g, m).view(torch.int32))
+    # pools: the gradient w.r.t. the normalised pool output and the dot products of the softmax-weight gradient
+    pooled = _cl(3, 4, 5, 5, gen=gen)
+    mean, invstd, p = torch.randn(4, generator=gen), torch.rand(4, generator=gen) + 0.5, torch.rand(3, generator=gen)
+    gxh, dots = kernels.pool_backward(g, pooled, mean, invstd, p, True, True)
+    gxh_ref, dots_ref = _torch_ops(monkeypatch, kernels.pool_backward, g, pooled, mean, invstd, p, True, True)
+    assert torch.allclose(gxh, gxh_ref, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(dots.float(), dots_ref, rtol=1e-5, atol=1e-5)
+    gxh, dots = kernels.pool_backward(g, pooled, mean, invstd, p, False, True)
+    assert gxh is None and dots is not None
+
+
+def test_fused_ops_leave_other_dtypes_and_layouts_to_torch(fused, monkeypatch):
+    """float64 and non-channels-last tensors take the torch ops (nothing to build, nothing to check)."""
+    calls = []
+    monkeypatch.setattr(kernels, '_fused_module', lambda: calls.append(1) or fused)
+    g64 = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    kernels.relu_backward(g64, g64.clamp_min(0), True)
+    g = torch.randn(2, 4, 3, 3)
+    kernels.relu_backward(g, g.clamp_min(0), True)   # NCHW
+    assert calls == []
+
+
+def test_cell_runs_the_torch_ops_when_the_fused_ops_cannot_be_built(monkeypatch, caplog):
+    from bnas_nni import extensions
+
+    def broken(*args, **kwargs):
+        raise extensions.ExtensionBuildError('g++: command not found')
+    kernels._fused_module.cache_clear()
+    monkeypatch.setattr(extensions, 'load_extension', broken)
+    try:
+        with caplog.at_level('WARNING'):
+            assert kernels.fused_ops() is None
+        assert 'fused search ops unavailable (g++: command not found)' in caplog.text
+        ref, fast = _pair(torch.float32, FastBinaryMixedCell, init_channels=4, layers=3, num_nodes=3)
+        _iterations(ref, fast, _batches(2, 16, seed=9, iterations=1), TOL[torch.float32])
+    finally:
+        kernels._fused_module.cache_clear()

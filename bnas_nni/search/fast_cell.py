@@ -35,6 +35,12 @@ around its *states* instead of its edges:
   is computed anyway, else from the kept ``ReLU(conv)``: an architecture step (weights frozen)
   computes no weight-gradient convolution at all. (Folding ``p`` into the weights before the ReLU was
   tried and dropped: ties at 0 then round to +-1 ulp, which flips ReLU gradients.)
+* **Fused elementwise passes.** On CPU in float32, the chains of elementwise ops around the convolutions run
+  as single passes of a small C++ extension (:mod:`.kernels`, compiled once per machine): the sign and the
+  straight-through mask of a state, the softmax-weighted sum of a bundle's convs and pools, each conv's ReLU
+  backward together with the per-channel sums ``sum g * ReLU(conv)`` of the architecture gradient (in
+  double precision), the pools' backward through their BN weights, the straight-through mask in backward.
+  Where it cannot be built, and for other dtypes and devices, the same torch ops as before run instead.
 * **Fallbacks.** ``BNAS_FAST_KERNELS=0``, eval mode with unequal BN statistics and activation quantizers
   other than ``ste_sign`` use the per-kernel-type path (:class:`_ConvReLUScale`, :class:`_BNWeighted`),
   which computes the same values with plain fp32 PyTorch ops. Node sums are accumulated as they come,
@@ -79,14 +85,6 @@ def _scope(name: str):
     return contextlib.nullcontext()
 
 
-def _through_mask(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``g`` where the (bool or uint8) ``mask`` is set, else 0: the backward of a ReLU or a clipped straight-through
-    sign from its kept mask. The mask is cast to ``g``'s dtype first: PyTorch multiplies a float tensor by a byte
-    tensor on a slow mixed-dtype path (about 10x a float product on CPU), and ``threshold_backward`` (ReLU's own
-    backward) writes +0 where the mask is clear, as the straightforward cell's autograd does."""
-    return torch.ops.aten.threshold_backward(g, mask.to(g.dtype), 0)
-
-
 def _plain_bn(bn: nn.Module) -> bool:
     return type(bn) is nn.BatchNorm2d and not bn.affine
 
@@ -109,7 +107,7 @@ class _BNSignSTE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: torch.Tensor, _gm, _gi):  # type: ignore[override]
         x, mean, invstd, mask = ctx.saved_tensors
-        g = _through_mask(g, mask)
+        g = kernels.through_mask(g, mask)
         gx, _, _ = torch.ops.aten.native_batch_norm_backward(g, x, None, None, None, mean, invstd, True, ctx.eps,
                                                              [True, False, False])
         return gx, None
@@ -143,7 +141,7 @@ class _ConvReLUScale(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         s = s.to(ctx.s_dtype)
         need_s, need_w, need_p = ctx.needs_input_grad[:3]
-        gm = _through_mask(g, mask)  # through the ReLU; the gradient w.r.t. the conv output is gm * p
+        gm = kernels.through_mask(g, mask)  # through the ReLU; the gradient w.r.t. the conv output is gm * p
         gs = gw = gp = None
         if need_s:
             # conv^T(gm * p, W) == conv^T(gm, p * W): scale the small weight, not the activation
@@ -303,9 +301,18 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
     else:
         xhat = F.batch_norm(x, eval_stats[0], eval_stats[1], None, None, False, 0.0, eps)
         mean = invstd = None
-    mask_in = (xhat.abs() < 1).view(torch.uint8) if ctx is not None else None
-    sign = xhat.sign_()
-    s_u8 = kernels.sign_to_uint8(sign) if int8 else None
+    if int8:
+        sign, s_u8, mask_in = kernels.sign_and_mask(xhat, want_mask=ctx is not None)
+    else:
+        mask_in = (xhat.abs() < 1).view(torch.uint8) if ctx is not None else None
+        sign, s_u8 = xhat.sign_(), None
+
+    def sign_float() -> torch.Tensor:
+        nonlocal sign
+        if sign is None:  # the fused pass left xhat as it was
+            sign = xhat.sign_()
+        return sign
+
     subsampled: Dict[Tuple[int, int], torch.Tensor] = {}  # (id of the full tensor, s) -> its subsampling
 
     def conv_input(t: torch.Tensor, sub: int) -> torch.Tensor:
@@ -319,7 +326,7 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
     outs, masks, tconvs, scales, pool_stats, relus = [], [], [], [], [], []
     k = 0
     for (conv_specs, pool_specs), p in zip(bundles, probs):
-        y = None
+        y, zs, pcs = None, [], []  # zs, pcs: the ReLU(conv)s and weights summed in one fused pass below
         for t, spec in enumerate(conv_specs):
             w = weights[k]
             tern = spec.ternary(w) if int8 else None
@@ -330,24 +337,30 @@ def _binary_state_forward(ctx, x: torch.Tensor, eps: float, bundles, probs: List
                 z = tern[0](conv_input(s_u8, sub), relu=True)
                 pc = pc * tern[1].to(pc.dtype)
             else:
-                z = F.conv2d(conv_input(sign, sub), w, None, stride, padding, dilation, spec.groups).clamp_min_(0)
+                z = F.conv2d(conv_input(sign_float(), sub), w, None, stride, padding, dilation,
+                             spec.groups).clamp_min_(0)
             kept = ctx is not None and keep_relu is not None and keep_relu[k] and tern is not None
             if ctx is not None:
                 masks.append((z > 0).view(torch.uint8) if (keep_masks[k] and not kept) or tern is None else None)
                 tconvs.append(tern[0] if tern is not None else None)
                 scales.append(tern[1] if tern is not None else None)
                 relus.append(z if kept else None)
-            pc = pc.view(1, -1, 1, 1)
-            if y is None:
-                y = z * pc if kept else z.mul_(pc)
+            if kernels.fusable(z):
+                zs.append(z)
+                pcs.append(pc)
+            elif y is None:
+                y = z * pc.view(1, -1, 1, 1) if kept else z.mul_(pc.view(1, -1, 1, 1))
             else:
-                y.addcmul_(z, pc)
+                y.addcmul_(z, pc.view(1, -1, 1, 1))
             k += 1
-        n_edges = p.size(1)
+        if zs:
+            y_fused = kernels.weighted_sum(zs, pcs)
+            y = y_fused if y is None else y.add_(y_fused)
+        del zs
         for q, pspec in enumerate(pool_specs):
             # pooled once, normalised once, added to every destination block with its weight; nothing kept
             xh, pmean, pinvstd = torch.native_batch_norm(pspec(x), None, None, None, None, True, 0.0, pspec.eps)
-            y.unflatten(1, (n_edges, -1)).addcmul_(xh.unsqueeze(1), p[len(conv_specs) + q].view(1, -1, 1, 1, 1))
+            kernels.add_blocks_(y, xh, p[len(conv_specs) + q])
             pool_stats.extend((pmean, pinvstd))
         outs.append(y)
     if ctx is not None:
@@ -463,10 +476,13 @@ class _StateBinaryOps(torch.autograd.Function):
                 pc = p[t].repeat_interleave(spec.c_out).view(-1, 1, 1, 1)
                 sub, stride, padding, dilation = spec.geometry(x.device)
                 z = relus[k]  # ReLU(conv) (for int8 convs: the unscaled integer sums), when kept
+                relu_dots = None
                 if z is not None:
-                    gm = torch.ops.aten.threshold_backward(g, z, 0)
+                    # through the ReLU and, in an architecture step, the raw softmax-weight gradients sum g * z in
+                    # the same pass over g and z (one conv at a time: one such gradient alive at once)
+                    gm, relu_dots = kernels.relu_backward(g, z, want_dots=gp is not None and not need_w[k])
                 elif mask is not None:
-                    gm = _through_mask(g, mask)  # through the ReLU; the gradient w.r.t. the conv output is gm * p
+                    gm = kernels.through_mask(g, mask)  # through the ReLU; the conv output's gradient is gm * p
                 else:
                     with _scope('bnas::recompute'):
                         z = tconv(sign_compact(sub), relu=True)
@@ -494,6 +510,11 @@ class _StateBinaryOps(torch.autograd.Function):
                     g_weights[k] = dw * pc
                     if gp is not None:
                         gp[t] = (w * dw).sum(dim=(1, 2, 3)).view(-1, spec.c_out).sum(1)
+                elif gp is not None and relu_dots is not None:
+                    gz = relu_dots
+                    if scale is not None:
+                        gz = gz * scale.to(gz.dtype)
+                    gp[t] = gz.view(-1, spec.c_out).sum(1)
                 elif gp is not None:
                     if z is None:
                         with _scope('bnas::recompute'):
@@ -505,21 +526,16 @@ class _StateBinaryOps(torch.autograd.Function):
                     gp[t] = gz.view(-1, spec.c_out).sum(1)
                 k += 1
             if pool_specs and (need_x or gp is not None):
-                gv = g.unflatten(1, (p.size(1), -1))  # [B, edges, C, H, W]
                 for q, pspec in enumerate(pool_specs):
                     row = len(conv_specs) + q
                     pmean, pinvstd = pool_stats[kp], pool_stats[kp + 1]
                     kp += 2
                     with _scope('bnas::recompute'):
                         pooled, idx = pspec(x, indices=True) if pspec.kind == 'max' else (pspec(x), None)
+                    gxh, pool_dots = kernels.pool_backward(g, pooled, pmean, pinvstd, p[row], need_x, gp is not None)
                     if gp is not None:
-                        xh = (pooled - pmean.view(1, -1, 1, 1)) * pinvstd.view(1, -1, 1, 1)
-                        for e in range(p.size(1)):
-                            gp[row, e] = (gv[:, e] * xh).sum()
+                        gp[row] = pool_dots
                     if need_x:
-                        gxh = gv[:, 0] * p[row, 0]
-                        for e in range(1, p.size(1)):
-                            gxh.addcmul_(gv[:, e], p[row, e])
                         gpooled = torch.ops.aten.native_batch_norm_backward(
                             gxh, pooled, None, None, None, pmean, pinvstd, True, pspec.eps, [True, False, False])[0]
                         gpx = pspec.backward(gpooled, x, idx)
@@ -533,7 +549,7 @@ class _StateBinaryOps(torch.autograd.Function):
             gx_sum[:, :, ::sub, ::sub].add_(gi)
         gx = None
         if need_x and gx_sum is not None:
-            gx_sum = _through_mask(gx_sum, mask_in)
+            gx_sum = kernels.through_mask(gx_sum, mask_in)
             gx = torch.ops.aten.native_batch_norm_backward(gx_sum, x, None, None, None, mean, invstd, True,
                                                            ctx.eps, [True, False, False])[0]
         if need_x and gx_pools is not None:

@@ -12,19 +12,37 @@ result differs from the fp32 convolution only by the latter's summation round-of
   filter (checked, never assumed), else ``None``;
 * :class:`TernaryConv` -- the packed weights of one convolution and the call itself.
 
-``BNAS_FAST_KERNELS=0`` in the environment turns these off (the cell then runs fp32 convolutions only).
+Fused elementwise passes (float32 on CPU; :func:`fused_ops`): a small C++ extension (``csrc/fused_ops.cpp``,
+compiled once per machine, ~30 s) does in one pass over memory what the cell otherwise does with several
+torch ops: :func:`relu_backward` (the ReLU backward of all convs of a bundle and the per-channel dot products
+of the architecture gradient), :func:`weighted_sum`, :func:`sign_and_mask`, :func:`through_mask`,
+:func:`add_blocks_`, :func:`pool_backward`. Each falls back to the torch ops it replaces for other dtypes,
+devices and layouts, or when the extension cannot be built (a one-line warning, once). Selections and masks
+are bit-identical either way; sums and dot products are the same terms added in another order (dot
+products in double precision).
+
+``BNAS_FAST_KERNELS=0`` in the environment turns all of these off (the cell then runs fp32 convolutions and
+torch ops only); ``BNAS_FUSED_OPS=0`` turns off only the fused elementwise passes.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['fast_kernels_enabled', 'ternary_conv_supported', 'ternary_weight', 'TernaryConv', 'sign_to_uint8']
+__all__ = ['fast_kernels_enabled', 'ternary_conv_supported', 'ternary_weight', 'TernaryConv', 'sign_to_uint8',
+           'fused_ops', 'fusable', 'relu_backward', 'weighted_sum', 'sign_and_mask', 'through_mask', 'add_blocks_',
+           'pool_backward']
 
 _ENV = 'BNAS_FAST_KERNELS'
+_FUSED_ENV = 'BNAS_FUSED_OPS'
+_FUSED_NAME = 'bnas_nni_search_fused'
+_log = logging.getLogger(__name__)
 _probe_result: Optional[bool] = None
 
 
@@ -117,3 +135,124 @@ class TernaryConv:
         return torch.ops.onednn.qconv2d_pointwise(
             s_u8, 1.0, 1, self.packed, self._ONE, self._ZERO, None, self.stride, self.padding,
             self.dilation, self.groups, 1.0, 0, torch.float32, 'relu' if relu else 'none', [], '')
+
+
+# ------------------------------------------------------------------ fused elementwise passes
+
+
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, '1').strip().lower() in ('0', 'false', 'off', 'no')
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_module():
+    from ..extensions import ExtensionBuildError, load_extension
+
+    src = Path(__file__).resolve().parent / 'csrc'
+    try:
+        # -fopenmp: at::parallel_for runs in torch's OpenMP pool; -ffp-contract=off: a * b + c rounds twice, as in
+        # torch's own elementwise kernels
+        return load_extension(_FUSED_NAME, [src / 'fused_ops.cpp'], extra_cflags=['-fopenmp', '-ffp-contract=off'],
+                              extra_ldflags=['-fopenmp'], what='the fused search ops')
+    except ExtensionBuildError as exc:
+        _log.warning('fused search ops unavailable (%s); the search runs the equivalent torch ops (slower). '
+                     'Install g++ and ninja to use them, or set %s=0 to silence this.', exc, _FUSED_ENV)
+        return None
+
+
+def fused_ops():
+    """The compiled fused-ops module, or None (turned off, or it cannot be built here)."""
+    if not fast_kernels_enabled() or _env_off(_FUSED_ENV):
+        return None
+    return _fused_module()
+
+
+def _rows(*ts: torch.Tensor) -> bool:
+    """float32 CPU tensors laid out as rows of channels: 4-d channels-last contiguous."""
+    return all(t.dtype == torch.float32 and t.device.type == 'cpu' and t.dim() == 4
+               and t.is_contiguous(memory_format=torch.channels_last) for t in ts)
+
+
+def relu_backward(g: torch.Tensor, z: torch.Tensor, want_dots: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """For ``z = ReLU(conv)`` kept from forward and the output gradient ``g``: the gradient through the ReLU
+    (``g`` where ``z > 0``, else +0, as ``threshold_backward``) and, with ``want_dots``, the per-channel sums
+    ``sum_{b,h,w} g * z`` (the raw material of the softmax-weight gradient; double precision when fused)."""
+    ext = fused_ops() if _rows(g, z) else None
+    if ext is not None:
+        out = ext.relu_backward(g, z, want_dots)
+        return out[0], (out[1] if want_dots else None)
+    return torch.ops.aten.threshold_backward(g, z, 0), ((g * z).sum(dim=(0, 2, 3)) if want_dots else None)
+
+
+def fusable(*ts: torch.Tensor) -> bool:
+    """Whether the fused passes take these tensors (float32 CPU channels-last, extension available)."""
+    return _rows(*ts) and fused_ops() is not None
+
+
+def weighted_sum(zs: Sequence[torch.Tensor], ps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_k zs[k] * ps[k]`` (``ps[k]``: one weight per channel), in list order, as a new tensor."""
+    ext = fused_ops() if _rows(*zs) and all(p.dtype == torch.float32 for p in ps) else None
+    if ext is not None:
+        return ext.weighted_sum(list(zs), [p.contiguous() for p in ps])
+    y = zs[0] * ps[0].view(1, -1, 1, 1)
+    for z, p in zip(zs[1:], ps[1:]):
+        y.addcmul_(z, p.view(1, -1, 1, 1))
+    return y
+
+
+def sign_and_mask(xhat: torch.Tensor, want_mask: bool
+                  ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """``(sign as float or None, sign + 1 as uint8 channels-last, |xhat| < 1 as uint8 or None)`` of a
+    normalised state. The fused pass leaves ``xhat`` as it is and gives no float sign (``xhat.sign_()`` makes
+    it if needed); the torch ops turn ``xhat`` into its sign in place."""
+    ext = fused_ops() if _rows(xhat) else None
+    if ext is not None:
+        s_u8, mask = ext.sign_and_mask(xhat, want_mask)
+        return None, s_u8, (mask if want_mask else None)
+    mask = (xhat.abs() < 1).view(torch.uint8) if want_mask else None
+    sign = xhat.sign_()
+    return sign, sign_to_uint8(sign), mask
+
+
+def through_mask(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``g`` where the (bool or uint8) ``mask`` is set, else +0: the backward of a ReLU or a clipped
+    straight-through sign from its kept mask. The torch-ops path casts the mask to ``g``'s dtype first
+    (PyTorch multiplies a float tensor by a byte tensor on a slow mixed-dtype path) and uses
+    ``threshold_backward``, ReLU's own backward."""
+    dense = g.is_contiguous() or (g.dim() == 4 and g.is_contiguous(memory_format=torch.channels_last))
+    ext = fused_ops() if dense and g.dtype == torch.float32 and g.device.type == 'cpu' \
+        and mask.dtype in (torch.uint8, torch.bool) and mask.shape == g.shape and mask.stride() == g.stride() else None
+    if ext is not None:
+        return ext.through_mask(g, mask)
+    return torch.ops.aten.threshold_backward(g, mask.to(g.dtype), 0)
+
+
+def add_blocks_(y: torch.Tensor, xh: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``y[:, e * C : (e + 1) * C] += xh * p[e]`` for each of the ``len(p)`` channel blocks of ``y``, in place."""
+    ext = fused_ops() if _rows(y, xh) and p.dtype == torch.float32 else None
+    if ext is not None:
+        ext.add_blocks_(y, xh, p.contiguous())
+    else:
+        y.unflatten(1, (p.numel(), -1)).addcmul_(xh.unsqueeze(1), p.view(1, -1, 1, 1, 1))
+    return y
+
+
+def pool_backward(g: torch.Tensor, pooled: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, p: torch.Tensor,
+                  want_gxh: bool, want_dots: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Backward of :func:`add_blocks_` with ``xh = (pooled - mean) * invstd``: ``sum_e g_e * p[e]`` (the
+    gradient w.r.t. ``xh``) and the ``len(p)`` sums ``sum g_e * xh`` (the gradients of ``p``)."""
+    ext = fused_ops() if _rows(g, pooled) and all(t.dtype == torch.float32 for t in (mean, invstd, p)) else None
+    if ext is not None:
+        gxh, dots = ext.pool_backward(g, pooled, mean.contiguous(), invstd.contiguous(), p.contiguous(), want_gxh,
+                                      want_dots)
+        return (gxh if want_gxh else None), (dots if want_dots else None)
+    gv = g.unflatten(1, (p.numel(), -1))  # [B, blocks, C, H, W]
+    dots = gxh = None
+    if want_dots:
+        xh = (pooled - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+        dots = torch.stack([(gv[:, e] * xh).sum() for e in range(p.numel())])
+    if want_gxh:
+        gxh = gv[:, 0] * p[0]
+        for e in range(1, p.numel()):
+            gxh.addcmul_(gv[:, e], p[e])
+    return gxh, dots
