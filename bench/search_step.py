@@ -81,8 +81,8 @@ _SIGN = {'aten::sign', 'aten::sign_', 'aten::abs', 'aten::lt', 'aten::gt', 'aten
 #: categories in print order
 CATEGORIES = ('conv forward fp32', 'conv forward int8', 'conv recompute int8 (backward)', 'int8 weight packing',
               'conv input-grad', 'conv weight-grad', 'conv backward (autograd: input and weight)',
-              'batch norm', 'sign / masks / ReLU', 'pooling', 'other elementwise and copies', 'optimizer',
-              'Python and autograd')
+              'batch norm', 'sign / masks / ReLU', 'pooling', 'fused elementwise passes (C++)',
+              'other elementwise and copies', 'optimizer', 'Python and autograd')
 
 
 def _category(ev, cache: Dict[int, Optional[str]]) -> str:
@@ -90,6 +90,8 @@ def _category(ev, cache: Dict[int, Optional[str]]) -> str:
     scope = _scope_of(ev, cache)
     if scope == 'optimizer':
         return 'optimizer'
+    if name == 'bnas::fused':
+        return 'fused elementwise passes (C++)'
     if name == 'onednn::qconv2d_pointwise':
         return 'conv recompute int8 (backward)' if scope == 'bnas::recompute' else 'conv forward int8'
     if name == 'onednn::qconv_prepack':

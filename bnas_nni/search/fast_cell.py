@@ -59,7 +59,6 @@ in ``tests/test_fast_cell.py`` and ``tests/test_fast_kernels.py``.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -72,17 +71,10 @@ from nni.nas.oneshot.pytorch.supermodule.sampling import preprocess_cell_inputs
 from ..quant import BinaryConv2d, SignBinarizer, SteSign, XnorBinarizer
 from ..ops import BNConvReLU, Zeroise
 from . import kernels
+from .kernels import profiler_scope as _scope
 from .mixed_cell import BinaryMixedCell
 
 __all__ = ['FastBinaryMixedCell']
-
-
-def _scope(name: str):
-    """A named torch.profiler range while a profiler runs (``bench/search_step.py --profile`` attributes the
-    convolutions inside to input-gradient, weight-gradient or recompute), else nothing."""
-    if torch.autograd._profiler_enabled():
-        return torch.autograd.profiler.record_function(name)
-    return contextlib.nullcontext()
 
 
 def _plain_bn(bn: nn.Module) -> bool:

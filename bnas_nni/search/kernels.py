@@ -26,6 +26,7 @@ torch ops only); ``BNAS_FUSED_OPS=0`` turns off only the fused elementwise passe
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 __all__ = ['fast_kernels_enabled', 'ternary_conv_supported', 'ternary_weight', 'TernaryConv', 'sign_to_uint8',
            'fused_ops', 'fusable', 'relu_backward', 'weighted_sum', 'sign_and_mask', 'through_mask', 'add_blocks_',
-           'pool_backward']
+           'pool_backward', 'profiler_scope']
 
 _ENV = 'BNAS_FAST_KERNELS'
 _FUSED_ENV = 'BNAS_FUSED_OPS'
@@ -160,6 +161,15 @@ def _fused_module():
         return None
 
 
+def profiler_scope(name: str):
+    """A named torch.profiler range while a profiler runs (``bench/search_step.py --profile`` attributes the
+    time inside to its category: ``bnas::input_grad``, ``bnas::weight_grad``, ``bnas::recompute``,
+    ``bnas::fused``), else nothing."""
+    if torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
 def fused_ops():
     """The compiled fused-ops module, or None (turned off, or it cannot be built here)."""
     if not fast_kernels_enabled() or _env_off(_FUSED_ENV):
@@ -179,7 +189,8 @@ def relu_backward(g: torch.Tensor, z: torch.Tensor, want_dots: bool) -> Tuple[to
     ``sum_{b,h,w} g * z`` (the raw material of the softmax-weight gradient; double precision when fused)."""
     ext = fused_ops() if _rows(g, z) else None
     if ext is not None:
-        out = ext.relu_backward(g, z, want_dots)
+        with profiler_scope('bnas::fused'):
+            out = ext.relu_backward(g, z, want_dots)
         return out[0], (out[1] if want_dots else None)
     return torch.ops.aten.threshold_backward(g, z, 0), ((g * z).sum(dim=(0, 2, 3)) if want_dots else None)
 
@@ -193,7 +204,8 @@ def weighted_sum(zs: Sequence[torch.Tensor], ps: Sequence[torch.Tensor]) -> torc
     """``sum_k zs[k] * ps[k]`` (``ps[k]``: one weight per channel), in list order, as a new tensor."""
     ext = fused_ops() if _rows(*zs) and all(p.dtype == torch.float32 for p in ps) else None
     if ext is not None:
-        return ext.weighted_sum(list(zs), [p.contiguous() for p in ps])
+        with profiler_scope('bnas::fused'):
+            return ext.weighted_sum(list(zs), [p.contiguous() for p in ps])
     y = zs[0] * ps[0].view(1, -1, 1, 1)
     for z, p in zip(zs[1:], ps[1:]):
         y.addcmul_(z, p.view(1, -1, 1, 1))
@@ -207,7 +219,8 @@ def sign_and_mask(xhat: torch.Tensor, want_mask: bool
     it if needed); the torch ops turn ``xhat`` into its sign in place."""
     ext = fused_ops() if _rows(xhat) else None
     if ext is not None:
-        s_u8, mask = ext.sign_and_mask(xhat, want_mask)
+        with profiler_scope('bnas::fused'):
+            s_u8, mask = ext.sign_and_mask(xhat, want_mask)
         return None, s_u8, (mask if want_mask else None)
     mask = (xhat.abs() < 1).view(torch.uint8) if want_mask else None
     sign = xhat.sign_()
@@ -223,7 +236,8 @@ def through_mask(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     ext = fused_ops() if dense and g.dtype == torch.float32 and g.device.type == 'cpu' \
         and mask.dtype in (torch.uint8, torch.bool) and mask.shape == g.shape and mask.stride() == g.stride() else None
     if ext is not None:
-        return ext.through_mask(g, mask)
+        with profiler_scope('bnas::fused'):
+            return ext.through_mask(g, mask)
     return torch.ops.aten.threshold_backward(g, mask.to(g.dtype), 0)
 
 
@@ -231,7 +245,8 @@ def add_blocks_(y: torch.Tensor, xh: torch.Tensor, p: torch.Tensor) -> torch.Ten
     """``y[:, e * C : (e + 1) * C] += xh * p[e]`` for each of the ``len(p)`` channel blocks of ``y``, in place."""
     ext = fused_ops() if _rows(y, xh) and p.dtype == torch.float32 else None
     if ext is not None:
-        ext.add_blocks_(y, xh, p.contiguous())
+        with profiler_scope('bnas::fused'):
+            ext.add_blocks_(y, xh, p.contiguous())
     else:
         y.unflatten(1, (p.numel(), -1)).addcmul_(xh.unsqueeze(1), p.view(1, -1, 1, 1, 1))
     return y
@@ -243,8 +258,9 @@ def pool_backward(g: torch.Tensor, pooled: torch.Tensor, mean: torch.Tensor, inv
     gradient w.r.t. ``xh``) and the ``len(p)`` sums ``sum g_e * xh`` (the gradients of ``p``)."""
     ext = fused_ops() if _rows(g, pooled) and all(t.dtype == torch.float32 for t in (mean, invstd, p)) else None
     if ext is not None:
-        gxh, dots = ext.pool_backward(g, pooled, mean.contiguous(), invstd.contiguous(), p.contiguous(), want_gxh,
-                                      want_dots)
+        with profiler_scope('bnas::fused'):
+            gxh, dots = ext.pool_backward(g, pooled, mean.contiguous(), invstd.contiguous(), p.contiguous(),
+                                          want_gxh, want_dots)
         return (gxh if want_gxh else None), (dots if want_dots else None)
     gv = g.unflatten(1, (p.numel(), -1))  # [B, blocks, C, H, W]
     dots = gxh = None
