@@ -13,9 +13,9 @@ result differs from the fp32 convolution only by the latter's summation round-of
 * :class:`TernaryConv` -- the packed weights of one convolution and the call itself.
 
 Fused elementwise passes (float32 on CPU; :func:`fused_ops`): a small C++ extension (``csrc/fused_ops.cpp``,
-compiled once per machine, ~30 s) does in one pass over memory what the cell otherwise does with several
-torch ops: :func:`relu_backward` (the ReLU backward of all convs of a bundle and the per-channel dot products
-of the architecture gradient), :func:`weighted_sum`, :func:`sign_and_mask`, :func:`through_mask`,
+compiled once per machine, ~25 s) does in one pass over memory what the cell otherwise does with several
+torch ops: :func:`relu_backward` (a conv's ReLU backward and the per-channel dot products of the
+architecture gradient), :func:`weighted_sum`, :func:`sign_and_mask`, :func:`through_mask`,
 :func:`add_blocks_`, :func:`pool_backward`. Each falls back to the torch ops it replaces for other dtypes,
 devices and layouts, or when the extension cannot be built (a one-line warning, once). Selections and masks
 are bit-identical either way; sums and dot products are the same terms added in another order (dot
@@ -47,9 +47,13 @@ _log = logging.getLogger(__name__)
 _probe_result: Optional[bool] = None
 
 
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, '1').strip().lower() in ('0', 'false', 'off', 'no')
+
+
 def fast_kernels_enabled() -> bool:
     """False when ``BNAS_FAST_KERNELS`` is ``0``/``false``/``off`` (force the plain fp32 path)."""
-    return os.environ.get(_ENV, '1').strip().lower() not in ('0', 'false', 'off', 'no')
+    return not _env_off(_ENV)
 
 
 def _onednn_ops_present() -> bool:
@@ -139,10 +143,6 @@ class TernaryConv:
 
 
 # ------------------------------------------------------------------ fused elementwise passes
-
-
-def _env_off(name: str) -> bool:
-    return os.environ.get(name, '1').strip().lower() in ('0', 'false', 'off', 'no')
 
 
 @functools.lru_cache(maxsize=None)
