@@ -109,6 +109,7 @@ def _learnable_pair():
 
 def test_fast_cell_does_not_share_a_learnable_quantizer():
     from bnas_nni.search.fast_cell import FastBinaryMixedCell
+    from test_fast_cell import TOL, _assert_close_dicts
 
     ref, fast = _learnable_pair()
     cells = [m for m in fast.modules() if isinstance(m, FastBinaryMixedCell)]
@@ -124,11 +125,9 @@ def test_fast_cell_does_not_share_a_learnable_quantizer():
     out_ref.square().sum().backward()
     out_fast.square().sum().backward()
     grads_ref = {n: p.grad for n, p in ref.named_parameters()}
-    for n, p in fast.named_parameters():
-        if grads_ref[n] is None:
-            assert p.grad is None
-            continue
-        torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-4, atol=1e-4, msg=n)
+    # the fast suite's float32 tolerance, relative to each gradient's scale: the two cells sum the same terms
+    # in other orders (channels-last vs NCHW), and some weight gradients here reach ~300
+    _assert_close_dicts(grads_ref, {n: p.grad for n, p in fast.named_parameters()}, 'grad', *TOL[torch.float32])
     assert any(n.endswith('quantizer.beta') and grads_ref[n].abs().sum() > 0 for n in grads_ref)
 
 

@@ -1,11 +1,11 @@
 // Fused elementwise passes of the fast search cell (bnas_nni/search/fast_cell.py) on CPU, float32.
 //
 // Each function does in one pass over memory what the cell otherwise does with several torch ops (each a
-// full read and write of an activation-sized tensor): the ReLU backward of every conv of a bundle together
-// with the per-channel dot products that the architecture gradient needs, the softmax-weighted sum of the
-// convs' outputs, the sign and straight-through mask of a normalised state, ... The values are the same:
-// selections and masks are bit-identical to the torch ops; sums and dot products are the same terms added
-// in another order (dot products accumulated in double, per thread, then over threads in a fixed order).
+// full read and write of an activation-sized tensor): a conv's ReLU backward together with the per-channel
+// dot products that the architecture gradient needs, the softmax-weighted sum of the convs' outputs, the
+// sign and straight-through mask of a normalised state, ... The values are the same: selections and masks
+// are bit-identical to the torch ops; sums and dot products are the same terms added in another order (dot
+// products accumulated in double, per thread, then over threads in a fixed order).
 //
 // Tensors are float32 (masks and signs uint8), dense; "rows" are the pixels of a channels-last (NHWC)
 // tensor, "C" its channels. The Python side (bnas_nni/search/kernels.py) checks dtypes and layouts and
@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
