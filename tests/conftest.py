@@ -23,10 +23,13 @@ CIFAR_STD = (0.24703233, 0.24348505, 0.26158768)
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
-    """Every test starts from the same RNG state, whatever ran before it."""
+    """Every test starts from the same RNG state and torch's two threads, whatever ran before it (a search
+    run in-process sets its own thread count; summation orders, hence float32 round-off, depend on it)."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    if torch.get_num_threads() != 2:
+        torch.set_num_threads(2)
 
 
 def _foolbox_data_dir() -> Path | None:
