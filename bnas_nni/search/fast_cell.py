@@ -468,17 +468,16 @@ class _StateBinaryOps(torch.autograd.Function):
                 pc = p[t].repeat_interleave(spec.c_out).view(-1, 1, 1, 1)
                 sub, stride, padding, dilation = spec.geometry(x.device)
                 z = relus[k]  # ReLU(conv) (for int8 convs: the unscaled integer sums), when kept
+                if z is None and mask is None:  # neither kept: recompute the int8 conv's exact sums
+                    with _scope('bnas::recompute'):
+                        z = tconv(sign_compact(sub), relu=True)
                 relu_dots = None
                 if z is not None:
                     # through the ReLU and, in an architecture step, the raw softmax-weight gradients sum g * z in
                     # the same pass over g and z (one conv at a time: one such gradient alive at once)
                     gm, relu_dots = kernels.relu_backward(g, z, want_dots=gp is not None and not need_w[k])
-                elif mask is not None:
-                    gm = kernels.through_mask(g, mask)  # through the ReLU; the conv output's gradient is gm * p
                 else:
-                    with _scope('bnas::recompute'):
-                        z = tconv(sign_compact(sub), relu=True)
-                    gm = torch.ops.aten.threshold_backward(g, z, 0)
+                    gm = kernels.through_mask(g, mask)  # through the ReLU; the conv output's gradient is gm * p
                 conv_args = (stride, padding, dilation, False, [0, 0], spec.groups)
                 if need_x:
                     # conv^T(gm * p, W) == conv^T(gm, p * W): scale the small weight, not the activation
@@ -502,17 +501,13 @@ class _StateBinaryOps(torch.autograd.Function):
                     g_weights[k] = dw * pc
                     if gp is not None:
                         gp[t] = (w * dw).sum(dim=(1, 2, 3)).view(-1, spec.c_out).sum(1)
-                elif gp is not None and relu_dots is not None:
-                    gz = relu_dots
-                    if scale is not None:
-                        gz = gz * scale.to(gz.dtype)
-                    gp[t] = gz.view(-1, spec.c_out).sum(1)
                 elif gp is not None:
-                    if z is None:
+                    gz = relu_dots
+                    if gz is None:  # a conv that kept only its ReLU mask: recompute ReLU(conv)
                         with _scope('bnas::recompute'):
                             z = tconv(sign_compact(sub), relu=True) if tconv is not None else F.conv2d(
                                 sign_float(sub), w, None, stride, padding, dilation, spec.groups).clamp_min_(0)
-                    gz = (g * z).sum(dim=(0, 2, 3))
+                        gz = (g * z).sum(dim=(0, 2, 3))
                     if scale is not None:
                         gz = gz * scale.to(gz.dtype)
                     gp[t] = gz.view(-1, spec.c_out).sum(1)
