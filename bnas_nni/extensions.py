@@ -39,8 +39,11 @@ def _build_dir(cpp, name: str) -> Optional[Path]:
 
 def is_built(name: str) -> bool:
     """Whether torch's cache holds a built copy of extension ``name`` (it may still be rebuilt if stale)."""
-    d = _build_dir(_cpp(), name)
-    return d is not None and (d / f'{name}.so').exists()
+    return _built(_build_dir(_cpp(), name), name)
+
+
+def _built(build_dir: Optional[Path], name: str) -> bool:
+    return build_dir is not None and (build_dir / f'{name}.so').exists()
 
 
 def load_extension(name: str, sources: Sequence[Path], include_dirs: Sequence[Path] = (),
@@ -48,8 +51,9 @@ def load_extension(name: str, sources: Sequence[Path], include_dirs: Sequence[Pa
     """Compile (once) and import extension ``name``; raises :class:`ExtensionBuildError` with the first
     compiler error line. ``what``: a few words for the log line printed when it is compiled."""
     cpp = _cpp()
-    _clear_stale_lock(cpp, name)
-    fresh = not is_built(name)
+    build_dir = _build_dir(cpp, name)
+    _clear_stale_lock(build_dir)
+    fresh = not _built(build_dir, name)
     if fresh:
         _log.warning('compiling %s (C++, once per machine and source version)...', what or name)
     start = time.perf_counter()
@@ -66,11 +70,10 @@ def load_extension(name: str, sources: Sequence[Path], include_dirs: Sequence[Pa
     return module
 
 
-def _clear_stale_lock(cpp, name: str, max_age_s: float = 900.0) -> None:
+def _clear_stale_lock(build_dir: Optional[Path], max_age_s: float = 900.0) -> None:
     """Remove a build lock left by a killed build (torch would wait on it forever); a live build is younger."""
-    d = _build_dir(cpp, name)
     try:
-        lock = d / 'lock' if d is not None else None
+        lock = build_dir / 'lock' if build_dir is not None else None
         if lock is not None and lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
             lock.unlink()
     except OSError:  # a race with another process

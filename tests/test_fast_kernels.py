@@ -396,7 +396,7 @@ def _cl(*shape, gen, low=None):
 
 
 @pytest.fixture
-def fused(monkeypatch):
+def fused():
     """The extension's module; the tests compare each pass with its torch-ops fallback (BNAS_FUSED_OPS=0)."""
     ext = kernels.fused_ops()
     assert ext is not None, 'the fused search ops did not build here'
