@@ -203,8 +203,10 @@ def main(argv=None) -> int:
         if prof.get('profile'):
             search_step.print_breakdown('full iteration', prof['profile'])
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(out, f, indent=1)
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        from bnas_nni.io import atomic_write_text  # a killed bench leaves no half-written file
+        atomic_write_text(args.json, json.dumps(out, indent=1))
     return 0
 
 

@@ -430,8 +430,10 @@ def main(argv=None) -> int:
               f'weight step {OFFICIAL_NOTES_CPU["weight"]} img/s, full iteration {OFFICIAL_NOTES_CPU["full"]} img/s, '
               f'peak ~{OFFICIAL_NOTES_CPU["peak_mib"]:.0f} MiB; --official SRC measures it here', flush=True)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'official': officials, 'rows': results}, f, indent=1)
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        from bnas_nni.io import atomic_write_text  # a killed bench leaves no half-written file
+        atomic_write_text(args.json, json.dumps({'official': officials, 'rows': results}, indent=1))
     return 0
 
 
