@@ -40,6 +40,7 @@ from torch.utils.data import Sampler
 
 from ..distributed import DistContext, all_gather_objects
 from ..errors import BNASError, ConfigError
+from .supernet import derive_from_model
 
 __all__ = ['RankMismatchError', 'GradientSync', 'EpochShardSampler', 'BatchNormSync', 'SyncedBatchNorm2d',
            'enable_sync_batch_norm', 'model_fingerprint', 'check_same_architecture', 'check_same_config',
@@ -260,8 +261,6 @@ def fingerprint(obj: Any) -> str:
 
 def model_fingerprint(module: Any) -> Dict[str, str]:
     """Checksums of a :class:`BinaryDartsModule`'s alphas, of the genotype they derive, and of the weights."""
-    from .binary_darts import derive_from_model
-
     alphas = module.alphas_now()
     return {'alpha': fingerprint([alphas[k] for k in sorted(alphas)]),
             'genotype': fingerprint(str(derive_from_model(module, alphas=alphas))),

@@ -23,6 +23,7 @@ from ..console import log as console_log
 from ..genotypes import save_genotype
 from ..io import atomic_write_text
 from ..rundir import RunDir
+from .supernet import cell_ops
 
 __all__ = ['SEARCH_CSV_FIELDS', 'SearchRecorder', 'attach_run_directory', 'epoch_line']
 
@@ -62,7 +63,7 @@ class SearchRecorder:
         if self.pictures:
             from ..plot import write_search_pictures
 
-            write_search_pictures(self.run.path, alphas=record['alphas'], ops=_ops_of(module), epoch=record['epoch'],
+            write_search_pictures(self.run.path, alphas=record['alphas'], ops=cell_ops(module), epoch=record['epoch'],
                                   genotype=cifar, imagenet_genotype=imagenet, writer=self.run.writer(),
                                   log=self._log_once)
         row = {k: record.get(k) for k in SEARCH_CSV_FIELDS}
@@ -91,12 +92,6 @@ class SearchRecorder:
                       gamma_rule=module.gamma_rule, **meta)
         atomic_write_text(self.run.path / 'alpha_history.json', json.dumps(module.history, indent=1))
         return cifar, imagenet
-
-
-def _ops_of(module: Any):
-    from .binary_darts import binary_cells
-
-    return tuple(next(iter(binary_cells(module).values())).op_names)
 
 
 def attach_run_directory(evaluator: Any, strategy: Any, run_dir: str, *, resume: bool = False) -> None:
