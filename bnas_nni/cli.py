@@ -1,4 +1,4 @@
-"""The ``bnas-nni`` command line: ``search``, ``train``, ``eval``, ``summary``, ``data``, ``nni``, ``plot``, ``export``.
+"""The ``bnas-nni`` command line: ``search``, ``train``, ``eval``, ``summary``, ``data``, ``nni``, ``plot``, ``export``, ``config``.
 
 Each subcommand lives beside the code it drives and registers itself through a
 ``register(subparsers)`` function that adds its parser and sets ``func``; heavy imports (NNI,
@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     'bnas_nni.nni.cli',               # nni create / stop / list
     'bnas_nni.plot',                  # plot
     'bnas_nni.deploy.cli',            # export
+    'bnas_nni.config',                # config (the keys of search and train)
 )
 
 

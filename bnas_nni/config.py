@@ -1,9 +1,11 @@
 """One configuration system for search, training, NNI trials and benches.
 
-Every knob is declared once, as a typed field of a section dataclass below; a command's **schema** is a
-list of sections plus its own defaults. A config is a flat mapping (``lr``, ``epochs``, ``dataset`` ...)
-so the same key names work in YAML files, ``--set key=value``, and NNI search spaces. It is resolved
-once, in this order (later wins)::
+Every knob is declared once, as a typed field of a section dataclass below (:func:`knob`: default and
+help text); a command's config class (:class:`SearchConfig`, :class:`TrainConfig`) is the union of its
+sections, and its :class:`Schema` adds aliases, validators and the keys a resumed run may change. The
+same declaration feeds YAML validation, argparse help and the generated reference (``bnas-nni config
+search``). Keys are flat (``lr``, ``epochs``, ``dataset`` ...), so the same names work in YAML files,
+``--set key=value`` and NNI search spaces. A config is resolved once, in this order (later wins)::
 
     section defaults <- command defaults <- recipe defaults (training) <- YAML file <- command line <- NNI parameters
 
@@ -18,26 +20,31 @@ Rules of the resolver:
 * dict-valued keys take dotted overrides (``--set strategy_options.temperature=[1, 0.5]``);
 * ``imports: [module, ...]`` imports plugin modules first (e.g. one that registers a strategy).
 
-The resolved mapping is what a run saves as ``config.yaml`` in its run directory, and what ``--resume``
-compares against (:func:`check_resume`).
+The result is a typed config object (``cfg.lr``) that is also a read-only view as a flat mapping
+(``cfg['lr']``, ``dict(cfg)``): what a run saves as ``config.yaml`` in its run directory, and what
+``--resume`` compares against.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import functools
 import importlib
+import json
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from .errors import ConfigError
 from .io import load_yaml
 
-__all__ = ['Schema', 'resolve', 'check_resume', 'load_config_file', 'SEARCH', 'TRAIN', 'EVAL', 'coerce',
-           'DATASETS', 'family_of']
+__all__ = ['Schema', 'ConfigBase', 'SearchConfig', 'TrainConfig', 'knob', 'key_help', 'resolve', 'load_config_file',
+           'SEARCH', 'TRAIN', 'SCHEMAS', 'coerce', 'DATASETS', 'family_of', 'register']
 
 DATASETS = ('cifar10', 'fashion-mnist', 'imagenet')
 
@@ -49,181 +56,200 @@ def family_of(dataset: Optional[str]) -> str:
 
 # --------------------------------------------------------------------------- sections
 
+def knob(default: Any = None, help: str = '', *, factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A config key: its default (or a ``factory`` for a mutable one) and the help text that argparse,
+    ``bnas-nni config`` and the documentation show."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={'help': help})
+    return field(default=default, metadata={'help': help})
+
+
 @dataclass
 class Run:
     """Where and how a run executes."""
-    description: Optional[str] = None
-    name: Optional[str] = None            # run name; the default run directory is runs/<name>
-    run_dir: Optional[str] = None         # config.yaml, log.txt, metrics.csv, tb/, checkpoint.pt
-    seed: int = 0
-    device: str = 'auto'                  # auto | cpu | cuda | cuda:N
-    threads: Optional[int] = None         # torch.set_num_threads on CPU
-    workers: int = 0                      # data loader workers per process
-    channels_last: bool = False           # channels-last memory format
-    progress: Literal['auto', 'always', 'never'] = 'auto'   # auto: only on a terminal
-    tensorboard: bool = True
-    imports: List[str] = field(default_factory=list)        # plugin modules imported before anything else
+    description: Optional[str] = knob(None, 'free text kept with the run (config.yaml)')
+    name: Optional[str] = knob(None, 'run name, a plain name; the default run directory is runs/<name>')
+    run_dir: Optional[str] = knob(None, 'run directory: config.yaml, log.txt, metrics.csv, tb/, checkpoints')
+    seed: int = knob(0, 'random seed (data order, initialisation, augmentation)')
+    device: str = knob('auto', 'auto | cpu | cuda | cuda:N')
+    threads: Optional[int] = knob(None, 'CPU threads (torch.set_num_threads); None: torch decides')
+    workers: int = knob(0, 'data loader worker processes per process')
+    channels_last: bool = knob(False, 'channels-last memory format')
+    progress: Literal['auto', 'always', 'never'] = knob('auto', 'progress bars: auto shows them on a terminal only')
+    tensorboard: bool = knob(True, 'write TensorBoard event files into the run directory (tb/)')
+    imports: List[str] = knob(help='plugin modules imported before anything else (e.g. one that registers a '
+                                   'strategy, recipe or binarizer)', factory=list)
 
 
 @dataclass
 class Data:
     """The dataset and how it is read."""
-    dataset: Literal['cifar10', 'fashion-mnist', 'imagenet'] = 'cifar10'
-    data: Optional[str] = None            # dataset folder; None: the dataset's default location
-    download: bool = False                # CIFAR-10: download with torchvision when missing
-    train_subset: Optional[int] = None    # only the first N training images
-    image_size: Optional[int] = None      # network input side; None: the dataset's own (32, or 224 for ImageNet)
-    batch_size: int = 64                  # per process
+    dataset: Literal['cifar10', 'fashion-mnist', 'imagenet'] = knob('cifar10', 'cifar10 | fashion-mnist | imagenet')
+    data: Optional[str] = knob(None, "dataset folder; None: the dataset's default location")
+    download: bool = knob(False, 'CIFAR-10: download with torchvision when missing')
+    train_subset: Optional[int] = knob(None, 'use only the first N training images')
+    image_size: Optional[int] = knob(None, "network input side; None: the dataset's own (32, or 224 for ImageNet)")
+    batch_size: int = knob(64, 'batch size per process')
 
 
 @dataclass
 class SearchData:
     """How a search splits the training set (the test split is never touched)."""
-    train_portion: float = 0.5            # fraction that trains the weights; the rest trains alpha
+    train_portion: float = knob(0.5, 'fraction of the training set that trains the weights; the rest trains alpha')
 
 
 @dataclass
 class TrainData:
     """Validation data and ImageNet preprocessing of the trainers."""
-    val_subset: Optional[int] = None      # only the first N validation images
-    val_resize: int = 256                 # ImageNet: Resize before CenterCrop(image_size)
-    color_jitter: List[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.2])
+    val_subset: Optional[int] = knob(None, 'use only the first N validation images')
+    val_resize: int = knob(256, 'ImageNet: Resize to this side before CenterCrop(image_size)')
+    color_jitter: List[float] = knob(help='ImageNet training: ColorJitter brightness, contrast, saturation, hue',
+                                     factory=lambda: [0.4, 0.4, 0.4, 0.2])
 
 
 @dataclass
 class Space:
     """The search space: a search_spaces/*.yaml name or path; the other keys override it when set."""
-    space: str = 'bnas'
-    init_channels: Optional[int] = None
-    layers: Optional[int] = None
-    num_nodes: Optional[int] = None
-    ops: Optional[List[str]] = None
-    binarizer: Optional[Any] = None       # a weight binarizer name or {name: ..., option: ...}
-    activation: Optional[Any] = None      # an activation quantizer name or mapping
-    op_set: Optional[str] = None          # paper | react: the binary block's parts, unless set one by one
-    nonlinearity: Optional[Any] = None    # after each binary conv: relu (paper), rprelu, prelu, identity
-    shortcut: Optional[bool] = None       # real-valued shortcut around each binary conv where shapes allow
+    space: str = knob('bnas', 'search space: a name in search_spaces/ or a YAML path')
+    init_channels: Optional[int] = knob(None, 'initial channels C (None: the space\'s or model config\'s)')
+    layers: Optional[int] = knob(None, 'number of cells (None: the space\'s or model config\'s)')
+    num_nodes: Optional[int] = knob(None, 'intermediate nodes per cell (None: the space\'s)')
+    ops: Optional[List[str]] = knob(None, 'candidate op names (None: the space\'s seven)')
+    binarizer: Optional[Any] = knob(None, "weight binarizer: a name or {name: ..., option: ...}; 'none': "
+                                          'full-precision weights')
+    activation: Optional[Any] = knob(None, "activation quantizer: a name or mapping; 'identity': real activations")
+    op_set: Optional[str] = knob(None, "paper | react: the binary block's parts, unless set one by one")
+    nonlinearity: Optional[Any] = knob(None, 'after each binary conv: relu (paper), rprelu, prelu, identity')
+    shortcut: Optional[bool] = knob(None, 'real-valued shortcut around each binary conv where shapes allow')
 
 
 @dataclass
 class Model:
     """The network a trainer builds: a model config of search_spaces/models.yaml plus overrides."""
-    model: str = 'bnas-a'
-    genotype: Optional[str] = None        # a genotype name or YAML path (overrides the model config's)
-    init_channels: Optional[int] = None
-    layers: Optional[int] = None
-    num_classes: Optional[int] = None
-    precision_rule: Optional[Literal['standard', 'official-2020-11', 'official-2020-08']] = None
-    binarizer: Optional[Any] = None       # None: the model config's (xnor); 'none': full-precision weights
-    activation: Optional[Any] = None      # None: the model config's (ste_sign); 'identity': real activations
-    op_set: Optional[str] = None          # paper | react (rsign, scaled_sign, rprelu); explicit keys win
-    nonlinearity: Optional[Any] = None    # after each binary conv: relu (paper), rprelu, prelu, identity
-    shortcut: Optional[bool] = None       # real-valued shortcut around each binary conv where shapes allow
+    model: str = knob('bnas-a', 'model config name (search_spaces/models.yaml): bnas-a, bnas-d .. bnas-h')
+    genotype: Optional[str] = knob(None, "genotype name or YAML path (overrides the model config's)")
+    init_channels: Optional[int] = knob(None, "initial channels C (None: the model config's)")
+    layers: Optional[int] = knob(None, "number of cells (None: the model config's)")
+    num_classes: Optional[int] = knob(None, "classifier outputs (None: the dataset's)")
+    precision_rule: Optional[Literal['standard', 'official-2020-11', 'official-2020-08']] = knob(
+        None, 'which parts stay full precision: standard | official-2020-11 | official-2020-08')
+    binarizer: Optional[Any] = knob(None, "weight binarizer (None: the model config's, xnor); 'none': "
+                                          'full-precision weights')
+    activation: Optional[Any] = knob(None, "activation quantizer (None: the model config's, ste_sign); 'identity': "
+                                           'real activations')
+    op_set: Optional[str] = knob(None, 'paper | react (rsign, scaled_sign, rprelu); explicit keys win')
+    nonlinearity: Optional[Any] = knob(None, 'after each binary conv: relu (paper), rprelu, prelu, identity')
+    shortcut: Optional[bool] = knob(None, 'real-valued shortcut around each binary conv where shapes allow')
 
 
 @dataclass
 class Optim:
     """Weight optimisation."""
-    epochs: int = 50
-    optimizer: Literal['sgd', 'adam', 'adamw'] = 'sgd'
-    lr: float = 0.025
-    lr_min: float = 0.001                 # search: the cosine schedule's floor
-    momentum: float = 0.9
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])   # adam/adamw
-    weight_decay: float = 3e-4
-    grad_clip: Optional[float] = None     # max gradient norm; None: no clipping
-    max_train_batches: Optional[int] = None   # cap on iterations per epoch (smoke runs)
-    max_val_batches: Optional[int] = None     # cap on evaluation batches
+    epochs: int = knob(50, 'training (or search) epochs')
+    optimizer: Literal['sgd', 'adam', 'adamw'] = knob('sgd', 'weight optimizer: sgd | adam | adamw')
+    lr: float = knob(0.025, 'peak learning rate of the weights')
+    lr_min: float = knob(0.001, "search: the cosine schedule's floor")
+    momentum: float = knob(0.9, 'SGD momentum (the one-cycle schedule sets it per step)')
+    betas: List[float] = knob(help='adam/adamw betas', factory=lambda: [0.9, 0.999])
+    weight_decay: float = knob(3e-4, 'weight decay')
+    grad_clip: Optional[float] = knob(None, 'max gradient norm; None: no clipping')
+    max_train_batches: Optional[int] = knob(None, 'stop each epoch after N batches (smoke runs)')
+    max_val_batches: Optional[int] = knob(None, 'stop evaluation after N batches (smoke runs)')
 
 
 @dataclass
 class Recipe:
     """The training recipe (bnas_nni.train.recipes) and the knobs its presets set."""
-    recipe: str = 'paper'                 # paper (the official recipes); see bnas-nni train --help
-    schedule: Literal['onecycle', 'cosine_restarts', 'cosine', 'linear', 'constant'] = 'onecycle'
-    onecycle_min_factor: float = 0.05     # one-cycle starts and ends the cycle at lr * this factor
-    onecycle_momentum: List[float] = field(default_factory=lambda: [0.85, 0.95])
-    onecycle_annihilation: float = 0.1
-    onecycle_reduce_factor: float = 0.01
-    restart_epochs: int = 50              # cosine warm restarts period T_0, in epochs
-    weight_decay_binary: Optional[float] = None   # weight decay of binary convs' latent weights; None: weight_decay
-    weight_decay_other: Optional[float] = None    # decay of non-conv parameters (BN, biases, classifier,
-                                                  # thresholds, slopes); None: weight_decay
-    step1_epochs: Optional[int] = None    # two-step recipes (react): epochs of step 1; None: epochs
-    step2_weight_decay: float = 0.0       # two-step recipes (react): weight decay of step 2 (step 1: weight_decay)
-    label_smoothing: float = 0.0
-    bn_recalibration: int = 0             # after a stage's last epoch: re-estimate BN statistics on this many
-                                          # training batches (no gradients, drop path off); 0: off
-    bn_recalibration_mode: Literal['eval', 'train'] = 'eval'   # eval: layer by layer, each BN the statistics
-                                          # of its input with everything upstream in eval mode (the function
-                                          # evaluated); train: one pass in training mode (batch statistics upstream)
-    bn_freeze_epochs: int = 0             # the last N epochs of each stage train with BN statistics fixed (eval-mode
-                                          # BN; re-estimated first when bn_recalibration > 0); 0: off
-    bn_renorm_epochs: int = 0             # the last N epochs of each stage train with Batch Renormalization (forward
-                                          # with the running statistics, gradient through the batch's; re-estimated
-                                          # first when bn_recalibration > 0); 0: off
-    grad_clip_mode: Literal['binary', 'latent'] = 'binary'   # binary: norm w.r.t. the binary weights (official)
-    drop_path_prob: float = 0.2           # final value; epoch e uses drop_path_prob * e / epochs
-    amp: Optional[Literal['bf16', 'fp16']] = None
-    teacher: Optional[str] = None         # distillation teacher: a checkpoint or torchvision:NAME=WEIGHTS_FILE
-    init_from: Optional[str] = None       # initialise the weights from this checkpoint (warm start)
-    report_freq: int = 50                 # a train/valid log line every N steps
+    recipe: str = knob('paper', 'training recipe: paper (the official recipes), react (ReActNet-style two steps), '
+                                'or a registered one')
+    schedule: Literal['onecycle', 'cosine_restarts', 'cosine', 'linear', 'constant'] = knob(
+        'onecycle', 'learning-rate schedule: onecycle | cosine_restarts | cosine | linear | constant')
+    onecycle_min_factor: float = knob(0.05, 'one-cycle starts and ends the cycle at lr * this factor')
+    onecycle_momentum: List[float] = knob(help='one-cycle momentum range [low, high]', factory=lambda: [0.85, 0.95])
+    onecycle_annihilation: float = knob(0.1, 'one-cycle: fraction of the iterations in the final annihilation phase')
+    onecycle_reduce_factor: float = knob(0.01, 'one-cycle: the annihilation phase ends at lr * min_factor * this')
+    restart_epochs: int = knob(50, 'cosine warm restarts: period T_0 in epochs')
+    weight_decay_binary: Optional[float] = knob(None, "weight decay of binary convs' latent weights; None: weight_decay")
+    weight_decay_other: Optional[float] = knob(None, 'weight decay of non-conv parameters (BN, biases, classifier, '
+                                                     'thresholds, slopes); None: weight_decay')
+    step1_epochs: Optional[int] = knob(None, 'two-step recipes (react): epochs of step 1; None: epochs')
+    step2_weight_decay: float = knob(0.0, 'two-step recipes (react): weight decay of step 2 (step 1: weight_decay)')
+    label_smoothing: float = knob(0.0, 'label smoothing epsilon')
+    bn_recalibration: int = knob(0, "after a stage's last epoch: re-estimate BN statistics on this many training "
+                                    'batches (no gradients, drop path off); 0: off')
+    bn_recalibration_mode: Literal['eval', 'train'] = knob(
+        'eval', 'eval: layer by layer, each BN the statistics of its input with everything upstream in eval mode; '
+                'train: one pass in training mode')
+    bn_freeze_epochs: int = knob(0, 'the last N epochs of each stage train with BN statistics fixed (eval-mode BN; '
+                                    're-estimated first when bn_recalibration > 0); 0: off')
+    bn_renorm_epochs: int = knob(0, 'the last N epochs of each stage train with Batch Renormalization (forward with '
+                                    "the running statistics, gradient through the batch's); 0: off")
+    grad_clip_mode: Literal['binary', 'latent'] = knob(
+        'binary', 'gradient norm w.r.t. the binary weights (binary, official) or the latent ones (latent)')
+    drop_path_prob: float = knob(0.2, 'final drop-path probability; epoch e uses drop_path_prob * e / epochs')
+    amp: Optional[Literal['bf16', 'fp16']] = knob(None, 'mixed precision: bf16 | fp16 (default: fp32)')
+    teacher: Optional[str] = knob(None, 'distillation teacher: a checkpoint or torchvision:NAME=WEIGHTS_FILE')
+    init_from: Optional[str] = knob(None, 'initialise the weights from this checkpoint (warm start)')
+    report_freq: int = knob(50, 'log a train/valid line every N steps')
 
 
 @dataclass
 class Search:
     """The search algorithm (BinaryDARTS or any registered strategy)."""
-    strategy: str = 'binary-darts'
-    strategy_options: Dict[str, Any] = field(default_factory=dict)   # strategy-specific keyword arguments
-    arc_lr: float = 3e-4                  # Adam for alpha
-    arc_betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
-    arc_weight_decay: float = 1e-3
-    lamda: float = 1.0                    # diversity weight
-    tau: float = 7.7                      # diversity decay, epochs
-    gamma: float = 3.0                    # Zeroise transfer for the ImageNet genotype
-    gamma_rule: Literal['zeroise', 'official'] = 'zeroise'
-    select: Literal['best', 'official', 'last'] = 'best'
-    mixed_cell: Literal['binary', 'fast'] = 'fast'
-    warmup_epochs: int = 0                # weight-only epochs before alpha moves
-    log_prob_every: int = 10              # steps between per-edge probability logs
+    strategy: str = knob('binary-darts', 'search strategy: a name of the strategy registry (bnas-nni search --help)')
+    strategy_options: Dict[str, Any] = knob(help="the strategy's own keyword options", factory=dict)
+    arc_lr: float = knob(3e-4, 'Adam learning rate of alpha')
+    arc_betas: List[float] = knob(help='Adam betas of alpha', factory=lambda: [0.5, 0.999])
+    arc_weight_decay: float = knob(1e-3, 'weight decay of alpha')
+    lamda: float = knob(1.0, 'diversity weight lambda >= 0 (paper: 1)')
+    tau: float = knob(7.7, 'diversity decay tau > 0, in epochs (paper: 7.7)')
+    gamma: float = knob(3.0, 'Zeroise transfer for the ImageNet genotype (paper: 3)')
+    gamma_rule: Literal['zeroise', 'official'] = knob(
+        'zeroise', "zeroise divides Zeroise's probability by gamma; official divides row 0 (the released code)")
+    select: Literal['best', 'official', 'last'] = knob(
+        'best', "genotype kept: best (alphas after the best epoch), official (the released code's off-by-one), last")
+    mixed_cell: Literal['binary', 'fast'] = knob('fast', 'supernet cell: fast, or binary (the straightforward '
+                                                         'reference cell)')
+    warmup_epochs: int = knob(0, 'weight-only epochs before alpha moves')
+    log_prob_every: int = knob(10, 'steps between per-edge probability logs')
 
 
 @dataclass
 class Experiment:
     """NNI strategies: the experiment budget (multi-trial) and the one-shot derived-network check."""
-    max_trial_number: int = 10
-    trial_concurrency: int = 1            # >1 hits NNI 3.0 mixing up trials (microsoft/nni#5726)
-    max_experiment_duration: Optional[str] = None   # e.g. 30m
-    port: Optional[int] = None            # NNI manager port on 127.0.0.1; None: a free one
-    derived_epochs: int = 0               # one-shot: then train the derived network this long
+    max_trial_number: int = knob(10, 'multi-trial strategies: number of trials')
+    trial_concurrency: int = knob(1, 'trials at once (>1 hits NNI 3.0 mixing up trials, microsoft/nni#5726)')
+    max_experiment_duration: Optional[str] = knob(None, 'time budget of the NNI experiment, e.g. 30m')
+    port: Optional[int] = knob(None, 'NNI manager port on 127.0.0.1; None: a free one')
+    derived_epochs: int = knob(0, 'one-shot NNI strategies: then train the derived network this long')
 
 
 @dataclass
 class Final:
     """The brief training of the derived cell that gives a search trial its final result."""
-    final_epochs: int = 1
-    final_init_channels: int = 8
-    final_layers: int = 3
-    final_batch_size: int = 64
-    final_lr: float = 0.05
-    final_weight_decay: float = 3e-6
-    final_train_subset: Optional[int] = 2048
-    final_test_subset: Optional[int] = 1000
-    final_image_size: Optional[int] = None   # None: the search's image_size
+    final_epochs: int = knob(1, 'search trial: epochs of the derived network')
+    final_init_channels: int = knob(8, 'search trial: initial channels of the derived network')
+    final_layers: int = knob(3, 'search trial: cells of the derived network')
+    final_batch_size: int = knob(64, 'search trial: batch size of the derived network')
+    final_lr: float = knob(0.05, 'search trial: learning rate of the derived network')
+    final_weight_decay: float = knob(3e-6, 'search trial: weight decay of the derived network')
+    final_train_subset: Optional[int] = knob(2048, 'search trial: training images of the derived network')
+    final_test_subset: Optional[int] = knob(1000, 'search trial: test images of the derived network')
+    final_image_size: Optional[int] = knob(None, "search trial: input side of the derived network; None: the search's")
 
 
 @dataclass
 class Distributed:
     """Data-parallel runs under torchrun (ignored by a single process)."""
-    sync_bn: bool = False                 # search: normalise training batches with the statistics over all ranks
-    dist_timeout: float = 600.0           # seconds a collective waits for the other ranks before the job stops
+    sync_bn: bool = knob(False, 'search: normalise training batches with the statistics over all ranks')
+    dist_timeout: float = knob(600.0, 'seconds a collective waits for the other ranks before the job stops')
 
 
 @dataclass
 class Output:
     """Named genotype files a search writes besides its run directory."""
-    save: Optional[str] = None            # NAME: NAME.yaml and NAME_imagenet.yaml
-    out: Optional[str] = None             # folder for them (default search_spaces/genotypes)
+    save: Optional[str] = knob(None, 'NAME: write NAME.yaml and NAME_imagenet.yaml genotypes')
+    out: Optional[str] = knob(None, 'folder for the save genotypes (default search_spaces/genotypes)')
 
 
 # --------------------------------------------------------------------------- types
@@ -304,30 +330,124 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     return value
 
 
+# --------------------------------------------------------------------------- resolved configs
+
+class ConfigBase(Mapping):
+    """A resolved config: typed attributes (``cfg.lr``) for code, and the flat mapping view
+    (``cfg['lr']``, ``dict(cfg)``) that YAML files, ``--set``, NNI parameters and ``config.yaml`` use.
+
+    Assigning a key (``cfg.lr = ...`` or ``cfg['lr'] = ...``) coerces the value to the key's type;
+    :meth:`replace` returns a changed copy. Unknown keys are refused, as in a YAML file.
+    """
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _field_names(type(self)):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self, key, value)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        names = _field_names(type(self))
+        if key not in names:
+            raise AttributeError(f'{type(self).__name__} has no key {key!r}')
+        object.__setattr__(self, key, value if value is None else coerce(value, _hints(type(self))[key], key,
+                                                                          'assignment'))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_field_names(type(self)))
+
+    def __len__(self) -> int:
+        return len(_field_names(type(self)))
+
+    def replace(self, **changes: Any) -> 'ConfigBase':
+        """A copy with ``changes`` applied (each coerced to its key's type)."""
+        out = copy.deepcopy(self)
+        for key, value in changes.items():
+            setattr(out, key, value)
+        return out
+
+    def as_dict(self) -> Dict[str, Any]:
+        """A plain ``{key: value}`` copy (for YAML, checkpoints and NNI)."""
+        return copy.deepcopy({k: getattr(self, k) for k in self})
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({", ".join(f"{k}={getattr(self, k)!r}" for k in self)})'
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _section_fields(cls: type) -> Dict[type, List[str]]:
+    """``{section: [keys]}`` of a config class, in declaration order; a key declared by two sections is a
+    bug (one knob, one place)."""
+    out: Dict[type, List[str]] = {}
+    owner: Dict[str, str] = {}
+    for section in cls.__mro__[1:]:
+        if '__dataclass_fields__' not in section.__dict__:
+            continue
+        keys = [f.name for f in dataclasses.fields(section)]
+        for key in keys:
+            if key in owner:
+                raise ValueError(f'{cls.__name__}: key {key!r} is declared by {owner[key]} and {section.__name__}')
+            owner[key] = section.__name__
+        out[section] = keys
+    return out
+
+
+def key_help(cls: type, key: str) -> str:
+    """The help text of ``key``: from the nearest declaration that has one (a command may only change a
+    key's default)."""
+    for klass in cls.__mro__:
+        f = getattr(klass, '__dataclass_fields__', {}).get(key)
+        if f is not None and f.metadata.get('help'):
+            return str(f.metadata['help'])
+    return ''
+
+
+@dataclass(eq=False)
+class SearchConfig(ConfigBase, Run, Data, SearchData, Space, Optim, Search, Experiment, Final, Output, Distributed):
+    """``bnas-nni search``, search trials, and the NNI strategy presets (experiments/search_*.yaml,
+    strategy_*.yaml)."""
+    seed: int = 2
+
+
+@dataclass(eq=False)
+class TrainConfig(ConfigBase, Run, Data, TrainData, Model, Optim, Recipe):
+    """``bnas-nni train``, ``eval``, ``export`` and the trainer scripts; recipes supply most optimisation
+    defaults."""
+    workers: int = 2
+    download: bool = True
+    batch_size: int = 256
+
+
 # --------------------------------------------------------------------------- schemas
 
-Validator = Callable[[Dict[str, Any]], None]
+Validator = Callable[[Mapping[str, Any]], None]
 
 
 class Schema:
-    """A command's keys: the union of its sections' fields, with the command's own defaults."""
+    """How a command's config is resolved: its config class (the keys, their types, defaults and help),
+    aliases, validators, and the keys a resumed run may change."""
 
-    def __init__(self, name: str, sections: Sequence[type], defaults: Optional[Mapping[str, Any]] = None,
+    def __init__(self, name: str, config_class: type, defaults: Optional[Mapping[str, Any]] = None,
                  aliases: Optional[Mapping[str, str]] = None, validators: Sequence[Validator] = (),
                  resume_free: Sequence[str] = ()) -> None:
         self.name = name
-        self.sections = tuple(sections)
-        self.hints: Dict[str, Any] = {}
-        self.section_of: Dict[str, str] = {}
-        base: Dict[str, Any] = {}
-        for section in self.sections:
-            hints = typing.get_type_hints(section)
-            for f in dataclasses.fields(section):
-                if f.name in self.hints:
-                    raise ValueError(f'schema {name}: key {f.name!r} is declared twice')
-                self.hints[f.name] = hints[f.name]
-                self.section_of[f.name] = section.__name__.lower()
-                base[f.name] = (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        self.config_class = config_class
+        self.sections = _section_fields(config_class)
+        self.hints: Dict[str, Any] = {k: _hints(config_class)[k] for k in _field_names(config_class)}
+        self.help: Dict[str, str] = {k: key_help(config_class, k) for k in self.hints}
+        base = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(config_class)}
         unknown = set(defaults or {}) - set(self.hints)
         if unknown:
             raise ValueError(f'schema {name}: defaults for unknown keys {sorted(unknown)}')
@@ -346,6 +466,10 @@ class Schema:
         out.base = {**self.base, **copy.deepcopy(defaults)}
         return out
 
+    def build(self, values: Mapping[str, Any]) -> ConfigBase:
+        """The typed config of already-coerced ``values`` (every key of the schema)."""
+        return self.config_class(**values)
+
     def normalize_key(self, raw: Any, source: str) -> Tuple[str, Optional[str]]:
         """``(key, subkey)``: aliases mapped, ``-`` read as ``_``, ``a.b`` split for dict-valued keys."""
         text = str(raw).strip()
@@ -357,6 +481,24 @@ class Schema:
         if sub and _kind(self.hints[key]) != 'mapping':
             raise ConfigError(f'{source}: {key} is not a mapping, so {text!r} cannot set a part of it')
         return key, (sub or None)
+
+    def reference(self) -> str:
+        """Every key as Markdown, one table per section: key, type, default, help (``bnas-nni config``)."""
+        lines = [f'# `{self.name}` configuration', '',
+                 'Keys are set in a YAML file (`--config`), with `--set KEY=VALUE`, or as NNI trial parameters; '
+                 '`KEY=null` restores the default.', '']
+        for section, keys in self.sections.items():
+            keys = [k for k in keys if k in self.hints]
+            if not keys:
+                continue
+            doc = (section.__doc__ or '').strip().splitlines()[0]
+            lines += [f'## {section.__name__}', '', doc, '', '| key | type | default | help |', '|---|---|---|---|']
+            for key in keys:
+                default = json.dumps(self.base[key])
+                cells = (f'`{key}`', _kind(self.hints[key]), f'`{default}`', self.help[key])
+                lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
+            lines.append('')
+        return '\n'.join(lines)
 
 
 def load_config_file(path: str | os.PathLike) -> Dict[str, Any]:
@@ -385,8 +527,8 @@ def _import_plugins(modules: Sequence[str]) -> None:
 
 def resolve(schema: Schema, path: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
             nni_params: Optional[Mapping[str, Any]] = None, *, base: Optional[Mapping[str, Any]] = None,
-            defaults_hook: Optional[Callable[[Callable[..., Any]], Mapping[str, Any]]] = None) -> Dict[str, Any]:
-    """Resolve a config (see the module docstring); returns a flat, typed, validated mapping.
+            defaults_hook: Optional[Callable[[Callable[..., Any]], Mapping[str, Any]]] = None) -> ConfigBase:
+    """Resolve a config (see the module docstring); returns the schema's typed config, validated.
 
     ``base`` replaces the YAML file (a saved ``config.yaml`` when resuming). ``defaults_hook(lookup)``
     returns further defaults (a training recipe's) from the keys given so far: ``lookup(key)`` is the
@@ -440,23 +582,7 @@ def resolve(schema: Schema, path: Optional[str | os.PathLike] = None, overrides:
             cfg[key] = new
     for check in schema.validators:
         check(cfg)
-    return cfg
-
-
-def check_resume(schema: Schema, saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> Dict[str, Any]:
-    """The config to continue a run with: ``saved``, plus only the keys that may change between a run and
-    its resumption (threads, progress, device ...). A change of anything else is a one-line error."""
-    merged = dict(saved)
-    changed = []
-    for key, value in wanted.items():
-        if key in schema.resume_free:
-            merged[key] = value
-        elif key in saved and saved[key] != value:
-            changed.append(f'{key} ({saved[key]!r} -> {value!r})')
-    if changed:
-        raise ConfigError(f'{where} was started with another config: {", ".join(changed)}; '
-                          'resume without those changes or start a new run directory')
-    return merged
+    return schema.build(cfg)
 
 
 # --------------------------------------------------------------------------- validation
@@ -529,20 +655,33 @@ def _check_train(cfg: Dict[str, Any]) -> None:
 _EXEC_FREE = ('threads', 'device', 'workers', 'progress', 'tensorboard', 'description', 'run_dir', 'imports')
 
 #: ``bnas-nni search``, search trials, and the NNI strategy presets (experiments/search_*.yaml, strategy_*.yaml)
-SEARCH = Schema('search', [Run, Data, SearchData, Space, Optim, Search, Experiment, Final, Output, Distributed],
-                defaults={'seed': 2},
+SEARCH = Schema('search', SearchConfig,
                 aliases={'max_eval_batches': 'max_val_batches', 'learning_rate': 'lr', 'num_threads': 'threads'},
                 validators=[_check_common, _check_search],
                 resume_free=_EXEC_FREE + ('save', 'out', 'channels_last', 'max_trial_number', 'dist_timeout'))
 
 #: ``bnas-nni train`` and the trainer scripts; recipe presets supply most optimisation defaults
-TRAIN = Schema('train', [Run, Data, TrainData, Model, Optim, Recipe],
-               defaults={'workers': 2, 'download': True, 'batch_size': 256},
+TRAIN = Schema('train', TrainConfig,
                aliases={'learning_rate': 'lr', 'wd': 'weight_decay', 'model_config': 'model', 'arch': 'genotype',
                         'C': 'init_channels', 'init_channel': 'init_channels', 'batch': 'batch_size',
                         'label_smooth': 'label_smoothing', 'data_root': 'data', 'num_workers': 'workers'},
                validators=[_check_common, _check_train],
                resume_free=_EXEC_FREE + ('report_freq',))
 
-#: ``bnas-nni eval`` and ``bnas-nni export``: the model and validation data of the training schema
-EVAL = TRAIN
+#: the schemas by command, for ``bnas-nni config`` and the generated reference
+SCHEMAS: Dict[str, Schema] = {'search': SEARCH, 'train': TRAIN}
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(SCHEMAS[args.schema].reference())
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``bnas-nni config``: every key of a command's config with its type, default and help."""
+    p = subparsers.add_parser('config', help='list the config keys of search or train (type, default, help)',
+                              description='Print every config key of a command as a Markdown reference: type, '
+                                          'default and help, one table per section.')
+    p.add_argument('schema', choices=sorted(SCHEMAS), help='which command: search or train (eval and export read '
+                                                           "train's keys)")
+    p.set_defaults(func=_cmd_config)
