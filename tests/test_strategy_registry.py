@@ -34,7 +34,9 @@ PLUGIN = textwrap.dedent('''
         return strategy
 
 
-    register_strategy('scaled-diversity', make, kind='one-shot', description='BinaryDARTS, lamda * scale')
+    register_strategy('scaled-diversity', make, kind='one-shot', runner='driver', description='BinaryDARTS, lamda * scale')
+    # the same class declared for NNI's runner: what it can do follows the declaration, not the class
+    register_strategy('scaled-diversity-nni', make, kind='one-shot', description='the same, through NasExperiment')
 ''')
 
 
@@ -49,6 +51,7 @@ def plugin(tmp_path, monkeypatch):
     from bnas_nni.search.strategies import STRATEGIES
 
     STRATEGIES._items.pop('scaled-diversity', None)
+    STRATEGIES._items.pop('scaled-diversity-nni', None)
 
 
 def _needs_fashion():
@@ -82,6 +85,53 @@ def test_user_strategy_runs_from_bnas_nni_search(plugin, tmp_path, capsys):
                  '--set', 'strategy=scaled-diversity', '--set', 'strategy_options.bogus=1',
                  '--run-dir', str(tmp_path / 'bad')]) == 2
     assert 'allowed: scale' in capsys.readouterr().err
+
+
+def test_user_strategy_resumes_exactly_and_gets_the_gamma_variant(plugin, tmp_path, capsys):
+    """A plugin strategy declared with runner='driver' gets --resume and the ImageNet gamma variant."""
+    _needs_fashion()
+    from bnas_nni.search.run import resolve_search_config, run_search
+
+    run = tmp_path / 'run'
+    args = ['--config', QUICK, *TINY, '--epochs', '3', '--set', 'imports=[my_bnas_plugin]',
+            '--set', 'strategy=scaled-diversity', '--run-dir', str(run)]
+    cfg = resolve_search_config(QUICK, {'epochs': 3, 'train_subset': 128, 'image_size': 8, 'max_val_batches': 1,
+                                        'imports': ['my_bnas_plugin'], 'strategy': 'scaled-diversity',
+                                        'run_dir': str(run)})
+
+    def stop_in_second_epoch(record, _):          # callbacks run before the epoch's checkpoint is written
+        if record['epoch'] == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg, epoch_callbacks=[stop_in_second_epoch], log=lambda s: None)
+    import torch
+
+    assert torch.load(run / 'checkpoint.pt', weights_only=True)['epoch'] == 1
+    capsys.readouterr()
+    assert main(['search', *args, '--resume']) == 0, capsys.readouterr().err
+    out = capsys.readouterr()
+    assert 'resumed from' in out.out + out.err and 'at epoch 1/3' in out.out + out.err   # continued, not restarted
+    assert torch.load(run / 'checkpoint.pt', weights_only=True)['epoch'] == 3
+    meta = yaml.safe_load((run / 'genotype_imagenet.yaml').read_text())['meta']
+    assert meta['gamma'] == 3.0 and meta['gamma_rule'] == 'zeroise'
+    # the same class registered for NNI's runner: --resume is refused in one line, before any work
+    assert main(['search', '--config', QUICK, '--set', 'imports=[my_bnas_plugin]',
+                 '--set', 'strategy=scaled-diversity-nni', '--run-dir', str(tmp_path / 'nni'), '--resume']) == 2
+    err = capsys.readouterr().err
+    assert "--resume is not available for strategy 'scaled-diversity-nni'" in err and 'Traceback' not in err
+
+
+def test_driver_runner_is_for_one_shot_strategies_only():
+    from bnas_nni.errors import ConfigError
+    from bnas_nni.search.strategies import STRATEGIES, get_strategy_spec, register_strategy
+
+    with pytest.raises(ConfigError, match='one-shot strategies only'):
+        register_strategy('bad-runner', lambda cfg: None, kind='multi-trial', runner='driver')
+    with pytest.raises(ConfigError, match='runner must be one of driver, nni'):
+        register_strategy('bad-runner', lambda cfg: None, kind='one-shot', runner='lightning')
+    assert 'bad-runner' not in STRATEGIES
+    assert get_strategy_spec('binary-darts').resumable and get_strategy_spec('binary-darts').gamma_variant
+    assert not get_strategy_spec('darts').resumable and not get_strategy_spec('darts').gamma_variant
 
 
 def test_user_strategy_runs_as_a_search_trial(plugin, tmp_path):

@@ -2,12 +2,14 @@
 
 It prepares the run directory (numbered defaults ``runs/<name>``, ``runs/<name>-2`` ...; the resolved
 config saved as ``config.yaml`` and compared on ``--resume``), seeds, builds the space and the strategy
-from the registry (:mod:`bnas_nni.search.strategies`), and dispatches on what the strategy is:
+from the registry (:mod:`bnas_nni.search.strategies`), and dispatches on what the strategy declared
+when it was registered:
 
-* a :class:`~bnas_nni.search.binary_darts.BinaryDARTS` (or subclass): the resumable
+* registered with ``runner='driver'`` (BinaryDARTS and its variants): the resumable
   :class:`~bnas_nni.search.driver.SearchDriver`, exact resume, CIFAR and ImageNet (gamma) genotypes;
-* anything else: :func:`bnas_nni.search.experiment.run_nni_experiment` (one-shot or multi-trial by the
-  strategy's registered kind); NNI restarts such experiments, so ``--resume`` is refused.
+* ``runner='nni'``: :func:`bnas_nni.search.experiment.run_nni_experiment` (one-shot or multi-trial by the
+  strategy's registered kind); NNI restarts such experiments, so ``--resume`` is refused, and the
+  ImageNet genotype repeats the searched cell (said in the log).
 
 Outputs: the run directory, and with ``save: NAME`` the two genotype files ``NAME.yaml`` and
 ``NAME_imagenet.yaml`` in ``search_spaces/genotypes/`` (or ``out``), never Python sources.
@@ -30,8 +32,7 @@ from ..console import log as console_log
 from ..config import SEARCH, resolve
 from ..errors import ConfigError
 
-__all__ = ['resolve_search_config', 'run_search', 'default_run_dir', 'save_named_genotypes', 'build_space',
-           'resolve_device']
+__all__ = ['resolve_search_config', 'run_search', 'default_run_dir', 'save_named_genotypes', 'build_space']
 
 
 def resolve_search_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
@@ -59,12 +60,6 @@ def build_space(cfg: Mapping[str, Any]):
     from ..space import BNASSpace
 
     return BNASSpace.from_config(cfg['space'], **_space_overrides(cfg))
-
-
-def resolve_device(spec: Optional[str]):
-    from ..distributed import resolve_device as resolve
-
-    return resolve(spec)
 
 
 def default_run_dir(cfg: Mapping[str, Any]) -> Path:
@@ -199,20 +194,20 @@ def _run_search(cfg: Dict[str, Any], ctx: Any, *, resume: bool, epoch_callbacks,
     from ..distributed import broadcast_object, collective_errors
     from ..paths import genotypes_dir
     from ..seeding import seed_everything
-    from .binary_darts import BinaryDARTS
     from .distributed import RANK_LOCAL_KEYS, check_same_config
-    from .strategies import build_strategy, strategy_kind
+    from .strategies import build_strategy, get_strategy_spec
 
     check_same_config(cfg, ctx)                          # a different config file on one node: one line
     with collective_errors(ctx):
         if cfg['save'] and ctx.is_main:
             folder = Path(cfg['out']) if cfg['out'] else genotypes_dir()
             check_save_target([folder / f'{cfg["save"]}.yaml', folder / f'{cfg["save"]}_imagenet.yaml'])
-        strategy = build_strategy(cfg)
-        if resume and not isinstance(strategy, BinaryDARTS):
+        spec = get_strategy_spec(cfg['strategy'])
+        if resume and not spec.resumable:
             raise ConfigError(f'--resume is not available for strategy {cfg["strategy"]!r} (NNI restarts its '
                               'experiments); rerun with a new --run-dir')
-        kind = strategy_kind(cfg['strategy'])
+        strategy = build_strategy(cfg)
+        kind = spec.kind
         if ctx.distributed and kind != 'one-shot':
             raise ConfigError(f'{cfg["strategy"]} is a multi-trial strategy: its trials run through the NNI manager '
                               'and are the parallelism; start it without torchrun')
@@ -232,7 +227,7 @@ def _run_search(cfg: Dict[str, Any], ctx: Any, *, resume: bool, epoch_callbacks,
     seed_everything(int(cfg['seed']))
     space = build_space(cfg)
     name = cfg['save'] or cfg['name'] or 'search'
-    if isinstance(strategy, BinaryDARTS):
+    if spec.runner == 'driver':
         summary = _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, name, resume,
                               epoch_callbacks, log, ctx)
     else:
@@ -328,8 +323,10 @@ def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_cal
             if ctx.distributed:
                 meta['world_size'] = ctx.world_size
             save_genotype(genotype, run_dir / 'genotype.yaml', **meta)
-            # NNI's strategies have no Zeroise transfer: the ImageNet file repeats the same cell
-            save_genotype(genotype, run_dir / 'genotype_imagenet.yaml', **meta)
+            # a strategy without the gamma variant (NNI's): the ImageNet file repeats the same cell, and says so
+            save_genotype(genotype, run_dir / 'genotype_imagenet.yaml', **meta, gamma=None)
+            log(f'[{cfg["strategy"]}] no ImageNet (gamma) variant for this strategy: genotype_imagenet.yaml '
+                'repeats the searched cell')
             if kind == 'one-shot' and int(cfg['derived_epochs'] or 0) > 0:
                 from ..data import search_splits
                 from .evaluators import evaluate_derived, train_options

@@ -17,11 +17,15 @@ and the strategy's own keyword options from ``strategy_options``; a wrong name o
 :class:`~bnas_nni.errors.ConfigError`. Registering a strategy is one call::
 
     from bnas_nni.search.strategies import register_strategy
-    register_strategy('my-darts', lambda cfg, **opts: MyDARTS(...), kind='one-shot')
+    register_strategy('my-darts', lambda cfg, **opts: MyDARTS(...), kind='one-shot', runner='driver')
 
 after which ``bnas-nni search --set imports=[my_module] --set strategy=my-darts`` and search trials run
-it: a :class:`BinaryDARTS` (sub)class runs on the resumable driver, anything else through
-``NasExperiment`` (one-shot in this process, multi-trial with the NNI manager on 127.0.0.1).
+it. What a strategy can do is declared here, never inferred from its class: ``runner='driver'`` (its
+one-shot module is a :class:`~bnas_nni.search.binary_darts.BinaryDartsModule`) runs on the resumable
+:class:`~bnas_nni.search.driver.SearchDriver` and so gets exact ``--resume``, the ImageNet gamma variant
+and data-parallel search; ``runner='nni'`` (the default) runs through ``NasExperiment`` (one-shot in this
+process, multi-trial with the NNI manager on 127.0.0.1), which NNI restarts rather than resumes, and whose
+ImageNet genotype repeats the searched cell.
 
 The stock one-shot strategies keep NNI's differentiable cell, which appends a hidden zero logit to
 every edge; BNAS's Zeroise is an explicit candidate on top of it, so an exported architecture may
@@ -32,27 +36,38 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Set
 
 from ..errors import ConfigError
 from ..registry import Registry
 
-__all__ = ['StrategySpec', 'STRATEGIES', 'KINDS', 'register_strategy', 'get_strategy_spec', 'check_strategy_options',
-           'build_strategy',
-           'strategy_kind', 'CellTPE']
+__all__ = ['StrategySpec', 'STRATEGIES', 'KINDS', 'RUNNERS', 'register_strategy', 'get_strategy_spec',
+           'check_strategy_options', 'build_strategy', 'strategy_kind', 'CellTPE']
 
 KINDS = ('one-shot', 'multi-trial')
+RUNNERS = ('driver', 'nni')
 Factory = Callable[..., Any]
 
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """A registered strategy: ``factory(cfg, **options)``, its kind, and the options it takes."""
+    """A registered strategy: ``factory(cfg, **options)``, its kind, what runs it, and its options."""
 
     name: str
     factory: Factory
     kind: str
     description: str = ''
+    runner: str = 'nni'
+
+    @property
+    def resumable(self) -> bool:
+        """``--resume`` continues an interrupted search exactly (the driver's checkpoint)."""
+        return self.runner == 'driver'
+
+    @property
+    def gamma_variant(self) -> bool:
+        """The ImageNet genotype is derived with the Zeroise transfer (``gamma``); else it repeats the cell."""
+        return self.runner == 'driver'
 
     def options(self) -> Dict[str, Any]:
         """The factory's keyword options with their defaults (``strategy_options`` in a config)."""
@@ -65,12 +80,21 @@ class StrategySpec:
 STRATEGIES: Registry = Registry('strategy')
 
 
-def register_strategy(name: str, factory: Factory, *, kind: str, description: str = '',
+def register_strategy(name: str, factory: Factory, *, kind: str, description: str = '', runner: str = 'nni',
                       replace: bool = False) -> StrategySpec:
-    """Make ``factory(cfg, **options) -> nni.nas.strategy.Strategy`` runnable as ``strategy: name``."""
+    """Make ``factory(cfg, **options) -> nni.nas.strategy.Strategy`` runnable as ``strategy: name``.
+
+    ``runner='driver'`` declares that the strategy's one-shot module is a ``BinaryDartsModule`` (as
+    :class:`~bnas_nni.search.binary_darts.BinaryDARTS` and its subclasses build): it then runs on the
+    resumable driver (exact resume, gamma variant). ``'nni'``: through NNI's ``NasExperiment``."""
     if kind not in KINDS:
         raise ConfigError(f'strategy kind must be one of {", ".join(KINDS)}, got {kind!r}')
-    spec = StrategySpec(name=STRATEGIES._normalize(name), factory=factory, kind=kind, description=description)
+    if runner not in RUNNERS:
+        raise ConfigError(f'strategy runner must be one of {", ".join(RUNNERS)}, got {runner!r}')
+    if runner == 'driver' and kind != 'one-shot':
+        raise ConfigError(f'strategy {name!r}: the driver runs one-shot strategies only (kind multi-trial given)')
+    spec = StrategySpec(name=STRATEGIES._normalize(name), factory=factory, kind=kind, description=description,
+                        runner=runner)
     STRATEGIES.register(name, spec, replace=replace)
     return spec
 
@@ -174,7 +198,7 @@ _CELL_TPE = None
 
 
 def __getattr__(name: str):
-    # ``from bnas_nni.search.nni_strategies import CellTPE`` builds the class on first use
+    # ``from bnas_nni.search.strategies import CellTPE`` builds the class on first use
     global _CELL_TPE
     if name == 'CellTPE':
         if _CELL_TPE is None:
@@ -244,7 +268,8 @@ def _tpe(cfg: Mapping[str, Any], *, optimize_mode: str = 'maximize', tpe_args: D
     return __getattr__('CellTPE')(optimize_mode=optimize_mode, seed=int(cfg['seed']), tpe_args=tpe_args)
 
 
-register_strategy('binary-darts', _binary_darts, kind='one-shot', description='BinaryDARTS, the BNAS search')
+register_strategy('binary-darts', _binary_darts, kind='one-shot', runner='driver',
+                  description='BinaryDARTS, the BNAS search')
 register_strategy('darts', _darts, kind='one-shot', description="NNI's DARTS")
 register_strategy('gumbel-darts', _gumbel_darts, kind='one-shot', description="NNI's GumbelDARTS")
 register_strategy('random-one-shot', _random_one_shot, kind='one-shot', description="NNI's RandomOneShot (SPOS)")
