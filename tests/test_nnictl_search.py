@@ -38,16 +38,16 @@ def _listening(port: int) -> bool:
 @pytest.mark.timeout(600)
 def test_nnictl_search_grid_reports_intermediate_and_final(tmp_path, needs_fashion):
     config = yaml.safe_load((REPO / 'experiments' / 'nnictl_search_grid.yml').read_text())
-    assert config['trialCommand'].startswith('python trainers/search_trial.py')
+    assert config['trialCommand'].startswith('python -m bnas_nni search')
     # the shipped grid, shrunk to two tiny trials
     config['searchSpace'] = {'seed': {'_type': 'choice', '_value': [1, 2]},
                              'lamda': {'_type': 'choice', '_value': [1.0]}}
     config['maxTrialNumber'] = 2
     config['trialConcurrency'] = 2
     config['trialCommand'] = (
-        f'{sys.executable} trainers/search_trial.py --config experiments/search_quick_fashion.yaml '
+        f'{sys.executable} -m bnas_nni search --config experiments/search_quick_fashion.yaml '
         f'--set epochs={EPOCHS} --set train_subset=192 --set batch_size=32 --set threads=1 '
-        '--final train_subset=128 --final test_subset=128')
+        '--set final_train_subset=128 --set final_test_subset=128')
     config['trialCodeDirectory'] = str(REPO)
     config['experimentWorkingDirectory'] = str(tmp_path / 'nni-experiments')
     config['maxExperimentDuration'] = '8m'

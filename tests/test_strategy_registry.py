@@ -2,7 +2,6 @@
 code with one call is usable from `bnas-nni search` and from search trials (what nnictl launches)."""
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 
@@ -10,7 +9,7 @@ import pytest
 import yaml
 
 from bnas_nni.cli import main
-from bnas_nni.paths import REPO_ROOT, experiments_dir
+from bnas_nni.paths import experiments_dir
 
 QUICK = str(experiments_dir() / 'search_quick_fashion.yaml')
 TINY = ['--epochs', '1', '--set', 'train_subset=128', '--set', 'image_size=8', '--set', 'max_val_batches=1']
@@ -135,20 +134,39 @@ def test_driver_runner_is_for_one_shot_strategies_only():
 
 
 def test_user_strategy_runs_as_a_search_trial(plugin, tmp_path):
-    """The trial entry point nnictl launches (run standalone: it reports to stdout instead of NNI)."""
+    """What nnictl launches: the same run_search with the trial reporter (here with a channel that records
+    instead of NNI's): parameters as the last config layer, a report per epoch, genotypes in the trial
+    folder, the derived cell trained briefly, one final result."""
     _needs_fashion()
-    env = {'PYTHONPATH': f'{plugin}:{REPO_ROOT}', 'NNI_OUTPUT_DIR': str(tmp_path / 'trial'), 'OMP_NUM_THREADS': '1',
-           'PATH': '/usr/bin:/bin'}
-    import os
+    from bnas_nni.search.run import resolve_search_config, run_search
+    from bnas_nni.search.trial import SearchTrialReporter
 
-    env = {**os.environ, **env}
-    env.pop('NNI_PLATFORM', None)
-    out = subprocess.run([sys.executable, str(REPO_ROOT / 'trainers' / 'search_trial.py'), '--config', QUICK,
-                          *TINY[2:], '--set', 'epochs=1', '--set', 'imports=[my_bnas_plugin]',
-                          '--set', 'strategy=scaled-diversity', '--final', 'epochs=1', '--final', 'train_subset=64',
-                          '--final', 'test_subset=32'], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "final result: {'default':" in out.stdout and 'derived_acc' in out.stdout
-    assert (tmp_path / 'trial' / 'genotype.yaml').is_file()
+    class Channel:
+        def __init__(self):
+            self.intermediates, self.finals = [], []
+
+        def intermediate(self, metric):
+            self.intermediates.append(dict(metric))
+
+        def final(self, metric):
+            self.finals.append(dict(metric))
+
+    class Reporter(SearchTrialReporter):
+        def parameters(self):
+            return {'lamda': 0.5, 'final_epochs': 1}
+
+    channel = Channel()
+    reporter = Reporter(out_dir=tmp_path / 'trial', channel=channel)
+    overrides = {'epochs': 2, 'train_subset': 128, 'image_size': 8, 'max_val_batches': 1,
+                 'imports': ['my_bnas_plugin'], 'strategy': 'scaled-diversity', 'final_train_subset': 64,
+                 'final_test_subset': 32, **reporter.config_defaults()}
+    summary = run_search(resolve_search_config(QUICK, overrides), reporter=reporter, log=lambda s: None)
+    import my_bnas_plugin
+
+    assert my_bnas_plugin.BUILT[-1].lamda == pytest.approx(0.25)          # NNI's lamda 0.5, scaled by the plugin
+    assert [m['epoch'] for m in channel.intermediates] == [1, 2]
+    assert channel.finals == [summary['trial_metric']] and 'derived_acc' in channel.finals[0]
+    assert channel.finals[0]['default'] == pytest.approx(max(m['default'] for m in channel.intermediates))
+    assert (tmp_path / 'trial' / 'genotype.yaml').is_file() and (tmp_path / 'trial' / 'genotype_imagenet.yaml').is_file()
     saved = yaml.safe_load((tmp_path / 'trial' / 'search' / 'config.yaml').read_text())
-    assert saved['strategy'] == 'scaled-diversity'
+    assert saved['strategy'] == 'scaled-diversity' and saved['lamda'] == 0.5

@@ -4,9 +4,9 @@ Configuration is one flat mapping (:data:`bnas_nni.config.SEARCH`): the defaults
 search), then the ``--config`` file, then the flags below, then ``--set KEY=VALUE`` for any key
 (``--set KEY=null`` unsets one). Every strategy of the registry runs from here: ``binary-darts``
 (default), NNI's one-shot and multi-trial strategies, and strategies registered by a plugin module
-named in ``imports``. Launched by NNI (``NNI_PLATFORM`` set, e.g. an nnictl trial command
-``torchrun --nproc_per_node 2 -m bnas_nni search ...``) it runs as a search trial
-(:func:`bnas_nni.search.trial.run_trial`): NNI parameters in, per-epoch and final metrics out.
+named in ``imports``. Launched by NNI (``NNI_PLATFORM`` set, e.g. an nnictl trial command ``python -m bnas_nni search ...``
+or ``torchrun --nproc_per_node 2 -m bnas_nni search ...``) the same search reports to NNI through a
+:class:`~bnas_nni.search.trial.SearchTrialReporter`: NNI parameters in, per-epoch and final metrics out.
 """
 from __future__ import annotations
 
@@ -19,23 +19,22 @@ __all__ = ['register']
 def _cmd_search(args: argparse.Namespace) -> int:
     from ..cli import quiet_warnings
     from ..io import parse_set_items
+    from ..nni.trial import under_nni
     from .run import resolve_search_config, run_search
+    from .trial import SearchTrialReporter
 
     quiet_warnings()
+    # under NNI the trial command channel is captured here, before any NNI engine can swap it
+    reporter = SearchTrialReporter() if under_nni() else None
     flags = {'space': args.space, 'epochs': args.epochs, 'batch_size': args.batch_size, 'lamda': args.lamda,
              'tau': args.tau, 'gamma': args.gamma, 'seed': args.seed, 'save': args.save, 'out': args.out,
              'run_dir': args.run_dir, 'strategy': args.strategy, 'data': args.data, 'dataset': args.dataset}
     overrides = {k: v for k, v in flags.items() if v is not None}   # flags not given are not overrides
     overrides.update(parse_set_items(args.set))                     # --set KEY=null is an explicit unset
-    from ..nni.trial import under_nni
-
-    if under_nni():     # launched by nnictl (e.g. through torchrun): a search trial, see bnas_nni.search.trial
-        from .trial import run_trial
-
-        run_trial(args.config, overrides)
-        return 0
+    for key, value in (reporter.config_defaults() if reporter else {}).items():
+        overrides.setdefault(key, value)
     cfg = resolve_search_config(args.config, overrides)
-    run_search(cfg, resume=args.resume)
+    run_search(cfg, resume=args.resume, reporter=reporter)
     return 0
 
 

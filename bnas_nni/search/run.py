@@ -24,25 +24,47 @@ and supernets are compared); multi-trial strategies are refused (their trials ar
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
+import torch
+from nni.nas.strategy import RandomOneShot
+
+from ..config import SEARCH, SearchConfig, resolve
 from ..console import log as console_log
-from ..config import SEARCH, resolve
+from ..data import search_splits
+from ..distributed import broadcast_object, cleanup, collective_errors, init_distributed
 from ..errors import ConfigError
+from ..genotypes import Genotype, save_genotype
+from ..io import load_yaml, save_yaml
+from ..paths import genotypes_dir
+from ..rundir import RunDir
+from ..seeding import seed_everything
+from ..space import BNASSpace, load_space_config
+from .distributed import (RANK_LOCAL_KEYS, check_same_config, check_same_export, lightning_ddp_options,
+                          oneshot_fingerprint, peer_failures, quiet_off_main)
+from .driver import SearchDriver
+from .evaluators import evaluate_derived, train_options
+from .experiment import run_nni_experiment
+from .strategies import build_strategy, check_strategy_options, get_strategy_spec
+from .trial import SearchReporter
 
 __all__ = ['resolve_search_config', 'run_search', 'default_run_dir', 'save_named_genotypes', 'build_space']
 
 
 def resolve_search_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
-                          nni_params: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """Defaults <- YAML file <- overrides <- NNI trial parameters (see :mod:`bnas_nni.config`), with the
-    strategy, space and ops checked; the run name defaults to the config file's stem."""
-    from ..space import load_space_config
-    from .strategies import check_strategy_options
-
-    cfg = resolve(SEARCH, path, overrides, nni_params)
+                          nni_params: Optional[Mapping[str, Any]] = None, *,
+                          base: Optional[Mapping[str, Any]] = None) -> SearchConfig:
+    """Defaults <- YAML file (or ``base``, a resolved config) <- overrides <- NNI trial parameters (see
+    :mod:`bnas_nni.config`), with the strategy, space and ops checked; the run name defaults to the
+    config file's stem."""
+    cfg = resolve(SEARCH, path, overrides, nni_params, base=base)
     if cfg['name'] is None and path:
         cfg['name'] = Path(path).stem
     check_strategy_options(cfg)                               # unknown strategy or option -> one line
@@ -57,8 +79,6 @@ def _space_overrides(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def build_space(cfg: Mapping[str, Any]):
-    from ..space import BNASSpace
-
     return BNASSpace.from_config(cfg['space'], **_space_overrides(cfg))
 
 
@@ -73,9 +93,6 @@ def default_run_dir(cfg: Mapping[str, Any]) -> Path:
 
 
 def _prepare_run_dir(cfg: Dict[str, Any], resume: bool) -> Tuple[Dict[str, Any], Path]:
-    from ..io import load_yaml
-    from ..rundir import RunDir
-
     run_dir = default_run_dir(cfg)
     if not cfg.get('run_dir') and not os.environ.get('NNI_OUTPUT_DIR'):
         # default run dirs are numbered: runs/search-NAME, runs/search-NAME-2, ...; a new search takes
@@ -104,8 +121,6 @@ def _prepare_run_dir(cfg: Dict[str, Any], resume: bool) -> Tuple[Dict[str, Any],
         merged['run_dir'] = str(run_dir)
         return merged, run_dir
     if (run_dir / 'checkpoint.pt').exists():
-        from ..rundir import RunDir
-
         RunDir(run_dir).check_free()            # a live run is named first: --resume would not help
         raise ConfigError(f'{run_dir} already holds a search; continue it with --resume or pick another --run-dir')
     cfg = dict(cfg, run_dir=str(run_dir))
@@ -119,11 +134,6 @@ def save_named_genotypes(cifar: Any, imagenet: Any, name: str, out: Optional[str
     An existing file is replaced only if an earlier ``bnas-nni search`` wrote it; hand-written and
     shipped genotypes are never overwritten.
     """
-    import dataclasses
-
-    from ..genotypes import save_genotype
-    from ..io import load_yaml
-    from ..paths import genotypes_dir
 
     folder = Path(out) if out else genotypes_dir()
     paths = (folder / f'{name}.yaml', folder / f'{name}_imagenet.yaml')
@@ -135,8 +145,6 @@ def save_named_genotypes(cifar: Any, imagenet: Any, name: str, out: Optional[str
 
 def check_save_target(paths: Sequence[Path]) -> None:
     """Refuse to overwrite genotype files that ``bnas-nni search`` did not write."""
-    from ..io import load_yaml
-
     for p in paths:
         if p.exists():
             try:
@@ -149,53 +157,57 @@ def check_save_target(paths: Sequence[Path]) -> None:
 
 
 def _show_progress(cfg: Mapping[str, Any]) -> bool:
-    import sys
-
     return cfg['progress'] == 'always' or (cfg['progress'] == 'auto' and sys.stderr.isatty())
 
 
 def search_context(cfg: Mapping[str, Any]):
     """The :class:`~bnas_nni.distributed.DistContext` of this process (one process outside torchrun; under
     torchrun the process group, started once, with ``dist_timeout`` on every collective)."""
-    from ..distributed import init_distributed
-
     return init_distributed(cfg.get('device'), timeout=cfg.get('dist_timeout'))
 
 
-def run_search(cfg: Dict[str, Any], *, resume: bool = False,
+def run_search(cfg: SearchConfig, *, resume: bool = False, reporter: Optional[SearchReporter] = None,
                epoch_callbacks: Sequence[Callable[[Dict[str, Any], Any], None]] = (),
                on_running: Optional[Callable[[Any, Optional[int]], None]] = None,
                log: Callable[[str], None] = console_log, ctx: Any = None) -> Dict[str, Any]:
     """Run the search a resolved config describes; returns a summary (genotypes, best epoch, paths).
 
+    ``reporter`` (:class:`~bnas_nni.search.trial.SearchReporter`) is how the search talks to what
+    launched it, e.g. :class:`~bnas_nni.search.trial.SearchTrialReporter` under NNI: its parameters
+    are a last config layer, it may continue the run directory's search, and it gets every epoch's
+    record and the summary (its final metric is ``summary['trial_metric']``).
     ``epoch_callbacks(record, driver_or_module)`` run after every epoch with the epoch's record
     (``epoch``, ``val_acc`` in percent, ``entropy`` ...); data-parallel, they run on every rank with the
     same record (metrics over all ranks). ``ctx``: a :class:`~bnas_nni.distributed.DistContext` the
-    caller started (e.g. a search trial); by default this call starts one from the torchrun environment
-    and ends it when it returns. Off rank 0, a user mistake exits with status 2 without printing it.
+    caller started; by default this call starts one from the torchrun environment and ends it when it
+    returns. Off rank 0, a user mistake exits with status 2 without printing it.
     """
-    from ..distributed import cleanup
-    from .distributed import peer_failures, quiet_off_main
-
     own = ctx is None
     ctx = search_context(cfg) if own else ctx
     try:
-        with peer_failures(ctx, cfg.get('dist_timeout')), quiet_off_main(ctx):
-            return _run_search(cfg, ctx, resume=resume, epoch_callbacks=epoch_callbacks, on_running=on_running,
-                               log=log if ctx.is_main else (lambda *_: None))
+        with peer_failures(ctx, cfg.dist_timeout), quiet_off_main(ctx):
+            log = log if ctx.is_main else (lambda *_: None)
+            params: Dict[str, Any] = {}
+            if reporter is not None:
+                # NNI hands one parameter set per trial, to rank 0; every rank resolves the same config
+                params = broadcast_object(reporter.parameters() if ctx.is_main else None, ctx)
+                if params:
+                    cfg = resolve_search_config(base=cfg, nni_params=params)
+                    log(f'trial parameters: {params}')
+                resume = resume or bool(broadcast_object(reporter.resumes(cfg) if ctx.is_main else None, ctx))
+                if ctx.is_main:
+                    epoch_callbacks = [*epoch_callbacks, lambda record, _: reporter.epoch(record)]
+            summary = _run_search(cfg, ctx, resume=resume, epoch_callbacks=epoch_callbacks, on_running=on_running,
+                                  log=log)
+            if reporter is not None and ctx.is_main:
+                summary['trial_metric'] = reporter.finish({**summary, 'params': params}, cfg, log=log)
+            return summary
     finally:
         if own:
             cleanup(ctx)
 
 
 def _run_search(cfg: Dict[str, Any], ctx: Any, *, resume: bool, epoch_callbacks, on_running, log) -> Dict[str, Any]:
-    import torch
-
-    from ..distributed import broadcast_object, collective_errors
-    from ..paths import genotypes_dir
-    from ..seeding import seed_everything
-    from .distributed import RANK_LOCAL_KEYS, check_same_config
-    from .strategies import build_strategy, get_strategy_spec
 
     check_same_config(cfg, ctx)                          # a different config file on one node: one line
     with collective_errors(ctx):
@@ -219,8 +231,6 @@ def _run_search(cfg: Dict[str, Any], ctx: Any, *, resume: bool, epoch_callbacks,
     if cfg['threads']:
         torch.set_num_threads(int(cfg['threads']))
     device = ctx.device
-    from ..data import search_splits
-
     with collective_errors(ctx):                             # missing data fails here, on any rank
         train, val, val_eval = search_splits(cfg)
     check_same_config(cfg, ctx, extra={'images': [len(train), len(val), len(val_eval)]})
@@ -240,9 +250,6 @@ def _run_search(cfg: Dict[str, Any], ctx: Any, *, resume: bool, epoch_callbacks,
 
 def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, name, resume, epoch_callbacks, log,
                 ctx):
-    from ..distributed import collective_errors
-    from .driver import SearchDriver
-
     with collective_errors(ctx):                 # e.g. more ranks than batches: the same line on every rank
         driver = SearchDriver(space, strategy, train_data=train, val_data=val, eval_data=val_eval, run_dir=run_dir,
                               epochs=cfg['epochs'], batch_size=cfg['batch_size'], lr=cfg['lr'], lr_min=cfg['lr_min'],
@@ -272,16 +279,6 @@ def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, nam
 
 
 def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_callbacks, on_running, log, ctx):
-    import logging
-    import shutil
-    import tempfile
-
-    from ..distributed import broadcast_object, collective_errors
-    from ..genotypes import Genotype, save_genotype
-    from ..io import save_yaml
-    from ..rundir import RunDir
-    from .distributed import check_same_export, lightning_ddp_options, oneshot_fingerprint
-    from .experiment import run_nni_experiment
 
     with collective_errors(ctx):
         run = RunDir(run_dir, is_main=ctx.is_main).acquire()
@@ -305,8 +302,6 @@ def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_cal
                                     progress=_show_progress(cfg) and ctx.is_main, epoch_callbacks=epoch_callbacks,
                                     on_running=running, log=log, trainer_options=trainer_options)
         if ctx.distributed:
-            from nni.nas.strategy import RandomOneShot
-
             if isinstance(strategy, RandomOneShot):
                 # its export is an arbitrary sample of the trained supernet (NNI's own warning), drawn from
                 # an unseeded generator: rank 0 draws it for everyone
@@ -328,9 +323,6 @@ def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_cal
             log(f'[{cfg["strategy"]}] no ImageNet (gamma) variant for this strategy: genotype_imagenet.yaml '
                 'repeats the searched cell')
             if kind == 'one-shot' and int(cfg['derived_epochs'] or 0) > 0:
-                from ..data import search_splits
-                from .evaluators import evaluate_derived, train_options
-
                 train, _, val_plain = search_splits(cfg)
                 opts = dict(train_options(cfg), epochs=int(cfg['derived_epochs']))
                 result['derived'] = evaluate_derived(space.freeze(result['arch']), train_data=train,

@@ -1,37 +1,36 @@
-"""A search run as an ``nnictl`` trial, so searches show up in the NNI web UI.
+"""A search as an ``nnictl`` trial, so searches show up in the NNI web UI.
 
-Each trial (``trainers/search_trial.py``, launched by ``experiments/nnictl_search_grid.yml``):
+Under NNI (``NNI_PLATFORM`` set), ``bnas-nni search`` (e.g. the trial command ``python -m bnas_nni search
+--config experiments/search_quick_fashion.yaml`` of ``experiments/nnictl_search_grid.yml``) runs the
+same :func:`bnas_nni.search.run.run_search` as anywhere else, with a :class:`SearchTrialReporter`:
 
-1. takes its hyperparameters from NNI: any search config key (``seed``, ``lamda``, ``tau`` ...,
-   ``final_*`` for the brief final training), on top of ``--config`` and ``--set``;
-2. runs the search (:func:`bnas_nni.search.run.run_search`, any registered strategy) in
-   ``$NNI_OUTPUT_DIR/search`` and reports, after every epoch, an intermediate result
-   ``{'default': supernet val acc %, 'arch_entropy': mean edge entropy, 'epoch': n}``;
-3. writes the kept genotypes to ``$NNI_OUTPUT_DIR/genotype.yaml`` and ``genotype_imagenet.yaml``;
-4. trains the derived network briefly (the one train loop, :func:`~bnas_nni.search.evaluators.evaluate_derived`)
-   and reports the final result ``{'default': best supernet val acc %, 'derived_acc': test accuracy % of
-   the derived cell, 'zeroise_ops': ...}``: ``default`` is the same quantity in intermediates and final.
+1. the trial's NNI parameters are a last config layer: any search config key (``seed``, ``lamda``,
+   ``tau`` ..., ``final_*`` for the brief final training), on top of ``--config`` and ``--set``;
+2. the search runs in ``$NNI_OUTPUT_DIR/search`` (continued if NNI restarts the trial) and reports,
+   after every epoch, an intermediate result ``{'default': supernet val acc %, 'arch_entropy': mean
+   edge entropy, 'epoch': n}``;
+3. the kept genotypes are written to ``$NNI_OUTPUT_DIR/genotype.yaml`` and ``genotype_imagenet.yaml``;
+4. the derived network is trained briefly (the one train loop,
+   :func:`~bnas_nni.search.evaluators.evaluate_derived`) and the final result is reported
+   ``{'default': best supernet val acc %, 'derived_acc': test accuracy % of the derived cell,
+   'zeroise_ops': ...}``: ``default`` is the same quantity in intermediates and final.
 
 Reports go through the trial command channel NNI opened for this process, captured before anything
-else runs (:class:`bnas_nni.nni.trial.RealTrialChannel`). Outside NNI the same script runs standalone.
-
-A trial may be a ``torchrun`` job (``torchrun --nproc_per_node 2 -m bnas_nni search ...`` in an
-nnictl experiment, ``experiments/nnictl_search_ddp.yml``): every rank inherits NNI's variables, but
-rank 0 alone takes the parameters (and hands them to the other ranks), reports, writes the genotypes
-and trains the derived cell; the search itself is data-parallel (:mod:`bnas_nni.search.distributed`).
+else runs (:class:`bnas_nni.nni.trial.RealTrialChannel`). A trial may be a ``torchrun`` job
+(``experiments/nnictl_search_ddp.yml``): every rank inherits NNI's variables, but rank 0 alone takes
+the parameters (and hands them to the other ranks), reports, writes the genotypes and trains the
+derived cell; the search itself is data-parallel (:mod:`bnas_nni.search.distributed`).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from ..console import log as console_log
-from ..io import parse_set_items
-from ..nni.trial import RealTrialChannel
+from ..nni.trial import RealTrialChannel, under_nni
 
-__all__ = ['brief_train', 'run_trial', 'main']
+__all__ = ['brief_train', 'SearchReporter', 'SearchTrialReporter']
 
 
 def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=console_log) -> float:
@@ -61,98 +60,82 @@ def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=console_log) -> fl
     return float(metric['default'])
 
 
-def run_trial(config: Optional[str], overrides: Mapping[str, Any], *, channel: Optional[RealTrialChannel] = None,
-              log=console_log) -> Dict[str, Any]:
-    """Everything a search trial does (see the module docstring); returns the final metric (rank 0;
-    ``{}`` on the other ranks of a torchrun trial)."""
-    from ..distributed import cleanup
-    from .distributed import peer_failures, quiet_off_main
-    from .run import resolve_search_config, search_context
+class SearchReporter:
+    """What a search tells the world beyond its run directory; this base class tells nothing.
 
-    out_dir = Path(os.environ.get('NNI_OUTPUT_DIR') or Path('runs') / 'search-trial')
-    overrides = dict(overrides)
-    overrides.setdefault('run_dir', str(out_dir / 'search'))
-    overrides.setdefault('progress', 'never')
-    base = resolve_search_config(config, overrides)                  # device and timeout, before NNI
-    ctx = search_context(base)
-    try:
-        with peer_failures(ctx, base['dist_timeout']), quiet_off_main(ctx):
-            return _run_trial(config, overrides, out_dir, ctx, channel, log if ctx.is_main else (lambda *_: None))
-    finally:
-        cleanup(ctx)
+    :func:`bnas_nni.search.run.run_search` calls, on rank 0 only: :meth:`parameters` once before the
+    search (a last config layer, as NNI parameters), :meth:`resumes` (continue the run directory's
+    search), :meth:`epoch` after every epoch with the epoch's record, and :meth:`finish` once with the
+    search's summary.
+    """
+
+    def config_defaults(self) -> Dict[str, Any]:
+        """Config keys this reporter sets unless the command line does (e.g. where the run directory is)."""
+        return {}
+
+    def parameters(self) -> Dict[str, Any]:
+        return {}
+
+    def resumes(self, cfg: Mapping[str, Any]) -> bool:
+        return False
+
+    def epoch(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self, summary: Mapping[str, Any], cfg: Mapping[str, Any], log=console_log) -> Optional[Dict[str, Any]]:
+        return None
 
 
-def _run_trial(config: Optional[str], overrides: Dict[str, Any], out_dir: Path, ctx: Any,
-               channel: Optional[RealTrialChannel], log) -> Dict[str, Any]:
-    from ..distributed import broadcast_object
-    from ..genotypes import save_genotype
-    from ..nni.trial import under_nni
-    from .run import resolve_search_config, run_search
+class SearchTrialReporter(SearchReporter):
+    """A search as an NNI trial: parameters from NNI, an intermediate result per epoch, the genotypes in
+    ``$NNI_OUTPUT_DIR``, a brief training of the derived cell, and the final result (module docstring).
 
-    params: Dict[str, Any] = {}
-    if ctx.is_main:
-        channel = channel or RealTrialChannel()
-        if under_nni():
-            import nni
+    Construct it first thing in the process: on rank 0 it captures the trial command channel before any
+    NNI engine can swap it (pass ``channel`` to report elsewhere, e.g. in tests).
+    """
 
-            with channel.active():
-                params = dict(nni.get_next_parameter() or {})
-    params = broadcast_object(params, ctx)          # NNI hands one parameter set per trial, to rank 0
-    cfg = resolve_search_config(config, overrides, nni_params=params)
-    if params:
-        log(f'trial parameters: {params}')
+    def __init__(self, out_dir: Optional[str | os.PathLike] = None, channel: Optional[RealTrialChannel] = None) -> None:
+        self.out_dir = Path(out_dir or os.environ.get('NNI_OUTPUT_DIR') or Path('runs') / 'search-trial')
+        is_main = int(os.environ.get('RANK', '0')) == 0
+        self.channel = channel or (RealTrialChannel() if is_main else None)
 
-    def report_epoch(record: Mapping[str, Any], _: Any) -> None:
-        if record.get('val_acc') is None or not ctx.is_main:
+    def config_defaults(self) -> Dict[str, Any]:
+        return {'run_dir': str(self.out_dir / 'search'), 'progress': 'never'}
+
+    def parameters(self) -> Dict[str, Any]:
+        if not under_nni():
+            return {}
+        import nni
+
+        with self.channel.active():
+            return dict(nni.get_next_parameter() or {})
+
+    def resumes(self, cfg: Mapping[str, Any]) -> bool:
+        # a trial NNI restarts continues its own search instead of failing on the existing run directory
+        return (Path(cfg['run_dir']) / 'checkpoint.pt').is_file()
+
+    def epoch(self, record: Mapping[str, Any]) -> None:
+        if record.get('val_acc') is None:
             return
         metric = {'default': float(record['val_acc']), 'epoch': int(record['epoch']) + 1}
         for key, name in (('entropy', 'arch_entropy'), ('arch_ce', 'arch_ce')):
             if record.get(key) is not None:
                 metric[name] = float(record[key])
-        channel.intermediate(metric)
+        self.channel.intermediate(metric)
 
-    # a trial NNI restarts continues its own search instead of failing on the existing run directory
-    resume = broadcast_object((Path(cfg['run_dir']) / 'checkpoint.pt').is_file() if ctx.is_main else None, ctx)
-    summary = run_search(cfg, resume=resume, epoch_callbacks=[report_epoch], log=log, ctx=ctx)
-    if not ctx.is_main:
-        return {}
-    cifar, imagenet = summary['genotype'], summary['genotype_imagenet']
-    best = summary['supernet_val_acc']
-    meta = {'source': 'bnas-nni search', 'trial': os.environ.get('NNI_TRIAL_JOB_ID', 'standalone'),
-            'params': dict(params), 'supernet_val_acc': best}
-    save_genotype(cifar, out_dir / 'genotype.yaml', **meta)
-    save_genotype(imagenet, out_dir / 'genotype_imagenet.yaml', **meta)
-    derived = brief_train(cifar, cfg, log=log)
-    metric = {'default': float(best) if best is not None and best >= 0 else derived, 'derived_acc': derived,
-              'zeroise_ops': float(sum(op == 'zeroise' for cell in ('normal', 'reduce') for op, _ in cifar.cell(cell)))}
-    channel.final(metric)
-    log(f'final result: {metric}; genotype in {out_dir / "genotype.yaml"}')
-    return metric
+    def finish(self, summary: Mapping[str, Any], cfg: Mapping[str, Any], log=console_log) -> Dict[str, Any]:
+        from ..genotypes import save_genotype
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``trainers/search_trial.py``."""
-    from ..cli import quiet_warnings, run_guarded
-
-    def trial() -> int:
-        quiet_warnings()
-        # capture before any NNI engine can swap it (rank 0 of a torchrun trial alone talks to NNI)
-        channel = RealTrialChannel() if int(os.environ.get('RANK', '0')) == 0 else None
-        p = argparse.ArgumentParser(prog='search_trial.py', description=__doc__.splitlines()[0])
-        p.add_argument('--config', default=None, help='search preset (default experiments/search_quick_fashion.yaml)')
-        p.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a search config key')
-        p.add_argument('--final', action='append', metavar='KEY=VALUE',
-                       help='override the brief final training (final_epochs, final_lr ...; the final_ may be left out)')
-        args = p.parse_args(argv)
-        config = args.config
-        if config is None:
-            from ..paths import experiments_dir
-
-            config = str(experiments_dir() / 'search_quick_fashion.yaml')
-        overrides = parse_set_items(args.set)
-        overrides.update({k if k.startswith('final_') else f'final_{k}': v
-                          for k, v in parse_set_items(args.final).items()})
-        run_trial(config, overrides, channel=channel)
-        return 0
-
-    return run_guarded(trial, 'interrupted; the search run directory is resumable with bnas-nni search --resume')
+        cifar, imagenet = summary['genotype'], summary['genotype_imagenet']
+        best = summary['supernet_val_acc']
+        meta = {'source': 'bnas-nni search', 'trial': os.environ.get('NNI_TRIAL_JOB_ID', 'standalone'),
+                'params': dict(summary.get('params') or {}), 'supernet_val_acc': best}
+        save_genotype(cifar, self.out_dir / 'genotype.yaml', **meta)
+        save_genotype(imagenet, self.out_dir / 'genotype_imagenet.yaml', **meta)
+        derived = brief_train(cifar, cfg, log=log)
+        zeroise = sum(op == 'zeroise' for cell in ('normal', 'reduce') for op, _ in cifar.cell(cell))
+        metric = {'default': float(best) if best is not None and best >= 0 else derived, 'derived_acc': derived,
+                  'zeroise_ops': float(zeroise)}
+        self.channel.final(metric)
+        log(f'final result: {metric}; genotype in {self.out_dir / "genotype.yaml"}')
+        return metric
