@@ -70,8 +70,8 @@ from nni.nas.oneshot.pytorch.supermodule.sampling import preprocess_cell_inputs
 
 from ...quant import BinaryConv2d, SignBinarizer, SteSign, XnorBinarizer
 from ...ops import BNConvReLU, Zeroise
-from .. import kernels
-from ..kernels import profiler_scope as _scope
+from . import kernels
+from .kernels import profiler_scope as _scope
 from ..mixed_cell import BinaryMixedCell
 
 __all__ = ['FastBinaryMixedCell']
