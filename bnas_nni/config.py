@@ -137,8 +137,9 @@ class Optim:
 
 
 @dataclass
-class Recipe:
-    """The training recipe (bnas_nni.train.recipes) and the knobs its presets set."""
+class Training:
+    """How a network is trained: the recipe's name (a :class:`bnas_nni.train.recipes.Recipe`, which sets
+    the defaults of these knobs and of :class:`Optim`'s) and the knobs themselves."""
     recipe: str = 'paper'                 # paper (the official recipes); see bnas-nni train --help
     schedule: Literal['onecycle', 'cosine_restarts', 'cosine', 'linear', 'constant'] = 'onecycle'
     onecycle_min_factor: float = 0.05     # one-cycle starts and ends the cycle at lr * this factor
@@ -536,7 +537,7 @@ SEARCH = Schema('search', [Run, Data, SearchData, Space, Optim, Search, Experime
                 resume_free=_EXEC_FREE + ('save', 'out', 'channels_last', 'max_trial_number', 'dist_timeout'))
 
 #: ``bnas-nni train`` and the trainer scripts; recipe presets supply most optimisation defaults
-TRAIN = Schema('train', [Run, Data, TrainData, Model, Optim, Recipe],
+TRAIN = Schema('train', [Run, Data, TrainData, Model, Optim, Training],
                defaults={'workers': 2, 'download': True, 'batch_size': 256},
                aliases={'learning_rate': 'lr', 'wd': 'weight_decay', 'model_config': 'model', 'arch': 'genotype',
                         'C': 'init_channels', 'init_channel': 'init_channels', 'batch': 'batch_size',
