@@ -60,8 +60,8 @@ from ..distributed import DistContext, broadcast_buffers
 from ..errors import ConfigError
 from ..networks import load_model_configs
 from ..registry import Registry
-from .losses import CrossEntropy, Distillation, TrainLoss
 from .loop import recalibrate_bn
+from .losses import CrossEntropy, Distillation, TrainLoss
 from .model import resolve_model_config
 from .optim import optimizer_from_config
 from .schedules import IterationSchedule, build_schedule
