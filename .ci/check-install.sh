@@ -12,7 +12,7 @@ B="$WORK/venv/bin/bnas-nni"
 "$B" summary bnas-a | tail -3
 "$B" search --space bnas-tiny --dataset fashion-mnist --epochs 1 --set train_subset=256 --set image_size=16 --save mycell
 # the fused search ops build from package data too
-"$WORK/venv/bin/python" -c "from bnas_nni.search import kernels; assert kernels.fused_ops() is not None, 'no fused ops'"
+"$WORK/venv/bin/python" -c "from bnas_nni.search.fast_cell import kernels; assert kernels.fused_ops() is not None, 'no fused ops'"
 "$B" train --arch mycell --dataset fashion-mnist --init-channels 8 --layers 3 --epochs 1 --train-subset 512 \
   --val-subset 256 --batch-size 64 --set lr=0.02 --set run_dir=trained | tail -2
 "$B" export --checkpoint trained --out mycell.bnp | tail -2      # builds the C++ engine from package data

@@ -158,8 +158,9 @@ class Optim:
 
 
 @dataclass
-class Recipe:
-    """The training recipe (bnas_nni.train.recipes) and the knobs its presets set."""
+class Training:
+    """How a network is trained: the recipe's name (a :class:`bnas_nni.train.recipes.Recipe`, which sets
+    the defaults of these knobs and of :class:`Optim`'s) and the knobs themselves."""
     recipe: str = knob('paper', 'training recipe: paper (the official recipes), react (ReActNet-style two steps), '
                                 'or a registered one')
     schedule: Literal['onecycle', 'cosine_restarts', 'cosine', 'linear', 'constant'] = knob(
@@ -421,7 +422,7 @@ class SearchConfig(ConfigBase, Run, Data, SearchData, Space, Optim, Search, Expe
 
 
 @dataclass(eq=False)
-class TrainConfig(ConfigBase, Run, Data, TrainData, Model, Optim, Recipe):
+class TrainConfig(ConfigBase, Run, Data, TrainData, Model, Optim, Training):
     """``bnas-nni train``, ``eval``, ``export`` and the trainer scripts; recipes supply most optimisation
     defaults."""
     workers: int = 2

@@ -19,7 +19,7 @@ import yaml
 
 from bnas_nni.cli import main
 from bnas_nni.data import DEBIAN_FASHION_MNIST
-from bnas_nni.nni.manager import loopback_namespace_prefix
+from bnas_nni.nni.loopback import loopback_namespace_prefix
 from bnas_nni.paths import REPO_ROOT, experiments_dir
 
 FASHION = Path(os.environ.get('BNAS_FASHION_MNIST') or DEBIAN_FASHION_MNIST)

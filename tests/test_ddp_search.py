@@ -128,6 +128,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from bnas_nni.data import DEBIAN_FASHION_MNIST  # noqa: E402
+from bnas_nni.nni.loopback import loopback_namespace_prefix  # noqa: E402
+from bnas_nni.nni.processes import pid_alive  # noqa: E402
 
 FASHION = Path(os.environ.get('BNAS_FASHION_MNIST') or DEBIAN_FASHION_MNIST)
 needs_fashion = pytest.mark.skipif(not (FASHION / 'train-images-idx3-ubyte.gz').is_file(),
@@ -167,20 +169,10 @@ def _descendants(pid: int) -> List[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != 'Z'
-
-
 class Job:
     """A command (usually torchrun) whose whole process tree is tracked and killed at the end."""
 
     def __init__(self, cmd: Sequence[str], env: Dict[str, str], log: Path) -> None:
-        from bnas_nni.nni.manager import loopback_namespace_prefix
-
         self.log = log
         self.file = open(log, 'w')
         self.proc = subprocess.Popen([*loopback_namespace_prefix(), *cmd], cwd=REPO, env=env, stdout=self.file,
@@ -216,7 +208,7 @@ class Job:
             time.sleep(0.1)
 
     def leftovers(self) -> List[int]:
-        return [p for p in self.seen if _alive(p)]
+        return [p for p in self.seen if pid_alive(p)]
 
     def output(self) -> str:
         self.file.flush()
@@ -653,7 +645,9 @@ def test_nni_one_shot_strategy_under_lightning_ddp_exports_one_architecture(name
 NNICTL_DRIVER = r'''
 import json, os, sys, time
 from pathlib import Path
-from bnas_nni.nni.manager import nni_environment, nnictl_create, nnictl_stop, rest_get, wait_for_experiment, free_port
+from bnas_nni.nni.environment import nni_environment
+from bnas_nni.nni.nnictl import nnictl_create, nnictl_stop
+from bnas_nni.nni.rest import free_port, rest_get, wait_for_experiment
 exp_yml, scratch, result = sys.argv[1:4]
 env = nni_environment(scratch, threads=1)
 port = free_port()
@@ -700,8 +694,6 @@ def test_nnictl_trial_is_a_torchrun_job_and_rank_0_reports(tmp_path, jobs):
     """The shipped experiments/nnictl_search_ddp.yml, shrunk to one tiny trial, run (manager included) in a
     private network namespace: the trial's 2 ranks search, rank 0 alone reports 2 intermediate and 1
     final results over the manager's REST API, and nothing is left running or listening."""
-    from bnas_nni.nni.manager import loopback_namespace_prefix
-
     if not loopback_namespace_prefix():
         pytest.skip('no private network namespace here (unshare -n)')
     config = yaml.safe_load((REPO / 'experiments' / 'nnictl_search_ddp.yml').read_text())

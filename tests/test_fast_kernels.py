@@ -20,7 +20,8 @@ import torch.nn.functional as F
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
 from bnas_nni.quant import attach_latent_constraint, make_binarizer  # noqa: E402
-from bnas_nni.search import fast_cell, kernels  # noqa: E402
+from bnas_nni.search import fast_cell  # noqa: E402
+from bnas_nni.search.fast_cell import kernels  # noqa: E402
 from bnas_nni.search.fast_cell import FastBinaryMixedCell  # noqa: E402
 from bnas_nni.search.mixed_cell import BinaryMixedCell  # noqa: E402
 

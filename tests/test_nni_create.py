@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnas_nni.nni import manager
+from bnas_nni.nni.environment import nni_environment
+from bnas_nni.nni.lifecycle import stop_experiment
+from bnas_nni.nni.nnictl import manifest_entry
+from bnas_nni.nni.processes import pid_alive
 from bnas_nni.paths import REPO_ROOT, experiments_dir
 
 PRESETS = sorted(experiments_dir().glob('nnictl_*.yml'))
@@ -117,7 +120,7 @@ def test_gpu_preset_without_gpu_reports_why_the_manager_stopped(tmp_path):
     config = _copy_preset('nnictl_train_cifar10_gpu.yml', tmp_path)
     scratch = tmp_path / 'scratch'
     out = _bnas_nni('nni', 'create', str(config), '--port', '0', '--scratch', str(scratch))
-    env = manager.nni_environment(scratch)
+    env = nni_environment(scratch)
     ids = list(yaml.safe_load((Path(env['HOME']) / 'nni-experiments' / '.experiment').read_text()))
     try:
         assert out.returncode == 2, out
@@ -125,10 +128,10 @@ def test_gpu_preset_without_gpu_reports_why_the_manager_stopped(tmp_path):
         assert len(lines) == 1 and lines[0].startswith('error: the NNI manager of experiment'), out.stderr
         assert 'Failed to collect GPU info' in lines[0] and 'trialGpuNumber: 0' in lines[0]
         assert 'nnimanager.log' in lines[0]
-        assert len(ids) == 1 and not manager.pid_alive(manager.manifest_entry(env, ids[0]).get('pid'))
+        assert len(ids) == 1 and not pid_alive(manifest_entry(env, ids[0]).get('pid'))
     finally:
         for exp_id in ids:
-            manager.stop_experiment(exp_id, env)
+            stop_experiment(exp_id, env)
 
 
 @pytest.mark.slow
@@ -157,10 +160,10 @@ def test_cpu_cifar_preset_starts_and_names_the_failed_trial(tmp_path):
         assert not data.exists()                      # the failed download removed the folder it created
         stop = _bnas_nni('nni', 'stop', exp_id, '--scratch', str(scratch))
         assert stop.returncode == 0 and f'experiment {exp_id} stopped' in stop.stdout
-        nni_env = manager.nni_environment(scratch)
-        assert not manager.pid_alive(manager.manifest_entry(nni_env, exp_id).get('pid'))
+        nni_env = nni_environment(scratch)
+        assert not pid_alive(manifest_entry(nni_env, exp_id).get('pid'))
         listed = _bnas_nni('nni', 'list', '--scratch', str(scratch))
         assert exp_id in listed.stdout and 'STOPPED' in listed.stdout
     finally:
         if exp_id is not None:
-            manager.stop_experiment(exp_id, manager.nni_environment(scratch))
+            stop_experiment(exp_id, nni_environment(scratch))

@@ -10,16 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnas_nni.nni.manager import nni_environment, nnictl_create, nnictl_stop, rest_get, wait_for_experiment
+from bnas_nni.nni.environment import nni_environment
+from bnas_nni.nni.nnictl import nnictl_create, nnictl_stop
+from bnas_nni.nni.rest import free_port, rest_get, wait_for_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _decode(data):
@@ -56,7 +52,7 @@ def test_nnictl_search_grid_reports_intermediate_and_final(tmp_path, needs_fashi
 
     env = nni_environment(tmp_path, threads=1)          # HOME redirected, manager bound to 127.0.0.1
     assert env['HOME'].startswith(str(tmp_path.resolve()))
-    port = _free_port()
+    port = free_port()
     exp_id = None
     try:
         exp_id = nnictl_create(exp_yml, port, env)

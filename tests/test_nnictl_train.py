@@ -7,15 +7,16 @@ by the ``localhost-only.js`` preload, and the experiment is stopped by id in ``f
 import csv
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bnas_nni.nni import manager as nni_support
 from bnas_nni.data import DEBIAN_FASHION_MNIST
+from bnas_nni.nni.environment import nni_environment
+from bnas_nni.nni.nnictl import nnictl_create, nnictl_stop
+from bnas_nni.nni.rest import free_port, rest_get, wait_for_experiment
 from bnas_nni.paths import REPO_ROOT, experiments_dir
 
 pytestmark = [pytest.mark.slow,
@@ -25,12 +26,6 @@ pytestmark = [pytest.mark.slow,
 
 EPOCHS = 2
 LRS = [0.05, 0.1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _listen_addresses(port: int):
@@ -66,21 +61,21 @@ def test_two_trials_report_intermediate_and_final_metrics(tmp_path):
     exp.pop('trialGpuNumber', None)
     config = tmp_path / 'exp.yml'
     config.write_text(yaml.safe_dump(exp))
-    env = nni_support.nni_environment(tmp_path, threads=1)
+    env = nni_environment(tmp_path, threads=1)
     assert env['HOME'] == str((tmp_path / 'home').resolve()) and 'localhost-only.js' in env['NODE_OPTIONS']
-    port = _free_port()
+    port = free_port()
     exp_id = None
     try:
-        exp_id = nni_support.nnictl_create(config, port, env)
+        exp_id = nnictl_create(config, port, env)
         addrs = _listen_addresses(port)
         assert addrs and set(addrs) == {'0100007F'}, addrs               # 127.0.0.1 only
-        status = nni_support.wait_for_experiment(port, timeout=420)
+        status = wait_for_experiment(port, timeout=420)
         assert status == 'DONE', status
-        trials = nni_support.rest_get(port, 'trial-jobs')
-        metrics = nni_support.rest_get(port, 'metric-data')
+        trials = rest_get(port, 'trial-jobs')
+        metrics = rest_get(port, 'metric-data')
     finally:
         if exp_id:
-            assert nni_support.nnictl_stop(exp_id, env)
+            assert nnictl_stop(exp_id, env)
     assert (tmp_path / 'home' / 'nni-experiments').is_dir()               # NNI's manifest went to the tmp HOME
     assert len(trials) == 2 and {t['status'] for t in trials} == {'SUCCEEDED'}, trials
     lr_of = {t['trialJobId']: json.loads(t['hyperParameters'][0])['parameters']['lr'] for t in trials}

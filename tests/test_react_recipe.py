@@ -274,6 +274,31 @@ def test_bn_renorm_epochs_train_with_the_running_statistics(tmp_path):
     assert log.count('BN statistics re-estimated layer by layer in eval mode on 64 training images') == 1
 
 
+def test_resumed_inside_the_renorm_epochs_matches_an_uninterrupted_run(tmp_path):
+    """Killed in the second Batch Renormalization epoch, ``--resume`` neither re-estimates the statistics again
+    nor trains that epoch without renormalisation: the weights, BN buffers and metrics equal an uninterrupted run's."""
+    from bnas_nni.checkpoints import read_checkpoint
+    from bnas_nni.train.engine import run_training
+
+    cfg = {**TINY, 'epochs': 3, 'op_set': 'react', 'activation': 'rsign', 'bn_recalibration': 2,
+           'bn_renorm_epochs': 2, 'drop_path_prob': 0.0}
+    full = run_training(QUICK, {**cfg, 'run_dir': str(tmp_path / 'full')})
+
+    def stop(epoch, step):
+        if epoch == 2 and step == 0:
+            raise _Stop()
+
+    run = tmp_path / 'cut'
+    with pytest.raises(_Stop):
+        run_training(QUICK, {**cfg, 'run_dir': str(run)}, on_step=stop)
+    done = run_training(QUICK, {**cfg, 'run_dir': str(run)}, resume=True)
+    assert done['epochs_run'] == 1 and done['final'] == {**full['final'], 'epoch_seconds': done['final']['epoch_seconds']}
+    a, b = read_checkpoint(tmp_path / 'full')['state_dict'], read_checkpoint(run)['state_dict']
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = (run / 'log.txt').read_text()
+    assert log.count('BN statistics re-estimated') == 1 and log.count('train with Batch Renormalization') == 1
+
+
 def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):
     from bnas_nni.checkpoints import read_checkpoint
     from bnas_nni.train.engine import run_training

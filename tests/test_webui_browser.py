@@ -16,12 +16,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from bnas_nni.nni.manager import loopback_namespace_prefix, pid_alive
+from bnas_nni.nni.loopback import loopback_namespace_prefix
+from bnas_nni.nni.processes import pid_alive, terminate
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -49,20 +49,7 @@ def _stop_leftovers(workdir: Path) -> None:
     if manifest.is_file():
         pids += [int(e['pid']) for e in json.loads(manifest.read_text()).values() if e.get('pid')]
     for pid in pids:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not pid_alive(pid):
-                break
-            try:
-                os.killpg(pid, sig)                     # each is the leader of its own group
-            except OSError:
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            for _ in range(50):
-                if not pid_alive(pid):
-                    break
-                time.sleep(0.1)
+        terminate(pid, grace=5, group=True)             # each is the leader of its own group
 
 
 @pytest.fixture(scope='module')

@@ -34,7 +34,11 @@ from cdp import Chromium  # noqa: E402
 
 import yaml  # noqa: E402
 
-from bnas_nni.nni import manager  # noqa: E402
+from bnas_nni.nni.environment import experiment_environment  # noqa: E402
+from bnas_nni.nni.lifecycle import stop_experiment  # noqa: E402
+from bnas_nni.nni.nnictl import manifest_entry  # noqa: E402
+from bnas_nni.nni.processes import pid_alive  # noqa: E402
+from bnas_nni.nni.rest import free_port, rest_get  # noqa: E402
 
 # the echarts instance behind a chart element (echarts-for-react keeps it on its React component)
 _CHART = r'''
@@ -129,12 +133,12 @@ def main() -> int:
     workdir = Path(args.workdir).resolve()
     scratch = workdir / 'scratch'
     result: dict = {'pid': os.getpid(), 'screenshots': []}
-    env = manager.experiment_environment(scratch, threads=1)
+    env = experiment_environment(scratch, threads=1)
     exp_id = None
     browser = None
     try:
         config = experiment_yaml(workdir, args.epochs)
-        port = manager.free_port()
+        port = free_port()
         result['port'] = port
         cli = [sys.executable, '-m', 'bnas_nni.cli', 'nni']
         t0 = time.monotonic()
@@ -147,8 +151,8 @@ def main() -> int:
         result['experiment_id'] = exp_id
         if created.returncode != 0 or exp_id is None:
             raise RuntimeError(f'bnas-nni nni create failed (rc {created.returncode})')
-        result['trials'] = manager.rest_get(port, 'trial-jobs')
-        result['metrics'] = manager.rest_get(port, 'metric-data')
+        result['trials'] = rest_get(port, 'trial-jobs')
+        result['metrics'] = rest_get(port, 'metric-data')
 
         browser = Chromium(workdir / 'chromium-profile', width=1440, height=1000)
         result['chromium_pid'] = browser.proc.pid
@@ -193,12 +197,12 @@ def main() -> int:
             browser.close()
             result['chromium_exit'] = browser.proc.returncode
         if exp_id is not None:
-            pid = manager.manifest_entry(env, exp_id).get('pid')
+            pid = manifest_entry(env, exp_id).get('pid')
             stop = subprocess.run([sys.executable, '-m', 'bnas_nni.cli', 'nni', 'stop', exp_id,
                                    '--scratch', str(scratch)], capture_output=True, text=True, timeout=120)
             result.update(stop_rc=stop.returncode, stop_stdout=stop.stdout, manager_pid=pid)
-            manager.stop_experiment(exp_id, env)            # by PID if nnictl stop left it running
-            result['manager_alive_after_stop'] = manager.pid_alive(pid)
+            stop_experiment(exp_id, env)            # by PID if nnictl stop left it running
+            result['manager_alive_after_stop'] = pid_alive(pid)
         (workdir / 'result.json').write_text(json.dumps(result, indent=1))
     return 1 if 'error' in result else 0
 

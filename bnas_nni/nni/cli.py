@@ -4,21 +4,28 @@
 ``~/nni-experiments``), makes the manager listen on 127.0.0.1 only, runs ``nnictl create`` and
 waits until a trial has really started; a manager that died prints the reason from its log and
 exits 2. ``stop`` and ``list`` use the same scratch folder, so they find the experiments ``create``
-started. The logic lives in :mod:`bnas_nni.nni.manager`.
+started. The logic lives in :mod:`.lifecycle` (create, stop), :mod:`.nnictl`, :mod:`.rest` and
+:mod:`.forensics`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from typing import Any, Dict
+
+from ..errors import ExperimentError
+from .environment import nni_environment
+from .forensics import trial_failure_reason
+from .lifecycle import start_experiment, stop_experiment
+from .nnictl import manifest_entry, nnictl_command, trial_directory
+from .rest import free_port, poll_experiment
 
 DEFAULT_SCRATCH = 'runs/nni-scratch'
 
 
 def _metric_text(trial: Dict[str, Any]) -> str:
-    import json
-
     finals = trial.get('finalMetricData') or []
     if not finals:
         return ''
@@ -33,10 +40,8 @@ def _metric_text(trial: Dict[str, Any]) -> str:
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
-    from . import manager
-
-    port = args.port or manager.free_port()
-    start = manager.start_experiment(args.config, port, args.scratch, timeout=args.timeout, settle=args.settle)
+    port = args.port or free_port()
+    start = start_experiment(args.config, port, args.scratch, timeout=args.timeout, settle=args.settle)
     scratch = '' if args.scratch == DEFAULT_SCRATCH else f' --scratch {args.scratch}'
     if start.started:
         state = f'{len(start.started)} trial(s) started'
@@ -49,8 +54,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
     print(f'  trials over REST: {start.url}/api/v1/nni/trial-jobs   manager log: {start.manager_log}')
     print(f'  stop it with: bnas-nni nni stop {start.experiment_id}{scratch}')
     for trial in start.failed:
-        trial_dir = manager.trial_directory(start.env, start.experiment_id, trial['trialJobId'])
-        print(f'warning: trial {trial["trialJobId"]} failed: {manager.trial_failure_reason(trial_dir)}',
+        trial_dir = trial_directory(start.env, start.experiment_id, trial['trialJobId'])
+        print(f'warning: trial {trial["trialJobId"]} failed: {trial_failure_reason(trial_dir)}',
               file=sys.stderr)
     if not args.wait:
         return 0
@@ -58,32 +63,25 @@ def _cmd_create(args: argparse.Namespace) -> int:
     def show(trial: Dict[str, Any]) -> None:
         print(f'  trial {trial["trialJobId"]} {trial.get("status")}{_metric_text(trial)}', flush=True)
 
-    status = manager.poll_experiment(port, show, timeout=args.wait_timeout)
+    status = poll_experiment(port, show, timeout=args.wait_timeout)
     print(f'experiment {start.experiment_id}: {status}; the web UI stays up until you stop it')
     return 0 if status == 'DONE' else 1
 
 
 def _nnictl(args: argparse.Namespace, *nnictl_args: str) -> int:
-    from . import manager
-
-    env = manager.nni_environment(args.scratch)
+    env = nni_environment(args.scratch)
     env['PYTHONWARNINGS'] = 'ignore:pkg_resources is deprecated'     # nnictl's import, on every call
-    cmd = [sys.executable, '-m', 'nni.tools.nnictl.nnictl', *nnictl_args]
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(nnictl_command(*nnictl_args), env=env).returncode
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from . import manager
-
     if args.all:
         return _nnictl(args, 'stop', '--all')
-    env = manager.nni_environment(args.scratch)
-    if not manager.manifest_entry(env, args.id):
-        from ..errors import ExperimentError
-
+    env = nni_environment(args.scratch)
+    if not manifest_entry(env, args.id):
         raise ExperimentError(f'no experiment {args.id!r} in {args.scratch}; `bnas-nni nni list` shows the known ones '
                               '(pass the --scratch that create used)')
-    ok = manager.stop_experiment(args.id, env)
+    ok = stop_experiment(args.id, env)
     print(f'experiment {args.id} stopped' if ok else f'experiment {args.id}: the manager is still running')
     return 0 if ok else 1
 

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..console import log as console_log
 from ..errors import ConfigError
+from ..nni.environment import redirected_nni_home
+from ..nni.rest import free_port, rest_snapshot
 
 __all__ = ['run_nni_experiment']
 
@@ -124,7 +126,6 @@ def run_nni_experiment(cfg: Dict[str, Any], strategy: Any, kind: str, space: Any
     from nni.nas.experiment import NasExperiment
 
     from ..data import search_splits
-    from ..nni.manager import free_port, redirected_nni_home, rest_snapshot
     from .evaluators import derived_evaluator, train_options
 
     _quiet_lightning()

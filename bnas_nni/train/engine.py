@@ -19,18 +19,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
-import torch.nn as nn
 
 from ..config import TRAIN, family_of, resolve
 from ..errors import CheckpointError, ConfigError, DatasetError
+from .model import build_network, resolve_model_config
+from .recipes import Recipe, Stage, StageRun, get_recipe, recipe_defaults_hook
 
 __all__ = ['resolve_train_config', 'resolve_model_config', 'build_network', 'make_loaders', 'run_training',
            'run_evaluation', 'default_run_dir', 'TRAIN_CSV_FIELDS']
 
 TRAIN_CSV_FIELDS = ['epoch', 'lr', 'drop_path_prob', 'train_loss', 'train_top1', 'train_top5', 'valid_loss',
                     'valid_top1', 'valid_top5', 'epoch_seconds']
-MODEL_KEYS = ('genotype', 'init_channels', 'layers', 'num_classes', 'precision_rule', 'binarizer', 'activation',
-              'op_set', 'nonlinearity', 'shortcut')
 #: keys that matter only for one family; the ``args =`` log line leaves them out elsewhere
 _IMAGENET_ONLY = ('val_resize', 'color_jitter', 'restart_epochs', 'grad_clip_mode')
 _CIFAR_ONLY = ('onecycle_min_factor', 'onecycle_momentum', 'onecycle_annihilation', 'onecycle_reduce_factor')
@@ -42,8 +41,6 @@ def resolve_train_config(path: Optional[str | os.PathLike] = None, overrides: Op
                          base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The training config: section defaults <- ``defaults`` (a trainer script's) <- the recipe's defaults
     <- YAML <- ``overrides`` <- NNI parameters (see :mod:`bnas_nni.config`)."""
-    from .recipes import get_recipe, recipe_defaults_hook
-
     schema = TRAIN.with_defaults(**dict(defaults or {}))
     cfg = resolve(schema, path, overrides, nni_params, base=base, defaults_hook=recipe_defaults_hook)
     get_recipe(cfg['recipe'])       # an unknown recipe is one line
@@ -57,24 +54,6 @@ def default_run_dir(cfg: Mapping[str, Any]) -> Path:
     if os.environ.get('NNI_OUTPUT_DIR'):
         return Path(os.environ['NNI_OUTPUT_DIR']) / 'run'
     return Path('runs') / (cfg.get('name') or f"{family_of(cfg['dataset'])}-{cfg['model']}")
-
-
-def resolve_model_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """The network settings: the named model config with the trainer's overrides applied."""
-    from ..networks import model_config
-
-    overrides = {k: cfg.get(k) for k in MODEL_KEYS}
-    overrides['dataset'] = 'imagenet' if family_of(cfg['dataset']) == 'imagenet' else 'cifar10'
-    mc = model_config(cfg['model'], **overrides)
-    if overrides['dataset'] == 'cifar10' and cfg.get('num_classes') is None:
-        mc['num_classes'] = 10
-    return mc
-
-
-def build_network(model_cfg: Mapping[str, Any]) -> nn.Module:
-    from ..networks import build_model
-
-    return build_model(dict(model_cfg))
 
 
 def _num_classes_of(ds: Any) -> Optional[int]:
@@ -114,21 +93,6 @@ def make_loaders(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, ctx: Any):
     return train, val, train_sampler
 
 
-def recalibration_loader(cfg: Mapping[str, Any], ctx: Any):
-    """This rank's shuffled shard of the training images with the evaluation transform, for BN re-estimation
-    (augmented crops have other statistics than the images the network is evaluated on)."""
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    from ..data import build_dataset
-
-    ds = build_dataset(dict(cfg), 'train-eval')
-    sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=int(cfg['seed']) + 1, drop_last=False)
-    return DataLoader(ds, batch_size=cfg['batch_size'], sampler=sampler, num_workers=int(cfg['workers']),
-                      pin_memory=ctx.device.type == 'cuda')
-
-
 def _show_progress(cfg: Mapping[str, Any], ctx: Any) -> bool:
     import sys
 
@@ -156,7 +120,6 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
     from ..distributed import cleanup, init_distributed
     from ..nni import trial as nni_trial
     from ..rundir import RunDir, setup_logging
-    from .recipes import get_recipe
 
     cfg = resolve_train_config(config_path, overrides, defaults=defaults)   # a bad config stops here, before any file
     if cfg.get('threads'):
@@ -189,6 +152,9 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
         if not resume and any((d / 'checkpoint.pt').is_file() for d in stage_dirs):
             raise ConfigError(f'{run_dir} already holds a checkpoint; pass --resume to continue it or choose '
                               'another run_dir/name')
+        if resume is True and not any((d / 'checkpoint.pt').is_file() for d in stage_dirs):
+            raise ConfigError(f'nothing to resume: {stage_dirs[0] / "checkpoint.pt"} does not exist; check the '
+                              'run directory, or start without --resume')
         top.acquire()                                               # one writer per run directory
         log = setup_logging(ctx.is_main, top.log_path if ctx.is_main else None).info
         if len(stages) > 1:
@@ -202,8 +168,8 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
             if len(stages) > 1:
                 log(f'stage {stage.name}: ' + ', '.join(f'{k}={v!r}' for k, v in stage.overrides.items()))
             init = previous if stage.init_from_previous else (cfg.get('init_from') or None)
-            results.append(_run_stage(stage_cfg, recipe, ctx, log, reporter, resume=resume, resume_path=resume_path,
-                                      init_from=init, on_step=on_step))
+            results.append(_run_stage(stage_cfg, recipe, stage, ctx, log, reporter, resume=resume,
+                                      resume_path=resume_path, init_from=init, on_step=on_step))
             previous = stage_dir / 'checkpoint.pt'
         last = results[-1]
         if last['final']:
@@ -218,17 +184,17 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
         cleanup(ctx)
 
 
-def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], None], reporter: Any, *,
-               resume: Any, resume_path: Optional[Path], init_from: Optional[str | os.PathLike],
+def _run_stage(cfg: Dict[str, Any], recipe: Recipe, stage: Stage, ctx: Any, log: Callable[[str], None],
+               reporter: Any, *, resume: Any, resume_path: Optional[Path], init_from: Optional[str | os.PathLike],
                on_step: Optional[Callable[[int, int], None]]) -> Dict[str, Any]:
-    """One stage: build, resume or warm-start, train ``epochs`` epochs (see the module docstring). The
-    caller holds the run directory's lock."""
+    """One stage: build, resume or warm-start, train ``epochs`` epochs with the recipe's hooks (see
+    :class:`~bnas_nni.train.recipes.Recipe`). The caller holds the run directory's lock."""
     from ..checkpoints import load_checkpoint_into, load_run_checkpoint, read_checkpoint, save_checkpoint, unwrap
     from ..data import build_datasets
     from ..distributed import broadcast_buffers
     from ..rundir import RunDir
     from ..seeding import capture_rng, restore_rng, seed_everything
-    from .loop import evaluate, recalibrate_bn, train_one_epoch
+    from .loop import evaluate, train_one_epoch
 
     model_cfg = resolve_model_config(cfg)
     seed_everything(int(cfg['seed']))                               # the same initial weights on every rank
@@ -286,10 +252,10 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
     if ctx.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
     try:
+        run.truncate_rows(start_epoch)          # rows past the checkpoint: a stop between row and checkpoint
         if state is None:
             run.save_config(cfg)
         else:
-            run.truncate_rows(start_epoch)
             restore_rng(state['rng'])
             if ctx.rank:
                 torch.manual_seed(int(cfg['seed']) + ctx.rank + 7919 * start_epoch)
@@ -310,21 +276,9 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
                     + '; optimizer and schedule state continue from the checkpoint')
         show = _show_progress(cfg, ctx)
         epochs = int(cfg['epochs'])
-        recal_batches = int(cfg.get('bn_recalibration') or 0)
-        freeze = min(int(cfg.get('bn_freeze_epochs') or 0), epochs)
-        renorm = min(int(cfg.get('bn_renorm_epochs') or 0), epochs)
-        fixed = freeze or renorm                                     # epochs whose forward uses running statistics
-        freeze_from = epochs - fixed if fixed else None              # the first of them
-
-        def recalibrate() -> None:
-            mode = cfg.get('bn_recalibration_mode') or 'eval'
-            seen = recalibrate_bn(net, recalibration_loader(cfg, ctx), recal_batches, ctx=ctx, amp=cfg['amp'],
-                                  channels_last=cfg['channels_last'], mode=mode)
-            how = 'layer by layer in eval mode' if mode == 'eval' else 'in training mode'
-            log(f'BN statistics re-estimated {how} on {seen} training images with the evaluation transform '
-                "(rank 0's are kept)")
-            broadcast_buffers(net, ctx)
-
+        stage_run = StageRun(stage=stage, cfg=cfg, model=net, optimizer=optimizer, ctx=ctx, log=log,
+                             run_dir=run.path, start_epoch=start_epoch, epochs=epochs)
+        recipe.on_stage_start(stage_run)
         for epoch in range(start_epoch, epochs):
             t0 = time.time()
             train_sampler.set_epoch(epoch)
@@ -333,21 +287,14 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
             schedule.set_epoch_start(epoch)
             lr = schedule.lr()
             log(f'epoch {epoch} lr {lr:e}')
-            frozen = freeze_from is not None and epoch >= freeze_from
-            if frozen and epoch == freeze_from:
-                if recal_batches:
-                    recalibrate()
-                span = f'epochs {freeze_from}-{epochs - 1}' if freeze_from < epochs - 1 else f'epoch {freeze_from}'
-                log(f'{span} train with BN statistics fixed' if freeze else
-                    f'{span} train with Batch Renormalization (forward with the running BN statistics)')
+            options = recipe.on_epoch_start(stage_run, epoch) or {}
             tr = train_one_epoch(model, train_loader, optimizer, criterion, epoch=epoch, ctx=ctx, schedule=schedule,
                                  grad_clip=cfg['grad_clip'], grad_clip_mode=cfg['grad_clip_mode'], amp=cfg['amp'],
                                  scaler=scaler, channels_last=cfg['channels_last'], report_freq=cfg['report_freq'],
                                  max_batches=cfg['max_train_batches'], show_progress=show, log=log, on_step=on_step,
-                                 freeze_bn=frozen and bool(freeze), renorm_bn=frozen and bool(renorm))
+                                 **options)
             log(f"train_acc {tr['top1']:f}")
-            if recal_batches and freeze_from is None and epoch == epochs - 1:
-                recalibrate()
+            recipe.on_epoch_trained(stage_run, epoch, tr)
             broadcast_buffers(net, ctx)                              # every rank evaluates rank 0's model
             va = evaluate(model, val_loader, ctx=ctx, amp=cfg['amp'], channels_last=cfg['channels_last'],
                           report_freq=cfg['report_freq'], max_batches=cfg['max_val_batches'], show_progress=show,
@@ -369,8 +316,10 @@ def _run_stage(cfg: Dict[str, Any], recipe: Any, ctx: Any, log: Callable[[str], 
             ctx.barrier()
         if start_epoch >= epochs:
             log(f'nothing to do: the checkpoint already finished {start_epoch} of {epochs} epochs')
-        return {'run_dir': str(run.path), 'epochs_run': max(0, epochs - start_epoch), 'final': last,
-                'best_top1': best_top1}
+        result = {'run_dir': str(run.path), 'epochs_run': max(0, epochs - start_epoch), 'final': last,
+                  'best_top1': best_top1}
+        recipe.on_stage_end(stage_run, result)
+        return result
     finally:
         run.close()
 

@@ -9,10 +9,13 @@ A :class:`Recipe` is chosen by name in the config (``recipe: paper``) and decide
   overrides (e.g. real-valued weights first), optionally initialised from the previous stage;
 * the **optimizer** (:func:`bnas_nni.train.optim.optimizer_from_config`, which also attaches the
   binarizers' latent-weight step), the **schedule** (:func:`bnas_nni.train.schedules.build_schedule`)
-  and the **loss** (:mod:`bnas_nni.train.losses`: cross entropy, or distillation when ``teacher`` is set).
+  and the **loss** (:mod:`bnas_nni.train.losses`: cross entropy, or distillation when ``teacher`` is set);
+* what happens **around each stage and epoch** through its hooks (see :class:`Recipe`): the base
+  hooks re-estimate, freeze or renormalise the BN statistics as the ``bn_*`` keys say.
 
 Everything a user may change stays a config key, so ``--set lr=0.1`` works with every recipe; a
-recipe only moves the defaults. Register new ones with :func:`register_recipe`.
+recipe only moves the defaults. A new recipe is one module: subclass :class:`Recipe`, register an
+instance with :func:`register_recipe`, and name the module in the config's ``imports:``.
 
 Presets:
 
@@ -42,18 +45,30 @@ Presets:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
+from ..config import family_of
+from ..data import build_dataset
+from ..distributed import DistContext, broadcast_buffers
 from ..errors import ConfigError
+from ..networks import load_model_configs
 from ..registry import Registry
+from .loop import recalibrate_bn
+from .losses import CrossEntropy, Distillation, TrainLoss
+from .model import resolve_model_config
+from .optim import optimizer_from_config
+from .schedules import IterationSchedule, build_schedule
+from .teacher import load_teacher
 
-__all__ = ['Stage', 'Recipe', 'PaperRecipe', 'ReactRecipe', 'RECIPES', 'register_recipe', 'get_recipe',
-           'recipe_defaults_hook']
+__all__ = ['Stage', 'StageRun', 'Recipe', 'PaperRecipe', 'ReactRecipe', 'RECIPES', 'register_recipe', 'get_recipe',
+           'recipe_defaults_hook', 'recalibration_loader']
 
 
 @dataclass(frozen=True)
@@ -66,8 +81,57 @@ class Stage:
     init_from_previous: bool = False
 
 
+@dataclass
+class StageRun:
+    """What a recipe's hooks see of the stage being trained, in this process.
+
+    ``model`` is the network itself, never a DDP wrapper: what a hook changes in it is what the engine
+    trains, evaluates and checkpoints. ``cfg`` is the stage's resolved config (its overrides applied);
+    ``start_epoch`` is above 0 when the stage resumed from a checkpoint; ``epochs`` is the stage's length.
+    """
+
+    stage: Stage
+    cfg: Mapping[str, Any]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ctx: DistContext
+    log: Callable[[str], None]
+    run_dir: Path
+    start_epoch: int
+    epochs: int
+
+
 class Recipe:
-    """Base recipe: one stage, the config's optimizer, schedule and loss. Subclasses override what differs."""
+    """Base recipe: one stage; the config's optimizer, schedule and loss; the BN-statistics keys.
+
+    A recipe is a registered instance (one per name, shared by every run), so per-run state belongs in
+    the :class:`StageRun` its hooks receive, never on ``self``. Subclasses override what differs:
+
+    * :meth:`defaults` (config defaults per family), :meth:`stages`, :meth:`check`, :meth:`optimizer`,
+      :meth:`schedule`, :meth:`loss` -- what is trained, decided before training starts;
+    * the hooks, called by :func:`bnas_nni.train.engine.run_training` for every stage, in this order::
+
+          on_stage_start(run)                         once, before the first epoch left to run
+          for epoch in range(run.start_epoch, run.epochs):
+              options = on_epoch_start(run, epoch)    after the epoch's lr is set and logged
+              train_one_epoch(..., **options)
+              on_epoch_trained(run, epoch, metrics)   before validation, the checkpoint and the CSV row
+          on_stage_end(run, result)                   after the last checkpoint (also when none was left)
+
+      ``on_epoch_start`` returns keyword arguments for this epoch's
+      :func:`~bnas_nni.train.loop.train_one_epoch` (``freeze_bn``, ``renorm_bn``), or an empty mapping.
+      What ``on_epoch_trained`` changes in the model is what is evaluated and saved for that epoch. Hooks
+      run on every rank under torchrun: collective work happens on all ranks, files are written only
+      where ``run.ctx.is_main``; under DDP change parameter values, not which ones require gradients. A
+      resumed stage calls the hooks for the epochs it still runs only, so whatever a hook did to the model
+      in earlier epochs must be in the checkpoint (weights, buffers) or be redone from ``run.start_epoch``.
+
+    The base hooks implement the BN-statistics keys, so every recipe honours them: ``bn_recalibration``
+    N re-estimates the BN statistics on N training batches (:func:`~bnas_nni.train.loop.recalibrate_bn`)
+    after the stage's last epoch, or, with ``bn_freeze_epochs`` / ``bn_renorm_epochs`` K, before the
+    stage's last K epochs, which then train with the statistics fixed / with Batch Renormalization. A
+    subclass that overrides a hook calls ``super()`` to keep them.
+    """
 
     name: str = ''
     description: str = ''
@@ -80,41 +144,91 @@ class Recipe:
         return [Stage()]
 
     def optimizer(self, model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-        from .optim import optimizer_from_config
-
         return optimizer_from_config(model, dict(cfg))
 
-    def schedule(self, optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], iters_per_epoch: int):
-        from .schedules import build_schedule
-
+    def schedule(self, optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any],
+                 iters_per_epoch: int) -> IterationSchedule:
         return build_schedule(dict(cfg), optimizer, iters_per_epoch)
 
     def check(self, cfg: Mapping[str, Any]) -> None:
         """Called before anything is written: the model config (op set, quantizers) and the teacher must
         be usable, else a one-line error. Recipes with other inputs extend it."""
-        from .engine import resolve_model_config
-
         model_cfg = resolve_model_config(cfg)
         if cfg.get('teacher'):
-            from .teacher import load_teacher
-
             load_teacher(cfg['teacher'], num_classes=int(model_cfg['num_classes']), family=_family(cfg))
 
-    def loss(self, cfg: Mapping[str, Any], num_classes: int):
+    def loss(self, cfg: Mapping[str, Any], num_classes: int) -> TrainLoss:
         """The training loss: distillation from ``cfg['teacher']`` when set, else cross entropy."""
-        from .losses import CrossEntropy, Distillation
-
         if cfg.get('teacher'):
-            from .teacher import load_teacher
-
             return Distillation(load_teacher(cfg['teacher'], num_classes=num_classes, family=_family(cfg)))
         return CrossEntropy(cfg.get('label_smoothing', 0.0))
 
+    # ----------------------------------------------------------------------------------------- hooks
+
+    def on_stage_start(self, run: StageRun) -> None:
+        """Once per stage, after the network is built, resumed or warm-started, before its first epoch."""
+
+    def on_epoch_start(self, run: StageRun, epoch: int) -> Dict[str, Any]:
+        """Before ``epoch`` trains: the first of the fixed-BN epochs re-estimates the statistics (when
+        ``bn_recalibration`` is on); those epochs train with BN frozen or renormalised."""
+        fixed = _fixed_bn_epochs(run.cfg, run.epochs)
+        if fixed is None or epoch < fixed[1]:
+            return {}
+        mode, first = fixed
+        if epoch == first:
+            if run.cfg.get('bn_recalibration'):
+                reestimate_bn_statistics(run)
+            span = f'epochs {first}-{run.epochs - 1}' if first < run.epochs - 1 else f'epoch {first}'
+            run.log(f'{span} train with BN statistics fixed' if mode == 'freeze' else
+                    f'{span} train with Batch Renormalization (forward with the running BN statistics)')
+        return {'freeze_bn': mode == 'freeze', 'renorm_bn': mode == 'renorm'}
+
+    def on_epoch_trained(self, run: StageRun, epoch: int, metrics: Mapping[str, float]) -> None:
+        """After ``epoch``'s training (``metrics``: its loss/top1/top5): without fixed-BN epochs, the
+        stage's last epoch re-estimates the BN statistics that its validation and checkpoint then use."""
+        if (run.cfg.get('bn_recalibration') and _fixed_bn_epochs(run.cfg, run.epochs) is None
+                and epoch == run.epochs - 1):
+            reestimate_bn_statistics(run)
+
+    def on_stage_end(self, run: StageRun, result: Mapping[str, Any]) -> None:
+        """After the stage (``result``: ``run_dir``, ``epochs_run``, ``final`` metrics, ``best_top1``)."""
+
 
 def _family(cfg: Mapping[str, Any]) -> str:
-    from ..config import family_of
-
     return family_of(cfg.get('dataset'))
+
+
+def _fixed_bn_epochs(cfg: Mapping[str, Any], epochs: int) -> Optional[Tuple[str, int]]:
+    """``('freeze' | 'renorm', first epoch)`` of the stage's epochs that train with the running BN
+    statistics (``bn_freeze_epochs`` / ``bn_renorm_epochs``, which the config keeps exclusive); None if none."""
+    for mode, key in (('freeze', 'bn_freeze_epochs'), ('renorm', 'bn_renorm_epochs')):
+        n = min(int(cfg.get(key) or 0), epochs)
+        if n:
+            return mode, epochs - n
+    return None
+
+
+def recalibration_loader(cfg: Mapping[str, Any], ctx: DistContext) -> DataLoader:
+    """This rank's shuffled shard of the training images with the evaluation transform, for BN re-estimation
+    (augmented crops have other statistics than the images the network is evaluated on)."""
+    ds = build_dataset(dict(cfg), 'train-eval')
+    sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=int(cfg['seed']) + 1, drop_last=False)
+    return DataLoader(ds, batch_size=cfg['batch_size'], sampler=sampler, num_workers=int(cfg['workers']),
+                      pin_memory=ctx.device.type == 'cuda')
+
+
+def reestimate_bn_statistics(run: StageRun) -> None:
+    """Re-estimate the model's BN statistics on ``bn_recalibration`` training batches in
+    ``bn_recalibration_mode``, then give every rank rank 0's."""
+    cfg = run.cfg
+    mode = cfg.get('bn_recalibration_mode') or 'eval'
+    seen = recalibrate_bn(run.model, recalibration_loader(cfg, run.ctx), int(cfg['bn_recalibration']), ctx=run.ctx,
+                          amp=cfg['amp'], channels_last=cfg['channels_last'], mode=mode)
+    how = 'layer by layer in eval mode' if mode == 'eval' else 'in training mode'
+    run.log(f'BN statistics re-estimated {how} on {seen} training images with the evaluation transform '
+            "(rank 0's are kept)")
+    broadcast_buffers(run.model, run.ctx)
 
 
 class PaperRecipe(Recipe):
@@ -190,9 +304,6 @@ def recipe_defaults_hook(lookup) -> Dict[str, Any]:
     Without an explicit ``dataset`` the model config's dataset decides the family (``bnas-d`` means
     ImageNet), so ``--model bnas-d`` alone selects the ImageNet recipe and data.
     """
-    from ..config import family_of
-    from ..networks import load_model_configs
-
     dataset = lookup('dataset', None)
     out: Dict[str, Any] = {}
     if dataset is None:

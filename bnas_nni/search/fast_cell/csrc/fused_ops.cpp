@@ -1,4 +1,4 @@
-// Fused elementwise passes of the fast search cell (bnas_nni/search/fast_cell.py) on CPU, float32.
+// Fused elementwise passes of the fast search cell (bnas_nni/search/fast_cell/) on CPU, float32.
 //
 // Each function does in one pass over memory what the cell otherwise does with several torch ops (each a
 // full read and write of an activation-sized tensor): a conv's ReLU backward together with the per-channel
@@ -8,7 +8,7 @@
 // products accumulated in double, per thread, then over threads in a fixed order).
 //
 // Tensors are float32 (masks and signs uint8), dense; "rows" are the pixels of a channels-last (NHWC)
-// tensor, "C" its channels. The Python side (bnas_nni/search/kernels.py) checks dtypes and layouts and
+// tensor, "C" its channels. The Python side (bnas_nni/search/fast_cell/kernels.py) checks dtypes and layouts and
 // falls back to torch ops for anything else.
 //
 // Built with -ffp-contract=off so that a * b + c stays two roundings (as in torch's own kernels), and with

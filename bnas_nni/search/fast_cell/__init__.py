@@ -68,11 +68,11 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from nni.nas.oneshot.pytorch.supermodule.sampling import preprocess_cell_inputs
 
-from ..quant import BinaryConv2d, SignBinarizer, SteSign, XnorBinarizer
-from ..ops import BNConvReLU, Zeroise
+from ...quant import BinaryConv2d, SignBinarizer, SteSign, XnorBinarizer
+from ...ops import BNConvReLU, Zeroise
 from . import kernels
 from .kernels import profiler_scope as _scope
-from .mixed_cell import BinaryMixedCell
+from ..mixed_cell import BinaryMixedCell
 
 __all__ = ['FastBinaryMixedCell']
 

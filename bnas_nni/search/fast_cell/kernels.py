@@ -147,7 +147,7 @@ class TernaryConv:
 
 @functools.lru_cache(maxsize=None)
 def _fused_module():
-    from ..extensions import ExtensionBuildError, load_extension
+    from ...extensions import ExtensionBuildError, load_extension
 
     src = Path(__file__).resolve().parent / 'csrc'
     try:
