@@ -44,7 +44,8 @@ from .errors import ConfigError
 from .io import load_yaml
 
 __all__ = ['Schema', 'ConfigBase', 'SearchConfig', 'TrainConfig', 'knob', 'key_help', 'resolve', 'load_config_file',
-           'SEARCH', 'TRAIN', 'SCHEMAS', 'coerce', 'DATASETS', 'family_of', 'register']
+           'SEARCH', 'TRAIN', 'SCHEMAS', 'coerce', 'DATASETS', 'family_of', 'add_config_flags', 'flag_overrides',
+           'register']
 
 DATASETS = ('cifar10', 'fashion-mnist', 'imagenet')
 
@@ -668,6 +669,28 @@ TRAIN = Schema('train', TrainConfig,
                         'label_smooth': 'label_smoothing', 'data_root': 'data', 'num_workers': 'workers'},
                validators=[_check_common, _check_train],
                resume_free=_EXEC_FREE + ('report_freq',))
+
+def add_config_flags(parser: argparse.ArgumentParser, schema: Schema, keys: Sequence[Any]) -> List[str]:
+    """A ``--flag`` for each config key (``'lr'`` gives ``--lr``, ``('--arch', 'genotype')`` names the flag),
+    its help from the key's declaration; boolean keys are switches. Values stay strings here and are
+    coerced by the resolver (one-line errors). Returns the keys, for :func:`flag_overrides`."""
+    out = []
+    for item in keys:
+        flag, key = item if isinstance(item, tuple) else ('--' + item.replace('_', '-'), item)
+        if key not in schema.hints:
+            raise ValueError(f'{flag}: {key!r} is not a key of the {schema.name} config')
+        if schema.hints[key] is bool:
+            parser.add_argument(flag, dest=key, action='store_const', const=True, default=None, help=schema.help[key])
+        else:
+            parser.add_argument(flag, dest=key, default=None, metavar=key.upper(), help=schema.help[key])
+        out.append(key)
+    return out
+
+
+def flag_overrides(args: argparse.Namespace, keys: Sequence[str]) -> Dict[str, Any]:
+    """The config keys whose flags were given (a flag left out is not an override)."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
 
 #: the schemas by command, for ``bnas-nni config`` and the generated reference
 SCHEMAS: Dict[str, Schema] = {'search': SEARCH, 'train': TRAIN}

@@ -15,9 +15,14 @@ from typing import Any
 
 __all__ = ['register']
 
+# config keys with a flag of their own (help from their declaration in bnas_nni.config); --set reaches the rest
+_FLAG_KEYS = ('space', 'strategy', 'epochs', 'batch_size', 'lamda', 'tau', 'gamma', 'seed', 'dataset', 'data', 'save',
+              'out', 'run_dir')
+
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from ..cli import quiet_warnings
+    from ..config import flag_overrides
     from ..io import parse_set_items
     from ..nni.trial import under_nni
     from .run import resolve_search_config, run_search
@@ -26,10 +31,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     quiet_warnings()
     # under NNI the trial command channel is captured here, before any NNI engine can swap it
     reporter = SearchTrialReporter() if under_nni() else None
-    flags = {'space': args.space, 'epochs': args.epochs, 'batch_size': args.batch_size, 'lamda': args.lamda,
-             'tau': args.tau, 'gamma': args.gamma, 'seed': args.seed, 'save': args.save, 'out': args.out,
-             'run_dir': args.run_dir, 'strategy': args.strategy, 'data': args.data, 'dataset': args.dataset}
-    overrides = {k: v for k, v in flags.items() if v is not None}   # flags not given are not overrides
+    overrides = flag_overrides(args, _FLAG_KEYS)
     overrides.update(parse_set_items(args.set))                     # --set KEY=null is an explicit unset
     for key, value in (reporter.config_defaults() if reporter else {}).items():
         overrides.setdefault(key, value)
@@ -40,6 +42,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``bnas-nni search``."""
+    from ..config import SEARCH, add_config_flags
     from .strategies import STRATEGIES
 
     p = subparsers.add_parser('search', help='search BNAS cells (BinaryDARTS or any registered strategy)',
@@ -49,21 +52,7 @@ def register(subparsers: Any) -> None:
                                      '--save quick_fashion')
     p.add_argument('--config', default=None,
                    help='YAML preset (experiments/search_*.yaml or strategy_*.yaml); default: the paper search')
-    p.add_argument('--space', default=None, help='search space name in search_spaces/ or a YAML path')
-    p.add_argument('--strategy', default=None, help=f'one of {", ".join(STRATEGIES.names())} (default binary-darts)')
-    p.add_argument('--epochs', type=int, default=None)
-    p.add_argument('--batch-size', type=int, default=None)
-    p.add_argument('--lamda', type=float, default=None, help='diversity weight lambda >= 0 (paper: 1)')
-    p.add_argument('--tau', type=float, default=None, help='diversity decay tau > 0 in epochs (paper: 7.7)')
-    p.add_argument('--gamma', type=float, default=None, help='Zeroise transfer for the ImageNet genotype (paper: 3)')
-    p.add_argument('--seed', type=int, default=None)
-    p.add_argument('--dataset', default=None, help='cifar10 or fashion-mnist')
-    p.add_argument('--data', default=None, help='dataset folder')
-    p.add_argument('--save', default=None, metavar='NAME', help='write NAME.yaml and NAME_imagenet.yaml genotypes')
-    p.add_argument('--out', default=None, metavar='DIR', help='folder for --save (default search_spaces/genotypes)')
-    p.add_argument('--run-dir', default=None, metavar='DIR',
-                   help='run directory (default runs/search-NAME with --save, else runs/<config name>; '
-                        'numbered -2, -3 ... when taken)')
+    add_config_flags(p, SEARCH, _FLAG_KEYS)
     p.add_argument('--resume', action='store_true', help='continue the search in the run directory')
     p.add_argument('--set', action='append', metavar='KEY=VALUE',
                    help='override any config key (repeatable; KEY=null unsets it)')
