@@ -11,58 +11,30 @@ from typing import Any, Dict, List, Optional
 
 __all__ = ['register', 'add_common_arguments', 'overrides_from_args', 'train_main']
 
-# flag -> config key (None values are "not given")
-_FLAGS = (
-    ('--recipe', 'recipe', str, 'training recipe: paper (the official recipes) or react (ReActNet-style two steps)'),
-    ('--model', 'model', str, 'model config name (search_spaces/models.yaml): bnas-a, bnas-d .. bnas-h'),
-    ('--arch', 'genotype', str, 'genotype name or YAML path (overrides the model config\'s)'),
-    ('--layers', 'layers', int, 'number of cells'),
-    ('--init-channels', 'init_channels', int, 'initial channels C'),
-    ('--num-classes', 'num_classes', int, 'classifier outputs'),
-    ('--precision-rule', 'precision_rule', str, 'standard | official-2020-11 | official-2020-08'),
-    ('--dataset', 'dataset', str, 'cifar10 | fashion-mnist | imagenet'),
-    ('--data', 'data', str, 'dataset root'),
-    ('--batch-size', 'batch_size', int, 'batch size per process'),
-    ('--workers', 'workers', int, 'data loader workers per process'),
-    ('--device', 'device', str, 'auto | cpu | cuda | cuda:N'),
-    ('--amp', 'amp', str, 'mixed precision: bf16 | fp16 (default: fp32)'),
-    ('--threads', 'threads', int, 'CPU threads (torch.set_num_threads)'),
-    ('--max-val-batches', 'max_val_batches', int, 'stop validation after N batches (smoke runs)'),
-    ('--val-subset', 'val_subset', int, 'use only the first N validation images'),
-)
-_TRAIN_FLAGS = (
-    ('--epochs', 'epochs', int, 'training epochs'),
-    ('--lr', 'lr', float, 'peak learning rate'),
-    ('--weight-decay', 'weight_decay', float, 'SGD weight decay'),
-    ('--momentum', 'momentum', float, 'SGD momentum (the one-cycle schedule overrides it per step)'),
-    ('--drop-path-prob', 'drop_path_prob', float, 'final drop-path probability'),
-    ('--label-smoothing', 'label_smoothing', float, 'label smoothing epsilon'),
-    ('--grad-clip', 'grad_clip', float, 'max gradient norm'),
-    ('--seed', 'seed', int, 'random seed'),
-    ('--run-dir', 'run_dir', str, 'run directory (default runs/<name>, or the NNI trial folder)'),
-    ('--name', 'name', str, 'run name'),
-    ('--train-subset', 'train_subset', int, 'use only the first N training images'),
-    ('--max-train-batches', 'max_train_batches', int, 'stop each epoch after N batches (smoke runs)'),
-    ('--report-freq', 'report_freq', int, 'log a train/valid line every N steps'),
-)
+# config keys with a flag of their own, help from their declaration in bnas_nni.config (--set reaches the rest)
+_FLAGS = ('recipe', 'model', ('--arch', 'genotype'), 'layers', 'init_channels', 'num_classes', 'precision_rule',
+          'dataset', 'data', 'batch_size', 'workers', 'device', 'amp', 'threads', 'max_val_batches', 'val_subset',
+          'channels_last')
+_TRAIN_FLAGS = ('epochs', 'lr', 'weight_decay', 'momentum', 'drop_path_prob', 'label_smoothing', 'grad_clip', 'seed',
+                'run_dir', 'name', 'train_subset', 'max_train_batches', 'report_freq')
 
 
 def add_common_arguments(p: argparse.ArgumentParser, train: bool = True) -> None:
     """The flags shared by ``bnas-nni train``, ``trainers/*.py`` and (without training ones) ``eval``."""
+    from ..config import TRAIN, add_config_flags
+
     p.add_argument('--config', default=None, help='trainer YAML (experiments/train_*.yaml)')
-    for flag, key, typ, help_ in _FLAGS + (_TRAIN_FLAGS if train else ()):
-        p.add_argument(flag, dest=key, type=typ, default=None, help=help_)
-    p.add_argument('--channels-last', dest='channels_last', action='store_const', const=True, default=None,
-                   help='channels-last memory format')
+    add_config_flags(p, TRAIN, _FLAGS + (_TRAIN_FLAGS if train else ()))
     p.add_argument('--set', dest='set_items', action='append', default=[], metavar='KEY=VALUE',
-                   help='any other config key, e.g. --set schedule=constant (repeatable)')
+                   help='any other config key, e.g. --set schedule=constant (repeatable; KEY=null unsets it)')
 
 
 def overrides_from_args(args: argparse.Namespace, train: bool = True) -> Dict[str, Any]:
+    from ..config import flag_overrides
     from ..io import parse_set_items
 
-    out = {key: getattr(args, key) for _, key, _, _ in _FLAGS + (_TRAIN_FLAGS if train else ())}
-    out['channels_last'] = args.channels_last
+    keys = [k if isinstance(k, str) else k[1] for k in _FLAGS + (_TRAIN_FLAGS if train else ())]
+    out = flag_overrides(args, keys)
     out.update(parse_set_items(args.set_items))
     return {k: v for k, v in out.items() if v is not None}
 
