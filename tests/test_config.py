@@ -125,3 +125,73 @@ def test_bn_epoch_options_are_checked():
     assert resolve_train_config(None, {'bn_recalibration_mode': 'train'})['bn_recalibration_mode'] == 'train'
     with pytest.raises(ConfigError, match="bn_recalibration_mode='batch'; choose one of eval, train"):
         resolve_train_config(None, {'bn_recalibration_mode': 'batch'})
+
+
+# --------------------------------------------------------------------------- typed configs, declared once
+
+def test_resolved_configs_are_typed_objects_with_a_flat_mapping_view():
+    from bnas_nni.config import SearchConfig, TrainConfig
+
+    cfg = resolve(SEARCH, QUICK, {'epochs': '3'})
+    assert isinstance(cfg, SearchConfig) and cfg.epochs == 3 and cfg['epochs'] == 3 and cfg.space == 'bnas-tiny'
+    assert dict(cfg)['lr'] == cfg.lr and set(cfg) == set(SEARCH.keys()) and len(cfg) == len(SEARCH.keys())
+    cfg.lr = '1e-2'                                    # assignment coerces like every other layer
+    assert cfg.lr == 0.01 and isinstance(cfg.lr, float)
+    with pytest.raises(ConfigError, match='is not a valid integer'):
+        cfg.epochs = 2.5
+    with pytest.raises(AttributeError, match='no key'):
+        cfg.learning_rat = 1
+    changed = cfg.replace(seed='5')
+    assert changed.seed == 5 and cfg.seed == 2 and type(changed) is SearchConfig
+    assert isinstance(resolve(TRAIN), TrainConfig) and resolve(TRAIN).workers == 2   # command defaults
+    import pickle
+
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and cfg == cfg.as_dict()
+
+
+def test_every_key_is_declared_once_with_help():
+    from bnas_nni.config import SCHEMAS
+
+    for schema in SCHEMAS.values():
+        missing = [k for k in schema.keys() if not schema.help[k].strip()]
+        assert not missing, f'{schema.name}: keys without help text: {missing}'
+        declared = [k for keys in schema.sections.values() for k in keys]
+        assert sorted(declared) == schema.keys()                   # each key in exactly one section
+
+
+def test_a_key_declared_by_two_sections_is_refused():
+    from dataclasses import dataclass
+
+    from bnas_nni.config import ConfigBase, Data, knob
+
+    @dataclass
+    class Other:
+        """A section that declares batch_size again."""
+        batch_size: int = knob(8, 'again')
+
+    @dataclass(eq=False)
+    class Twice(ConfigBase, Data, Other):
+        pass
+
+    from bnas_nni.config import Schema
+
+    with pytest.raises(ValueError, match="key 'batch_size' is declared by Data and Other"):
+        Schema('twice', Twice)
+
+
+def test_reference_and_flag_help_come_from_the_declaration(capsys):
+    from bnas_nni.config import SCHEMAS
+
+    for name, schema in SCHEMAS.items():
+        assert main(['config', name]) == 0
+        text = capsys.readouterr().out
+        for key in schema.keys():
+            assert f'| `{key}` |' in text, key
+        assert schema.help['lr'].replace('|', '\\|') in text
+    with pytest.raises(SystemExit):
+        main(['train', '--help'])
+    help_text = ' '.join(capsys.readouterr().out.split())
+    assert ' '.join(TRAIN.help['drop_path_prob'].split()) in help_text
+    with pytest.raises(SystemExit):
+        main(['search', '--help'])
+    assert ' '.join(SEARCH.help['lamda'].split()) in ' '.join(capsys.readouterr().out.split())
