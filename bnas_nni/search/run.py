@@ -65,36 +65,36 @@ def resolve_search_config(path: Optional[str | os.PathLike] = None, overrides: O
     :mod:`bnas_nni.config`), with the strategy, space and ops checked; the run name defaults to the
     config file's stem."""
     cfg = resolve(SEARCH, path, overrides, nni_params, base=base)
-    if cfg['name'] is None and path:
-        cfg['name'] = Path(path).stem
+    if cfg.name is None and path:
+        cfg.name = Path(path).stem
     check_strategy_options(cfg)                               # unknown strategy or option -> one line
-    load_space_config(cfg['space'], **_space_overrides(cfg))  # unknown space or op -> one line
+    load_space_config(cfg.space, **_space_overrides(cfg))  # unknown space or op -> one line
     return cfg
 
 
-def _space_overrides(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+def _space_overrides(cfg: SearchConfig) -> Dict[str, Any]:
     keys = ('init_channels', 'layers', 'num_nodes', 'ops', 'binarizer', 'activation', 'op_set', 'nonlinearity',
             'shortcut')
     return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 
-def build_space(cfg: Mapping[str, Any]):
-    return BNASSpace.from_config(cfg['space'], **_space_overrides(cfg))
+def build_space(cfg: SearchConfig):
+    return BNASSpace.from_config(cfg.space, **_space_overrides(cfg))
 
 
-def default_run_dir(cfg: Mapping[str, Any]) -> Path:
-    if cfg.get('run_dir'):
-        return Path(cfg['run_dir'])
+def default_run_dir(cfg: SearchConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
     if os.environ.get('NNI_OUTPUT_DIR'):
         return Path(os.environ['NNI_OUTPUT_DIR']) / 'search'
-    if cfg.get('save'):
-        return Path('runs') / f'search-{cfg["save"]}'
-    return Path('runs') / str(cfg.get('name') or 'search')
+    if cfg.save:
+        return Path('runs') / f'search-{cfg.save}'
+    return Path('runs') / str(cfg.name or 'search')
 
 
-def _prepare_run_dir(cfg: Dict[str, Any], resume: bool) -> Tuple[Dict[str, Any], Path]:
+def _prepare_run_dir(cfg: SearchConfig, resume: bool) -> Tuple[SearchConfig, Path]:
     run_dir = default_run_dir(cfg)
-    if not cfg.get('run_dir') and not os.environ.get('NNI_OUTPUT_DIR'):
+    if not cfg.run_dir and not os.environ.get('NNI_OUTPUT_DIR'):
         # default run dirs are numbered: runs/search-NAME, runs/search-NAME-2, ...; a new search takes
         # the first free one, --resume the last one used
         taken = [run_dir] + [run_dir.with_name(f'{run_dir.name}-{i}') for i in range(2, 1000)]
@@ -114,16 +114,16 @@ def _prepare_run_dir(cfg: Dict[str, Any], resume: bool) -> Tuple[Dict[str, Any],
         if diff:
             raise ConfigError(f'--resume: {", ".join(diff)} differ from the run in {run_dir}; '
                               'resume with the same settings or use a new --run-dir')
-        merged = dict(saved)
+        merged = saved.replace()
         for k in SEARCH.resume_free:
             if cfg.get(k) is not None and k != 'run_dir':
                 merged[k] = cfg[k]
-        merged['run_dir'] = str(run_dir)
+        merged.run_dir = str(run_dir)
         return merged, run_dir
     if (run_dir / 'checkpoint.pt').exists():
         RunDir(run_dir).check_free()            # a live run is named first: --resume would not help
         raise ConfigError(f'{run_dir} already holds a search; continue it with --resume or pick another --run-dir')
-    cfg = dict(cfg, run_dir=str(run_dir))
+    cfg = cfg.replace(run_dir=str(run_dir))
     return cfg, run_dir
 
 
@@ -156,14 +156,14 @@ def check_save_target(paths: Sequence[Path]) -> None:
                 raise ConfigError(f'{p} exists and was not written by bnas-nni search; choose another save name')
 
 
-def _show_progress(cfg: Mapping[str, Any]) -> bool:
-    return cfg['progress'] == 'always' or (cfg['progress'] == 'auto' and sys.stderr.isatty())
+def _show_progress(cfg: SearchConfig) -> bool:
+    return cfg.progress == 'always' or (cfg.progress == 'auto' and sys.stderr.isatty())
 
 
-def search_context(cfg: Mapping[str, Any]):
+def search_context(cfg: SearchConfig):
     """The :class:`~bnas_nni.distributed.DistContext` of this process (one process outside torchrun; under
     torchrun the process group, started once, with ``dist_timeout`` on every collective)."""
-    return init_distributed(cfg.get('device'), timeout=cfg.get('dist_timeout'))
+    return init_distributed(cfg.device, timeout=cfg.dist_timeout)
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, reporter: Optional[SearchReporter] = None,
@@ -207,36 +207,36 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, reporter: Optional[Se
             cleanup(ctx)
 
 
-def _run_search(cfg: Dict[str, Any], ctx: Any, *, resume: bool, epoch_callbacks, on_running, log) -> Dict[str, Any]:
+def _run_search(cfg: SearchConfig, ctx: Any, *, resume: bool, epoch_callbacks, on_running, log) -> Dict[str, Any]:
 
     check_same_config(cfg, ctx)                          # a different config file on one node: one line
     with collective_errors(ctx):
-        if cfg['save'] and ctx.is_main:
-            folder = Path(cfg['out']) if cfg['out'] else genotypes_dir()
-            check_save_target([folder / f'{cfg["save"]}.yaml', folder / f'{cfg["save"]}_imagenet.yaml'])
-        spec = get_strategy_spec(cfg['strategy'])
+        if cfg.save and ctx.is_main:
+            folder = Path(cfg.out) if cfg.out else genotypes_dir()
+            check_save_target([folder / f'{cfg.save}.yaml', folder / f'{cfg.save}_imagenet.yaml'])
+        spec = get_strategy_spec(cfg.strategy)
         if resume and not spec.resumable:
-            raise ConfigError(f'--resume is not available for strategy {cfg["strategy"]!r} (NNI restarts its '
+            raise ConfigError(f'--resume is not available for strategy {cfg.strategy!r} (NNI restarts its '
                               'experiments); rerun with a new --run-dir')
         strategy = build_strategy(cfg)
         kind = spec.kind
         if ctx.distributed and kind != 'one-shot':
-            raise ConfigError(f'{cfg["strategy"]} is a multi-trial strategy: its trials run through the NNI manager '
+            raise ConfigError(f'{cfg.strategy} is a multi-trial strategy: its trials run through the NNI manager '
                               'and are the parallelism; start it without torchrun')
         prepared = _prepare_run_dir(cfg, resume) if ctx.is_main else None
     own = cfg
     cfg, run_dir = broadcast_object(prepared, ctx)           # rank 0 picks the run directory
     if not ctx.is_main:                                      # ... each rank keeps its own execution settings
-        cfg = {**cfg, **{k: own[k] for k in RANK_LOCAL_KEYS if k in own and k not in ('run_dir', 'save', 'out')}}
-    if cfg['threads']:
-        torch.set_num_threads(int(cfg['threads']))
+        cfg = cfg.replace(**{k: own[k] for k in RANK_LOCAL_KEYS if k in own and k not in ('run_dir', 'save', 'out')})
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     device = ctx.device
     with collective_errors(ctx):                             # missing data fails here, on any rank
         train, val, val_eval = search_splits(cfg)
     check_same_config(cfg, ctx, extra={'images': [len(train), len(val), len(val_eval)]})
-    seed_everything(int(cfg['seed']))
+    seed_everything(int(cfg.seed))
     space = build_space(cfg)
-    name = cfg['save'] or cfg['name'] or 'search'
+    name = cfg.save or cfg.name or 'search'
     if spec.runner == 'driver':
         summary = _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, name, resume,
                               epoch_callbacks, log, ctx)
@@ -252,24 +252,24 @@ def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, nam
                 ctx):
     with collective_errors(ctx):                 # e.g. more ranks than batches: the same line on every rank
         driver = SearchDriver(space, strategy, train_data=train, val_data=val, eval_data=val_eval, run_dir=run_dir,
-                              epochs=cfg['epochs'], batch_size=cfg['batch_size'], lr=cfg['lr'], lr_min=cfg['lr_min'],
-                              momentum=cfg['momentum'], weight_decay=cfg['weight_decay'], grad_clip=cfg['grad_clip'],
-                              seed=cfg['seed'], workers=cfg['workers'], max_train_batches=cfg['max_train_batches'],
-                              max_val_batches=cfg['max_val_batches'], device=device,
-                              progress=_show_progress(cfg) and ctx.is_main, channels_last=cfg['channels_last'],
-                              tensorboard=cfg['tensorboard'], log_prob_every=cfg['log_prob_every'], name=name,
-                              epoch_callbacks=epoch_callbacks, log=log, config=cfg, dist=ctx, sync_bn=cfg['sync_bn'])
+                              epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, lr_min=cfg.lr_min,
+                              momentum=cfg.momentum, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                              seed=cfg.seed, workers=cfg.workers, max_train_batches=cfg.max_train_batches,
+                              max_val_batches=cfg.max_val_batches, device=device,
+                              progress=_show_progress(cfg) and ctx.is_main, channels_last=cfg.channels_last,
+                              tensorboard=cfg.tensorboard, log_prob_every=cfg.log_prob_every, name=name,
+                              epoch_callbacks=epoch_callbacks, log=log, config=cfg, dist=ctx, sync_bn=cfg.sync_bn)
         driver.rundir.acquire()                 # before writing config.yaml: one writer per run directory
     try:
         if not resume:
             driver.rundir.save_config(cfg)
-        world = (f', {ctx.world_size} processes ({ctx.backend}, batch {cfg["batch_size"]} per process'
+        world = (f', {ctx.world_size} processes ({ctx.backend}, batch {cfg.batch_size} per process'
                  + (f', synced BN over {driver.synced_bns} BNs' if driver.sync_bn else '') + ')'
                  if ctx.distributed else '')
-        log(f'search: {cfg["strategy"]} on {cfg["dataset"]} ({len(train)} weight / {len(val)} architecture images), '
-            f'space {cfg["space"]}, mixed cell {cfg["mixed_cell"]}, {cfg["epochs"]} epochs x '
+        log(f'search: {cfg.strategy} on {cfg.dataset} ({len(train)} weight / {len(val)} architecture images), '
+            f'space {cfg.space}, mixed cell {cfg.mixed_cell}, {cfg.epochs} epochs x '
             f'{driver.batches_per_epoch()} iterations{world}, run dir {run_dir}')
-        if cfg['sync_bn'] and not ctx.distributed:
+        if cfg.sync_bn and not ctx.distributed:
             log('note: sync_bn has no effect in a single process (start the search with torchrun)')
         cifar, imagenet = driver.run(resume=resume)
     finally:
@@ -284,7 +284,7 @@ def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_cal
         run = RunDir(run_dir, is_main=ctx.is_main).acquire()
     # off rank 0 the experiment's own files (NNI's HOME and working directory) go to a scratch folder
     scratch = None if ctx.is_main else Path(tempfile.mkdtemp(prefix=f'bnas-rank{ctx.rank}-'))
-    trainer_options = lightning_ddp_options(ctx, cfg['dist_timeout']) if ctx.distributed else None
+    trainer_options = lightning_ddp_options(ctx, cfg.dist_timeout) if ctx.distributed else None
     if not ctx.is_main:
         logging.getLogger('nni').setLevel(logging.WARNING)
     trained: Dict[str, Any] = {}
@@ -306,28 +306,28 @@ def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_cal
                 # its export is an arbitrary sample of the trained supernet (NNI's own warning), drawn from
                 # an unseeded generator: rank 0 draws it for everyone
                 result['arch'] = broadcast_object(result['arch'], ctx)
-            check_same_export(result['arch'], trained, cfg['strategy'], ctx)
-            log(f'[{cfg["strategy"]}] {ctx.world_size} processes trained the same supernet and exported the same '
+            check_same_export(result['arch'], trained, cfg.strategy, ctx)
+            log(f'[{cfg.strategy}] {ctx.world_size} processes trained the same supernet and exported the same '
                 f'architecture (Lightning DDP, {ctx.backend})')
         genotype = Genotype.from_arch_dict(result['arch'], name=name)
-        summary = {'genotype': genotype, 'genotype_imagenet': genotype, 'best_epoch': int(cfg['epochs']) - 1,
+        summary = {'genotype': genotype, 'genotype_imagenet': genotype, 'best_epoch': int(cfg.epochs) - 1,
                    'supernet_val_acc': None, 'run_dir': run_dir, 'driver': None, 'saved': None, 'result': result}
         if ctx.is_main:
-            meta = {'source': 'bnas-nni search', 'strategy': cfg['strategy'], 'experiment_id': result['experiment_id'],
-                    'space': str(cfg['space']), 'run_dir': str(run_dir)}
+            meta = {'source': 'bnas-nni search', 'strategy': cfg.strategy, 'experiment_id': result['experiment_id'],
+                    'space': str(cfg.space), 'run_dir': str(run_dir)}
             if ctx.distributed:
                 meta['world_size'] = ctx.world_size
             save_genotype(genotype, run_dir / 'genotype.yaml', **meta)
             # a strategy without the gamma variant (NNI's): the ImageNet file repeats the same cell, and says so
             save_genotype(genotype, run_dir / 'genotype_imagenet.yaml', **meta, gamma=None)
-            log(f'[{cfg["strategy"]}] no ImageNet (gamma) variant for this strategy: genotype_imagenet.yaml '
+            log(f'[{cfg.strategy}] no ImageNet (gamma) variant for this strategy: genotype_imagenet.yaml '
                 'repeats the searched cell')
-            if kind == 'one-shot' and int(cfg['derived_epochs'] or 0) > 0:
+            if kind == 'one-shot' and int(cfg.derived_epochs or 0) > 0:
                 train, _, val_plain = search_splits(cfg)
-                opts = dict(train_options(cfg), epochs=int(cfg['derived_epochs']))
+                opts = dict(train_options(cfg), epochs=int(cfg.derived_epochs))
                 result['derived'] = evaluate_derived(space.freeze(result['arch']), train_data=train,
                                                      val_data=val_plain, report=False, **opts)
-                log(f'[{cfg["strategy"]}] derived network: val acc {result["derived"]["default"]:.2f}%')
+                log(f'[{cfg.strategy}] derived network: val acc {result["derived"]["default"]:.2f}%')
             save_yaml(_plain({k: v for k, v in result.items() if k != 'rest'}), run_dir / 'result.yaml')
     finally:
         run.close()
@@ -352,18 +352,18 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def _finish(cfg: Mapping[str, Any], summary: Dict[str, Any], log) -> None:
+def _finish(cfg: SearchConfig, summary: Dict[str, Any], log) -> None:
     cifar, imagenet = summary['genotype'], summary['genotype_imagenet']
     acc = summary.get('supernet_val_acc')
     kept = (f'kept epoch {summary["best_epoch"] + 1} (supernet val acc {acc:.2f}%)'
             if acc is not None and acc >= 0 else 'kept the final alphas')
     log(f'genotype (CIFAR):    {cifar}')
     if summary.get('driver') is not None:
-        log(f'genotype (ImageNet, gamma={cfg["gamma"]:g}): {imagenet}')
+        log(f'genotype (ImageNet, gamma={cfg.gamma:g}): {imagenet}')
     log(kept)
-    if cfg['save']:
-        paths = save_named_genotypes(cifar, imagenet, cfg['save'], cfg['out'], source='bnas-nni search',
-                                     strategy=cfg['strategy'], run_dir=str(summary['run_dir']),
+    if cfg.save:
+        paths = save_named_genotypes(cifar, imagenet, cfg.save, cfg.out, source='bnas-nni search',
+                                     strategy=cfg.strategy, run_dir=str(summary['run_dir']),
                                      epoch=summary['best_epoch'] + 1,
                                      supernet_val_acc=None if acc is None or acc < 0 else float(acc))
         summary['saved'] = paths

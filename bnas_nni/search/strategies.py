@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Set
 
+from ..config import SearchConfig
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -107,10 +108,10 @@ def strategy_kind(name: str) -> str:
     return get_strategy_spec(name).kind
 
 
-def check_strategy_options(cfg: Mapping[str, Any]) -> StrategySpec:
+def check_strategy_options(cfg: SearchConfig) -> StrategySpec:
     """The registered strategy of ``cfg``, with its ``strategy_options`` names checked (one-line errors)."""
-    spec = get_strategy_spec(cfg['strategy'])
-    options = dict(cfg.get('strategy_options') or {})
+    spec = get_strategy_spec(cfg.strategy)
+    options = dict(cfg.strategy_options or {})
     sig = inspect.signature(spec.factory)
     if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         unknown = sorted(set(options) - set(spec.options()))
@@ -120,10 +121,10 @@ def check_strategy_options(cfg: Mapping[str, Any]) -> StrategySpec:
     return spec
 
 
-def build_strategy(cfg: Mapping[str, Any]):
-    """The strategy named by ``cfg['strategy']``, built from the config and ``cfg['strategy_options']``."""
+def build_strategy(cfg: SearchConfig):
+    """The strategy named by ``cfg.strategy``, built from the config and ``cfg.strategy_options``."""
     spec = check_strategy_options(cfg)
-    return spec.factory(cfg, **dict(cfg.get('strategy_options') or {}))
+    return spec.factory(cfg, **dict(cfg.strategy_options or {}))
 
 
 # --------------------------------------------------------------------------- TPE on Cell spaces
@@ -209,47 +210,47 @@ def __getattr__(name: str):
 
 # --------------------------------------------------------------------------- factories
 
-def _binary_darts(cfg: Mapping[str, Any]):
+def _binary_darts(cfg: SearchConfig):
     from .binary_darts import BinaryDARTS
 
-    return BinaryDARTS(arc_learning_rate=cfg['arc_lr'], arc_betas=tuple(cfg['arc_betas']),
-                       arc_weight_decay=cfg['arc_weight_decay'], lamda=cfg['lamda'], tau=cfg['tau'],
-                       gamma=cfg['gamma'], gamma_rule=cfg['gamma_rule'], select=cfg['select'],
-                       mixed_cell=cfg['mixed_cell'], gradient_clip_val=cfg['grad_clip'],
-                       log_prob_every_n_step=cfg['log_prob_every'], warmup_epochs=cfg['warmup_epochs'])
+    return BinaryDARTS(arc_learning_rate=cfg.arc_lr, arc_betas=tuple(cfg.arc_betas),
+                       arc_weight_decay=cfg.arc_weight_decay, lamda=cfg.lamda, tau=cfg.tau,
+                       gamma=cfg.gamma, gamma_rule=cfg.gamma_rule, select=cfg.select,
+                       mixed_cell=cfg.mixed_cell, gradient_clip_val=cfg.grad_clip,
+                       log_prob_every_n_step=cfg.log_prob_every, warmup_epochs=cfg.warmup_epochs)
 
 
-def _darts(cfg: Mapping[str, Any]):
+def _darts(cfg: SearchConfig):
     from nni.nas.strategy import DARTS
 
-    return DARTS(arc_learning_rate=cfg['arc_lr'], gradient_clip_val=cfg['grad_clip'],
-                 log_prob_every_n_step=cfg['log_prob_every'], warmup_epochs=cfg['warmup_epochs'])
+    return DARTS(arc_learning_rate=cfg.arc_lr, gradient_clip_val=cfg.grad_clip,
+                 log_prob_every_n_step=cfg.log_prob_every, warmup_epochs=cfg.warmup_epochs)
 
 
-def _gumbel_darts(cfg: Mapping[str, Any], *, temperature: Any = (1.0, 0.33)):
+def _gumbel_darts(cfg: SearchConfig, *, temperature: Any = (1.0, 0.33)):
     from nni.nas.strategy import GumbelDARTS
 
     if isinstance(temperature, list):  # YAML has no tuples
         temperature = tuple(float(t) for t in temperature)
     if isinstance(temperature, int):
         temperature = float(temperature)
-    return GumbelDARTS(temperature=temperature, arc_learning_rate=cfg['arc_lr'], gradient_clip_val=cfg['grad_clip'],
-                       log_prob_every_n_step=cfg['log_prob_every'], warmup_epochs=cfg['warmup_epochs'])
+    return GumbelDARTS(temperature=temperature, arc_learning_rate=cfg.arc_lr, gradient_clip_val=cfg.grad_clip,
+                       log_prob_every_n_step=cfg.log_prob_every, warmup_epochs=cfg.warmup_epochs)
 
 
-def _random_one_shot(cfg: Mapping[str, Any]):
+def _random_one_shot(cfg: SearchConfig):
     from nni.nas.strategy import RandomOneShot
 
     return RandomOneShot()
 
 
-def _random(cfg: Mapping[str, Any], *, dedup: bool = True):
+def _random(cfg: SearchConfig, *, dedup: bool = True):
     from nni.nas.strategy import Random
 
-    return Random(dedup=dedup, seed=int(cfg['seed']))
+    return Random(dedup=dedup, seed=int(cfg.seed))
 
 
-def _regularized_evolution(cfg: Mapping[str, Any], *, population_size: int = 100, sample_size: int = 25,
+def _regularized_evolution(cfg: SearchConfig, *, population_size: int = 100, sample_size: int = 25,
                            mutation_prob: float = 0.05, crossover: bool = False, dedup: bool = True):
     from nni.nas.strategy import RegularizedEvolution
 
@@ -259,13 +260,13 @@ def _regularized_evolution(cfg: Mapping[str, Any], *, population_size: int = 100
     if not 0.0 <= mutation_prob <= 1.0:
         raise ConfigError(f'regularized-evolution: mutation_prob must be in [0, 1], got {mutation_prob}')
     return RegularizedEvolution(population_size=population_size, sample_size=sample_size,
-                                mutation_prob=mutation_prob, crossover=crossover, dedup=dedup, seed=int(cfg['seed']))
+                                mutation_prob=mutation_prob, crossover=crossover, dedup=dedup, seed=int(cfg.seed))
 
 
-def _tpe(cfg: Mapping[str, Any], *, optimize_mode: str = 'maximize', tpe_args: Dict[str, Any] | None = None):
+def _tpe(cfg: SearchConfig, *, optimize_mode: str = 'maximize', tpe_args: Dict[str, Any] | None = None):
     if optimize_mode not in ('maximize', 'minimize'):
         raise ConfigError(f'tpe: optimize_mode must be maximize or minimize, got {optimize_mode!r}')
-    return __getattr__('CellTPE')(optimize_mode=optimize_mode, seed=int(cfg['seed']), tpe_args=tpe_args)
+    return __getattr__('CellTPE')(optimize_mode=optimize_mode, seed=int(cfg.seed), tpe_args=tpe_args)
 
 
 register_strategy('binary-darts', _binary_darts, kind='one-shot', runner='driver',

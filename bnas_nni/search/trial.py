@@ -27,13 +27,14 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+from ..config import SearchConfig
 from ..console import log as console_log
 from ..nni.trial import RealTrialChannel, under_nni
 
 __all__ = ['brief_train', 'SearchReporter', 'SearchTrialReporter']
 
 
-def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=console_log) -> float:
+def brief_train(genotype: Any, cfg: SearchConfig, *, log=console_log) -> float:
     """Train the derived network of ``genotype`` for ``final_epochs`` with the one train loop (SGD,
     cosine, the binarizer's latent step) and return its top-1 accuracy (%) on the first
     ``final_test_subset`` test images."""
@@ -43,19 +44,19 @@ def brief_train(genotype: Any, cfg: Mapping[str, Any], *, log=console_log) -> fl
     from ..networks import BNASNetwork
     from .evaluators import evaluate_derived
 
-    data = {'dataset': cfg['dataset'], 'data': cfg['data'], 'download': cfg['download'],
-            'image_size': cfg['final_image_size'] or cfg.get('image_size')}
-    train = build_dataset({**data, 'train_subset': cfg['final_train_subset']}, 'train')
-    test = build_dataset({**data, 'val_subset': cfg['final_test_subset']}, 'val')
-    torch.manual_seed(int(cfg['seed']))
-    model = BNASNetwork(genotype, init_channels=int(cfg['final_init_channels']), layers=int(cfg['final_layers']),
-                        num_classes=10, dataset=cfg['dataset'])
+    data = {'dataset': cfg.dataset, 'data': cfg.data, 'download': cfg.download,
+            'image_size': cfg.final_image_size or cfg.image_size}
+    train = build_dataset({**data, 'train_subset': cfg.final_train_subset}, 'train')
+    test = build_dataset({**data, 'val_subset': cfg.final_test_subset}, 'val')
+    torch.manual_seed(int(cfg.seed))
+    model = BNASNetwork(genotype, init_channels=int(cfg.final_init_channels), layers=int(cfg.final_layers),
+                        num_classes=10, dataset=cfg.dataset)
     metric = evaluate_derived(model, train_data=train, val_data=test, reinit=False, report=False,
-                              epochs=int(cfg['final_epochs']), batch_size=int(cfg['final_batch_size']),
-                              lr=float(cfg['final_lr']), momentum=0.9, weight_decay=float(cfg['final_weight_decay']),
-                              lr_min=0.0, seed=int(cfg['seed']), channels_last=True)
-    log(f'derived cell: {cfg["final_epochs"]} epoch(s) on {len(train)} images, C={cfg["final_init_channels"]} '
-        f'L={cfg["final_layers"]}: test acc {metric["default"]:.2f}% on {len(test)} test images '
+                              epochs=int(cfg.final_epochs), batch_size=int(cfg.final_batch_size),
+                              lr=float(cfg.final_lr), momentum=0.9, weight_decay=float(cfg.final_weight_decay),
+                              lr_min=0.0, seed=int(cfg.seed), channels_last=True)
+    log(f'derived cell: {cfg.final_epochs} epoch(s) on {len(train)} images, C={cfg.final_init_channels} '
+        f'L={cfg.final_layers}: test acc {metric["default"]:.2f}% on {len(test)} test images '
         f'({metric["seconds"]:.1f}s)')
     return float(metric['default'])
 
@@ -76,13 +77,13 @@ class SearchReporter:
     def parameters(self) -> Dict[str, Any]:
         return {}
 
-    def resumes(self, cfg: Mapping[str, Any]) -> bool:
+    def resumes(self, cfg: SearchConfig) -> bool:
         return False
 
     def epoch(self, record: Mapping[str, Any]) -> None:
         pass
 
-    def finish(self, summary: Mapping[str, Any], cfg: Mapping[str, Any], log=console_log) -> Optional[Dict[str, Any]]:
+    def finish(self, summary: Mapping[str, Any], cfg: SearchConfig, log=console_log) -> Optional[Dict[str, Any]]:
         return None
 
 
@@ -110,9 +111,9 @@ class SearchTrialReporter(SearchReporter):
         with self.channel.active():
             return dict(nni.get_next_parameter() or {})
 
-    def resumes(self, cfg: Mapping[str, Any]) -> bool:
+    def resumes(self, cfg: SearchConfig) -> bool:
         # a trial NNI restarts continues its own search instead of failing on the existing run directory
-        return (Path(cfg['run_dir']) / 'checkpoint.pt').is_file()
+        return (Path(cfg.run_dir) / 'checkpoint.pt').is_file()
 
     def epoch(self, record: Mapping[str, Any]) -> None:
         if record.get('val_acc') is None:
@@ -123,7 +124,7 @@ class SearchTrialReporter(SearchReporter):
                 metric[name] = float(record[key])
         self.channel.intermediate(metric)
 
-    def finish(self, summary: Mapping[str, Any], cfg: Mapping[str, Any], log=console_log) -> Dict[str, Any]:
+    def finish(self, summary: Mapping[str, Any], cfg: SearchConfig, log=console_log) -> Dict[str, Any]:
         from ..genotypes import save_genotype
 
         cifar, imagenet = summary['genotype'], summary['genotype_imagenet']
