@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ...ops import BNConvReLU, Zeroise
-from ...quant import BinaryConv2d, SignBinarizer, XnorBinarizer
+from ...quant import BinaryConv2d
 from . import kernels
 from .bn_emulation import _BNGroup
 
@@ -38,8 +38,9 @@ class _ConvSpec:
     weights the binarized weight was made from. While it equals the key of the cached result, ``ternary``
     returns that result without looking at the weight (the weight step after an architecture step, evaluation
     batches); any in-place change of a latent weight (optimizer step, latent constraint, state-dict load)
-    bumps its version. Only stateless binarizers (xnor, sign) are cached this way; for the others, and when
-    the key changed, the signs are compared and the int8 weights repacked only if they differ."""
+    bumps its version. Only stateless binarizers that declare ``exact_ternary_signs`` are cached this way;
+    for the others, and when the key changed, the signs are compared and the int8 weights repacked only if
+    they differ."""
 
     __slots__ = ('stride', 'padding', 'dilation', 'groups', 'kernel_size', 'c_out', 'trusted', 'source', '_cpu',
                  '_q', '_packed', '_scale', '_source')
@@ -57,7 +58,7 @@ class _ConvSpec:
                 and all(isinstance(q, int) and q % stride[0] == 0 for q in padding):
             self._cpu = (stride[0], (1, 1), tuple(q // stride[0] for q in padding), (1, 1))
         self.c_out = conv.out_channels
-        # binarizers whose output is sign * per-filter scale by construction (others are checked per call)
+        # binarizers that declare their output sign * per-filter scale (others are checked per call)
         self.trusted = trusted
         self.source: Optional[Tuple] = None
         self._q: Optional[torch.Tensor] = None
@@ -131,23 +132,25 @@ class _MergedConv:
 
     def __init__(self, items: List[Tuple[int, str, BNConvReLU]]) -> None:
         self.items = items
-        self.spec = _ConvSpec(items[0][2].op[0], trusted=all(_stateless_binarizer(op.op[0]) for _, _, op in items))
+        self.spec = _ConvSpec(items[0][2].op[0], trusted=all(_exact_ternary(op.op[0]) for _, _, op in items))
 
     def source_key(self) -> Optional[Tuple]:
         """What the binarized weight is made from, read now: each conv's latent weight (storage and version
-        counter) and binarizer; None unless every binarizer is a stateless one."""
+        counter) and binarizer; None unless every binarizer declares exact ternary signs and is stateless
+        (its output then depends on the latent weight only)."""
         key = []
         for _, _, op in self.items:
             conv = op.op[0]
-            if not _stateless_binarizer(conv):
+            if not (_exact_ternary(conv) and conv.weight_quantizer.stateless):
                 return None
             key.append((conv.weight.data_ptr(), conv.weight._version, id(conv.weight_quantizer)))
         return tuple(key)
 
 
-def _stateless_binarizer(conv: BinaryConv2d) -> bool:
-    """Binarizers whose output is sign * per-filter scale by construction and depends on the weight only."""
-    return type(conv.weight_quantizer) in (XnorBinarizer, SignBinarizer)
+def _exact_ternary(conv: BinaryConv2d) -> bool:
+    """Whether the conv's binarizer declares its output exactly a per-filter scale times signs
+    (:attr:`~bnas_nni.quant.WeightBinarizer.exact_ternary_signs`): the int8 path then trusts it unchecked."""
+    return bool(getattr(conv.weight_quantizer, 'exact_ternary_signs', False))
 
 
 class _PoolSpec:
