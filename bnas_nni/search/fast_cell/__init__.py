@@ -18,23 +18,23 @@ around its *states* instead of its edges:
   leaving a state run as one convolution over the concatenation, along output channels, of the ops'
   binarized weights. XNOR scales are per output filter, so binarizing the concatenated latent weights in
   one call equals binarizing each op's weights (binarizers with ``per_filter`` and no state; others go op by op).
-* **One autograd node per state** (:class:`_StateBinaryOps`, the default path). BN, sign, every merged
-  conv and every pool leaving a state run in one function; ops going to the same nodes are summed into one
-  *bundle* output whose channel block ``e`` is the state's contribution to its ``e``-th destination node.
-  On CPU the binary convolutions are exact int8 ternary convolutions (``sign(x)`` times ``sign(W)`` summed
-  as integers by oneDNN, the per-filter XNOR scale applied once, with the softmax weight; see
-  :mod:`.kernels`), about 3x cheaper than fp32; elsewhere, or for weights that are not per-filter-scaled
-  signs, fp32 convs. A reduction cell's dilated convs (stride = dilation = 2) run as the equivalent
-  stride-1, undilated convs of the input subsampled by 2, which oneDNN computes about twice as fast in
-  backward. Backward keeps a byte per element for the sign and the straight-through mask and the int8
-  convs' ``ReLU(conv)`` (exact integer sums, fp32), which the architecture step's softmax-weight gradient
-  needs and whose ReLU backward is the cheapest mask in weight steps (fp32 convs keep a byte mask); pools
-  are recomputed. The packed int8 weights are reused while the latent weights are unchanged (version
-  counters), so a weight step reuses its architecture step's packing. The softmax-weight
-  gradient of a conv comes from the adjoint identity ``sum g * ReLU(conv(s, W)) = sum W * dW`` when ``dW``
-  is computed anyway, else from the kept ``ReLU(conv)``: an architecture step (weights frozen)
-  computes no weight-gradient convolution at all. (Folding ``p`` into the weights before the ReLU was
-  tried and dropped: ties at 0 then round to +-1 ulp, which flips ReLU gradients.)
+* **One autograd node per state** (:class:`_StateBinaryOps`, the default path). BN, sign, every merged conv and
+  every pool leaving a state run in one function; ops going to the same nodes are summed into one *bundle*
+  output whose channel block ``e`` is the state's contribution to its ``e``-th destination node. On CPU the
+  binary convolutions are exact int8 ternary convolutions (``sign(x)`` times ``sign(W)`` summed as integers by
+  oneDNN, the per-filter XNOR scale applied once, with the softmax weight; see :mod:`.kernels`), about 3x
+  cheaper than fp32; elsewhere, or for weights that are not per-filter-scaled signs, fp32 convs (a binarizer
+  that declares ``WeightBinarizer.exact_ternary_signs`` is taken at its word; other binarizers' weights are
+  checked). A reduction cell's dilated convs (stride = dilation = 2) run as the equivalent stride-1, undilated
+  convs of the input subsampled by 2, which oneDNN computes about twice as fast in backward. Backward keeps a
+  byte per element for the sign and the straight-through mask and the int8 convs' ``ReLU(conv)`` (exact integer
+  sums, fp32), which the architecture step's softmax-weight gradient needs and whose ReLU backward is the
+  cheapest mask in weight steps (fp32 convs keep a byte mask); pools are recomputed. The packed int8 weights are
+  reused while the latent weights are unchanged (version counters), so a weight step reuses its architecture
+  step's packing. The softmax-weight gradient of a conv comes from the adjoint identity
+  ``sum g * ReLU(conv(s, W)) = sum W * dW`` when ``dW`` is computed anyway, else from the kept ``ReLU(conv)``:
+  an architecture step (weights frozen) computes no weight-gradient convolution at all. (Folding ``p`` into the
+  weights before the ReLU was tried and dropped: ties at 0 then round to +-1 ulp, which flips ReLU gradients.)
 * **Fused elementwise passes.** On CPU in float32, the chains of elementwise ops around the convolutions run
   as single passes of a small C++ extension (:mod:`.kernels`, compiled once per machine): the sign and the
   straight-through mask of a state, the softmax-weighted sum of a bundle's convs and pools, each conv's ReLU

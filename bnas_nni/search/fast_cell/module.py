@@ -23,8 +23,9 @@ __all__ = ['FastBinaryMixedCell']
 class FastBinaryMixedCell(BinaryMixedCell):
     """Same function, parameters, state dict and API as :class:`BinaryMixedCell`, computed per state.
 
-    See the module docstring for what is shared and merged. A drop-in subclass: ``_arch_alpha`` sharing per
-    label, :meth:`alpha_matrix`, :meth:`export`, :meth:`export_probs` and the ``mutate`` hook are inherited.
+    See the package docstring (:mod:`bnas_nni.search.fast_cell`) for what is shared and merged. A drop-in
+    subclass: ``_arch_alpha`` sharing per label, :meth:`alpha_matrix`, :meth:`export`, :meth:`export_probs`
+    and the ``mutate`` hook are inherited.
 
     Class attributes
     ----------------
