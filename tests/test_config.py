@@ -81,12 +81,37 @@ def test_same_key_names_across_commands():
               'train_subset', 'image_size', 'threads', 'channels_last', 'max_train_batches', 'max_val_batches',
               'optimizer', 'progress', 'tensorboard', 'run_dir', 'imports'}
     assert shared <= set(SEARCH.keys()) and shared <= set(TRAIN.keys())
-    # every shipped preset resolves under the schema its command uses
-    from bnas_nni.search.run import resolve_search_config
-    from bnas_nni.train.engine import resolve_train_config
 
-    for path in experiments_dir().glob('*.yaml'):
-        (resolve_train_config if path.name.startswith('train_') else resolve_search_config)(path)
+
+def test_every_preset_resolves_to_what_it_says():
+    """Each shipped preset resolves under the schema its command uses, every key it writes reaches the
+    resolved config with the file's value (none dropped, renamed or overridden by a default), and what it
+    names exists: the strategy and search space of a search preset, the recipe, model and genotype of a
+    training preset."""
+    from bnas_nni.genotypes import load_genotype
+    from bnas_nni.search.run import resolve_search_config
+    from bnas_nni.search.strategies import build_strategy
+    from bnas_nni.space import load_space_config
+    from bnas_nni.train.engine import resolve_train_config
+    from bnas_nni.train.model import resolve_model_config
+    from bnas_nni.train.recipes import get_recipe
+
+    presets = sorted(experiments_dir().glob('*.yaml'))
+    assert {p.name.split('_')[0] for p in presets} == {'search', 'strategy', 'train'}
+    for path in presets:
+        written = yaml.safe_load(path.read_text())
+        training = path.name.startswith('train_')
+        cfg = (resolve_train_config if training else resolve_search_config)(path)
+        for key, value in written.items():
+            assert key in cfg and cfg[key] == value, (path.name, key, value, cfg.get(key))
+        if training:
+            assert get_recipe(cfg['recipe']) is not None
+            model = resolve_model_config(cfg)
+            assert load_genotype(model['genotype']).num_nodes >= 2, path.name
+        else:
+            assert cfg['name'] == written.get('name', path.stem)
+            assert build_strategy(cfg) is not None
+            assert load_space_config(cfg['space'])['num_nodes'] >= 2, path.name
 
 
 def test_cli_set_null_reaches_the_saved_config(tmp_path):

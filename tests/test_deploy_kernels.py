@@ -198,10 +198,38 @@ def test_isa_switch(monkeypatch):
     assert 'portable' in ISAS
 
 
-def test_cpu_paths_present_on_avx512_machines():
-    """This machine kind has AVX-512 VPOPCNTDQ; where a CPU reports it, all three paths must be built."""
+# the CPU features each path is compiled for (GCC's names, as /proc/cpuinfo spells them)
+ISA_FLAGS = {'portable': set(), 'avx2': {'avx2', 'popcnt'},
+             'avx512': {'avx512f', 'avx512bw', 'avx512dq', 'avx512vl', 'avx512_vpopcntdq', 'popcnt'}}
+
+
+def test_cpu_paths_present_on_avx512_machines(ext, monkeypatch):
+    """The engine offers exactly the paths the CPU's flags allow (all three on an AVX-512 VPOPCNTDQ machine),
+    ``auto`` picks the fastest, a path the CPU lacks is a one-line error, and every offered path runs and
+    packs the same bits as the portable one."""
     cpuinfo = Path('/proc/cpuinfo')
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ''
-    if 'avx512_vpopcntdq' not in flags:
-        pytest.skip('no AVX512_VPOPCNTDQ on this CPU')
-    assert ISAS == ('portable', 'avx2', 'avx512')
+    if not cpuinfo.is_file():
+        pytest.skip('no /proc/cpuinfo to read the CPU flags from')
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith('flags'):
+            flags |= set(line.split(':', 1)[1].split())
+    expected = tuple(isa for isa in ISAS if ISA_FLAGS[isa] <= flags)
+    assert kernels.supported_isas() == expected
+    if ISA_FLAGS['avx512'] <= flags:
+        assert expected == ('portable', 'avx2', 'avx512')
+    monkeypatch.delenv(kernels.ISA_ENV, raising=False)
+    assert kernels.resolve_isa() == expected[-1]
+    for isa in set(ISAS) - set(expected):
+        with pytest.raises(ConfigError, match=f'cannot run the {isa} path'):
+            kernels.resolve_isa(isa)
+    g = torch.Generator().manual_seed(9)
+    bn = torch.nn.BatchNorm2d(70).eval()
+    random_bn_(bn, g)
+    x = inputs_with_zeros((2, 70, 5, 7), g)
+    t_zero, t_pos, flip = fold.kernel_thresholds(*fold.bn_sign_thresholds(bn.weight, bn.bias, bn.running_mean,
+                                                                          bn.running_var, bn.eps))
+    packed = {isa: ext.pack_signs(x, t_zero, t_pos, flip, 1, kernels.isa_id(isa)) for isa in expected}
+    assert packed['portable'].any()
+    for isa in expected:
+        assert torch.equal(packed[isa], packed['portable']), isa

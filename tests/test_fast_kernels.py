@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
-from bnas_nni.quant import attach_latent_constraint, make_binarizer  # noqa: E402
-from bnas_nni.search import fast_cell  # noqa: E402
-from bnas_nni.search.fast_cell import kernels  # noqa: E402
-from bnas_nni.search.fast_cell import FastBinaryMixedCell  # noqa: E402
+from bnas_nni.quant import (BinaryConv2d, WeightBinarizer, attach_latent_constraint, make_binarizer,  # noqa: E402
+                            register_binarizer)
+from bnas_nni.search.fast_cell import FastBinaryMixedCell, functions, kernels  # noqa: E402
 from bnas_nni.search.mixed_cell import BinaryMixedCell  # noqa: E402
 
 from test_fast_cell import TOL, _assert_close_dicts, _grads, _pair  # noqa: E402
@@ -82,13 +81,13 @@ class _Count:
 
     def __init__(self, monkeypatch):
         self.fused = self.int8 = 0
-        apply = fast_cell._StateBinaryOps.apply
+        apply = functions._StateBinaryOps.apply
 
         def counted(*args):
             self.fused += 1
             self.int8 += bool(args[4])
             return apply(*args)
-        monkeypatch.setattr(fast_cell._StateBinaryOps, 'apply', counted)
+        monkeypatch.setattr(functions._StateBinaryOps, 'apply', counted)
 
 
 PATHS = ['int8', 'int8-recompute', 'int8-torch-ops', 'fused-fp32', 'plain']
@@ -314,6 +313,86 @@ def test_packed_weights_follow_weight_changes(monkeypatch):
             packed = [s._packed for s in specs]
 
 
+# ------------------------------------------------------------------ which binarizers the int8 path trusts
+
+
+class _MaxScaledSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return torch.sign(w) * w.abs().amax(dim=(1, 2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@register_binarizer('test_stated_exact')
+class StatedExact(WeightBinarizer):
+    """A user binarizer: ``sign(W)`` times the largest ``|W|`` of each filter, exact ternary signs by
+    construction, and it says so."""
+
+    scaled = True
+    exact_ternary_signs = True
+
+    def forward(self, w):
+        return _MaxScaledSign.apply(w)
+
+
+@register_binarizer('test_unstated_exact')
+class UnstatedExact(StatedExact):
+    """The same weights, without the promise."""
+
+    exact_ternary_signs = False
+
+
+class _InputScaledSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        c_in = w.shape[1]
+        return torch.sign(w) * (1 + torch.arange(c_in, dtype=w.dtype) / c_in).view(1, -1, 1, 1) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@register_binarizer('test_input_scaled')
+class InputScaled(WeightBinarizer):
+    """Signs times a scale per input channel (dyadic, so every conv sum is exact in fp32): not one scale per
+    filter, so not for the int8 convolution."""
+
+    def forward(self, w):
+        return _InputScaledSign.apply(w)
+
+
+@needs_int8
+@pytest.mark.parametrize('binarizer, trusted, int8', [('test_stated_exact', True, True),
+                                                       ('test_unstated_exact', False, True),
+                                                       ('test_input_scaled', False, False)])
+def test_a_user_binarizer_states_whether_the_int8_path_trusts_it(binarizer, trusted, int8, monkeypatch):
+    """The fast cell reads ``exact_ternary_signs`` from the binarizer: declared, the int8 path takes the
+    binarized weights unchecked; undeclared, each one is checked and runs int8 only if it is one scale per
+    filter times signs, else as an fp32 conv. Every way, whole search iterations match the straightforward
+    cell."""
+    seen = []  # per ternary_weight call: (trusted, accepted)
+
+    def ternary_weight(w, trusted=False, real=kernels.ternary_weight):
+        out = real(w, trusted)
+        seen.append((trusted, out is not None))
+        return out
+    monkeypatch.setattr(kernels, 'ternary_weight', ternary_weight)
+    int8_convs = []
+    real_call = kernels.TernaryConv.__call__
+    monkeypatch.setattr(kernels.TernaryConv, '__call__', lambda self, s, relu: int8_convs.append(1) or
+                        real_call(self, s, relu))
+    ref, fast = _pair(torch.float32, init_channels=4, layers=3, num_nodes=3, binarizer=binarizer)
+    assert {type(m.weight_quantizer).name for m in fast.modules()
+            if isinstance(m, BinaryConv2d) and m.weight_quantizer is not None} == {binarizer}
+    _iterations(ref, fast, _batches(4, 16, seed=7), TOL[torch.float32])
+    assert seen and {t for t, _ in seen} == {trusted}
+    assert {ok for _, ok in seen} == {int8} and bool(int8_convs) == int8
+
+
 def test_strided_dilated_convs_run_on_the_subsampled_input():
     """A conv with stride s = dilation s and padding a multiple of s is the stride-1 undilated conv of
     x[:, :, ::s, ::s] (exactly: the same products), for even and odd sizes; the reduction cells' dilated
@@ -324,7 +403,7 @@ def test_strided_dilated_convs_run_on_the_subsampled_input():
         for k in (3, 5):
             w = torch.randn(7, 5, k, k, generator=g, dtype=torch.float64)
             want = F.conv2d(x, w, None, 2, 2 * (k // 2), 2)
-            got = F.conv2d(fast_cell._subsample(x, 2), w, None, 1, k // 2, 1)
+            got = F.conv2d(functions._subsample(x, 2), w, None, 1, k // 2, 1)
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     _, fast = _pair(torch.float32, init_channels=4, layers=3, num_nodes=3)
     specs = [c.spec for m in fast.modules() if type(m) is FastBinaryMixedCell
@@ -350,7 +429,7 @@ def test_dilated_weight_gradient_over_the_phases():
         w = torch.randn(6, 4, k, k, generator=g, dtype=torch.float64)
         want = torch.ops.aten.convolution_backward(gout, x, w, None, [1, 1], [2 * (k // 2)] * 2, [2, 2], False,
                                                    [0, 0], 1, [False, True, False])[1]
-        got = torch.ops.aten.convolution_backward(fast_cell._phases(gout, 2), fast_cell._phases(x, 2), w, None,
+        got = torch.ops.aten.convolution_backward(functions._phases(gout, 2), functions._phases(x, 2), w, None,
                                                   [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1,
                                                   [False, True, False])[1]
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -377,7 +456,7 @@ def test_cuda_check_compares_the_cells_and_catches_a_difference(monkeypatch):
     assert check.FAILED == []
     if not kernels.ternary_conv_supported():
         monkeypatch.setenv('BNAS_FAST_KERNELS', '0')   # the plain path: break its conv instead
-        monkeypatch.setattr(fast_cell._ConvReLUScale, 'apply', lambda s, w, p, *a: F.relu(F.conv2d(
+        monkeypatch.setattr(functions._ConvReLUScale, 'apply', lambda s, w, p, *a: F.relu(F.conv2d(
             s, w, None, *a[:4])) * p.view(1, -1, 1, 1) * 1.01)
     else:
         real = kernels.TernaryConv.__call__

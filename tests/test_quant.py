@@ -13,8 +13,9 @@ warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 from bnas_nni.errors import ConfigError  # noqa: E402
 from bnas_nni.networks import BNASNetwork  # noqa: E402
 from bnas_nni.ops import BNConvReLU  # noqa: E402
-from bnas_nni.quant import (ACTIVATIONS, ActivationQuantizer, BinaryConv2d, SteSign, XnorBinarizer,  # noqa: E402
-                            make_activation, make_binarizer, quantizer_spec, register_activation)
+from bnas_nni.quant import (ACTIVATIONS, WEIGHT_BINARIZERS, ActivationQuantizer, BinaryConv2d, SteSign,  # noqa: E402
+                            WeightBinarizer, XnorBinarizer, make_activation, make_binarizer, quantizer_spec,
+                            register_activation)
 from bnas_nni.space import BNASSpace  # noqa: E402
 from bnas_nni.summary import summarize  # noqa: E402
 
@@ -94,6 +95,31 @@ def test_layers_own_their_quantizers_and_state_dicts_stay_official():
     rebuilt = BNASNetwork.from_config(net.config)
     assert rebuilt.config['activation'] == {'name': 'test_learnable_sign'}
     rebuilt.load_state_dict(net.state_dict())
+
+
+def test_built_in_binarizers_keep_their_exact_ternary_promise():
+    """``exact_ternary_signs`` lets the fast cell's int8 path take a binarizer's weights unchecked, so each
+    built-in binarizer that declares it must give exactly one scale per filter times signs in {-1, 0, 1}:
+    what the int8 path's own check (``ternary_weight``) accepts, and the same sign and scale unchecked."""
+    from bnas_nni.search.fast_cell import kernels
+
+    assert WeightBinarizer.exact_ternary_signs is False          # a user binarizer promises nothing by default
+    built_in = {name: WEIGHT_BINARIZERS.get(name) for name in WEIGHT_BINARIZERS
+                if WEIGHT_BINARIZERS.get(name).__module__.startswith('bnas_nni.')}
+    assert {name for name, cls in built_in.items() if cls.exact_ternary_signs} == {'xnor', 'sign', 'scaled_sign'}
+    g = torch.Generator().manual_seed(0)
+    sparse = torch.randn(5, 4, 3, 3, generator=g) * (torch.rand(5, 4, 3, 3, generator=g) < 0.5)
+    sparse[1] = 0                                                 # a filter of zeros: scale 0
+    for name, cls in built_in.items():
+        if not cls.exact_ternary_signs:
+            continue
+        q = make_binarizer(name)
+        for w in (torch.randn(6, 8, 3, 3, generator=g) * 3, torch.rand(4, 2, 5, 5, generator=g) - 0.7, sparse):
+            wb = q(w)
+            checked, trusted = kernels.ternary_weight(wb), kernels.ternary_weight(wb, trusted=True)
+            assert checked is not None, f'{name}: not one scale per filter times signs'
+            assert all(torch.equal(a, b) for a, b in zip(checked, trusted))
+            assert set(checked[0].unique().tolist()) <= {-1, 0, 1}
 
 
 def _learnable_pair():

@@ -48,13 +48,23 @@ class WeightBinarizer(Quantizer):
     is the persistent latent step applied before each optimizer step (identity by default).
 
     Class attributes: ``per_filter`` (the result for one output filter depends only on that filter,
-    so binarizing concatenated weights equals concatenating binarized ones) and ``scaled`` (the signs
-    are multiplied by one fp32 scale per output filter, which a packed model must store).
+    so binarizing concatenated weights equals concatenating binarized ones), ``scaled`` (the signs
+    are multiplied by one fp32 scale per output filter, which a packed model must store) and
+    ``exact_ternary_signs`` (below).
     """
 
     precision = 1
     per_filter: ClassVar[bool] = True
     scaled: ClassVar[bool] = False
+    #: A promise about ``forward(w)``: for every output filter ``o`` it is exactly ``alpha_o * s_o``, with
+    #: ``s_o`` in {-1, 0, +1} elementwise and one finite scale ``alpha_o >= 0``, bit for bit, for any
+    #: finite ``w``. An int8 convolution of the signs times ``alpha_o`` then reproduces the fp32 convolution with
+    #: it, and the fast search cell (:mod:`bnas_nni.search.fast_cell`) takes its int8 path for this
+    #: binarizer without checking the binarized weight; for a ``stateless`` binarizer it also reuses the
+    #: packed int8 weights while the latent weights are unchanged. False (the default): each binarized
+    #: weight is checked, and convolved in fp32 unless it passes. A subclass that changes ``forward``
+    #: states it again.
+    exact_ternary_signs: ClassVar[bool] = False
 
     def constrain(self, w: torch.Tensor) -> torch.Tensor:
         return w
@@ -97,6 +107,7 @@ class XnorBinarizer(WeightBinarizer):
     """The official BNAS/XNOR-Net scheme (see the module docstring for the formulas)."""
 
     scaled = True
+    exact_ternary_signs = True
 
     def constrain(self, w: torch.Tensor) -> torch.Tensor:
         return xnor_constrain(w)
@@ -119,6 +130,8 @@ class _SignWeight(torch.autograd.Function):
 class SignBinarizer(WeightBinarizer):
     r"""Plain :math:`\mathrm{sign}(W)` without scaling, identity straight-through gradient; latent
     weights clipped to [-1, 1] (BinaryConnect)."""
+
+    exact_ternary_signs = True
 
     def constrain(self, w: torch.Tensor) -> torch.Tensor:
         return w.clamp(-1.0, 1.0)
@@ -146,6 +159,7 @@ class ScaledSignBinarizer(WeightBinarizer):
     clipped straight-through gradient :math:`g\,1_{|W|\le 1}` (ReActNet, Bi-Real Net)."""
 
     scaled = True
+    exact_ternary_signs = True
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return _ScaledSignWeight.apply(w)

@@ -108,7 +108,7 @@ def sign_to_uint8(s: torch.Tensor) -> torch.Tensor:
 def ternary_weight(w: torch.Tensor, trusted: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``(sign(w) as int8, per-filter scale a)`` if ``w == sign(w) * a`` exactly, with ``a_o = max|w_o|``;
     ``None`` otherwise (a weight that is not binarized per filter, or not finite). ``trusted``: ``w`` is
-    such a weight by construction (the xnor and sign binarizers), skip the check."""
+    such a weight by declaration (its binarizer's ``exact_ternary_signs``), skip the check."""
     if w.dim() != 4 or not w.is_floating_point():
         return None
     scale = w.abs().amax(dim=(1, 2, 3))
