@@ -11,15 +11,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import BNASError
+from .errors import ExtensionBuildError
 
 __all__ = ['ExtensionBuildError', 'load_extension', 'is_built']
 
 _log = logging.getLogger(__name__)
-
-
-class ExtensionBuildError(BNASError):
-    """A C++ extension could not be compiled or loaded (compiler, ninja or headers missing)."""
 
 
 def _cpp():

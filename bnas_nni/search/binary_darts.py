@@ -40,7 +40,7 @@ What differs from NNI's stock ``DARTS``
   ImageNet variant divides Zeroise's probability by ``gamma`` (3) before deriving; that is the intended
   rule. The released code divides row 0 instead, which only reorders node 0 (``gamma_rule='official'``).
 * **Nothing silent.** A non-finite loss, alpha gradient or alpha stops the search at that step with one
-  line (:class:`~bnas_nni.train.loop.NonFiniteError`); the kept genotype is never derived from
+  line (:class:`~bnas_nni.errors.NonFiniteError`); the kept genotype is never derived from
   non-finite alphas.
 """
 from __future__ import annotations
@@ -59,10 +59,10 @@ from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule
 from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedCell
 from nni.nas.strategy import DARTS
 
-from ..errors import ConfigError
-from ..genotypes import Genotype, derive_genotype
+from ..errors import ConfigError, NonFiniteError
+from ..finite import check_finite_grads, check_finite_params, non_finite_message
+from ..genotypes import Genotype
 from ..quant import attach_latent_constraint
-from ..train.loop import NonFiniteError, check_finite_grads, check_finite_params, non_finite_message
 from .mixed_cell import BinaryMixedCell
 from .record import attach_run_directory
 from .supernet import (alpha_matrices, arch_parameters, binary_cells, cell_ops, derive_from_model,  # noqa: F401 - re-exported

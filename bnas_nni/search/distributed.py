@@ -39,17 +39,13 @@ from torch.autograd.function import once_differentiable
 from torch.utils.data import Sampler
 
 from ..distributed import DistContext, all_gather_objects
-from ..errors import BNASError, ConfigError
+from ..errors import BNASError, ConfigError, PeerFailureError, RankMismatchError
 from .supernet import derive_from_model
 
 __all__ = ['RankMismatchError', 'GradientSync', 'EpochShardSampler', 'BatchNormSync', 'SyncedBatchNorm2d',
            'enable_sync_batch_norm', 'model_fingerprint', 'check_same_architecture', 'check_same_config',
            'check_world_fits', 'quiet_off_main', 'peer_failures', 'PeerFailureError', 'lightning_ddp_options',
            'check_same_export', 'fingerprint']
-
-
-class RankMismatchError(BNASError):
-    """The ranks of one search disagree (architecture, weights or configuration)."""
 
 
 # --------------------------------------------------------------------------- gradients
@@ -311,10 +307,6 @@ def check_same_config(cfg: Mapping[str, Any], ctx: DistContext, extra: Optional[
         raise RankMismatchError(f'the ranks were given different settings: {shown} differ between rank 0 and rank '
                                 f'{", ".join(map(str, ranks))}; give every process the same config files, '
                                 'flags and data')
-
-
-class PeerFailureError(BNASError):
-    """Another rank stopped answering (stalled past ``dist_timeout`` or died)."""
 
 
 _PEER_FAILURE = ('Timed out', 'timed out', 'Connection closed by peer', 'Connection reset by peer', 'Broken pipe')

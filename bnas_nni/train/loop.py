@@ -36,43 +36,13 @@ import torch.nn.functional as F
 
 from ..quant import BinaryConv2d, XnorBinarizer, binary_convs
 from ..distributed import DistContext, all_reduce_sums
-from ..errors import BNASError
+from ..errors import NonFiniteError
+from ..finite import check_finite_grads, check_finite_params, non_finite_message
 from ..rundir import LOGGER
 from .batch_renorm import batch_renormalization
 
-__all__ = ['AverageMeter', 'accuracy', 'binary_weight_grad', 'clip_binary_grad_norm_', 'NonFiniteError',
-           'non_finite_message', 'check_finite_grads', 'check_finite_params', 'autocast_context', 'train_one_epoch', 'evaluate', 'progress']
-
-
-class NonFiniteError(BNASError):
-    """A NaN or Inf in a loss, gradient or architecture weight: the run stops at that step."""
-
-
-def non_finite_message(what: str, epoch: int, step: int, lr: float, amp: Optional[str] = None,
-                       lr_name: str = 'lr') -> str:
-    """The one line for a NaN/Inf: where, at which learning rate, and a fix that fits the run."""
-    fix = 'lower the learning rate (lr) or set grad_clip' if lr_name == 'lr' else \
-        'lower the learning rates (lr, arc_lr) or set grad_clip'
-    if amp == 'fp16':
-        fix += ', or train without fp16 (amp: null or bf16)'
-    return (f'non-finite {what} at epoch {epoch} step {step} ({lr_name} {lr:.3g}); {fix}; '
-            'the last checkpoint is untouched, continue with --resume after the change')
-
-
-def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors)))).all())   # one reduction, one sync
-
-
-def check_finite_grads(params: Sequence[torch.Tensor]) -> bool:
-    """True when every gradient of ``params`` is finite."""
-    return _all_finite([p.grad for p in params if p.grad is not None])
-
-
-def check_finite_params(params: Sequence[torch.Tensor]) -> bool:
-    """True when every parameter in ``params`` is finite (after a step: a finite but huge update)."""
-    return _all_finite([p.detach() for p in params])
+__all__ = ['AverageMeter', 'accuracy', 'binary_weight_grad', 'clip_binary_grad_norm_', 'autocast_context', 'train_one_epoch',
+           'evaluate', 'progress']
 
 
 class AverageMeter:
