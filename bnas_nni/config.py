@@ -210,8 +210,9 @@ class Search:
         'zeroise', "zeroise divides Zeroise's probability by gamma; official divides row 0 (the released code)")
     select: Literal['best', 'official', 'last'] = knob(
         'best', "genotype kept: best (alphas after the best epoch), official (the released code's off-by-one), last")
-    mixed_cell: Literal['binary', 'fast'] = knob('fast', 'supernet cell: fast, or binary (the straightforward '
-                                                         'reference cell)')
+    mixed_cell: Literal['fast', 'reference', 'binary'] = knob(
+        'fast', 'supernet cell: fast, or reference (the straightforward cell the fast one is tested against; '
+                'binary is its earlier name)')
     warmup_epochs: int = knob(0, 'weight-only epochs before alpha moves')
     log_prob_every: int = knob(10, 'steps between per-edge probability logs')
 

@@ -17,7 +17,7 @@ What differs from NNI's stock ``DARTS``
   candidate and a softmax over exactly those seven ops; Zeroise is a real candidate that can win an edge,
   with no hidden zero logit. The default implementation is the fast one
   (:class:`~bnas_nni.search.fast_cell.FastBinaryMixedCell`, the same function computed per state);
-  ``mixed_cell='binary'`` selects the straightforward cell.
+  ``mixed_cell='reference'`` selects the straightforward cell.
 * **Order of an iteration** (first-order DARTS, as ``search.py``): an architecture step on a batch of
   the validation half, then a weight step on a batch of the training half. Both forwards use the
   binarized weights; the weight optimizer carries the binarizer's persistent latent-weight step. BN
@@ -74,17 +74,18 @@ __all__ = ['binary_cells', 'alpha_matrices', 'arch_parameters', 'derive_from_mod
 
 
 def resolve_mixed_cell(spec: Union[None, str, Type[BinaryMixedCell]]) -> Type[BinaryMixedCell]:
-    """``'fast'`` (default): :class:`~bnas_nni.search.fast_cell.FastBinaryMixedCell`; ``'binary'``: the
-    straightforward :class:`BinaryMixedCell`; or a ``BinaryMixedCell`` subclass."""
+    """``'fast'`` (default): :class:`~bnas_nni.search.fast_cell.FastBinaryMixedCell`; ``'reference'``
+    (``'binary'``, its earlier name, still works): the straightforward :class:`BinaryMixedCell` the fast
+    one is tested against; or a ``BinaryMixedCell`` subclass."""
     if spec is None or spec == 'fast':
         from .fast_cell import FastBinaryMixedCell
 
         return FastBinaryMixedCell
-    if spec == 'binary':
+    if spec in ('reference', 'binary'):
         return BinaryMixedCell
     if isinstance(spec, type) and issubclass(spec, BinaryMixedCell):
         return spec
-    raise ConfigError(f'mixed_cell must be "fast", "binary" or a BinaryMixedCell subclass, got {spec!r}')
+    raise ConfigError(f'mixed_cell must be "fast", "reference" or a BinaryMixedCell subclass, got {spec!r}')
 
 
 @contextlib.contextmanager
