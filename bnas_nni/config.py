@@ -11,6 +11,8 @@ Rules of the resolver:
 
 * values are coerced to the field's type (``'3e-4'`` -> 0.0003, ``'true'`` -> True) or rejected in one line;
 * an explicit ``null`` unsets a key: it goes back to its default (``--set data=null``);
+* a key's domain is declared with it (``field(metadata=at_least(1))``, ``plain_name()``): a value outside
+  it (``init_channels: -8``, ``layers: 0``, a run name with ``/``) is one line before anything runs;
 * unknown keys are an error that lists the allowed ones; a few spellings of the official scripts are
   accepted as aliases (``learning_rate`` -> ``lr`` ...);
 * a dataset path follows its dataset: when a later layer changes ``dataset`` without giving ``data``, the
@@ -40,6 +42,29 @@ __all__ = ['Schema', 'resolve', 'check_resume', 'load_config_file', 'SEARCH', 'T
            'DATASETS', 'family_of']
 
 DATASETS = ('cifar10', 'fashion-mnist', 'imagenet')
+#: the longest run or save name: the names become folder and file names, with affixes (``-999``, ``_imagenet``)
+MAX_NAME_LENGTH = 128
+
+
+def at_least(minimum: int) -> Dict[str, Any]:
+    """``field`` metadata: the (integer) value, when set, is ``>= minimum``."""
+    return {'min': minimum}
+
+
+def plain_name() -> Dict[str, Any]:
+    """``field`` metadata: the value, when set, is a plain file name (it names a folder or file under runs/ or
+    the genotype folder, so it must not climb out of it)."""
+    return {'plain_name': True}
+
+
+def check_plain_name(key: str, value: str) -> None:
+    import re
+
+    if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', value) or value.endswith('.py') \
+            or len(value) > MAX_NAME_LENGTH:
+        shown = value if len(value) <= 40 else value[:37] + '...'
+        raise ConfigError(f'{key} {shown!r}: use a plain name of at most {MAX_NAME_LENGTH} characters (letters, '
+                          'digits, _ . -, no folders), e.g. my_cell')
 
 
 def family_of(dataset: Optional[str]) -> str:
@@ -53,7 +78,7 @@ def family_of(dataset: Optional[str]) -> str:
 class Run:
     """Where and how a run executes."""
     description: Optional[str] = None
-    name: Optional[str] = None            # run name; the default run directory is runs/<name>
+    name: Optional[str] = field(default=None, metadata=plain_name())   # the default run directory is runs/<name>
     run_dir: Optional[str] = None         # config.yaml, log.txt, metrics.csv, tb/, checkpoint.pt
     seed: int = 0
     device: str = 'auto'                  # auto | cpu | cuda | cuda:N
@@ -71,7 +96,7 @@ class Data:
     dataset: Literal['cifar10', 'fashion-mnist', 'imagenet'] = 'cifar10'
     data: Optional[str] = None            # dataset folder; None: the dataset's default location
     download: bool = False                # CIFAR-10: download with torchvision when missing
-    train_subset: Optional[int] = None    # only the first N training images
+    train_subset: Optional[int] = field(default=None, metadata=at_least(1))   # only the first N training images
     image_size: Optional[int] = None      # network input side; None: the dataset's own (32, or 224 for ImageNet)
     batch_size: int = 64                  # per process
 
@@ -85,7 +110,7 @@ class SearchData:
 @dataclass
 class TrainData:
     """Validation data and ImageNet preprocessing of the trainers."""
-    val_subset: Optional[int] = None      # only the first N validation images
+    val_subset: Optional[int] = field(default=None, metadata=at_least(1))     # only the first N validation images
     val_resize: int = 256                 # ImageNet: Resize before CenterCrop(image_size)
     color_jitter: List[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.2])
 
@@ -94,9 +119,9 @@ class TrainData:
 class Space:
     """The search space: a search_spaces/*.yaml name or path; the other keys override it when set."""
     space: str = 'bnas'
-    init_channels: Optional[int] = None
-    layers: Optional[int] = None
-    num_nodes: Optional[int] = None
+    init_channels: Optional[int] = field(default=None, metadata=at_least(2))
+    layers: Optional[int] = field(default=None, metadata=at_least(1))
+    num_nodes: Optional[int] = field(default=None, metadata=at_least(1))
     ops: Optional[List[str]] = None
     binarizer: Optional[Any] = None       # a weight binarizer name or {name: ..., option: ...}
     activation: Optional[Any] = None      # an activation quantizer name or mapping
@@ -110,9 +135,9 @@ class Model:
     """The network a trainer builds: a model config of search_spaces/models.yaml plus overrides."""
     model: str = 'bnas-a'
     genotype: Optional[str] = None        # a genotype name or YAML path (overrides the model config's)
-    init_channels: Optional[int] = None
-    layers: Optional[int] = None
-    num_classes: Optional[int] = None
+    init_channels: Optional[int] = field(default=None, metadata=at_least(1))
+    layers: Optional[int] = field(default=None, metadata=at_least(1))
+    num_classes: Optional[int] = field(default=None, metadata=at_least(1))
     precision_rule: Optional[Literal['standard', 'official-2020-11', 'official-2020-08']] = None
     binarizer: Optional[Any] = None       # None: the model config's (xnor); 'none': full-precision weights
     activation: Optional[Any] = None      # None: the model config's (ste_sign); 'identity': real activations
@@ -203,8 +228,8 @@ class Experiment:
 class Final:
     """The brief training of the derived cell that gives a search trial its final result."""
     final_epochs: int = 1
-    final_init_channels: int = 8
-    final_layers: int = 3
+    final_init_channels: int = field(default=8, metadata=at_least(1))
+    final_layers: int = field(default=3, metadata=at_least(1))
     final_batch_size: int = 64
     final_lr: float = 0.05
     final_weight_decay: float = 3e-6
@@ -223,7 +248,7 @@ class Distributed:
 @dataclass
 class Output:
     """Named genotype files a search writes besides its run directory."""
-    save: Optional[str] = None            # NAME: NAME.yaml and NAME_imagenet.yaml
+    save: Optional[str] = field(default=None, metadata=plain_name())   # NAME: NAME.yaml and NAME_imagenet.yaml
     out: Optional[str] = None             # folder for them (default search_spaces/genotypes)
 
 
@@ -319,6 +344,7 @@ class Schema:
         self.name = name
         self.sections = tuple(sections)
         self.hints: Dict[str, Any] = {}
+        self.domains: Dict[str, Mapping[str, Any]] = {}
         self.section_of: Dict[str, str] = {}
         base: Dict[str, Any] = {}
         for section in self.sections:
@@ -327,6 +353,8 @@ class Schema:
                 if f.name in self.hints:
                     raise ValueError(f'schema {name}: key {f.name!r} is declared twice')
                 self.hints[f.name] = hints[f.name]
+                if f.metadata:
+                    self.domains[f.name] = f.metadata
                 self.section_of[f.name] = section.__name__.lower()
                 base[f.name] = (f.default_factory() if f.default is dataclasses.MISSING else f.default)
         unknown = set(defaults or {}) - set(self.hints)
@@ -439,9 +467,22 @@ def resolve(schema: Schema, path: Optional[str | os.PathLike] = None, overrides:
             if key == 'dataset' and new != cfg['dataset'] and 'data' in cfg and 'data' not in keys_here:
                 cfg['data'] = defaults['data']    # a dataset path follows its dataset
             cfg[key] = new
+    check_domains(schema, cfg)
     for check in schema.validators:
         check(cfg)
     return cfg
+
+
+def check_domains(schema: Schema, cfg: Mapping[str, Any]) -> None:
+    """The domains declared with the keys (:func:`at_least`, :func:`plain_name`), in one line each."""
+    for key, domain in schema.domains.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if 'min' in domain and value < domain['min']:
+            raise ConfigError(f'{key} must be >= {domain["min"]}, got {value}')
+        if domain.get('plain_name'):
+            check_plain_name(key, str(value))
 
 
 def check_resume(schema: Schema, saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> Dict[str, Any]:
@@ -492,8 +533,6 @@ def _check_common(cfg: Dict[str, Any]) -> None:
 
 
 def _check_search(cfg: Dict[str, Any]) -> None:
-    import re
-
     if cfg['dataset'] == 'imagenet':
         raise ConfigError('search datasets are cifar10 and fashion-mnist (the paper searches on CIFAR-10 and '
                           'transfers the cell to ImageNet with gamma)')
@@ -509,10 +548,7 @@ def _check_search(cfg: Dict[str, Any]) -> None:
     _positive(cfg, 'arc_lr', 'log_prob_every', 'max_trial_number', 'trial_concurrency', 'final_epochs')
     if cfg['warmup_epochs'] < 0:
         raise ConfigError(f'warmup_epochs must be >= 0, got {cfg["warmup_epochs"]}')
-    save = cfg['save']
-    if save is not None and (not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', str(save)) or str(save).endswith('.py')):
-        raise ConfigError(f'save {save!r}: use a plain name (letters, digits, _ . -), e.g. my_cell')
-    if cfg['out'] is not None and save is None:
+    if cfg['out'] is not None and cfg['save'] is None:
         raise ConfigError('out only says where save writes; set save: NAME too')
 
 

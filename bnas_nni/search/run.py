@@ -139,9 +139,12 @@ def save_named_genotypes(cifar: Any, imagenet: Any, name: str, out: Optional[str
 
 
 def check_save_target(paths: Sequence[Path]) -> None:
-    """Refuse to overwrite genotype files that ``bnas-nni search`` did not write."""
-    from ..io import load_yaml
+    """Refuse, before the search starts, a genotype folder that cannot be written (a file, below a file) and
+    genotype files that ``bnas-nni search`` did not write (never overwritten)."""
+    from ..io import check_output_dir, load_yaml
 
+    for folder in dict.fromkeys(p.parent for p in paths):
+        check_output_dir(folder, 'genotype folder', '--out')
     for p in paths:
         if p.exists():
             try:
