@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import warnings
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 # OpenMP's wait policy is left to the user (libgomp's default: spin briefly, then sleep). Forcing PASSIVE
 # made every command ~25% slower on a quiet machine (the paper search epoch: 73-77 s against 93-100 s on
@@ -92,16 +92,43 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def quiet_storage_errors_in_threads():
+    """A background writer thread (TensorBoard's) that meets a full disk prints no traceback: the main
+    thread meets the same error at its next write and reports it in one line."""
+    from .io import is_storage_error
+
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if args.exc_value is None or not is_storage_error(args.exc_value):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def run_guarded(call: Callable[[], Optional[int]],
                 interrupted: str = 'interrupted; the run directory is resumable with --resume') -> int:
     """Run an entry point so that it ends in one line (see the module docstring): ``error: ...`` with exit
     status 2 for a user mistake (1 for a refused write), ``interrupted`` for Ctrl-C (130) and SIGTERM (143)."""
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), quiet_storage_errors_in_threads():
             return int(call() or 0)
     except BNASError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return int(getattr(exc, 'exit_status', 2))
+    except OSError as exc:
+        from .io import StorageError, is_storage_error
+
+        if not is_storage_error(exc):
+            raise
+        error = StorageError.writing(exc.filename or 'an output file', exc.errno)   # a writer we do not wrap
+        print(f'error: {error}', file=sys.stderr)
+        return error.exit_status
     except KeyboardInterrupt as exc:
         if isinstance(exc, Terminated):
             head, _, rest = interrupted.partition(';')

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .errors import ConfigError
 from .io import (StorageError, atomic_write_text, check_output_dir, is_storage_error, load_yaml,
-                 remove_stale_temp_files, save_yaml)
+                 remove_stale_temp_files, save_yaml, storage_errors)
 
 __all__ = ['RunDir', 'setup_logging', 'LOGGER']
 
@@ -73,6 +73,24 @@ class _LogFileHandler(logging.FileHandler):
         if exc is not None and is_storage_error(exc):
             raise StorageError.writing(self.baseFilename, exc.errno) from None
         super().handleError(record)
+
+
+class _StorageGuard:
+    """A writer whose every call turns a write the storage refuses into a :class:`StorageError` naming ``path``
+    (TensorBoard writes from a thread and re-raises its ``OSError`` at a later call, without a file name)."""
+
+    def __init__(self, target: Any, path: Path) -> None:
+        self._target, self._path = target, path
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            with storage_errors(self._path):
+                return attr(*args, **kwargs)
+        return guarded
 
 
 class RunDir:
@@ -234,17 +252,22 @@ class RunDir:
         save_checkpoint()
 
     def writer(self):
-        """A TensorBoard ``SummaryWriter`` on ``<run_dir>/tb`` (created on first use)."""
+        """A TensorBoard ``SummaryWriter`` on ``<run_dir>/tb`` (created on first use); a write the storage
+        refuses raises a :class:`~bnas_nni.io.StorageError` naming ``tb/``."""
         if not (self.is_main and self.tensorboard):
             return None
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.path / 'tb'))
+            tb = self.path / 'tb'
+            with storage_errors(tb):
+                self._writer = _StorageGuard(SummaryWriter(log_dir=str(tb)), tb)
         return self._writer
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.release()
+        try:
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                writer.close()
+        finally:
+            self.release()

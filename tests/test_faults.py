@@ -105,6 +105,44 @@ def test_a_csv_row_the_storage_refuses_leaves_the_file_as_it_was(tmp_path):
     run.close()
 
 
+def test_tensorboard_and_the_log_file_on_a_full_disk_are_one_line(tmp_path, capsys):
+    """TensorBoard writes from a thread (whose traceback would go to stderr) and the log goes through
+    logging (which prints "--- Logging error ---" and carries on): both stop the run in one line."""
+    from bnas_nni.rundir import LOGGER, setup_logging
+
+    def tensorboard_job():
+        run = RunDir(tmp_path / 'tb_run', csv_fields=['epoch'], tensorboard=True).acquire()
+        try:
+            run.log_epoch({'epoch': 0}, {'acc': 1.0})
+            with file_size_limit((run.path / 'metrics.csv').stat().st_size + 64):
+                for epoch in range(1, 200):
+                    run.writer().add_scalar('acc', float(epoch), epoch)
+                run.writer().flush()
+        finally:
+            run.close()
+
+    assert run_guarded(tensorboard_job) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: file too large writing ') and '/tb;' in err[0], err
+
+    log = tmp_path / 'log.txt'
+
+    def logging_job():
+        setup_logging(True, log)
+        LOGGER.info('first line')
+        with file_size_limit(log.stat().st_size + 10):
+            LOGGER.info('a line longer than what is left ' * 4)
+
+    try:
+        assert run_guarded(logging_job) == 1
+    finally:
+        setup_logging(False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f'error: file too large writing {log}; raise the file size limit (ulimit -f) or point the output '
+                   'to another file system; the previous file is intact and a run continues from its last checkpoint '
+                   'with --resume'], err
+
+
 @pytest.mark.usefixtures('needs_fashion')
 def test_disk_full_during_a_search_checkpoint_is_one_line_and_the_search_resumes(tmp_path, capsys):
     from bnas_nni.search.run import resolve_search_config, run_search
