@@ -181,3 +181,14 @@ def test_a_pickle_of_a_foreign_callable_is_refused_naming_it_and_the_fix(tmp_pat
     assert 'it pickles posix.system' in msg and 're-save only its state_dict' in msg, msg
     assert msg.endswith('(and plain types)') and '\n' not in msg and 'Weights only' not in msg
     assert not (tmp_path / 'pwned').exists()
+
+
+def test_a_config_file_name_that_is_no_plain_name_still_names_the_run(tmp_path):
+    from bnas_nni.config import SEARCH, resolve
+    from bnas_nni.search.run import resolve_search_config
+
+    odd = tmp_path / 'my search (v2).yaml'
+    shutil.copy(QUICK_SEARCH, odd)
+    cfg = resolve_search_config(odd)
+    assert cfg['name'] == 'my_search__v2_'
+    assert resolve(SEARCH, base=cfg)['name'] == cfg['name']        # what --resume re-reads from config.yaml

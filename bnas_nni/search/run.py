@@ -23,11 +23,12 @@ and supernets are compared); multi-trial strategies are refused (their trials ar
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..console import log as console_log
-from ..config import SEARCH, resolve
+from ..config import MAX_NAME_LENGTH, SEARCH, resolve
 from ..errors import ConfigError
 
 __all__ = ['resolve_search_config', 'run_search', 'default_run_dir', 'save_named_genotypes', 'build_space',
@@ -42,8 +43,8 @@ def resolve_search_config(path: Optional[str | os.PathLike] = None, overrides: O
     from .strategies import check_strategy_options
 
     cfg = resolve(SEARCH, path, overrides, nni_params)
-    if cfg['name'] is None and path:
-        cfg['name'] = Path(path).stem
+    if cfg['name'] is None and path:     # a plain name (see config.plain_name), whatever the file is called
+        cfg['name'] = re.sub(r'[^A-Za-z0-9_.-]', '_', Path(path).stem).lstrip('_.-')[:MAX_NAME_LENGTH] or 'search'
     check_strategy_options(cfg)                               # unknown strategy or option -> one line
     load_space_config(cfg['space'], **_space_overrides(cfg))  # unknown space or op -> one line
     return cfg
