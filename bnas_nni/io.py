@@ -30,8 +30,10 @@ STORAGE_ERRNOS = {
     errno.EFBIG: 'file too large',
     errno.EROFS: 'read-only file system',
 }
-#: the longest file name (one path component) the outputs use, leaving room for temp-file affixes
+#: the longest folder name a run may create (file systems allow 255 bytes; outputs add affixes inside)
 MAX_NAME_BYTES = 200
+#: temporary files of :func:`atomic_path` are ``.NAME.XXXXXXXX.tmp`` beside ``NAME``
+TEMP_SUFFIX = '.tmp'
 
 
 class StorageError(BNASError):
@@ -66,31 +68,30 @@ def storage_errors(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise
+
+
 def check_output_dir(path: str | os.PathLike, what: str, flag: str) -> Path:
-    """Refuse, before any work starts, an output folder that cannot be created: a name too long for the file
-    system, an existing file, or a path below a file (``what``/``flag`` name it in the message)."""
+    """Refuse, before any work starts, an output folder that cannot be created: an existing file, a path
+    below a file, or a new folder name too long for the file system (``what``/``flag`` name it)."""
     path = Path(path)
-    for part in path.parts:
+    existing = path
+    while not _exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = 'exists and is not a directory' if existing == path else f'would lie below {existing}, which is a file'
+        raise ConfigError(f'{what} {path} {where}; choose another {flag}')
+    for part in path.parts[len(existing.parts):]:
         if len(os.fsencode(part)) > MAX_NAME_BYTES:
-            raise ConfigError(f'{what} {str(path)[:40]}...: a name of {len(part)} characters; use at most '
-                              f'{MAX_NAME_BYTES} per folder name ({flag})')
-    if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f'{what} {path} exists and is not a directory; choose another {flag}')
-        return path
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f'{what} {path} would lie below {parent}, which is a file; choose another {flag}')
+            raise ConfigError(f'{what} {str(path)[:40]}...: a folder name of {len(part)} characters; use at most '
+                              f'{MAX_NAME_BYTES} ({flag})')
     return path
-
-
-def temp_prefix(path: Path) -> str:
-    return f'.{path.name}.'
-
-
-TEMP_SUFFIX = '.tmp'
 
 
 @contextlib.contextmanager
@@ -102,11 +103,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f'{path} is a directory; name a file to write')
+    check_output_dir(path.parent, 'the folder of', 'output path')
     tmp: Optional[str] = None
     try:
         with storage_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=TEMP_SUFFIX, dir=path.parent)
             os.close(fd)
             umask = os.umask(0)
             os.umask(umask)

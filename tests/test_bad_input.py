@@ -192,3 +192,15 @@ def test_a_config_file_name_that_is_no_plain_name_still_names_the_run(tmp_path):
     cfg = resolve_search_config(odd)
     assert cfg['name'] == 'my_search__v2_'
     assert resolve(SEARCH, base=cfg)['name'] == cfg['name']        # what --resume re-reads from config.yaml
+
+
+def test_an_output_file_below_a_file_or_onto_a_directory_is_one_line(tmp_path):
+    from bnas_nni.io import atomic_write_text
+
+    afile = tmp_path / 'notes.txt'
+    afile.write_text('mine\n')
+    with pytest.raises(ConfigError, match=f'below {afile}, which is a file; choose another output path'):
+        atomic_write_text(afile / 'sub' / 'model.bnp', 'x')
+    with pytest.raises(ConfigError, match=f'^{tmp_path} is a directory; name a file to write$'):
+        atomic_write_text(tmp_path, 'x')
+    assert afile.read_text() == 'mine\n' and sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']
