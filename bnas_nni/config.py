@@ -230,12 +230,12 @@ class Final:
     final_epochs: int = 1
     final_init_channels: int = field(default=8, metadata=at_least(1))
     final_layers: int = field(default=3, metadata=at_least(1))
-    final_batch_size: int = 64
+    final_batch_size: int = field(default=64, metadata=at_least(1))
     final_lr: float = 0.05
     final_weight_decay: float = 3e-6
-    final_train_subset: Optional[int] = 2048
-    final_test_subset: Optional[int] = 1000
-    final_image_size: Optional[int] = None   # None: the search's image_size
+    final_train_subset: Optional[int] = field(default=2048, metadata=at_least(1))
+    final_test_subset: Optional[int] = field(default=1000, metadata=at_least(1))
+    final_image_size: Optional[int] = field(default=None, metadata=at_least(8))   # None: the search's image_size
 
 
 @dataclass
