@@ -238,11 +238,11 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input file
-        m = re.search(r'Unsupported global: GLOBAL (\S+)', str(exc))
-        if m:
-            raise CheckpointError(f'cannot read checkpoint {path} with torch.load(weights_only=True): it pickles '
-                                  f'{m.group(1)}, which is not a tensor or plain container; re-save only its '
-                                  'state_dict (and plain types)') from None
+        foreign = _foreign_global(str(exc))
+        if foreign:
+            raise CheckpointError(f'refused to load {path}: it pickles {foreign}, not only tensors and plain '
+                                  'containers, and loading it could run code; if you trust the file, load it once with '
+                                  'weights_only=False and re-save only its state_dict (and plain types)') from None
         text = str(exc)
         damage = _damage(path) or (f'{path.stat().st_size:,} bytes, the data stops early'
                                    if re.search(r'EOF|corrupt|truncat|invalid load key|stack underflow', text, re.I)
@@ -250,9 +250,34 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         if damage:
             raise CheckpointError(f'checkpoint {path} is truncated or not a torch checkpoint ({damage}); '
                                   're-copy it or re-run the job that wrote it') from None
-        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
         raise CheckpointError(f'cannot read checkpoint {path} with torch.load(weights_only=True): '
-                              f'{first[:120]}; re-save only its state_dict (and plain types)') from None
+                              f'{_reason(text, type(exc).__name__)}; re-save only its state_dict (and plain types)') from None
+
+
+#: how torch's weights-only unpickler names what it refused, one pattern per message it has
+_FOREIGN_PATTERNS = (r'GLOBAL (\S+?)(?: was not| whose module|\s|$)', r'unrecognized function (.+?)(?: which belongs|$)',
+                     r"but got <class '([^']+)'>")
+
+
+def _foreign_global(text: str) -> str:
+    """The class or function a weights-only load refused ('' for other failures)."""
+    import re
+
+    for pattern in _FOREIGN_PATTERNS:
+        m = re.search(pattern, text, re.M)
+        if m:
+            return m.group(1).rstrip('.')
+    return ''
+
+
+def _reason(text: str, fallback: str) -> str:
+    """torch's own reason in a few words: the unpickler's line if there is one, cut at a word boundary."""
+    import re
+
+    m = re.search(r'WeightsUnpickler error: (.+)', text)
+    line = (m.group(1) if m else next((ln for ln in text.splitlines() if ln.strip()), fallback)).strip()
+    line = re.sub(r'\x1b\[[0-9;]*m', '', line)
+    return line if len(line) <= 100 else line[:100].rsplit(' ', 1)[0] + ' ...'
 
 
 def _damage(path: Path) -> str:

@@ -13,6 +13,8 @@ Rules of the resolver:
 
 * values are coerced to the field's type (``'3e-4'`` -> 0.0003, ``'true'`` -> True) or rejected in one line;
 * an explicit ``null`` unsets a key: it goes back to its default (``--set data=null``);
+* a key's domain is declared with it (``knob(..., min=1)``, ``knob(..., plain_name=True)``): a value outside
+  it (``init_channels: -8``, ``layers: 0``, a run name with ``/``) is one line before anything runs;
 * unknown keys are an error that lists the allowed ones; a few spellings of the official scripts are
   accepted as aliases (``learning_rate`` -> ``lr`` ...);
 * a dataset path follows its dataset: when a later layer changes ``dataset`` without giving ``data``, the
@@ -36,7 +38,6 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
@@ -48,6 +49,18 @@ __all__ = ['Schema', 'ConfigBase', 'SearchConfig', 'TrainConfig', 'knob', 'key_h
            'register']
 
 DATASETS = ('cifar10', 'fashion-mnist', 'imagenet')
+#: the longest run or save name: the names become folder and file names, with affixes (``-999``, ``_imagenet``)
+MAX_NAME_LENGTH = 128
+
+
+def check_plain_name(key: str, value: str) -> None:
+    import re
+
+    if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', value) or value.endswith('.py') \
+            or len(value) > MAX_NAME_LENGTH:
+        shown = value if len(value) <= 40 else value[:37] + '...'
+        raise ConfigError(f'{key} {shown!r}: use a plain name of at most {MAX_NAME_LENGTH} characters (letters, '
+                          'digits, _ . -, no folders), e.g. my_cell')
 
 
 def family_of(dataset: Optional[str]) -> str:
@@ -57,19 +70,28 @@ def family_of(dataset: Optional[str]) -> str:
 
 # --------------------------------------------------------------------------- sections
 
-def knob(default: Any = None, help: str = '', *, factory: Optional[Callable[[], Any]] = None) -> Any:
-    """A config key: its default (or a ``factory`` for a mutable one) and the help text that argparse,
-    ``bnas-nni config`` and the documentation show."""
+def knob(default: Any = None, help: str = '', *, factory: Optional[Callable[[], Any]] = None,
+         min: Optional[int] = None, plain_name: bool = False) -> Any:
+    """A config key: its default (or a ``factory`` for a mutable one), the help text that argparse,
+    ``bnas-nni config`` and the documentation show, and its domain when set: ``min`` (a number, when not
+    None, is ``>= min``) and ``plain_name`` (a plain file name: it names a folder or file under runs/ or the
+    genotype folder, so it must not climb out of it); :func:`check_domains` enforces them."""
+    metadata: Dict[str, Any] = {'help': help}
+    if min is not None:
+        metadata['min'] = min
+    if plain_name:
+        metadata['plain_name'] = True
     if factory is not None:
-        return field(default_factory=factory, metadata={'help': help})
-    return field(default=default, metadata={'help': help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class Run:
     """Where and how a run executes."""
     description: Optional[str] = knob(None, 'free text kept with the run (config.yaml)')
-    name: Optional[str] = knob(None, 'run name, a plain name; the default run directory is runs/<name>')
+    name: Optional[str] = knob(None, 'run name, a plain name; the default run directory is runs/<name>',
+                               plain_name=True)
     run_dir: Optional[str] = knob(None, 'run directory: config.yaml, log.txt, metrics.csv, tb/, checkpoints')
     seed: int = knob(0, 'random seed (data order, initialisation, augmentation)')
     device: str = knob('auto', 'auto | cpu | cuda | cuda:N')
@@ -88,7 +110,7 @@ class Data:
     dataset: Literal['cifar10', 'fashion-mnist', 'imagenet'] = knob('cifar10', 'cifar10 | fashion-mnist | imagenet')
     data: Optional[str] = knob(None, "dataset folder; None: the dataset's default location")
     download: bool = knob(False, 'CIFAR-10: download with torchvision when missing')
-    train_subset: Optional[int] = knob(None, 'use only the first N training images')
+    train_subset: Optional[int] = knob(None, 'use only the first N training images', min=1)
     image_size: Optional[int] = knob(None, "network input side; None: the dataset's own (32, or 224 for ImageNet)")
     batch_size: int = knob(64, 'batch size per process')
 
@@ -102,7 +124,7 @@ class SearchData:
 @dataclass
 class TrainData:
     """Validation data and ImageNet preprocessing of the trainers."""
-    val_subset: Optional[int] = knob(None, 'use only the first N validation images')
+    val_subset: Optional[int] = knob(None, 'use only the first N validation images', min=1)
     val_resize: int = knob(256, 'ImageNet: Resize to this side before CenterCrop(image_size)')
     color_jitter: List[float] = knob(help='ImageNet training: ColorJitter brightness, contrast, saturation, hue',
                                      factory=lambda: [0.4, 0.4, 0.4, 0.2])
@@ -112,9 +134,9 @@ class TrainData:
 class Space:
     """The search space: a search_spaces/*.yaml name or path; the other keys override it when set."""
     space: str = knob('bnas', 'search space: a name in search_spaces/ or a YAML path')
-    init_channels: Optional[int] = knob(None, 'initial channels C (None: the space\'s or model config\'s)')
-    layers: Optional[int] = knob(None, 'number of cells (None: the space\'s or model config\'s)')
-    num_nodes: Optional[int] = knob(None, 'intermediate nodes per cell (None: the space\'s)')
+    init_channels: Optional[int] = knob(None, 'initial channels C (None: the space\'s)', min=2)
+    layers: Optional[int] = knob(None, 'number of cells (None: the space\'s)', min=1)
+    num_nodes: Optional[int] = knob(None, 'intermediate nodes per cell (None: the space\'s)', min=1)
     ops: Optional[List[str]] = knob(None, 'candidate op names (None: the space\'s seven)')
     binarizer: Optional[Any] = knob(None, "weight binarizer: a name or {name: ..., option: ...}; 'none': "
                                           'full-precision weights')
@@ -129,9 +151,9 @@ class Model:
     """The network a trainer builds: a model config of search_spaces/models.yaml plus overrides."""
     model: str = knob('bnas-a', 'model config name (search_spaces/models.yaml): bnas-a, bnas-d .. bnas-h')
     genotype: Optional[str] = knob(None, "genotype name or YAML path (overrides the model config's)")
-    init_channels: Optional[int] = knob(None, "initial channels C (None: the model config's)")
-    layers: Optional[int] = knob(None, "number of cells (None: the model config's)")
-    num_classes: Optional[int] = knob(None, "classifier outputs (None: the dataset's)")
+    init_channels: Optional[int] = knob(None, "initial channels C (None: the model config's)", min=1)
+    layers: Optional[int] = knob(None, "number of cells (None: the model config's)", min=1)
+    num_classes: Optional[int] = knob(None, "classifier outputs (None: the dataset's)", min=1)
     precision_rule: Optional[Literal['standard', 'official-2020-11', 'official-2020-08']] = knob(
         None, 'which parts stay full precision: standard | official-2020-11 | official-2020-08')
     binarizer: Optional[Any] = knob(None, "weight binarizer (None: the model config's, xnor); 'none': "
@@ -231,14 +253,15 @@ class Experiment:
 class Final:
     """The brief training of the derived cell that gives a search trial its final result."""
     final_epochs: int = knob(1, 'search trial: epochs of the derived network')
-    final_init_channels: int = knob(8, 'search trial: initial channels of the derived network')
-    final_layers: int = knob(3, 'search trial: cells of the derived network')
-    final_batch_size: int = knob(64, 'search trial: batch size of the derived network')
+    final_init_channels: int = knob(8, 'search trial: initial channels of the derived network', min=1)
+    final_layers: int = knob(3, 'search trial: cells of the derived network', min=1)
+    final_batch_size: int = knob(64, 'search trial: batch size of the derived network', min=1)
     final_lr: float = knob(0.05, 'search trial: learning rate of the derived network')
     final_weight_decay: float = knob(3e-6, 'search trial: weight decay of the derived network')
-    final_train_subset: Optional[int] = knob(2048, 'search trial: training images of the derived network')
-    final_test_subset: Optional[int] = knob(1000, 'search trial: test images of the derived network')
-    final_image_size: Optional[int] = knob(None, "search trial: input side of the derived network; None: the search's")
+    final_train_subset: Optional[int] = knob(2048, 'search trial: training images of the derived network', min=1)
+    final_test_subset: Optional[int] = knob(1000, 'search trial: test images of the derived network', min=1)
+    final_image_size: Optional[int] = knob(None, "search trial: input side of the derived network; None: the search's",
+                                           min=8)
 
 
 @dataclass
@@ -251,7 +274,7 @@ class Distributed:
 @dataclass
 class Output:
     """Named genotype files a search writes besides its run directory."""
-    save: Optional[str] = knob(None, 'NAME: write NAME.yaml and NAME_imagenet.yaml genotypes')
+    save: Optional[str] = knob(None, 'NAME: write NAME.yaml and NAME_imagenet.yaml genotypes', plain_name=True)
     out: Optional[str] = knob(None, 'folder for the save genotypes (default search_spaces/genotypes)')
 
 
@@ -449,6 +472,9 @@ class Schema:
         self.sections = _section_fields(config_class)
         self.hints: Dict[str, Any] = {k: _hints(config_class)[k] for k in _field_names(config_class)}
         self.help: Dict[str, str] = {k: key_help(config_class, k) for k in self.hints}
+        self.domains: Dict[str, Mapping[str, Any]] = {
+            f.name: {k: v for k, v in f.metadata.items() if k != 'help'} for f in dataclasses.fields(config_class)
+            if set(f.metadata) - {'help'}}
         base = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
                 for f in dataclasses.fields(config_class)}
         unknown = set(defaults or {}) - set(self.hints)
@@ -583,9 +609,22 @@ def resolve(schema: Schema, path: Optional[str | os.PathLike] = None, overrides:
             if key == 'dataset' and new != cfg['dataset'] and 'data' in cfg and 'data' not in keys_here:
                 cfg['data'] = defaults['data']    # a dataset path follows its dataset
             cfg[key] = new
+    check_domains(schema, cfg)
     for check in schema.validators:
         check(cfg)
     return schema.build(cfg)
+
+
+def check_domains(schema: Schema, cfg: Mapping[str, Any]) -> None:
+    """The domains declared with the keys (``min``, ``plain_name`` of :func:`knob`), in one line each."""
+    for key, domain in schema.domains.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if 'min' in domain and value < domain['min']:
+            raise ConfigError(f'{key} must be >= {domain["min"]}, got {value}')
+        if domain.get('plain_name'):
+            check_plain_name(key, str(value))
 
 
 # --------------------------------------------------------------------------- validation
@@ -620,8 +659,6 @@ def _check_common(cfg: Dict[str, Any]) -> None:
 
 
 def _check_search(cfg: Dict[str, Any]) -> None:
-    import re
-
     if cfg['dataset'] == 'imagenet':
         raise ConfigError('search datasets are cifar10 and fashion-mnist (the paper searches on CIFAR-10 and '
                           'transfers the cell to ImageNet with gamma)')
@@ -637,10 +674,7 @@ def _check_search(cfg: Dict[str, Any]) -> None:
     _positive(cfg, 'arc_lr', 'log_prob_every', 'max_trial_number', 'trial_concurrency', 'final_epochs')
     if cfg['warmup_epochs'] < 0:
         raise ConfigError(f'warmup_epochs must be >= 0, got {cfg["warmup_epochs"]}')
-    save = cfg['save']
-    if save is not None and (not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', str(save)) or str(save).endswith('.py')):
-        raise ConfigError(f'save {save!r}: use a plain name (letters, digits, _ . -), e.g. my_cell')
-    if cfg['out'] is not None and save is None:
+    if cfg['out'] is not None and cfg['save'] is None:
         raise ConfigError('out only says where save writes; set save: NAME too')
 
 

@@ -20,6 +20,7 @@ import argparse
 import gzip
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -71,12 +72,35 @@ def fashion_mnist_root(root: Optional[str | os.PathLike] = None) -> Path:
     return path
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
+#: the idx header of each Fashion-MNIST file kind: magic number (unsigned bytes, number of dimensions)
+#: and the dimensions after the item count
+IDX_KINDS = {'images': (0x0803, (28, 28)), 'labels': (0x0801, ())}
+
+
+def _read_idx(path: Path, kind: str) -> np.ndarray:
+    """The items of an idx ``.gz`` file (``kind``: images or labels), checked against its header: a file of
+    the other kind (swapped names), an empty or truncated file, or labels outside 0..9 are one line."""
+    magic, shape = IDX_KINDS[kind]
     try:
         with gzip.open(path) as f:
-            return np.frombuffer(f.read(), np.uint8, offset=offset)
-    except (OSError, EOFError) as exc:
-        raise DatasetError(f'cannot read {path}: {exc}') from None
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f'cannot read {path}: {exc}; re-copy the Fashion-MNIST idx .gz files') from None
+    header = 4 * (2 + len(shape))
+    found = int.from_bytes(data[:4], 'big') if len(data) >= 4 else None
+    if found != magic:
+        other = next((k for k, (m, _) in IDX_KINDS.items() if m == found), None)
+        what = (f'holds {other}, not {kind} (are the images and labels files swapped?)' if other else
+                'is empty' if not data else f'is not an idx {kind} file (magic number {found})')
+        raise DatasetError(f'{path} {what}; expected the Fashion-MNIST {kind} file')
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(1 + len(shape))]
+    if len(data) < header or tuple(dims[1:]) != shape or len(data) != header + int(np.prod(dims)):
+        raise DatasetError(f'{path}: its header announces {" x ".join(map(str, dims))} {kind} but it holds '
+                           f'{max(len(data) - header, 0):,} bytes of data; re-copy the file')
+    items = np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+    if kind == 'labels' and items.size and int(items.max()) >= len(FASHION_CLASSES):
+        raise DatasetError(f'{path}: label {int(items.max())} outside 0..{len(FASHION_CLASSES) - 1}; re-copy the file')
+    return items
 
 
 class FashionMNIST32:
@@ -95,8 +119,10 @@ class FashionMNIST32:
 
         folder = fashion_mnist_root(root)
         images_file, labels_file = FASHION_FILES[bool(train)]
-        images = _read_idx(folder / images_file, 16).reshape(-1, 28, 28)
-        labels = _read_idx(folder / labels_file, 8)
+        images = _read_idx(folder / images_file, 'images')
+        labels = _read_idx(folder / labels_file, 'labels')
+        if len(images) == 0:
+            raise DatasetError(f'{folder / images_file} holds no images; re-copy the Fashion-MNIST files')
         if len(images) != len(labels):
             raise DatasetError(f'{folder}: {len(images)} images but {len(labels)} labels')
         if subset is not None:

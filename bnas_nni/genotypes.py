@@ -47,7 +47,12 @@ class Genotype:
                 if not 0 <= j < node:
                     raise ConfigError(f'{cell} cell of genotype {self.name!r}: node {node} takes input {j}; '
                                       f'inputs must be in 0..{node - 1}')
-            concat = getattr(self, f'{cell}_concat') or tuple(range(2, 2 + self.num_nodes))
+            concat = tuple(getattr(self, f'{cell}_concat') or range(2, 2 + self.num_nodes))
+            for c in concat:
+                if not _is_index(c) or not 0 <= c < 2 + self.num_nodes:
+                    raise ConfigError(f'{cell}_concat of genotype {self.name!r} names state {c!r}; a cell with '
+                                      f'{self.num_nodes} nodes has states 0..{1 + self.num_nodes} (the nodes are '
+                                      f'{2}..{1 + self.num_nodes})')
             object.__setattr__(self, f'{cell}_concat', tuple(int(c) for c in concat))
         if len(self.normal) != len(self.reduce):
             raise ConfigError(f'genotype {self.name!r}: normal and reduce cells have different node counts')
@@ -117,22 +122,29 @@ class Genotype:
                 raise ConfigError(f'genotype {name!r}: {c} must be a list of [op, input] entries')
             entries = []
             for k, e in enumerate(data[c]):
-                try:
-                    if isinstance(e, (str, bytes)) or len(e) != 2:
-                        raise ValueError
-                    entries.append((str(e[0]), int(e[1])))
-                except (TypeError, ValueError):
+                if not (isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str) and _is_index(e[1])):
                     raise ConfigError(f'genotype {name!r}: {c} entry {k} (node {k // 2}) is {e!r}; each entry must be '
-                                      '[op, input], e.g. [bin_conv_3x3, 1]') from None
+                                      '[op, input] with an integer input, e.g. [bin_conv_3x3, 1]')
+                entries.append((e[0], e[1]))
             cells[c] = tuple(entries)
-        return cls(normal=cells['normal'], reduce=cells['reduce'],
-                   normal_concat=tuple(data.get('normal_concat') or ()),
-                   reduce_concat=tuple(data.get('reduce_concat') or ()),
-                   name=str(data.get('name') or name))
+        concats = {}
+        for key in ('normal_concat', 'reduce_concat'):
+            value = data.get(key)
+            if value is not None and (not isinstance(value, (list, tuple)) or not value
+                                      or not all(_is_index(v) for v in value)):
+                raise ConfigError(f'genotype {name!r}: {key} is {value!r}; list the states to concatenate as '
+                                  'integers, e.g. [2, 3, 4, 5], or leave the key out for all nodes')
+            concats[key] = tuple(value or ())
+        return cls(normal=cells['normal'], reduce=cells['reduce'], **concats, name=str(data.get('name') or name))
 
     def __str__(self) -> str:
         fmt = lambda cell: ', '.join(f'{op}<-{j}' for op, j in self.cell(cell))
         return f'Genotype({self.name or "?"}: normal=[{fmt("normal")}], reduce=[{fmt("reduce")}])'
+
+
+def _is_index(value: Any) -> bool:
+    """An integer as YAML writes it: ``'0'`` and ``1.5`` are not (``True`` neither)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def list_genotypes() -> List[str]:

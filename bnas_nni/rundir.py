@@ -11,10 +11,14 @@ Layout::
 
 A second search or training into a directory in use stops at once with one line naming the holder's
 PID. The lock belongs to the open file, so the kernel drops it when its process dies however it dies
-(kill -9 included): a stale lock file of a dead process is simply taken over.
+(kill -9 included): a stale lock file of a dead process is simply taken over, and the hidden temporary
+files a kill -9 left in the middle of a write (``.checkpoint.pt.XXXXXXXX.tmp``) are removed then.
 
-On resume the CSV keeps only rows of epochs before the resume point, so a run killed between the CSV
-row and the checkpoint does not end up with a duplicated epoch.
+``metrics.csv`` always agrees with the checkpoint, wherever a run was stopped: every row is written
+whole (the file is rewritten atomically, never appended in place), an epoch's row is written before its
+checkpoint (:meth:`RunDir.commit_epoch`), and a run that starts or resumes at epoch ``e`` first drops
+the rows of epochs ``>= e`` (:meth:`RunDir.truncate_rows`): a kill between the row and the checkpoint
+neither loses the row nor writes it twice.
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .errors import ConfigError
-from .io import atomic_write_text, load_yaml, save_yaml
+from .io import (StorageError, atomic_write_text, check_output_dir, is_storage_error, load_yaml,
+                 remove_stale_temp_files, save_yaml, storage_errors)
 
 __all__ = ['RunDir', 'setup_logging', 'LOGGER']
 
@@ -53,10 +58,39 @@ def setup_logging(is_main: bool, log_file: Optional[Path] = None) -> logging.Log
         sh.setFormatter(fmt)
         logger.addHandler(sh)
         if log_file is not None:
-            fh = logging.FileHandler(log_file, delay=True)   # created with the first line
+            fh = _LogFileHandler(log_file, delay=True)       # created with the first line
             fh.setFormatter(fmt)
             logger.addHandler(fh)
     return logger
+
+
+class _LogFileHandler(logging.FileHandler):
+    """``log.txt``: a write the storage refuses stops the run with one :class:`StorageError` line instead of
+    logging's "--- Logging error ---" traceback on every later line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if exc is not None and is_storage_error(exc):
+            raise StorageError.writing(self.baseFilename, exc.errno) from None
+        super().handleError(record)
+
+
+class _StorageGuard:
+    """A writer whose every call turns a write the storage refuses into a :class:`StorageError` naming ``path``
+    (TensorBoard writes from a thread and re-raises its ``OSError`` at a later call, without a file name)."""
+
+    def __init__(self, target: Any, path: Path) -> None:
+        self._target, self._path = target, path
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            with storage_errors(self._path):
+                return attr(*args, **kwargs)
+        return guarded
 
 
 class RunDir:
@@ -71,6 +105,7 @@ class RunDir:
         self._writer = None
         self._lock_file = None
         self._created = False
+        self._created_dirs: List[Path] = []
 
     # ------------------------------------------------------------------ paths
 
@@ -102,7 +137,10 @@ class RunDir:
             return self
         import fcntl
 
-        self._created = not self.path.exists()
+        check_output_dir(self.path, 'run directory', '--run-dir')
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self._created = bool(missing)
+        self._created_dirs = missing            # removed again by release() if nothing was written
         self.path.mkdir(parents=True, exist_ok=True)
         f = open(self.lock_path, 'a+')
         try:
@@ -119,10 +157,18 @@ class RunDir:
         f.write(f'{os.getpid()} {time.strftime("%Y-%m-%dT%H:%M:%S")}\n')
         f.flush()
         self._lock_file = f
+        # nobody else writes here now: temporary files are leftovers of a writer killed mid-write
+        remove_stale_temp_files(self.path)
+        for sub in os.scandir(self.path):
+            if sub.is_dir(follow_symlinks=False) and sub.name != 'tb':
+                remove_stale_temp_files(sub.path)           # stage directories of multi-stage recipes
         return self
 
     def check_free(self) -> None:
-        """One-line error if another live process holds this directory (checked before anything else)."""
+        """One-line error if the directory cannot be a run directory (a file, a name too long) or another
+        live process holds it (checked before anything else)."""
+        if self.is_main:
+            check_output_dir(self.path, 'run directory', '--run-dir')
         if self.is_main and self.path.is_dir() and self._lock_file is None:
             self.acquire().release()
 
@@ -131,7 +177,11 @@ class RunDir:
         if self._lock_file is not None:
             if self._created and [e.name for e in os.scandir(self.path)] == [self.lock_path.name]:
                 self.lock_path.unlink()
-                self.path.rmdir()
+                for folder in self._created_dirs:   # the run directory, then parents it created (runs/)
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
             self._lock_file.close()     # closing the file drops the flock
             self._lock_file = None
 
@@ -160,7 +210,7 @@ class RunDir:
             return list(csv.DictReader(f))
 
     def truncate_rows(self, before_epoch: int) -> None:
-        """Keep only the rows of epochs ``< before_epoch`` (called on resume)."""
+        """Keep only the rows of epochs ``< before_epoch`` (called when a run starts or resumes at that epoch)."""
         if not self.is_main or not self.csv_path.is_file():
             return
         rows = [r for r in self.read_rows() if int(r['epoch']) < before_epoch]
@@ -172,16 +222,20 @@ class RunDir:
         atomic_write_text(self.csv_path, buf.getvalue())
 
     def log_epoch(self, row: Mapping[str, Any], scalars: Optional[Mapping[str, float]] = None) -> None:
-        """Append one CSV row (columns: ``csv_fields``, else the first row's keys) and TensorBoard scalars."""
+        """Add one CSV row (columns: ``csv_fields``, else the first row's keys) and TensorBoard scalars.
+
+        The file is rewritten atomically with the new row rather than appended to in place, so a kill or
+        a full disk leaves the file as it was before this row or after it, never half a row."""
         if not self.is_main:
             return
         fields = self.csv_fields or list(row)
-        new = not self.csv_path.is_file()
-        with open(self.csv_path, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
-            if new:
-                w.writeheader()
-            w.writerow({k: row.get(k, '') for k in fields})
+        old = self.csv_path.read_bytes().decode() if self.csv_path.is_file() else ''
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction='ignore')
+        if not old:
+            w.writeheader()
+        w.writerow({k: row.get(k, '') for k in fields})
+        atomic_write_text(self.csv_path, old + buf.getvalue())
         writer = self.writer()
         if writer is not None and scalars:
             epoch = int(row['epoch'])
@@ -189,18 +243,31 @@ class RunDir:
                 writer.add_scalar(tag, float(value), epoch)
             writer.flush()
 
+    def commit_epoch(self, row: Mapping[str, Any], scalars: Optional[Mapping[str, float]],
+                     save_checkpoint: Callable[[], Any]) -> None:
+        """Record a finished epoch: its row first, then its checkpoint (``save_checkpoint()``). Stopped
+        between the two, the run keeps a row past its checkpoint, which the next start drops
+        (:meth:`truncate_rows`); the other order would lose the row."""
+        self.log_epoch(row, scalars)
+        save_checkpoint()
+
     def writer(self):
-        """A TensorBoard ``SummaryWriter`` on ``<run_dir>/tb`` (created on first use)."""
+        """A TensorBoard ``SummaryWriter`` on ``<run_dir>/tb`` (created on first use); a write the storage
+        refuses raises a :class:`~bnas_nni.io.StorageError` naming ``tb/``."""
         if not (self.is_main and self.tensorboard):
             return None
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.path / 'tb'))
+            tb = self.path / 'tb'
+            with storage_errors(tb):
+                self._writer = _StorageGuard(SummaryWriter(log_dir=str(tb)), tb)
         return self._writer
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.release()
+        try:
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                writer.close()
+        finally:
+            self.release()

@@ -10,6 +10,7 @@ reassociation (<= 1e-4) when their BN thresholds are generic, as in a trained ne
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import onnx
@@ -17,15 +18,24 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from bnas_nni import deploy
 from bnas_nni.checkpoints import ours_to_official, save_checkpoint
 from bnas_nni.cli import main
 from bnas_nni.deploy import kernels
 from bnas_nni.deploy.export import describe_network, packed_description
+from bnas_nni.deploy.format import CHECKSUM_KEY, VERSION, checksum
 from bnas_nni.errors import CheckpointError, ConfigError
 from bnas_nni.networks import build_model
 from bnas_nni.quant import BinaryConv2d, SteSign
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 RULES = ('standard', 'official-2020-11', 'official-2020-08')
 SMALL = {  # name -> (model config, overrides, image size)
@@ -201,7 +211,9 @@ def test_packed_file_round_trip_is_pickle_free_and_versioned(tmp_path):
     (header_len,) = struct.unpack('<Q', raw[:8])                       # safetensors: length + JSON header + data
     header = json.loads(raw[8:8 + header_len])
     meta = json.loads(header['__metadata__']['bnas_nni'])
-    assert meta['format'] == 'bnas-nni-packed' and meta['version'] == 1
+    assert meta['format'] == 'bnas-nni-packed' and meta['version'] == VERSION == 2
+    assert header['__metadata__'][CHECKSUM_KEY] == checksum(header['__metadata__']['bnas_nni'], load_file(str(path)))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()   # like every other output (0644)
     assert meta['architecture']['genotype']['name'] == 'latest_cell' and meta['architecture']['family'] == 'imagenet'
     conv = header['cells.1.preprocess1.conv.bits']                     # 1 bit per weight, one filter per row
     assert conv['dtype'] == 'U8' and conv['shape'] == [16, (32 * 1 * 1 + 7) // 8]
@@ -256,6 +268,7 @@ def test_cli_exports_packed_and_onnx_and_checks(tmp_path, capsys):
     assert main(['export', '--checkpoint', str(run), '--out', str(tmp_path / 'm.bnp')]) == 0
     out = capsys.readouterr().out
     assert 'smaller' in out and 'verified' in out and 'warning' not in out
+    assert (tmp_path / 'm.bnp').stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert (deploy.load(tmp_path / 'm.bnp')(x) - float_logits(model, x)).abs().max().item() <= 1e-4
     assert main(['export', '--checkpoint', str(run), '--format', 'onnx', '--out', str(tmp_path / 'm.onnx')]) == 0
     assert 'onnxruntime' in capsys.readouterr().out
@@ -315,10 +328,20 @@ def test_foreign_and_future_packed_files_are_refused(tmp_path):
     save_file({'w': torch.zeros(2)}, str(tmp_path / 'future.bnp'), metadata={'bnas_nni': json.dumps(header)})
     with pytest.raises(CheckpointError, match='version 99'):
         deploy.load(tmp_path / 'future.bnp')
-    header['version'] = 1
+    header['version'] = 1     # written before the checksum
+    save_file({'w': torch.zeros(2)}, str(tmp_path / 'old.bnp'), metadata={'bnas_nni': json.dumps(header)})
+    with pytest.raises(CheckpointError, match=r'version 1, written by an older bnas-nni .* re-export it with '
+                                              r'bnas-nni export'):
+        deploy.load(tmp_path / 'old.bnp')
+    header['version'] = 2
     header['network'] = {'family': 'cifar', 'in_channels': 3, 'num_classes': 10, 'stem': [], 'cells': [],
                          'classifier': {'weight': {'$tensor': 'missing'}, 'bias': None}}
-    save_file({'w': torch.zeros(2)}, str(tmp_path / 'broken.bnp'), metadata={'bnas_nni': json.dumps(header)})
+    text = json.dumps(header)
+    tensors = {'w': torch.zeros(2)}
+    save_file(tensors, str(tmp_path / 'unsigned.bnp'), metadata={'bnas_nni': text})
+    with pytest.raises(CheckpointError, match='without a checksum'):
+        deploy.load(tmp_path / 'unsigned.bnp')
+    save_file(tensors, str(tmp_path / 'broken.bnp'), metadata={'bnas_nni': text, CHECKSUM_KEY: checksum(text, tensors)})
     with pytest.raises(CheckpointError, match="tensor 'missing'"):
         deploy.load(tmp_path / 'broken.bnp')
 

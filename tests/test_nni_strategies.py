@@ -145,8 +145,33 @@ def test_experiment_presets_resolve(path):
 
 
 def test_all_six_presets_exist():
-    stems = {p.stem for p in EXPERIMENTS.glob('strategy_*.yaml')}
-    assert stems >= {'strategy_' + n.replace('-', '_') for n in ONE_SHOT + MULTI_TRIAL}
+    """Each of NNI's six strategies has a preset, and that preset builds that NNI strategy with the preset's
+    own settings: the architecture learning rate of the DARTS family and every strategy option it writes."""
+    from nni.nas.strategy import DARTS, TPE, GumbelDARTS, Random, RandomOneShot, RegularizedEvolution
+
+    classes = {'darts': DARTS, 'gumbel-darts': GumbelDARTS, 'random-one-shot': RandomOneShot, 'random': Random,
+               'regularized-evolution': RegularizedEvolution, 'tpe': TPE}
+    assert set(classes) == set(ONE_SHOT + MULTI_TRIAL)
+    for name, cls in classes.items():
+        path = EXPERIMENTS / f"strategy_{name.replace('-', '_')}.yaml"
+        assert path.is_file(), path
+        written = load_yaml(path)
+        cfg = resolve_search_config(path)
+        strategy = ns.build_strategy(cfg)
+        assert cfg['strategy'] == name and isinstance(strategy, cls), (name, type(strategy))
+        if isinstance(strategy, DARTS):
+            assert strategy.arc_learning_rate == cfg['arc_lr'] == written.get('arc_lr', cfg['arc_lr'])
+        options = dict(written.get('strategy_options') or {})
+        assert cfg['strategy_options'] == options
+        for key, value in options.items():
+            if key == 'optimize_mode':
+                assert strategy.tuner.optimize_mode.value == value, name
+            elif key == 'dedup':
+                assert (getattr(strategy, '_dedup_helper', None) is not None) == value, name
+            else:
+                got = getattr(strategy, key)
+                assert (tuple(got) if isinstance(value, list) else got) == \
+                    (tuple(value) if isinstance(value, list) else value), (name, key)
 
 
 # --------------------------------------------------------------------------- CellTPE
@@ -254,12 +279,31 @@ def test_evaluate_derived_trains_and_is_reproducible(tmp_path, monkeypatch):
 
 @needs_fashion
 @pytest.mark.parametrize('name', ONE_SHOT)
-def test_one_shot_strategy_exports_a_working_architecture(name, tmp_path):
+def test_one_shot_strategy_exports_a_working_architecture(name, tmp_path, monkeypatch):
     keys = {'arc_lr': 0.05} if name != 'random-one-shot' else {}
     cfg = tiny_config(name, save=f'nni_{name}', out=str(tmp_path / 'genotypes'), run_dir=str(tmp_path / name), **keys)
+    # the architecture parameters as the supernet starts training, and as the epoch leaves them
+    from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
+
+    def alphas(module):
+        return {n: p.detach().clone() for n, p in module.named_parameters() if '_arch_alpha' in n.split('.')}
+
+    initial, final = {}, {}
+    on_train_start = BaseOneShotLightningModule.on_train_start
+
+    def record_initial(self):
+        initial.update(alphas(self))
+        return on_train_start(self)
+
+    monkeypatch.setattr(BaseOneShotLightningModule, 'on_train_start', record_initial)
     started = time.perf_counter()
     epochs = []
-    summary = run_search(cfg, log=lambda s: None, epoch_callbacks=[lambda record, _: epochs.append(record)])
+
+    def on_epoch(record, module):
+        epochs.append(record)
+        final.update(alphas(module))
+
+    summary = run_search(cfg, log=lambda s: None, epoch_callbacks=[on_epoch])
     print(f'{name}: {time.perf_counter() - started:.1f} s')
     result = summary['result']
     assert result['port'] is None
@@ -291,9 +335,16 @@ def test_one_shot_strategy_exports_a_working_architecture(name, tmp_path):
             assert set(p) == set(BNASSpace.from_config('bnas-tiny').ops)
             # NNI's hidden zero takes the rest of the mass: the seven visible ops sum to < 1
             assert 0.0 < sum(p.values()) < 1.0 - 1e-4
-        # alphas moved away from their ~1e-3 initialisation in two architecture steps
+        # two architecture steps moved the alphas well beyond their ~1e-3 initialisation, and the exported
+        # probabilities are those of the moved alphas
+        assert initial and set(initial) == set(final)
+        assert all(torch.isfinite(a).all() for a in final.values())
+        moved = max(float((final[n] - initial[n]).abs().max()) for n in initial)
+        assert moved > 1e-2, moved
         spread = max(max(p.values()) - min(p.values()) for p in probs.values())
         assert spread > 1e-3
+    else:
+        assert not initial and not final          # random sampling: no architecture parameters to learn
 
 
 # --------------------------------------------------------------------------- multi-trial

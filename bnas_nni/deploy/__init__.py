@@ -9,7 +9,8 @@
   ±alpha weights).
 
 Modules: :mod:`.export` (network -> description, the only code that looks inside bnas-nni modules),
-:mod:`.fold` (thresholds and bits), :mod:`.format` (the file), :mod:`.engine` (the runtime module),
+:mod:`.fold` (thresholds and bits), :mod:`.format` (the file, its checksum), :mod:`.validate` (every field
+of a packed description checked before the engine uses it), :mod:`.engine` (the runtime module),
 :mod:`.kernels` (building the extension, instruction sets), :mod:`.onnx_export`, :mod:`.cli`.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def load(path: str | os.PathLike, isa: Optional[str] = None) -> PackedNetwork:
     """A packed file as a module mapping a float image batch (N x 3 x H x W) to logits."""
     from .format import load_packed
 
-    return PackedNetwork(load_packed(path), isa=isa)
+    return PackedNetwork(load_packed(path), isa=isa, source=str(path))
 
 
 def state_dict_bytes(model: nn.Module) -> int:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ConfigError
 from . import kernels
 from .fold import kernel_thresholds, kernel_weight_words, threshold_signs, unpack_filter_bits, unpack_negate
+from .validate import validate_packed
 
 __all__ = ['PackedNetwork']
 
@@ -335,8 +336,9 @@ class PackedNetwork(nn.Module):
     fastest this CPU supports); :meth:`set_isa` switches it later. :meth:`profile` returns per-layer times.
     """
 
-    def __init__(self, packed: Dict[str, Any], isa: Optional[str] = None) -> None:
+    def __init__(self, packed: Dict[str, Any], isa: Optional[str] = None, source: str = 'packed model') -> None:
         super().__init__()
+        validate_packed(packed, source)   # before any kernel sees a field (one-line CheckpointError)
         net = packed['network']
         self.architecture: Dict[str, Any] = dict(packed.get('architecture') or {})
         try:
@@ -378,10 +380,14 @@ class PackedNetwork(nn.Module):
             raise ConfigError('the packed engine runs on the CPU; move the images there first (x.cpu())')
         x = x.float()
         isa, timer = self._isa_id, self._timer
-        s0, s1 = timer.run('stem', 'float stem', self._stem, x.contiguous(), isa)
-        for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, isa, timer)
-        return timer.run('head', 'float head', self._head, s1)
+        try:
+            s0, s1 = timer.run('stem', 'float stem', self._stem, x.contiguous(), isa)
+            for cell in self.cells:
+                s0, s1 = s1, cell(s0, s1, isa, timer)
+            return timer.run('head', 'float head', self._head, s1)
+        except RuntimeError as exc:   # an argument check of a kernel or a torch op (e.g. images too small)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ConfigError(f'the packed model cannot run on images of shape {tuple(x.shape)}: {first}') from None
 
     def _stem(self, x: torch.Tensor, isa: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.family == 'imagenet':

@@ -3,7 +3,7 @@
 A ``.bnp`` file is a `safetensors <https://github.com/huggingface/safetensors>`_ file. Its metadata
 entry ``bnas_nni`` holds a JSON header::
 
-    {"format": "bnas-nni-packed", "version": 1,
+    {"format": "bnas-nni-packed", "version": 2,
      "architecture": {...},   # bnas_nni.checkpoints.describe_model: genotype, family, C, L, classes, binarizers
      "network": {...}}        # the packed description (bnas_nni.deploy.export), tensors as {"$tensor": NAME}
 
@@ -11,11 +11,17 @@ and the tensors are named after the module they come from (``cells.3.ops.1.conv.
 weights are ``uint8`` bits, one filter per row in [KH][KW][C] order, little-endian within a byte (1 =
 negative weight), with a float32 ``alpha`` per filter; the BN before each sign is a float32 ``[2, C]``
 pair of thresholds and a bit per channel (``negate``); everything full precision is float32.
-Reading never unpickles anything, and a truncated or foreign file gives a one-line
-:class:`~bnas_nni.errors.CheckpointError`.
+
+The metadata entry ``bnas_nni_sha256`` is the SHA-256 of the header text and of every tensor (name,
+dtype, shape, bytes; in name order), checked on reading: a damaged or edited file is refused before
+anything is built from it. Version 1 files (no checksum) are refused with a request to re-export; the
+engine then checks every field of the header (:mod:`.validate`), which also covers a file whose
+checksum was recomputed after an edit. Reading never unpickles anything, and a truncated, damaged or
+foreign file gives a one-line :class:`~bnas_nni.errors.CheckpointError`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,11 +32,15 @@ import torch
 from ..errors import CheckpointError
 from ..io import atomic_path
 
-__all__ = ['FORMAT', 'VERSION', 'METADATA_KEY', 'write_packed', 'save_packed', 'load_packed', 'flatten', 'unflatten']
+__all__ = ['FORMAT', 'VERSION', 'METADATA_KEY', 'CHECKSUM_KEY', 'write_packed', 'save_packed', 'load_packed',
+           'checksum', 'flatten', 'unflatten']
 
 FORMAT = 'bnas-nni-packed'
-VERSION = 1
+#: 2: a checksum of the header and the tensors (``CHECKSUM_KEY``); 1: none (refused: re-export)
+VERSION = 2
 METADATA_KEY = 'bnas_nni'
+CHECKSUM_KEY = 'bnas_nni_sha256'
+_REEXPORT = 're-export it with bnas-nni export'
 _REF = '$tensor'
 
 
@@ -50,27 +60,44 @@ def flatten(obj: Any, prefix: str, tensors: Dict[str, torch.Tensor]) -> Any:
     raise TypeError(f'cannot store {type(obj).__name__} at {prefix} in a packed file')
 
 
-def unflatten(obj: Any, tensors: Dict[str, torch.Tensor], source: str) -> Any:
+def unflatten(obj: Any, tensors: Dict[str, torch.Tensor], source: str, where: str = '') -> Any:
+    """``obj`` with every ``{"$tensor": NAME}`` replaced by that tensor (``where``: its field, for errors)."""
     if isinstance(obj, dict):
         if set(obj) == {_REF}:
             name = obj[_REF]
-            if name not in tensors:
-                raise CheckpointError(f'{source}: header names tensor {name!r} that the file does not hold; re-export it')
+            if not isinstance(name, str) or name not in tensors:
+                shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + '...'
+                raise CheckpointError(f'{source}: {where or "header"} names tensor {shown} that the file does not '
+                                      f'hold; {_REEXPORT}')
             return tensors[name]
-        return {k: unflatten(v, tensors, source) for k, v in obj.items()}
+        return {k: unflatten(v, tensors, source, f'{where}.{k}' if where else str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [unflatten(v, tensors, source) for v in obj]
+        return [unflatten(v, tensors, source, f'{where}[{i}]') for i, v in enumerate(obj)]
     return obj
 
 
+def checksum(header_text: str, tensors: Dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of the header text and of every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(header_text.encode('utf-8'))
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b''
+        h.update(f'\0{name}\0{t.dtype}\0{list(t.shape)}\0{t.numel() * t.element_size()}\0'.encode('utf-8'))
+        h.update(data)
+    return h.hexdigest()
+
+
 def write_packed(packed: Dict[str, Any], path: str | os.PathLike) -> None:
-    """Write a packed description (:func:`bnas_nni.deploy.export.packed_description`) to ``path`` as it is."""
-    from safetensors.torch import save_file
+    """Write a packed description (:func:`bnas_nni.deploy.export.packed_description`) to ``path`` as it is
+    (created with the usual permissions, 0666 less the umask, as every other output)."""
+    from safetensors.torch import save
 
     tensors: Dict[str, torch.Tensor] = {}
     header = {'format': FORMAT, 'version': VERSION, 'architecture': packed['architecture'],
               'network': flatten(packed['network'], '', tensors)}
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header, allow_nan=False)})
+    text = json.dumps(header, allow_nan=False)
+    data = save(tensors, metadata={METADATA_KEY: text, CHECKSUM_KEY: checksum(text, tensors)})
+    Path(path).write_bytes(data)   # safetensors' own save_file creates the file 0600
 
 
 def save_packed(packed: Dict[str, Any], path: str | os.PathLike) -> Path:
@@ -104,17 +131,36 @@ def load_packed(path: str | os.PathLike) -> Dict[str, Any]:
     if METADATA_KEY not in metadata:
         raise CheckpointError(f'{path} is a safetensors file but not a bnas-nni packed model (no {METADATA_KEY!r} '
                               'header); create one with bnas-nni export --format packed')
+    text = metadata[METADATA_KEY]
     try:
-        header = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f'{path}: malformed packed-model header ({exc.msg}); re-export it') from None
+        header = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:   # JSONDecodeError, NaN/Infinity, absurd nesting
+        reason = (exc.msg if isinstance(exc, json.JSONDecodeError) else
+                  str(exc) if isinstance(exc, ValueError) else 'nested too deeply')
+        raise CheckpointError(f'{path}: malformed packed-model header ({reason}); {_REEXPORT}') from None
     if not isinstance(header, dict) or header.get('format') != FORMAT:
-        raise CheckpointError(f'{path}: header format is not {FORMAT!r}; re-export it')
+        raise CheckpointError(f'{path}: header format is not {FORMAT!r}; {_REEXPORT}')
     version = header.get('version')
-    if not isinstance(version, int) or version > VERSION or version < 1:
+    if type(version) is int and 1 <= version < VERSION:
+        raise CheckpointError(f'{path} has packed format version {version}, written by an older bnas-nni without '
+                              f'a checksum; {_REEXPORT} (this bnas-nni reads version {VERSION})')
+    if type(version) is not int or version != VERSION:
         raise CheckpointError(f'{path} has packed format version {version!r}; this bnas-nni reads version {VERSION}; '
                               'upgrade bnas-nni or re-export the model')
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is None:
+        raise CheckpointError(f'{path}: packed model without a checksum ({CHECKSUM_KEY!r}); {_REEXPORT}')
+    if stored != checksum(text, tensors):
+        raise CheckpointError(f'{path}: checksum mismatch: the file was damaged or changed after export; '
+                              f'{_REEXPORT}')
     if not isinstance(header.get('network'), dict):
-        raise CheckpointError(f'{path}: header has no network description; re-export it')
-    header['network'] = unflatten(header['network'], tensors, str(path))
+        raise CheckpointError(f'{path}: header has no network description; {_REEXPORT}')
+    try:
+        header['network'] = unflatten(header['network'], tensors, str(path))
+    except RecursionError:
+        raise CheckpointError(f'{path}: malformed packed-model header (nested too deeply); {_REEXPORT}') from None
     return header
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f'{name} is not a number the header may hold')

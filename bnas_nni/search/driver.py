@@ -41,6 +41,7 @@ from ..console import log as console_log
 from ..distributed import (DistContext, ShardSampler, all_reduce_sums, average_buffers, broadcast_module,
                            broadcast_object, collective_errors)
 from ..errors import CheckpointError, ConfigError
+from ..io import append_text
 from ..rundir import RunDir
 from ..seeding import capture_rng, restore_rng, seed_everything
 from ..train.optim import build_optimizer
@@ -247,8 +248,7 @@ class SearchDriver:
             return
         self._log(text)
         if self.rundir.is_main:
-            with open(self.rundir.log_path, 'a') as f:
-                f.write(text + '\n')
+            append_text(self.rundir.log_path, text + '\n')
 
     @torch.no_grad()
     def _entropy_now(self) -> float:
@@ -367,8 +367,10 @@ class SearchDriver:
         kept (CIFAR, ImageNet) genotypes."""
         self.rundir.acquire()
         try:
-            if resume and self.load_checkpoint():
-                self.rundir.truncate_rows(self.start_epoch)
+            resumed = resume and self.load_checkpoint()
+            # rows past the checkpoint (a stop between an epoch's row and its checkpoint, even the first) go
+            self.rundir.truncate_rows(self.start_epoch)
+            if resumed:
                 self._log_line(f'resumed from {self.checkpoint_path} at epoch {self.start_epoch}/{self.epochs}')
             self.module.epoch_callbacks = [self.recorder] + [
                 (lambda cb: (lambda record, module: cb(record, self)))(cb) for cb in self.epoch_callbacks]

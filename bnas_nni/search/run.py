@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -36,13 +37,13 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from nni.nas.strategy import RandomOneShot
 
-from ..config import SEARCH, SearchConfig, resolve
+from ..config import MAX_NAME_LENGTH, SEARCH, SearchConfig, resolve
 from ..console import log as console_log
 from ..data import search_splits
 from ..distributed import broadcast_object, cleanup, collective_errors, init_distributed
 from ..errors import ConfigError
 from ..genotypes import Genotype, save_genotype
-from ..io import load_yaml, save_yaml
+from ..io import check_output_dir, load_yaml, save_yaml
 from ..paths import genotypes_dir
 from ..rundir import RunDir
 from ..seeding import seed_everything
@@ -65,8 +66,8 @@ def resolve_search_config(path: Optional[str | os.PathLike] = None, overrides: O
     :mod:`bnas_nni.config`), with the strategy, space and ops checked; the run name defaults to the
     config file's stem."""
     cfg = resolve(SEARCH, path, overrides, nni_params, base=base)
-    if cfg.name is None and path:
-        cfg.name = Path(path).stem
+    if cfg.name is None and path:     # a plain name (see config.check_plain_name), whatever the file is called
+        cfg.name = re.sub(r'[^A-Za-z0-9_.-]', '_', Path(path).stem).lstrip('_.-')[:MAX_NAME_LENGTH] or 'search'
     check_strategy_options(cfg)                               # unknown strategy or option -> one line
     load_space_config(cfg.space, **_space_overrides(cfg))  # unknown space or op -> one line
     return cfg
@@ -144,7 +145,10 @@ def save_named_genotypes(cifar: Any, imagenet: Any, name: str, out: Optional[str
 
 
 def check_save_target(paths: Sequence[Path]) -> None:
-    """Refuse to overwrite genotype files that ``bnas-nni search`` did not write."""
+    """Refuse, before the search starts, a genotype folder that cannot be written (a file, below a file) and
+    genotype files that ``bnas-nni search`` did not write (never overwritten)."""
+    for folder in dict.fromkeys(p.parent for p in paths):
+        check_output_dir(folder, 'genotype folder', '--out')
     for p in paths:
         if p.exists():
             try:

@@ -306,13 +306,15 @@ def _run_stage(cfg: Dict[str, Any], recipe: Recipe, stage: Stage, ctx: Any, log:
                     'train_top5': tr['top5'], 'valid_loss': va['loss'], 'valid_top1': va['top1'],
                     'valid_top5': va['top5'], 'epoch_seconds': round(time.time() - t0, 3)}
             reporter.intermediate(va['top1'], top5=va['top5'], loss=va['loss'])
-            if ctx.is_main:
-                save_checkpoint(net, run.checkpoint_path, kind='train', epoch=epoch + 1,
-                                optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
-                                scaler=scaler.state_dict() if scaler is not None else None, rng=capture_rng(),
-                                config=dict(cfg), metrics=dict(last), best_top1=float(best_top1))
-                run.log_epoch(last, {f'{split}/{m}': last[f'{split}_{m}'] for split in ('train', 'valid')
-                                     for m in ('top1', 'top5', 'loss')} | {'lr': lr})
+            if ctx.is_main:                          # the row, then the checkpoint (see RunDir.commit_epoch)
+                run.commit_epoch(last, {f'{split}/{m}': last[f'{split}_{m}'] for split in ('train', 'valid')
+                                        for m in ('top1', 'top5', 'loss')} | {'lr': lr},
+                                 lambda: save_checkpoint(net, run.checkpoint_path, kind='train', epoch=epoch + 1,
+                                                         optimizer=optimizer.state_dict(),
+                                                         scheduler=schedule.state_dict(),
+                                                         scaler=scaler.state_dict() if scaler is not None else None,
+                                                         rng=capture_rng(), config=dict(cfg), metrics=dict(last),
+                                                         best_top1=float(best_top1)))
             ctx.barrier()
         if start_epoch >= epochs:
             log(f'nothing to do: the checkpoint already finished {start_epoch} of {epochs} epochs')

@@ -64,6 +64,8 @@ class CellProgram {
       Unit v{std::get<0>(u), std::get<1>(u), std::get<2>(u), std::get<3>(u), std::get<4>(u), std::get<5>(u),
              std::get<6>(u), std::get<7>(u), std::get<8>(u), std::get<9>(u), std::get<10>(u), std::get<11>(u),
              std::get<12>(u)};
+      TORCH_CHECK(v.in_ch >= 1 && v.out_ch >= 1, "cell program: a unit needs at least one input and output channel");
+      check_conv_params(v.kh, v.kw, v.stride, v.pad, v.dil);
       const int64_t Kw = (v.in_ch + 63) / 64, Opad = (v.out_ch + 7) / 8 * 8;
       TORCH_CHECK(v.words.scalar_type() == torch::kInt64 && v.words.is_contiguous() && v.words.dim() == 2 &&
                       v.words.size(0) == v.kh * v.kw * Kw && v.words.size(1) == Opad,
@@ -80,10 +82,14 @@ class CellProgram {
     const int64_t nunits = static_cast<int64_t>(units_.size());
     TORCH_CHECK(pre0 >= 0 && pre0 < nunits && pre1 >= 0 && pre1 < nunits, "cell program: bad preprocess unit");
     TORCH_CHECK(ops.size() % 2 == 0, "cell program: ops must pair up into nodes");
+    TORCH_CHECK(C_ >= 1 && stride_ >= 1 && stride_ <= kMaxStride, "cell program: bad channels or stride");
+    TORCH_CHECK(!concat_.empty(), "cell program: the concat is empty");
     for (size_t k = 0; k < ops.size(); ++k) {
       Op o{std::get<0>(ops[k]), std::get<1>(ops[k]), std::get<2>(ops[k]), std::get<3>(ops[k])};
       TORCH_CHECK(o.kind >= kZeroise && o.kind <= kAvgPool, "cell program: unknown op kind");
       TORCH_CHECK(o.kind != kUnit || (o.unit >= 0 && o.unit < nunits), "cell program: bad op unit");
+      TORCH_CHECK(o.stride >= 1 && o.stride <= kMaxStride, "cell program: op stride must be 1 to ", kMaxStride,
+                  ", got ", o.stride);
       TORCH_CHECK(o.input >= 0 && o.input < 2 + static_cast<int64_t>(k / 2), "cell program: op input out of range");
       ops_.push_back(o);
     }
@@ -114,6 +120,9 @@ class CellProgram {
     const Unit& u1 = units_[pre1_];
     TORCH_CHECK(s0.size(0) == N && out.size(0) == N, "cell program: batch sizes differ");
     TORCH_CHECK(s0.size(1) == u0.in_ch && s1.size(1) == u1.in_ch, "cell program: input channels do not match");
+    check_conv_window(s0.size(2), s0.size(3), u0.kh, u0.kw, u0.pad, u0.dil);
+    check_conv_window(H, W, u1.kh, u1.kw, u1.pad, u1.dil);
+    TORCH_CHECK(W <= kMaxRow, "cell program: rows longer than ", kMaxRow, " pixels are not supported");
     TORCH_CHECK(u0.out_size(s0.size(2), u0.kh) == H && u0.out_size(s0.size(3), u0.kw) == W &&
                     u1.out_size(H, u1.kh) == H && u1.out_size(W, u1.kw) == W && u0.out_ch == C_ && u1.out_ch == C_,
                 "cell program: preprocess geometry does not match the inputs");
@@ -123,8 +132,8 @@ class CellProgram {
     TORCH_CHECK(!identity_residual_ || (s1.size(1) == out.size(1) && H == OH && W == OW),
                 "cell program: identity residual needs the input shape of the output");
     if (res.has_value())
-      TORCH_CHECK(res->scalar_type() == torch::kFloat32 && res->dim() == 4 && res->size(0) == N &&
-                      res->size(1) == out.size(1) && res->size(2) == OH && res->size(3) == OW,
+      TORCH_CHECK(res->device().is_cpu() && res->scalar_type() == torch::kFloat32 && res->dim() == 4 &&
+                      res->size(0) == N && res->size(1) == out.size(1) && res->size(2) == OH && res->size(3) == OW,
                   "cell program: residual shape does not match the output");
     TORCH_CHECK(cpu_supports_isa(isa), "this CPU does not support the requested instruction set (id ", isa, ")");
     double* time_acc = nullptr;
@@ -151,6 +160,7 @@ class CellProgram {
       const int64_t ih = on_input ? H : OH, iw = on_input ? W : OW;
       if (o.kind == kUnit) {
         const Unit& u = units_[o.unit];
+        check_conv_window(ih, iw, u.kh, u.kw, u.pad, u.dil);
         TORCH_CHECK(u.in_ch == C_ && u.out_ch == C_ && u.out_size(ih, u.kh) == OH && u.out_size(iw, u.kw) == OW,
                     "cell program: an op's convolution does not map its input to the node's shape");
         plane_size(u, ih, iw);

@@ -61,7 +61,8 @@ torch::Tensor pack_impl(const torch::Tensor& x, const torch::Tensor& t_zero, con
   check_channel_vector(t_zero, C, torch::kFloat32, "t_zero");
   check_channel_vector(t_pos, C, torch::kFloat32, "t_pos");
   check_channel_vector(flip, C, torch::kInt32, "flip");
-  TORCH_CHECK(pad >= 0, "padding must be >= 0");
+  TORCH_CHECK(pad >= 0 && pad <= kMaxDilation * (kMaxKernel - 1), "padding must be 0 to ",
+              kMaxDilation * (kMaxKernel - 1), ", got ", pad);
   const int64_t Kw = (C + 63) / 64, Hp = H + 2 * pad, Wp = W + 2 * pad;
   auto packed = torch::zeros({N, Hp, Wp, Kw, 2}, torch::dtype(torch::kInt64));
   PackArgs a{x.data_ptr<float>(), N, C, H, W, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
@@ -77,6 +78,24 @@ torch::Tensor pack_impl(const torch::Tensor& x, const torch::Tensor& t_zero, con
 }  // namespace
 
 bool cpu_supports_isa(int64_t isa) { return cpu_supports(isa); }
+
+void check_conv_params(int64_t kernel_h, int64_t kernel_w, int64_t stride, int64_t padding, int64_t dilation) {
+  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1 && kernel_h <= kMaxKernel && kernel_w <= kMaxKernel,
+              "convolution kernel must be 1 to ", kMaxKernel, " pixels a side, got ", kernel_h, "x", kernel_w);
+  TORCH_CHECK(stride >= 1 && stride <= kMaxStride, "convolution stride must be 1 to ", kMaxStride, ", got ", stride);
+  TORCH_CHECK(dilation >= 1 && dilation <= kMaxDilation, "convolution dilation must be 1 to ", kMaxDilation, ", got ",
+              dilation);
+  const int64_t max_pad = dilation * (std::max(kernel_h, kernel_w) - 1);
+  TORCH_CHECK(padding >= 0 && padding <= max_pad, "convolution padding must be 0 to dilation * (kernel - 1) = ",
+              max_pad, ", got ", padding);
+}
+
+void check_conv_window(int64_t H, int64_t W, int64_t kernel_h, int64_t kernel_w, int64_t padding, int64_t dilation) {
+  TORCH_CHECK(H >= 1 && W >= 1, "convolution input must have at least one pixel, got ", H, "x", W);
+  TORCH_CHECK(H + 2 * padding >= dilation * (kernel_h - 1) + 1 && W + 2 * padding >= dilation * (kernel_w - 1) + 1,
+              "convolution input ", H, "x", W, " with padding ", padding, " is smaller than the ", kernel_h, "x",
+              kernel_w, " window (dilation ", dilation, ")");
+}
 
 void bind_cell_program(pybind11::module& m);  // cell.cpp
 
@@ -94,18 +113,24 @@ void binary_conv(const torch::Tensor& x, const torch::Tensor& t_zero, const torc
                  torch::Tensor out, int64_t kernel_h, int64_t kernel_w, int64_t stride, int64_t padding,
                  int64_t dilation, bool relu, bool accumulate, int64_t isa) {
   check_isa(isa);
+  check_float_cpu(x, "input");
   check_float_cpu(out, "output");
+  TORCH_CHECK(x.dim() == 4, "input must be N x C x H x W");
   TORCH_CHECK(out.dim() == 4 && out.stride(1) == 1, "output must be N x O x OH x OW with channel stride 1");
-  TORCH_CHECK(stride >= 1 && dilation >= 1 && kernel_h >= 1 && kernel_w >= 1, "bad convolution geometry");
+  check_conv_params(kernel_h, kernel_w, stride, padding, dilation);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t O = out.size(1), OH = out.size(2), OW = out.size(3);
   const int64_t Kw = (C + 63) / 64;
   const int64_t Opad = (O + 7) / 8 * 8;
+  check_conv_window(H, W, kernel_h, kernel_w, padding, dilation);
+  check_channel_vector(t_zero, C, torch::kFloat32, "t_zero");
+  check_channel_vector(t_pos, C, torch::kFloat32, "t_pos");
+  check_channel_vector(flip, C, torch::kInt32, "flip");
   TORCH_CHECK(out.size(0) == N, "output batch size differs from the input's");
   TORCH_CHECK(OH == (H + 2 * padding - dilation * (kernel_h - 1) - 1) / stride + 1 &&
                   OW == (W + 2 * padding - dilation * (kernel_w - 1) - 1) / stride + 1,
               "output spatial size does not match the convolution");
-  TORCH_CHECK(OW <= 4096, "output rows longer than 4096 pixels are not supported");
+  TORCH_CHECK(OW <= kMaxRow, "output rows longer than ", kMaxRow, " pixels are not supported");
   TORCH_CHECK(weight.scalar_type() == torch::kInt64 && weight.is_contiguous() && weight.dim() == 2 &&
                   weight.size(0) == kernel_h * kernel_w * Kw && weight.size(1) == Opad,
               "packed weight must be int64 [KH*KW*ceil(C/64), ceil(O/8)*8]");
@@ -157,12 +182,17 @@ void pool2d(const torch::Tensor& x, torch::Tensor out, int64_t kernel, int64_t s
   check_float_cpu(out, "output");
   TORCH_CHECK(x.dim() == 4 && x.stride(1) == 1 && out.dim() == 4 && out.stride(1) == 1,
               "pool input and output must have channel stride 1 (channels last)");
+  TORCH_CHECK(kernel >= 1 && kernel <= kMaxKernel, "pool kernel must be 1 to ", kMaxKernel, ", got ", kernel);
+  TORCH_CHECK(stride >= 1 && stride <= kMaxStride, "pool stride must be 1 to ", kMaxStride, ", got ", stride);
+  TORCH_CHECK(padding >= 0 && padding < kernel, "pool padding must be 0 to kernel - 1, got ", padding);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t OH = out.size(2), OW = out.size(3);
+  // every window then holds at least one input pixel (the max starts from one, the average divides by the count)
+  TORCH_CHECK(H >= 1 && W >= 1 && H + 2 * padding >= kernel && W + 2 * padding >= kernel,
+              "pool input ", H, "x", W, " is smaller than its window");
   TORCH_CHECK(out.size(0) == N && out.size(1) == C, "pool output must have the input's batch and channels");
   TORCH_CHECK(OH == (H + 2 * padding - kernel) / stride + 1 && OW == (W + 2 * padding - kernel) / stride + 1,
               "pool output spatial size does not match");
-  TORCH_CHECK(padding < kernel, "pool padding must be smaller than the kernel");
   PoolArgs a{x.data_ptr<float>(), N, C, H, W, x.stride(0), x.stride(2), x.stride(3), out.data_ptr<float>(), OH, OW,
              out.stride(0), out.stride(2), out.stride(3), kernel, stride, padding, is_max ? 1 : 0, accumulate ? 1 : 0};
   auto fn = isa == kAvx512 ? pool_rows_avx512 : isa == kAvx2 ? pool_rows_avx2 : pool_rows_portable;

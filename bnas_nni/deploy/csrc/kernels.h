@@ -60,6 +60,16 @@ struct PoolArgs {
 // 0 portable, 1 avx2, 2 avx512 (engine.cpp)
 bool cpu_supports_isa(int64_t isa);
 
+// Bounds of the geometry every entry point accepts (kernel rows are at most kMaxRow output pixels long).
+constexpr int64_t kMaxKernel = 16, kMaxStride = 16, kMaxDilation = 16, kMaxRow = 4096;
+
+// Argument checks shared by engine.cpp and cell.cpp (they raise c10::Error, a RuntimeError in Python):
+// kernel, stride, dilation >= 1 and bounded, 0 <= padding <= dilation * (kernel - 1) ...
+void check_conv_params(int64_t kernel_h, int64_t kernel_w, int64_t stride, int64_t padding, int64_t dilation);
+// ... and an H x W input (>= 1 pixel) whose padded size holds at least one window, so that every row
+// and column a kernel reads lies inside the padded buffer.
+void check_conv_window(int64_t H, int64_t W, int64_t kernel_h, int64_t kernel_w, int64_t padding, int64_t dilation);
+
 // rows are n * H + h (pack) or n * OH + oh (conv, pool)
 void pack_rows_portable(const PackArgs& a, int64_t r0, int64_t r1);
 void conv_rows_portable(const ConvArgs& a, int64_t r0, int64_t r1);

@@ -14,8 +14,6 @@ namespace {
 using bnas_deploy::ConvArgs;
 using bnas_deploy::PackArgs;
 
-constexpr int kMaxRow = 4096;
-
 template <int OB, int PB>
 inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t ow0, int64_t v0,
                        const int32_t* nnz, float* out0) {
