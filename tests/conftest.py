@@ -1,11 +1,18 @@
-"""Shared test fixtures: few threads, deterministic seeds, and real CIFAR-10 images."""
+"""Shared test fixtures (few threads, deterministic seeds, real CIFAR-10 images, one finished tiny search)
+and the test tiers: every test file is ``unit``, ``numerics`` or ``system`` (see ``TIERS``), and the
+slowest tests are also ``slow``, so that ``python -m pytest -m "not slow"`` is the fast lane."""
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
 import random
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 # On 2 shared cores, OpenMP threads that spin while waiting make torch ops up to ~50x slower when other
 # processes compete for the CPU; passive waiting avoids that. libgomp reads this when torch is imported.
@@ -16,6 +23,60 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+HERE = Path(__file__).resolve().parent
+
+# --------------------------------------------------------------------------- tiers
+
+#: every test file's tier. ``numerics``: fidelity to the official code and exactness (binarizers, the fast
+#: cell against the reference cell, derivation and entropy, one-cycle, official-checkpoint logits, the
+#: packed engine's bits); ``system``: whole programs (the CLI end to end, subprocesses, nnictl, torchrun,
+#: a browser, a terminal); ``unit``: the rest. A new test file must be added here, or collection fails.
+TIERS = {
+    'unit': ('test_bad_input.py', 'test_config.py', 'test_data.py', 'test_error_messages.py',
+             'test_import_graph.py', 'test_networks.py', 'test_ops.py', 'test_packed_fuzz.py',
+             'test_packed_validation.py', 'test_plot.py', 'test_quant.py'),
+    'numerics': ('test_batch_renorm.py', 'test_binary.py', 'test_binary_darts.py', 'test_checkpoints.py',
+                 'test_deploy_kernels.py', 'test_deploy_network.py', 'test_fast_cell.py', 'test_fast_kernels.py',
+                 'test_genotypes.py', 'test_react.py', 'test_recipes.py', 'test_schedules.py', 'test_space.py'),
+    'system': ('test_cli.py', 'test_console.py', 'test_ddp_imagenet.py', 'test_ddp_search.py', 'test_faults.py',
+               'test_nni_create.py', 'test_nni_strategies.py', 'test_nnictl_search.py', 'test_nnictl_train.py',
+               'test_react_recipe.py', 'test_recipe_plugin.py', 'test_robustness.py', 'test_search_e2e.py',
+               'test_strategy_registry.py', 'test_training.py', 'test_webui_browser.py'),
+}
+TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
+
+#: tests also marked ``slow`` (node ids below tests/, fnmatch patterns): the longest ones, measured with
+#: ``--durations=0``, left out of the fast lane ``-m "not slow"`` (CI runs everything). Files may also
+#: mark a test ``@pytest.mark.slow`` themselves.
+SLOW = ()
+
+
+class _UntieredFile(pytest.File):
+    """Stands in for a test file with no tier, so that collecting it is an error that says what to do."""
+
+    def collect(self):
+        raise self.CollectError(f'{self.path.name} has no test tier: add it to TIERS in tests/conftest.py '
+                                '(unit, numerics or system)')
+
+
+def pytest_collect_file(file_path: Path, parent):
+    if (file_path.suffix == '.py' and file_path.name.startswith('test_') and file_path.parent == HERE
+            and file_path.name not in TIER_OF):
+        return _UntieredFile.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Each test gets its file's tier marker, and ``slow`` where ``SLOW`` names it."""
+    for item in items:
+        tier = TIER_OF.get(item.path.name)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
+        nodeid = item.nodeid.split('tests/', 1)[-1]
+        if any(fnmatch.fnmatchcase(nodeid, pattern) for pattern in SLOW):
+            item.add_marker(pytest.mark.slow)
+
 
 CIFAR_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR_STD = (0.24703233, 0.24348505, 0.26158768)
@@ -91,3 +152,44 @@ def needs_fashion() -> None:
         fashion_mnist_root()
     except DatasetError as exc:
         pytest.skip(str(exc))
+
+
+# --------------------------------------------------------------------------- one finished tiny search
+
+#: the search behind ``tiny_search_run``: the quick preset on 256 Fashion-MNIST images for 2 epochs
+TINY_SEARCH_ARGS = ('--config', 'experiments/search_quick_fashion.yaml', '--epochs', '2', '--set', 'train_subset=256',
+                    '--save', 'tiny')
+
+
+@pytest.fixture(scope='session')
+def tiny_search_run(tmp_path_factory) -> SimpleNamespace:
+    """A finished tiny ``bnas-nni search`` (``TINY_SEARCH_ARGS``), run once per test session (once per
+    xdist worker) as a user runs it, for the tests that read a search run directory (genotypes, alpha
+    history, pictures, TensorBoard) rather than test the search itself: ``run_dir``, ``out`` (the saved
+    genotypes ``tiny.yaml`` and ``tiny_imagenet.yaml``), ``stdout``, ``argv``. Read only: a test that
+    writes into it takes ``tiny_search_copy``."""
+    from bnas_nni.data import fashion_mnist_root
+    from bnas_nni.errors import DatasetError
+
+    try:
+        fashion_mnist_root()
+    except DatasetError as exc:
+        pytest.skip(str(exc))
+    root = tmp_path_factory.mktemp('tiny-search')
+    run_dir, out = root / 'run', root / 'genotypes'
+    argv = [*TINY_SEARCH_ARGS, '--out', str(out), '--run-dir', str(run_dir)]
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get('PYTHONPATH')])))
+    done = subprocess.run([sys.executable, '-m', 'bnas_nni', 'search', *argv], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return SimpleNamespace(run_dir=run_dir, out=out, stdout=done.stdout, argv=argv)
+
+
+@pytest.fixture
+def tiny_search_copy(tiny_search_run, tmp_path) -> SimpleNamespace:
+    """A private copy of ``tiny_search_run`` (its run directory and saved genotypes) in ``tmp_path``."""
+    run_dir, out = tmp_path / 'run', tmp_path / 'genotypes'
+    shutil.copytree(tiny_search_run.run_dir, run_dir)
+    shutil.copytree(tiny_search_run.out, out)
+    return SimpleNamespace(run_dir=run_dir, out=out, stdout=tiny_search_run.stdout, argv=tiny_search_run.argv)

@@ -368,7 +368,8 @@ class InputScaled(WeightBinarizer):
 @needs_int8
 @pytest.mark.parametrize('binarizer, trusted, int8', [('test_stated_exact', True, True),
                                                        ('test_unstated_exact', False, True),
-                                                       ('test_input_scaled', False, False)])
+                                                       ('test_input_scaled', False, False),
+                                                       ('scaled_sign', True, True)])
 def test_a_user_binarizer_states_whether_the_int8_path_trusts_it(binarizer, trusted, int8, monkeypatch):
     """The fast cell reads ``exact_ternary_signs`` from the binarizer: declared, the int8 path takes the
     binarized weights unchecked; undeclared, each one is checked and runs int8 only if it is one scale per

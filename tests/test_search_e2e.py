@@ -45,16 +45,15 @@ def _train_a_few_steps(genotype_path: Path) -> None:
     assert all(m.weight.abs().max() <= 1.0 for m in binary_convs(model))
 
 
-def test_quick_search_cli_writes_genotypes_that_build_and_train(tmp_path, capsys):
-    run_dir, out = tmp_path / 'run', tmp_path / 'genotypes'
-    rc = main(['search', '--config', str(PRESET), '--epochs', '2', '--set', 'train_subset=256', '--save', 'e2e',
-               '--out', str(out), '--run-dir', str(run_dir)])
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
-    assert 'genotype (CIFAR):' in printed and 'Genotype(e2e:' in printed
-    cifar, imagenet = load_genotype(out / 'e2e.yaml'), load_genotype(out / 'e2e_imagenet.yaml')
-    assert cifar.name == 'e2e' and imagenet.name == 'e2e_imagenet' and cifar.num_nodes == 2
-    meta = yaml.safe_load((out / 'e2e.yaml').read_text())['meta']
+def test_quick_search_cli_writes_genotypes_that_build_and_train(tiny_search_copy, tmp_path, capsys):
+    """The shared tiny search (``bnas-nni search`` on the quick preset, 2 epochs, 256 images; conftest's
+    ``tiny_search_run``): its genotypes, run directory and pictures; a second run refuses to overwrite a
+    file it did not write; the finished run resumes as a no-op; the genotype builds and trains."""
+    run_dir, out, printed = tiny_search_copy.run_dir, tiny_search_copy.out, tiny_search_copy.stdout
+    assert 'genotype (CIFAR):' in printed and 'Genotype(tiny:' in printed
+    cifar, imagenet = load_genotype(out / 'tiny.yaml'), load_genotype(out / 'tiny_imagenet.yaml')
+    assert cifar.name == 'tiny' and imagenet.name == 'tiny_imagenet' and cifar.num_nodes == 2
+    meta = yaml.safe_load((out / 'tiny.yaml').read_text())['meta']
     assert meta['source'] == 'bnas-nni search' and meta['epoch'] in (1, 2)
     # run directory: resolved config, alpha history per epoch, TensorBoard, checkpoint, genotypes
     saved = yaml.safe_load((run_dir / 'config.yaml').read_text())
@@ -82,7 +81,7 @@ def test_quick_search_cli_writes_genotypes_that_build_and_train(tmp_path, capsys
     assert 'alphas' in events.Tags()['images'] and len(events.Images('alphas')) == 2
     # never into Python sources, and a second run may replace its own files but not others'
     assert not list(out.glob('*.py'))
-    (out / 'handmade.yaml').write_text((out / 'e2e.yaml').read_text().split('meta:')[0])
+    (out / 'handmade.yaml').write_text((out / 'tiny.yaml').read_text().split('meta:')[0])
     rc = main(['search', '--config', str(PRESET), '--epochs', '1', '--set', 'train_subset=64', '--save', 'handmade',
                '--out', str(out), '--run-dir', str(tmp_path / 'run2')])
     assert rc == 2 and 'not written by bnas-nni search' in capsys.readouterr().err
@@ -90,7 +89,7 @@ def test_quick_search_cli_writes_genotypes_that_build_and_train(tmp_path, capsys
     assert main(['search', '--config', str(PRESET), '--epochs', '2', '--set', 'train_subset=256',
                  '--run-dir', str(run_dir), '--resume']) == 0
     assert load_genotype(run_dir / 'genotype.yaml') == cifar
-    _train_a_few_steps(out / 'e2e.yaml')
+    _train_a_few_steps(out / 'tiny.yaml')
 
 
 @pytest.mark.slow
