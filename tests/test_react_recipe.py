@@ -47,7 +47,7 @@ def test_react_defaults_and_stages():
     imagenet = resolve_train_config(None, {'recipe': 'react', 'model': 'bnas-d'})
     assert (imagenet['dataset'], imagenet['lr'], imagenet['epochs'], imagenet['batch_size'], imagenet['image_size']) == \
         ('imagenet', 1.25e-3, 256, 256, 224)
-    stages = get_recipe('react').stages({**cifar, 'step1_epochs': 7, 'step2_weight_decay': 1e-7})
+    stages = get_recipe('react').stages(cifar.replace(step1_epochs=7, step2_weight_decay=1e-7))
     assert [(s.name, dict(s.overrides), s.init_from_previous) for s in stages] == [
         ('step1', {'binarizer': 'none', 'epochs': 7, 'bn_freeze_epochs': 0, 'bn_renorm_epochs': 0}, False),
         ('step2', {'weight_decay': 1e-7}, True)]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from ..config import TRAIN, family_of, resolve
+from ..config import TRAIN, TrainConfig, family_of, resolve
 from ..errors import CheckpointError, ConfigError, DatasetError
 from .model import build_network, resolve_model_config
 from .recipes import Recipe, Stage, StageRun, get_recipe, recipe_defaults_hook
@@ -38,22 +38,22 @@ _CIFAR_ONLY = ('onecycle_min_factor', 'onecycle_momentum', 'onecycle_annihilatio
 def resolve_train_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
                          nni_params: Optional[Mapping[str, Any]] = None, *,
                          defaults: Optional[Mapping[str, Any]] = None,
-                         base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                         base: Optional[Mapping[str, Any]] = None) -> TrainConfig:
     """The training config: section defaults <- ``defaults`` (a trainer script's) <- the recipe's defaults
     <- YAML <- ``overrides`` <- NNI parameters (see :mod:`bnas_nni.config`)."""
     schema = TRAIN.with_defaults(**dict(defaults or {}))
     cfg = resolve(schema, path, overrides, nni_params, base=base, defaults_hook=recipe_defaults_hook)
-    get_recipe(cfg['recipe'])       # an unknown recipe is one line
+    get_recipe(cfg.recipe)       # an unknown recipe is one line
     return cfg
 
 
-def default_run_dir(cfg: Mapping[str, Any]) -> Path:
+def default_run_dir(cfg: TrainConfig) -> Path:
     """``run_dir``, or ``$NNI_OUTPUT_DIR/run`` in an NNI trial, or ``runs/<name>``."""
-    if cfg.get('run_dir'):
-        return Path(cfg['run_dir'])
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
     if os.environ.get('NNI_OUTPUT_DIR'):
         return Path(os.environ['NNI_OUTPUT_DIR']) / 'run'
-    return Path('runs') / (cfg.get('name') or f"{family_of(cfg['dataset'])}-{cfg['model']}")
+    return Path('runs') / (cfg.name or f"{family_of(cfg.dataset)}-{cfg.model}")
 
 
 def _num_classes_of(ds: Any) -> Optional[int]:
@@ -72,7 +72,7 @@ def _check_data(train_ds: Any, val_ds: Any, num_classes: int) -> None:
                                f'set num_classes: {k}')
 
 
-def make_loaders(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, ctx: Any):
+def make_loaders(cfg: TrainConfig, train_ds: Any, val_ds: Any, ctx: Any):
     """Train loader over a ``DistributedSampler`` (shuffled with ``seed``; ``set_epoch`` per epoch, also
     for one process, so a resumed run sees the same order) and an unpadded sharded val loader."""
     from torch.utils.data import DataLoader
@@ -81,30 +81,30 @@ def make_loaders(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, ctx: Any):
     from ..distributed import ShardSampler
 
     train_sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                       seed=int(cfg['seed']), drop_last=False)
+                                       seed=int(cfg.seed), drop_last=False)
     pin = ctx.device.type == 'cuda'
-    workers = int(cfg['workers'])
+    workers = int(cfg.workers)
     # no persistent workers: each epoch's workers are seeded from the main generator, which a
     # checkpoint restores, so a resumed run draws the same augmentations as an uninterrupted one
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=False)
-    train = DataLoader(train_ds, batch_size=cfg['batch_size'], sampler=train_sampler, drop_last=False, **common)
-    val = DataLoader(val_ds, batch_size=cfg['batch_size'], sampler=ShardSampler(len(val_ds), ctx.rank, ctx.world_size),
+    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=False, **common)
+    val = DataLoader(val_ds, batch_size=cfg.batch_size, sampler=ShardSampler(len(val_ds), ctx.rank, ctx.world_size),
                      **common)
     return train, val, train_sampler
 
 
-def _show_progress(cfg: Mapping[str, Any], ctx: Any) -> bool:
+def _show_progress(cfg: TrainConfig, ctx: Any) -> bool:
     import sys
 
-    mode = cfg.get('progress', 'auto')
+    mode = cfg.progress
     if not ctx.is_main or mode == 'never':
         return False
     return mode == 'always' or sys.stderr.isatty()
 
 
-def _args_line(cfg: Mapping[str, Any]) -> str:
+def _args_line(cfg: TrainConfig) -> str:
     """The resolved config for the log, without the other family's keys."""
-    skip = _CIFAR_ONLY if family_of(cfg['dataset']) == 'imagenet' else _IMAGENET_ONLY
+    skip = _CIFAR_ONLY if family_of(cfg.dataset) == 'imagenet' else _IMAGENET_ONLY
     return 'args = ' + str({k: v for k, v in cfg.items() if k not in skip})
 
 
@@ -122,19 +122,19 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
     from ..rundir import RunDir, setup_logging
 
     cfg = resolve_train_config(config_path, overrides, defaults=defaults)   # a bad config stops here, before any file
-    if cfg.get('threads'):
-        torch.set_num_threads(int(cfg['threads']))
-    ctx = init_distributed(cfg['device'])
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    ctx = init_distributed(cfg.device)
     top = None
     try:
         nni_params = nni_trial.trial_parameters(ctx)
         if nni_params:
             cfg = resolve_train_config(config_path, overrides, nni_params, defaults=defaults)
-        recipe = get_recipe(cfg['recipe'])
+        recipe = get_recipe(cfg.recipe)
         stages = recipe.stages(cfg)
         recipe.check(cfg)                       # the model config and the teacher, before any file is written
         run_dir = default_run_dir(cfg)
-        cfg['run_dir'] = str(run_dir)
+        cfg.run_dir = str(run_dir)
         resume_path = None
         if resume not in (None, False, True):
             if len(stages) > 1:
@@ -163,11 +163,11 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
         results: List[Dict[str, Any]] = []
         previous: Optional[Path] = None
         for stage, stage_dir in zip(stages, stage_dirs):
-            stage_cfg = resolve_train_config(base=cfg, overrides=dict(stage.overrides)) if stage.overrides else dict(cfg)
-            stage_cfg['run_dir'] = str(stage_dir)
+            stage_cfg = resolve_train_config(base=cfg, overrides=dict(stage.overrides)) if stage.overrides else cfg.replace()
+            stage_cfg.run_dir = str(stage_dir)
             if len(stages) > 1:
                 log(f'stage {stage.name}: ' + ', '.join(f'{k}={v!r}' for k, v in stage.overrides.items()))
-            init = previous if stage.init_from_previous else (cfg.get('init_from') or None)
+            init = previous if stage.init_from_previous else (cfg.init_from or None)
             results.append(_run_stage(stage_cfg, recipe, stage, ctx, log, reporter, resume=resume,
                                       resume_path=resume_path, init_from=init, on_step=on_step))
             previous = stage_dir / 'checkpoint.pt'
@@ -184,7 +184,7 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
         cleanup(ctx)
 
 
-def _run_stage(cfg: Dict[str, Any], recipe: Recipe, stage: Stage, ctx: Any, log: Callable[[str], None],
+def _run_stage(cfg: TrainConfig, recipe: Recipe, stage: Stage, ctx: Any, log: Callable[[str], None],
                reporter: Any, *, resume: Any, resume_path: Optional[Path], init_from: Optional[str | os.PathLike],
                on_step: Optional[Callable[[int, int], None]]) -> Dict[str, Any]:
     """One stage: build, resume or warm-start, train ``epochs`` epochs with the recipe's hooks (see
@@ -197,32 +197,32 @@ def _run_stage(cfg: Dict[str, Any], recipe: Recipe, stage: Stage, ctx: Any, log:
     from .loop import evaluate, train_one_epoch
 
     model_cfg = resolve_model_config(cfg)
-    seed_everything(int(cfg['seed']))                               # the same initial weights on every rank
+    seed_everything(int(cfg.seed))                               # the same initial weights on every rank
     model = build_network(model_cfg)
     train_ds, val_ds = build_datasets(cfg)
     _check_data(train_ds, val_ds, int(model_cfg['num_classes']))
 
-    run = RunDir(cfg['run_dir'], ctx.is_main, tensorboard=bool(cfg['tensorboard']), csv_fields=TRAIN_CSV_FIELDS)
+    run = RunDir(cfg.run_dir, ctx.is_main, tensorboard=bool(cfg.tensorboard), csv_fields=TRAIN_CSV_FIELDS)
     ckpt_path: Optional[Path] = None
     if resume_path is not None:
         ckpt_path = resume_path
     elif resume and run.checkpoint_path.is_file():
         ckpt_path = run.checkpoint_path
 
-    seed_everything(int(cfg['seed']) + ctx.rank)                    # per-rank augmentation / drop path
+    seed_everything(int(cfg.seed) + ctx.rank)                    # per-rank augmentation / drop path
     device = ctx.device
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     model = model.to(device)
-    if cfg['channels_last']:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = recipe.optimizer(model, cfg)
     train_loader, val_loader, train_sampler = make_loaders(cfg, train_ds, val_ds, ctx)
-    iters = len(train_loader) if cfg['max_train_batches'] is None else min(len(train_loader), cfg['max_train_batches'])
+    iters = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader), cfg.max_train_batches)
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*lr_scheduler.step.*')
         schedule = recipe.schedule(optimizer, cfg, iters)
-    scaler = torch.amp.GradScaler(device.type) if cfg['amp'] == 'fp16' else None
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == 'fp16' else None
     criterion = recipe.loss(cfg, int(model_cfg['num_classes'])).to(device)
 
     start_epoch, best_top1, last = 0, 0.0, {}
@@ -258,11 +258,11 @@ def _run_stage(cfg: Dict[str, Any], recipe: Recipe, stage: Stage, ctx: Any, log:
         else:
             restore_rng(state['rng'])
             if ctx.rank:
-                torch.manual_seed(int(cfg['seed']) + ctx.rank + 7919 * start_epoch)
+                torch.manual_seed(int(cfg.seed) + ctx.rank + 7919 * start_epoch)
         log(_args_line(cfg))
         net = unwrap(model)
         n_params = sum(p.numel() for p in net.parameters())
-        log(f'model {cfg["model"]} genotype {net.genotype.name or "<custom>"} '
+        log(f'model {cfg.model} genotype {net.genotype.name or "<custom>"} '
             f'C={model_cfg["init_channels"]} L={model_cfg["layers"]} classes={model_cfg["num_classes"]} '
             f'param size = {n_params / 1e6:f}M; recipe {recipe.name}; world {ctx.world_size} on {device}'
             + (f'; {ctx.backend}' if ctx.backend else ''))
@@ -275,29 +275,29 @@ def _run_stage(cfg: Dict[str, Any], recipe: Recipe, stage: Stage, ctx: Any, log:
                 log('note: the config differs from the checkpoint\'s in ' + ', '.join(changed)
                     + '; optimizer and schedule state continue from the checkpoint')
         show = _show_progress(cfg, ctx)
-        epochs = int(cfg['epochs'])
+        epochs = int(cfg.epochs)
         stage_run = StageRun(stage=stage, cfg=cfg, model=net, optimizer=optimizer, ctx=ctx, log=log,
                              run_dir=run.path, start_epoch=start_epoch, epochs=epochs)
         recipe.on_stage_start(stage_run)
         for epoch in range(start_epoch, epochs):
             t0 = time.time()
             train_sampler.set_epoch(epoch)
-            drop = float(cfg['drop_path_prob']) * epoch / epochs
+            drop = float(cfg.drop_path_prob) * epoch / epochs
             net.drop_path_prob = drop
             schedule.set_epoch_start(epoch)
             lr = schedule.lr()
             log(f'epoch {epoch} lr {lr:e}')
             options = recipe.on_epoch_start(stage_run, epoch) or {}
             tr = train_one_epoch(model, train_loader, optimizer, criterion, epoch=epoch, ctx=ctx, schedule=schedule,
-                                 grad_clip=cfg['grad_clip'], grad_clip_mode=cfg['grad_clip_mode'], amp=cfg['amp'],
-                                 scaler=scaler, channels_last=cfg['channels_last'], report_freq=cfg['report_freq'],
-                                 max_batches=cfg['max_train_batches'], show_progress=show, log=log, on_step=on_step,
+                                 grad_clip=cfg.grad_clip, grad_clip_mode=cfg.grad_clip_mode, amp=cfg.amp,
+                                 scaler=scaler, channels_last=cfg.channels_last, report_freq=cfg.report_freq,
+                                 max_batches=cfg.max_train_batches, show_progress=show, log=log, on_step=on_step,
                                  **options)
             log(f"train_acc {tr['top1']:f}")
             recipe.on_epoch_trained(stage_run, epoch, tr)
             broadcast_buffers(net, ctx)                              # every rank evaluates rank 0's model
-            va = evaluate(model, val_loader, ctx=ctx, amp=cfg['amp'], channels_last=cfg['channels_last'],
-                          report_freq=cfg['report_freq'], max_batches=cfg['max_val_batches'], show_progress=show,
+            va = evaluate(model, val_loader, ctx=ctx, amp=cfg.amp, channels_last=cfg.channels_last,
+                          report_freq=cfg.report_freq, max_batches=cfg.max_val_batches, show_progress=show,
                           log=log)
             log(f"valid_acc {va['top1']:f}")
             log(f"valid_acc_top5 {va['top5']:f}")
@@ -313,7 +313,7 @@ def _run_stage(cfg: Dict[str, Any], recipe: Recipe, stage: Stage, ctx: Any, log:
                                                          optimizer=optimizer.state_dict(),
                                                          scheduler=schedule.state_dict(),
                                                          scaler=scaler.state_dict() if scaler is not None else None,
-                                                         rng=capture_rng(), config=dict(cfg), metrics=dict(last),
+                                                         rng=capture_rng(), config=cfg.as_dict(), metrics=dict(last),
                                                          best_top1=float(best_top1)))
             ctx.barrier()
         if start_epoch >= epochs:
@@ -326,7 +326,7 @@ def _run_stage(cfg: Dict[str, Any], recipe: Recipe, stage: Stage, ctx: Any, log:
         run.close()
 
 
-def run_evaluation(cfg: Dict[str, Any], checkpoint: str | os.PathLike, *, official: bool = False,
+def run_evaluation(cfg: TrainConfig, checkpoint: str | os.PathLike, *, official: bool = False,
                    layout: Optional[str] = None) -> Dict[str, float]:
     """Top-1/top-5 of a checkpoint on the config's validation set (whole set, all ranks).
 
@@ -341,8 +341,8 @@ def run_evaluation(cfg: Dict[str, Any], checkpoint: str | os.PathLike, *, offici
     from ..rundir import setup_logging
     from .loop import evaluate
 
-    if cfg.get('threads'):
-        torch.set_num_threads(int(cfg['threads']))
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     model_cfg = resolve_model_config(cfg)
     model = build_network(model_cfg)
     path = Path(checkpoint)
@@ -354,20 +354,20 @@ def run_evaluation(cfg: Dict[str, Any], checkpoint: str | os.PathLike, *, offici
         raise CheckpointError(f'{path}: {exc}') from None
     val_ds = build_dataset(cfg, 'val')
     _check_data(val_ds, val_ds, int(model_cfg['num_classes']))
-    ctx = init_distributed(cfg['device'])
+    ctx = init_distributed(cfg.device)
     try:
         log = setup_logging(ctx.is_main).info
         model = model.to(ctx.device)
-        if cfg['channels_last']:
+        if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        loader = DataLoader(val_ds, batch_size=cfg['batch_size'],
+        loader = DataLoader(val_ds, batch_size=cfg.batch_size,
                             sampler=ShardSampler(len(val_ds), ctx.rank, ctx.world_size),
-                            num_workers=int(cfg['workers']), pin_memory=ctx.device.type == 'cuda')
-        log(f"evaluating {path} ({info.get('layout')} layout) as {cfg['model']} "
+                            num_workers=int(cfg.workers), pin_memory=ctx.device.type == 'cuda')
+        log(f"evaluating {path} ({info.get('layout')} layout) as {cfg.model} "
             f"C={model_cfg['init_channels']} L={model_cfg['layers']} precision rule "
             f"{model_cfg.get('precision_rule') or 'standard'}")
-        return evaluate(model, loader, ctx=ctx, amp=cfg['amp'], channels_last=cfg['channels_last'],
-                        report_freq=cfg['report_freq'], max_batches=cfg['max_val_batches'],
+        return evaluate(model, loader, ctx=ctx, amp=cfg.amp, channels_last=cfg.channels_last,
+                        report_freq=cfg.report_freq, max_batches=cfg.max_val_batches,
                         show_progress=_show_progress(cfg, ctx), log=log)
     finally:
         cleanup(ctx)

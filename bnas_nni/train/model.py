@@ -19,9 +19,9 @@ MODEL_KEYS = ('genotype', 'init_channels', 'layers', 'num_classes', 'precision_r
 def resolve_model_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """The network settings: the named model config with the trainer's overrides applied."""
     overrides = {k: cfg.get(k) for k in MODEL_KEYS}
-    overrides['dataset'] = 'imagenet' if family_of(cfg['dataset']) == 'imagenet' else 'cifar10'
-    mc = model_config(cfg['model'], **overrides)
-    if overrides['dataset'] == 'cifar10' and cfg.get('num_classes') is None:
+    overrides['dataset'] = 'imagenet' if family_of(cfg.dataset) == 'imagenet' else 'cifar10'
+    mc = model_config(cfg.model, **overrides)
+    if overrides['dataset'] == 'cifar10' and cfg.num_classes is None:
         mc['num_classes'] = 10
     return mc
 

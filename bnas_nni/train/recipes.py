@@ -54,7 +54,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from ..config import family_of
+from ..config import TrainConfig, family_of
 from ..data import build_dataset
 from ..distributed import DistContext, broadcast_buffers
 from ..errors import ConfigError
@@ -91,7 +91,7 @@ class StageRun:
     """
 
     stage: Stage
-    cfg: Mapping[str, Any]
+    cfg: TrainConfig
     model: nn.Module
     optimizer: torch.optim.Optimizer
     ctx: DistContext
@@ -140,28 +140,28 @@ class Recipe:
         """Config defaults for a network family (``cifar`` or ``imagenet``)."""
         return {}
 
-    def stages(self, cfg: Mapping[str, Any]) -> List[Stage]:
+    def stages(self, cfg: TrainConfig) -> List[Stage]:
         return [Stage()]
 
-    def optimizer(self, model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    def optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         return optimizer_from_config(model, dict(cfg))
 
-    def schedule(self, optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any],
+    def schedule(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                  iters_per_epoch: int) -> IterationSchedule:
         return build_schedule(dict(cfg), optimizer, iters_per_epoch)
 
-    def check(self, cfg: Mapping[str, Any]) -> None:
+    def check(self, cfg: TrainConfig) -> None:
         """Called before anything is written: the model config (op set, quantizers) and the teacher must
         be usable, else a one-line error. Recipes with other inputs extend it."""
         model_cfg = resolve_model_config(cfg)
-        if cfg.get('teacher'):
-            load_teacher(cfg['teacher'], num_classes=int(model_cfg['num_classes']), family=_family(cfg))
+        if cfg.teacher:
+            load_teacher(cfg.teacher, num_classes=int(model_cfg['num_classes']), family=_family(cfg))
 
-    def loss(self, cfg: Mapping[str, Any], num_classes: int) -> TrainLoss:
-        """The training loss: distillation from ``cfg['teacher']`` when set, else cross entropy."""
-        if cfg.get('teacher'):
-            return Distillation(load_teacher(cfg['teacher'], num_classes=num_classes, family=_family(cfg)))
-        return CrossEntropy(cfg.get('label_smoothing', 0.0))
+    def loss(self, cfg: TrainConfig, num_classes: int) -> TrainLoss:
+        """The training loss: distillation from ``cfg.teacher`` when set, else cross entropy."""
+        if cfg.teacher:
+            return Distillation(load_teacher(cfg.teacher, num_classes=num_classes, family=_family(cfg)))
+        return CrossEntropy(cfg.label_smoothing)
 
     # ----------------------------------------------------------------------------------------- hooks
 
@@ -176,7 +176,7 @@ class Recipe:
             return {}
         mode, first = fixed
         if epoch == first:
-            if run.cfg.get('bn_recalibration'):
+            if run.cfg.bn_recalibration:
                 reestimate_bn_statistics(run)
             span = f'epochs {first}-{run.epochs - 1}' if first < run.epochs - 1 else f'epoch {first}'
             run.log(f'{span} train with BN statistics fixed' if mode == 'freeze' else
@@ -186,7 +186,7 @@ class Recipe:
     def on_epoch_trained(self, run: StageRun, epoch: int, metrics: Mapping[str, float]) -> None:
         """After ``epoch``'s training (``metrics``: its loss/top1/top5): without fixed-BN epochs, the
         stage's last epoch re-estimates the BN statistics that its validation and checkpoint then use."""
-        if (run.cfg.get('bn_recalibration') and _fixed_bn_epochs(run.cfg, run.epochs) is None
+        if (run.cfg.bn_recalibration and _fixed_bn_epochs(run.cfg, run.epochs) is None
                 and epoch == run.epochs - 1):
             reestimate_bn_statistics(run)
 
@@ -194,11 +194,11 @@ class Recipe:
         """After the stage (``result``: ``run_dir``, ``epochs_run``, ``final`` metrics, ``best_top1``)."""
 
 
-def _family(cfg: Mapping[str, Any]) -> str:
-    return family_of(cfg.get('dataset'))
+def _family(cfg: TrainConfig) -> str:
+    return family_of(cfg.dataset)
 
 
-def _fixed_bn_epochs(cfg: Mapping[str, Any], epochs: int) -> Optional[Tuple[str, int]]:
+def _fixed_bn_epochs(cfg: TrainConfig, epochs: int) -> Optional[Tuple[str, int]]:
     """``('freeze' | 'renorm', first epoch)`` of the stage's epochs that train with the running BN
     statistics (``bn_freeze_epochs`` / ``bn_renorm_epochs``, which the config keeps exclusive); None if none."""
     for mode, key in (('freeze', 'bn_freeze_epochs'), ('renorm', 'bn_renorm_epochs')):
@@ -208,13 +208,13 @@ def _fixed_bn_epochs(cfg: Mapping[str, Any], epochs: int) -> Optional[Tuple[str,
     return None
 
 
-def recalibration_loader(cfg: Mapping[str, Any], ctx: DistContext) -> DataLoader:
+def recalibration_loader(cfg: TrainConfig, ctx: DistContext) -> DataLoader:
     """This rank's shuffled shard of the training images with the evaluation transform, for BN re-estimation
     (augmented crops have other statistics than the images the network is evaluated on)."""
     ds = build_dataset(dict(cfg), 'train-eval')
     sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=int(cfg['seed']) + 1, drop_last=False)
-    return DataLoader(ds, batch_size=cfg['batch_size'], sampler=sampler, num_workers=int(cfg['workers']),
+                                 seed=int(cfg.seed) + 1, drop_last=False)
+    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=int(cfg.workers),
                       pin_memory=ctx.device.type == 'cuda')
 
 
@@ -222,9 +222,9 @@ def reestimate_bn_statistics(run: StageRun) -> None:
     """Re-estimate the model's BN statistics on ``bn_recalibration`` training batches in
     ``bn_recalibration_mode``, then give every rank rank 0's."""
     cfg = run.cfg
-    mode = cfg.get('bn_recalibration_mode') or 'eval'
-    seen = recalibrate_bn(run.model, recalibration_loader(cfg, run.ctx), int(cfg['bn_recalibration']), ctx=run.ctx,
-                          amp=cfg['amp'], channels_last=cfg['channels_last'], mode=mode)
+    mode = cfg.bn_recalibration_mode or 'eval'
+    seen = recalibrate_bn(run.model, recalibration_loader(cfg, run.ctx), int(cfg.bn_recalibration), ctx=run.ctx,
+                          amp=cfg.amp, channels_last=cfg.channels_last, mode=mode)
     how = 'layer by layer in eval mode' if mode == 'eval' else 'in training mode'
     run.log(f'BN statistics re-estimated {how} on {seen} training images with the evaluation transform '
             "(rank 0's are kept)")
@@ -271,12 +271,12 @@ class ReactRecipe(Recipe):
     def defaults(self, family: str) -> Dict[str, Any]:
         return dict(self.IMAGENET if family == 'imagenet' else self.CIFAR)
 
-    def stages(self, cfg: Mapping[str, Any]) -> List[Stage]:
-        step1_epochs = cfg.get('step1_epochs') or cfg['epochs']
+    def stages(self, cfg: TrainConfig) -> List[Stage]:
+        step1_epochs = cfg.step1_epochs or cfg.epochs
         # step 1 never trains with fixed BN statistics: they only start step 2, which moves them again
         return [Stage('step1', {'binarizer': 'none', 'epochs': int(step1_epochs), 'bn_freeze_epochs': 0,
                                 'bn_renorm_epochs': 0}),
-                Stage('step2', {'weight_decay': float(cfg.get('step2_weight_decay') or 0.0)}, init_from_previous=True)]
+                Stage('step2', {'weight_decay': float(cfg.step2_weight_decay or 0.0)}, init_from_previous=True)]
 
 
 #: name -> Recipe instance
