@@ -23,10 +23,10 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+from ..config import SearchConfig
 from ..console import log as console_log
-from ..errors import ConfigError
 from ..nni.environment import redirected_nni_home
 from ..nni.rest import free_port, rest_snapshot
 
@@ -63,7 +63,7 @@ def _quiet_lightning() -> None:
         warnings.filterwarnings('ignore', message=message)
 
 
-def _one_shot_evaluator(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, run_dir: Path, num_classes: int,
+def _one_shot_evaluator(cfg: SearchConfig, train_ds: Any, val_ds: Any, run_dir: Path, num_classes: int,
                         device: Any, progress: bool, epoch_callbacks: Sequence[Callable[..., None]],
                         trainer_options: Optional[Mapping[str, Any]] = None):
     import pytorch_lightning as pl
@@ -82,15 +82,15 @@ def _one_shot_evaluator(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, run_
             for cb in epoch_callbacks:
                 cb(record, pl_module)
 
-    trainer_kwargs: Dict[str, Any] = dict(max_epochs=int(cfg['epochs']), enable_progress_bar=progress,
+    trainer_kwargs: Dict[str, Any] = dict(max_epochs=int(cfg.epochs), enable_progress_bar=progress,
                                           default_root_dir=str(run_dir), log_every_n_steps=1, num_sanity_val_steps=0,
                                           accelerator='gpu' if device.type == 'cuda' else 'cpu',
                                           callbacks=[_EpochReport()])
-    if cfg['max_train_batches']:
-        trainer_kwargs['limit_train_batches'] = int(cfg['max_train_batches'])
-    if cfg['max_val_batches']:
-        trainer_kwargs['limit_val_batches'] = int(cfg['max_val_batches'])
-    if cfg['tensorboard']:
+    if cfg.max_train_batches:
+        trainer_kwargs['limit_train_batches'] = int(cfg.max_train_batches)
+    if cfg.max_val_batches:
+        trainer_kwargs['limit_val_batches'] = int(cfg.max_val_batches)
+    if cfg.tensorboard:
         from pytorch_lightning.loggers import TensorBoardLogger
 
         trainer_kwargs['logger'] = TensorBoardLogger(str(run_dir), name='tb', version='')
@@ -98,13 +98,13 @@ def _one_shot_evaluator(cfg: Mapping[str, Any], train_ds: Any, val_ds: Any, run_
         trainer_kwargs['logger'] = False
     trainer_kwargs.update(trainer_options or {})        # e.g. Lightning's DDP strategy under torchrun
     return BinaryClassification(
-        learning_rate=float(cfg['lr']), weight_decay=float(cfg['weight_decay']), optimizer=cfg['optimizer'],
-        momentum=float(cfg['momentum']), lr_min=float(cfg['lr_min']), num_classes=num_classes,
-        train_dataloaders=DataLoader(train_ds, batch_size=int(cfg['batch_size']), shuffle=True),
-        val_dataloaders=DataLoader(val_ds, batch_size=int(cfg['batch_size']), shuffle=False), **trainer_kwargs)
+        learning_rate=float(cfg.lr), weight_decay=float(cfg.weight_decay), optimizer=cfg.optimizer,
+        momentum=float(cfg.momentum), lr_min=float(cfg.lr_min), num_classes=num_classes,
+        train_dataloaders=DataLoader(train_ds, batch_size=int(cfg.batch_size), shuffle=True),
+        val_dataloaders=DataLoader(val_ds, batch_size=int(cfg.batch_size), shuffle=False), **trainer_kwargs)
 
 
-def run_nni_experiment(cfg: Dict[str, Any], strategy: Any, kind: str, space: Any, run_dir: Path, *, device: Any,
+def run_nni_experiment(cfg: SearchConfig, strategy: Any, kind: str, space: Any, run_dir: Path, *, device: Any,
                        progress: bool = False, epoch_callbacks: Sequence[Callable[..., None]] = (),
                        on_running: Optional[Callable[[Any, Optional[int]], None]] = None,
                        log: Callable[[str], None] = console_log,
@@ -140,19 +140,19 @@ def run_nni_experiment(cfg: Dict[str, Any], strategy: Any, kind: str, space: Any
     started = time.perf_counter()
     with redirected_nni_home(run_dir, manager=kind == 'multi-trial'):
         exp = NasExperiment(space, evaluator, strategy)
-        exp.config.experiment_name = f'bnas-{cfg["name"] or cfg["strategy"]}'
+        exp.config.experiment_name = f'bnas-{cfg.name or cfg.strategy}'
         exp.config.experiment_working_directory = str((run_dir / 'nni-experiments').resolve())
         port: Optional[int] = None
         if kind == 'multi-trial':
-            exp.config.max_trial_number = int(cfg['max_trial_number'])
-            exp.config.trial_concurrency = int(cfg['trial_concurrency'])
-            if cfg['max_experiment_duration']:
-                exp.config.max_experiment_duration = str(cfg['max_experiment_duration'])
-            port = int(cfg['port'] or free_port())
+            exp.config.max_trial_number = int(cfg.max_trial_number)
+            exp.config.trial_concurrency = int(cfg.trial_concurrency)
+            if cfg.max_experiment_duration:
+                exp.config.max_experiment_duration = str(cfg.max_experiment_duration)
+            port = int(cfg.port or free_port())
             result['port'] = port
         result['experiment_id'] = exp.id
         try:
-            log(f'[{cfg["strategy"]}] {kind} search, run dir {run_dir}' +
+            log(f'[{cfg.strategy}] {kind} search, run dir {run_dir}' +
                 (f', NNI manager on http://127.0.0.1:{port}' if port else ''))
             if port is not None:
                 exp.run(port=port)
@@ -165,13 +165,13 @@ def run_nni_experiment(cfg: Dict[str, Any], strategy: Any, kind: str, space: Any
                 result['rest'] = rest_snapshot(port)
                 result['trials'] = [_model_record(m) for m in exp.strategy.list_models(sort=False)]
                 if not any(t['metric'] is not None for t in result['trials']):
-                    raise RuntimeError(f'{cfg["strategy"]}: no trial reported a final metric; see the trial logs '
+                    raise RuntimeError(f'{cfg.strategy}: no trial reported a final metric; see the trial logs '
                                        f'under {run_dir / "nni-experiments" / exp.id}')
             else:
                 module = exp.strategy.oneshot_module
                 metrics: Dict[str, Any] = {k: float(v) for k, v in evaluator.trainer.callback_metrics.items()
                                            if not k.startswith('prob/')}
-                if hasattr(module, 'export_probs') and cfg['strategy'] != 'random-one-shot':
+                if hasattr(module, 'export_probs') and cfg.strategy != 'random-one-shot':
                     try:
                         metrics['probs'] = module.export_probs()
                     except NotImplementedError:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
