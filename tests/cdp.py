@@ -12,12 +12,13 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from harness import stop_group
 
 CHROMIUM_FLAGS = ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--hide-scrollbars',
                   '--no-first-run', '--no-default-browser-check', '--disable-extensions', '--disable-sync',
@@ -155,16 +156,7 @@ class Chromium:
             except Exception:  # noqa: BLE001 - the browser may be gone already
                 pass
         if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_group(self.proc, grace=5)
         self._log.close()
 
     def __enter__(self) -> 'Chromium':

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from bnas_nni.paths import REPO_ROOT
+from harness import kill_tree
 
 pytestmark = pytest.mark.skipif(shutil.which('tmux') is None, reason='tmux is not installed (.ci/setup.sh)')
 
@@ -74,10 +75,7 @@ def _screen(command: list, tmp_path: Path, width: int = 110, timeout: float = 18
         subprocess.run([*tmux, 'kill-server'], env=env, capture_output=True)
         pid = server.stdout.strip()
         if pid.isdigit():
-            try:
-                os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
+            kill_tree(int(pid))                  # the server and the panes' shells (each in a session of its own)
     return [line.rstrip() for line in out.splitlines()]
 
 

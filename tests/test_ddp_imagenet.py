@@ -9,8 +9,6 @@ import csv
 import gzip
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,8 @@ import yaml
 
 from bnas_nni.cli import main
 from bnas_nni.data import DEBIAN_FASHION_MNIST
-from bnas_nni.nni.loopback import loopback_namespace_prefix
 from bnas_nni.paths import REPO_ROOT, experiments_dir
+from harness import Job, torchrun
 
 FASHION = Path(os.environ.get('BNAS_FASHION_MNIST') or DEBIAN_FASHION_MNIST)
 pytestmark = [pytest.mark.slow,
@@ -79,19 +77,13 @@ class RecordingChannel(TrialCommandChannel):
 """
 
 
-def _torchrun():
-    exe = Path(sys.executable).with_name('torchrun')
-    return [str(exe)] if exe.exists() else [sys.executable, '-m', 'torch.distributed.run']
-
-
 def test_torchrun_two_gloo_processes_on_real_images(tmp_path, capsys):
     data = tmp_path / 'imnet'
     _build_imagefolder(data)
     assert main(['data', 'prepare-imagenet', str(data)]) == 0
     assert sorted(os.listdir(data / 'val')) == ['0', '1', '2', '3']
     run = tmp_path / 'run'
-    cmd = [*loopback_namespace_prefix(), *_torchrun(), '--nnodes=1', '--nproc_per_node=2', '--rdzv-backend=c10d',
-           '--rdzv-endpoint=127.0.0.1:0', 'trainers/train_imagenet.py',
+    cmd = [*torchrun(2, 'trainers/train_imagenet.py'),
            '--config', str(experiments_dir() / 'train_imagenet_bnas.yaml'), '--data', str(data),
            '--model', 'bnas-d', '--init-channels', '8', '--layers', '3', '--num-classes', '4', '--batch-size', '8',
            '--epochs', '2', '--workers', '0', '--threads', '1', '--device', 'cpu', '--run-dir', str(run),
@@ -104,8 +96,14 @@ def test_torchrun_two_gloo_processes_on_real_images(tmp_path, capsys):
            'NNI_TRIAL_COMMAND_CHANNEL': 'import://bnas_test_channel.RecordingChannel',
            'BNAS_TEST_CHANNEL_LOG': str(record), 'NNI_OUTPUT_DIR': str(tmp_path / 'nni-trial'),
            'PYTHONPATH': os.pathsep.join(filter(None, [str(chan), os.environ.get('PYTHONPATH')]))}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    job = Job(cmd, env, tmp_path / 'torchrun.log', cwd=REPO_ROOT)      # in a loopback namespace where one exists
+    try:
+        rc = job.wait(400)
+        output = job.output()
+    finally:
+        job.close()
+    assert rc == 0, output[-3000:]
+    assert not job.leftovers()
     log = (run / 'log.txt').read_text()
     assert 'world 2 on cpu; gloo' in log and 'classes=4' in log
     # NNI: rank 0 alone took the parameters, both ranks used them (DDP refuses differently shaped

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -129,7 +128,7 @@ import yaml  # noqa: E402
 
 from bnas_nni.data import DEBIAN_FASHION_MNIST  # noqa: E402
 from bnas_nni.nni.loopback import loopback_namespace_prefix  # noqa: E402
-from bnas_nni.nni.processes import pid_alive  # noqa: E402
+from harness import Job, child_env, descendants, torchrun, torchrun_command  # noqa: E402
 
 FASHION = Path(os.environ.get('BNAS_FASHION_MNIST') or DEBIAN_FASHION_MNIST)
 needs_fashion = pytest.mark.skipif(not (FASHION / 'train-images-idx3-ubyte.gz').is_file(),
@@ -138,93 +137,12 @@ SETS = ['--set', 'threads=1', '--set', 'progress=never', '--set', 'tensorboard=t
 QUICK = ['--config', str(PRESET), *SETS]
 
 
-def _torchrun() -> List[str]:
-    exe = Path(sys.executable).with_name('torchrun')
-    return [str(exe)] if exe.exists() else [sys.executable, '-m', 'torch.distributed.run']
-
-
-def _env(**extra: str) -> Dict[str, str]:
-    env = {**os.environ, 'GLOO_SOCKET_IFNAME': 'lo', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1',
-           'PYTHONPATH': os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')]))}
-    for key in ('NNI_PLATFORM', 'NNI_OUTPUT_DIR', 'NNI_TRIAL_JOB_ID', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
-        env.pop(key, None)
-    env.update(extra)
-    return env
-
-
-def _descendants(pid: int) -> List[int]:
-    """``pid``'s living descendants (torchrun starts its workers in sessions of their own, so a process
-    group kill would miss them)."""
-    out: List[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f'/proc/{p}/task').glob('*'):
-            try:
-                kids = [int(c) for c in (task / 'children').read_text().split()]
-            except OSError:
-                continue
-            out.extend(kids)
-            todo.extend(kids)
-    return out
-
-
-class Job:
-    """A command (usually torchrun) whose whole process tree is tracked and killed at the end."""
-
-    def __init__(self, cmd: Sequence[str], env: Dict[str, str], log: Path) -> None:
-        self.log = log
-        self.file = open(log, 'w')
-        self.proc = subprocess.Popen([*loopback_namespace_prefix(), *cmd], cwd=REPO, env=env, stdout=self.file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.seen: set = {self.proc.pid}
-
-    def poll_tree(self) -> None:
-        self.seen.update(_descendants(self.proc.pid))
-
-    def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            self.poll_tree()
-            time.sleep(0.1)
-        if self.proc.poll() is None:
-            self.kill()
-            raise AssertionError(f'{self.proc.args} did not finish in {timeout:.0f}s:\n{self.output()[-3000:]}')
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        self.poll_tree()
-        for pid in sorted(self.seen):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + 15         # SIGKILLed processes can take a moment to go on a busy machine
-        while self.leftovers() and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-    def leftovers(self) -> List[int]:
-        return [p for p in self.seen if pid_alive(p)]
-
-    def output(self) -> str:
-        self.file.flush()
-        return self.log.read_text()
-
-    def close(self) -> None:
-        self.kill()
-        self.file.close()
-
-
 @pytest.fixture
 def jobs():
     started: List[Job] = []
 
     def start(cmd: Sequence[str], log: Path, **env: str) -> Job:
-        job = Job(cmd, _env(**env), log)
+        job = Job(cmd, child_env(**env), log)
         started.append(job)
         return job
 
@@ -233,11 +151,6 @@ def jobs():
         job.close()
     time.sleep(0.2)
     assert not [p for job in started for p in job.leftovers()], 'processes left behind'
-
-
-def torchrun(nproc: int, *args: str) -> List[str]:
-    return [*_torchrun(), '--nnodes=1', f'--nproc_per_node={nproc}', '--rdzv-backend=c10d',
-            '--rdzv-endpoint=127.0.0.1:0', *args]
 
 
 def _run(jobs, tmp_path: Path, name: str, cmd: List[str], timeout: float = 240, **env: str):
@@ -466,7 +379,8 @@ def reference(tmp_path_factory):
         pytest.skip('Debian dataset-fashion-mnist is not installed')
     tmp = tmp_path_factory.mktemp('ddp-reference')
     run_dir = tmp / 'run'
-    job = Job(torchrun(2, '-m', 'bnas_nni', 'search', *SEARCH_ARGS, '--run-dir', str(run_dir)), _env(), tmp / 'log')
+    job = Job(torchrun(2, '-m', 'bnas_nni', 'search', *SEARCH_ARGS, '--run-dir', str(run_dir)), child_env(),
+              tmp / 'log')
     try:
         rc = job.wait(300)
         output = job.output()
@@ -582,7 +496,7 @@ def test_bad_input_is_one_line_on_rank_0_and_every_rank_fails(case, tmp_path, jo
 
 
 def _rank_pid(job: Job, rank: int) -> int:
-    for pid in _descendants(job.proc.pid):
+    for pid in descendants(job.proc.pid):
         try:
             env = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
         except OSError:
@@ -701,7 +615,7 @@ def test_nnictl_trial_is_a_torchrun_job_and_rank_0_reports(tmp_path, jobs):
     assert '-m bnas_nni search' in config['trialCommand']
     config['searchSpace'] = {'lamda': {'_type': 'choice', '_value': [1.0]}}
     config['maxTrialNumber'] = 1
-    config['trialCommand'] = config['trialCommand'].replace('torchrun', str(_torchrun()[0]), 1) + (
+    config['trialCommand'] = config['trialCommand'].replace('torchrun', str(torchrun_command()[0]), 1) + (
         ' --epochs 2 --set train_subset=256 --set batch_size=32 --set dist_timeout=60 '
         '--set final_train_subset=128 --set final_test_subset=128')
     config['trialCodeDirectory'] = str(REPO)

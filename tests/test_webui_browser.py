@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from cdp import find_chromium  # noqa: E402
+from harness import kill_tree  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(660)]
 
@@ -73,7 +73,7 @@ def webui(tmp_path_factory):
     try:
         output, _ = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)             # the driver's group: its bnas-nni and nnictl children
+        kill_tree(proc.pid)                             # the driver's group and tree: its bnas-nni and nnictl children
         output, _ = proc.communicate()
     finally:
         _stop_leftovers(workdir)
