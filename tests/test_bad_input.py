@@ -103,6 +103,11 @@ def test_a_file_where_a_folder_is_wanted_is_refused_before_any_work(workdir, cap
     _refused(capsys, ['search', '--config', QUICK_SEARCH, *TINY_SEARCH, '--save', 'x', '--out', str(afile),
                       '--run-dir', str(run)], f'genotype folder {afile} exists and is not a directory', '--out')
     assert not run.exists() and afile.read_text() == 'mine\n'      # refused before the search started
+    # export: --out a folder, or below a file, is refused before the checkpoint is even read
+    _refused(capsys, ['export', '--checkpoint', str(workdir / 'no-such-run'), '--out', str(workdir)],
+             f'--out {workdir} is a directory', 'net.bnp')
+    _refused(capsys, ['export', '--checkpoint', str(workdir / 'no-such-run'), '--out', str(afile / 'net.bnp')],
+             f'the folder of --out {afile} exists and is not a directory', '--out')
 
 
 def test_train_resume_without_a_checkpoint_names_the_path(workdir, capsys):

@@ -54,13 +54,16 @@ def _report_diff(what: str, diff: float) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..cli import quiet_warnings
     from ..errors import ConfigError
-    from ..io import atomic_path
+    from ..io import atomic_path, check_output_dir
 
     quiet_warnings()
     if args.check:
         return _cmd_check(args)
     if not args.checkpoint or not args.out:
         raise ConfigError('export needs --checkpoint and --out (or --check PACKED_FILE)')
+    if Path(args.out).is_dir():                 # before the network is built: name a file, not a folder
+        raise ConfigError(f'--out {args.out} is a directory; name the file to write, e.g. {Path(args.out) / "net.bnp"}')
+    check_output_dir(Path(args.out).parent, 'the folder of --out', '--out')
     from . import network_from_checkpoint, state_dict_bytes
     from .export import binary_part_sizes, describe_network, packed_description
 
