@@ -40,7 +40,8 @@ TIERS = {
                  'test_deploy_kernels.py', 'test_deploy_network.py', 'test_fast_cell.py', 'test_fast_kernels.py',
                  'test_genotypes.py', 'test_react.py', 'test_recipes.py', 'test_schedules.py', 'test_space.py'),
     'system': ('test_cli.py', 'test_console.py', 'test_ddp_imagenet.py', 'test_ddp_search.py', 'test_faults.py',
-               'test_nni_create.py', 'test_nni_strategies.py', 'test_nnictl_search.py', 'test_nnictl_train.py',
+               'test_binarizer_plugin.py', 'test_nni_create.py', 'test_nni_strategies.py', 'test_nnictl_search.py',
+               'test_nnictl_train.py',
                'test_react_recipe.py', 'test_recipe_plugin.py', 'test_robustness.py', 'test_search_e2e.py',
                'test_strategy_registry.py', 'test_training.py', 'test_webui_browser.py'),
 }
