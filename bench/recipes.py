@@ -128,7 +128,7 @@ def _final_checkpoint(name: str, run_dir: Path) -> Path:
 def train_and_score(name: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
     """Train one row (or reuse its result) and score it on the whole test set."""
     from bnas_nni.checkpoints import read_checkpoint
-    from bnas_nni.train.engine import resolve_train_config, run_evaluation, run_training
+    from bnas_nni.train.runner import resolve_train_config, run_evaluation, run_training
 
     cfg = run_config(name, seed, args, out)
     run_dir = Path(cfg['run_dir'])

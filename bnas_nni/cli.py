@@ -34,7 +34,7 @@ COMMAND_MODULES = (
     'bnas_nni.train.cli',             # train, eval
     'bnas_nni.summary',               # summary
     'bnas_nni.data',                  # data
-    'bnas_nni.nni.cli',               # nni create / stop / list
+    'bnas_nni.integrations.nni.cli',               # nni create / stop / list
     'bnas_nni.plot',                  # plot
     'bnas_nni.deploy.cli',            # export
     'bnas_nni.config',                # config (the keys of search and train)

@@ -5,7 +5,7 @@ running.
 Contract: :func:`kill_tree` SIGKILLs a process, its process group and every descendant it can still
 find (torchrun starts its workers in sessions of their own, so a group kill alone would miss them) and
 waits until they are gone; :func:`stop_group` asks a process group to end (SIGTERM, then SIGKILL after
-``grace``) through :func:`bnas_nni.nni.processes.terminate`, the library's own stopper.
+``grace``) through :func:`bnas_nni.integrations.nni.processes.terminate`, the library's own stopper.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from bnas_nni.nni.loopback import loopback_namespace_prefix
-from bnas_nni.nni.processes import pid_alive, terminate
+from bnas_nni.integrations.nni.loopback import loopback_namespace_prefix
+from bnas_nni.integrations.nni.processes import pid_alive, terminate
 
 REPO = Path(__file__).resolve().parent.parent
 

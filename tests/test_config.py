@@ -92,7 +92,7 @@ def test_every_preset_resolves_to_what_it_says():
     from bnas_nni.search.run import resolve_search_config
     from bnas_nni.search.strategies import build_strategy
     from bnas_nni.space import load_space_config
-    from bnas_nni.train.engine import resolve_train_config
+    from bnas_nni.train.runner import resolve_train_config
     from bnas_nni.train.model import resolve_model_config
     from bnas_nni.train.recipes import get_recipe
 
@@ -139,7 +139,7 @@ def test_paper_preset_runs_on_fashion_mnist_with_only_the_dataset_changed(tmp_pa
 
 
 def test_bn_epoch_options_are_checked():
-    from bnas_nni.train.engine import resolve_train_config
+    from bnas_nni.train.runner import resolve_train_config
 
     assert resolve_train_config(None, {'bn_renorm_epochs': 2})['bn_renorm_epochs'] == 2
     with pytest.raises(ConfigError, match='bn_renorm_epochs must be >= 0'):

@@ -48,7 +48,7 @@ def _worker_equiv(out: str, batch_size: int, sync_bn: bool, epochs: int, images:
 
     from bnas_nni.data import DatasetView, FashionMNIST32
     from bnas_nni.distributed import cleanup
-    from bnas_nni.search.distributed import model_fingerprint, quiet_off_main
+    from bnas_nni.search.data_parallel import model_fingerprint, quiet_off_main
     from bnas_nni.search.driver import SearchDriver
     from bnas_nni.search.run import build_space, resolve_search_config, search_context
     from bnas_nni.search.strategies import build_strategy
@@ -127,7 +127,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from bnas_nni.data import DEBIAN_FASHION_MNIST  # noqa: E402
-from bnas_nni.nni.loopback import loopback_namespace_prefix  # noqa: E402
+from bnas_nni.integrations.nni.loopback import loopback_namespace_prefix  # noqa: E402
 from harness import Job, child_env, descendants, torchrun, torchrun_command  # noqa: E402
 
 FASHION = Path(os.environ.get('BNAS_FASHION_MNIST') or DEBIAN_FASHION_MNIST)
@@ -177,7 +177,7 @@ def _failed_ranks(output: str) -> Dict[int, int]:
 
 
 def test_shard_sampler_keeps_the_single_process_batches():
-    from bnas_nni.search.distributed import EpochShardSampler
+    from bnas_nni.search.data_parallel import EpochShardSampler
 
     n, b = 50, 8
     single = list(torch.utils.data.RandomSampler(range(n), generator=torch.Generator().manual_seed(11)))
@@ -197,7 +197,7 @@ def test_synced_batch_norm_on_one_process_is_batch_norm():
     """The synced normalisation (module and fast-cell groups) computes nn.BatchNorm2d's function:
     outputs, input gradients and running statistics, also with one process (no collective)."""
     from bnas_nni.distributed import DistContext
-    from bnas_nni.search.distributed import BatchNormSync, SyncedBatchNorm2d
+    from bnas_nni.search.data_parallel import BatchNormSync, SyncedBatchNorm2d
     from bnas_nni.search.fast_cell import _BNGroup
 
     torch.manual_seed(0)
@@ -234,7 +234,7 @@ def _spawned_bn(rank: int, world: int, store: str, x: torch.Tensor, g: torch.Ten
     import torch.distributed as dist
 
     from bnas_nni.distributed import DistContext
-    from bnas_nni.search.distributed import BatchNormSync, SyncedBatchNorm2d
+    from bnas_nni.search.data_parallel import BatchNormSync, SyncedBatchNorm2d
 
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world)
     try:
@@ -299,7 +299,7 @@ def test_each_step_hands_the_seam_only_its_own_gradients(tmp_path):
 def test_more_ranks_than_batches_is_one_line():
     from bnas_nni.distributed import DistContext
     from bnas_nni.errors import ConfigError
-    from bnas_nni.search.distributed import check_world_fits
+    from bnas_nni.search.data_parallel import check_world_fits
 
     check_world_fits(64, 64, 32, DistContext(rank=0, world_size=2))
     with pytest.raises(ConfigError, match=r'^3 processes but the weight half has only 2 batch\(es\)'):
@@ -559,9 +559,9 @@ def test_nni_one_shot_strategy_under_lightning_ddp_exports_one_architecture(name
 NNICTL_DRIVER = r'''
 import json, os, sys, time
 from pathlib import Path
-from bnas_nni.nni.environment import nni_environment
-from bnas_nni.nni.nnictl import nnictl_create, nnictl_stop
-from bnas_nni.nni.rest import free_port, rest_get, wait_for_experiment
+from bnas_nni.integrations.nni.environment import nni_environment
+from bnas_nni.integrations.nni.nnictl import nnictl_create, nnictl_stop
+from bnas_nni.integrations.nni.rest import free_port, rest_get, wait_for_experiment
 exp_yml, scratch, result = sys.argv[1:4]
 env = nni_environment(scratch, threads=1)
 port = free_port()

@@ -273,7 +273,7 @@ def test_training_stopped_around_a_checkpoint_keeps_metrics_and_checkpoint_in_st
     """Stopped while epoch 1's checkpoint is written (the row is already there) or right after it (before
     anything else): on resume every epoch has exactly one row."""
     import bnas_nni.checkpoints as checkpoints
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
 
     run = tmp_path / 'run'
     save = checkpoints.save_checkpoint

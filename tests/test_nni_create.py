@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnas_nni.nni.environment import nni_environment
-from bnas_nni.nni.lifecycle import stop_experiment
-from bnas_nni.nni.nnictl import manifest_entry
-from bnas_nni.nni.processes import pid_alive
+from bnas_nni.integrations.nni.environment import nni_environment
+from bnas_nni.integrations.nni.lifecycle import stop_experiment
+from bnas_nni.integrations.nni.nnictl import manifest_entry
+from bnas_nni.integrations.nni.processes import pid_alive
 from bnas_nni.paths import REPO_ROOT, experiments_dir
 
 PRESETS = sorted(experiments_dir().glob('nnictl_*.yml'))

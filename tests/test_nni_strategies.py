@@ -395,7 +395,7 @@ def _experiment_processes(exp_id: str, pgid: int):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize('name', MULTI_TRIAL)
 def test_multi_trial_strategy_over_rest_api(name, tmp_path):
-    from bnas_nni.nni.rest import rest_get
+    from bnas_nni.integrations.nni.rest import rest_get
 
     options = {'population_size': 2, 'sample_size': 1} if name == 'regularized-evolution' else {}
     cfg = tiny_config(name, options, run_dir=str(tmp_path / name))

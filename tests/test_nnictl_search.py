@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnas_nni.nni.environment import nni_environment
-from bnas_nni.nni.nnictl import nnictl_create, nnictl_stop
-from bnas_nni.nni.rest import free_port, rest_get, wait_for_experiment
+from bnas_nni.integrations.nni.environment import nni_environment
+from bnas_nni.integrations.nni.nnictl import nnictl_create, nnictl_stop
+from bnas_nni.integrations.nni.rest import free_port, rest_get, wait_for_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 2

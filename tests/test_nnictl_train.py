@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from bnas_nni.data import DEBIAN_FASHION_MNIST
-from bnas_nni.nni.environment import nni_environment
-from bnas_nni.nni.nnictl import nnictl_create, nnictl_stop
-from bnas_nni.nni.rest import free_port, rest_get, wait_for_experiment
+from bnas_nni.integrations.nni.environment import nni_environment
+from bnas_nni.integrations.nni.nnictl import nnictl_create, nnictl_stop
+from bnas_nni.integrations.nni.rest import free_port, rest_get, wait_for_experiment
 from bnas_nni.paths import REPO_ROOT, experiments_dir
 
 pytestmark = [pytest.mark.slow,

@@ -188,7 +188,7 @@ def test_op_sets_expand_unless_keys_are_given():
     assert rebuilt.config == net.config and net.config['nonlinearity'] == 'rprelu'
     rebuilt.load_state_dict(net.state_dict())
     # the trainer's config keys: --set op_set=react / activation=... / shortcut=true
-    from bnas_nni.train.engine import build_network, resolve_model_config, resolve_train_config
+    from bnas_nni.train.runner import build_network, resolve_model_config, resolve_train_config
 
     cfg = resolve_train_config(None, {'op_set': 'react', 'shortcut': 'true', 'init_channels': 4, 'layers': 3})
     net = build_network(resolve_model_config(cfg))

@@ -29,7 +29,7 @@ class _Stop(Exception):
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory) -> Path:
     """A full-precision version of the same genotype (binarizer none, activation identity), one epoch."""
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
 
     run = tmp_path_factory.mktemp('teacher') / 'fp'
     run_training(QUICK, {**TINY, 'epochs': 1, 'binarizer': 'none', 'activation': 'identity', 'run_dir': str(run)})
@@ -37,7 +37,7 @@ def teacher(tmp_path_factory) -> Path:
 
 
 def test_react_defaults_and_stages():
-    from bnas_nni.train.engine import resolve_train_config
+    from bnas_nni.train.runner import resolve_train_config
     from bnas_nni.train.recipes import get_recipe
 
     cifar = resolve_train_config(None, {'recipe': 'react'})
@@ -206,7 +206,7 @@ def test_bn_freeze_epochs_keep_the_re_estimated_statistics(tmp_path):
     import shutil
 
     from bnas_nni.checkpoints import read_checkpoint
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
 
     run = tmp_path / 'frozen'
     kept = tmp_path / 'after_epoch1.pt'
@@ -234,7 +234,7 @@ def test_bn_renorm_epochs_train_with_the_running_statistics(tmp_path):
 
     from bnas_nni.checkpoints import read_checkpoint
     from bnas_nni.train import loop
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
 
     run = tmp_path / 'renorm'
     kept, checked = {}, []
@@ -278,7 +278,7 @@ def test_resumed_inside_the_renorm_epochs_matches_an_uninterrupted_run(tmp_path)
     """Killed in the second Batch Renormalization epoch, ``--resume`` neither re-estimates the statistics again
     nor trains that epoch without renormalisation: the weights, BN buffers and metrics equal an uninterrupted run's."""
     from bnas_nni.checkpoints import read_checkpoint
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
 
     cfg = {**TINY, 'epochs': 3, 'op_set': 'react', 'activation': 'rsign', 'bn_recalibration': 2,
            'bn_renorm_epochs': 2, 'drop_path_prob': 0.0}
@@ -301,7 +301,7 @@ def test_resumed_inside_the_renorm_epochs_matches_an_uninterrupted_run(tmp_path)
 
 def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):
     from bnas_nni.checkpoints import read_checkpoint
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
 
     run = tmp_path / 'react'
     out = run_training(REACT, {**TINY, 'teacher': str(teacher), 'run_dir': str(run), 'step1_epochs': 1})
@@ -336,7 +336,7 @@ def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):
 def test_resumable_in_either_step(tmp_path, teacher, stop_stage):
     """Killed in step 1 or step 2, ``--resume`` finishes with the same weights as an uninterrupted run."""
     from bnas_nni.checkpoints import read_checkpoint
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
 
     cfg = {**TINY, 'teacher': str(teacher), 'step1_epochs': 2}
     full = run_training(REACT, {**cfg, 'run_dir': str(tmp_path / 'full')})
@@ -365,7 +365,7 @@ def test_step2_leaves_binary_latent_weights_undecayed():
     """The optimizers the recipe builds: step 1 decays conv weights only; in step 2 (weight decay 0)
     Adam steps with zero gradients leave every latent binary weight exactly where it was."""
     from bnas_nni.quant import binary_convs
-    from bnas_nni.train.engine import build_network, resolve_model_config, resolve_train_config
+    from bnas_nni.train.runner import build_network, resolve_model_config, resolve_train_config
     from bnas_nni.train.recipes import get_recipe
 
     recipe = get_recipe('react')

@@ -62,7 +62,7 @@ def _reference_paper_cifar(epochs: int, lr: float):
 
 def test_paper_recipe_reproduces_the_plain_one_cycle_loop_bit_for_bit(tmp_path):
     from bnas_nni.checkpoints import read_checkpoint
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
 
     out = run_training(QUICK, {**TINY, 'run_dir': str(tmp_path / 'run')})
     assert out['epochs_run'] == 3 and len(out['stages']) == 1
@@ -74,7 +74,7 @@ def test_paper_recipe_reproduces_the_plain_one_cycle_loop_bit_for_bit(tmp_path):
 
 
 def test_recipe_defaults_per_family_and_unknown_recipe():
-    from bnas_nni.train.engine import resolve_train_config
+    from bnas_nni.train.runner import resolve_train_config
 
     cifar = resolve_train_config(None, {})
     imagenet = resolve_train_config(None, {'model': 'bnas-d'})
@@ -140,7 +140,7 @@ class _TwoStage:
 
 def test_stages_hand_their_weights_on_and_resume(tmp_path, capsys):
     from bnas_nni.checkpoints import read_checkpoint
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
     from bnas_nni.train.recipes import RECIPES, register_recipe
 
     if 'test-two-stage' not in RECIPES:
@@ -152,7 +152,7 @@ def test_stages_hand_their_weights_on_and_resume(tmp_path, capsys):
     assert real['model']['binarizers'] == {} and binary['model']['binarizers']      # stage overrides applied
     assert 'initialised the weights from' in (run / 'log.txt').read_text()
     # the binary stage started from the real stage's final weights: re-run it alone from there, compare
-    from bnas_nni.train.engine import resolve_train_config
+    from bnas_nni.train.runner import resolve_train_config
 
     assert resolve_train_config(base=binary['config'])['init_from'] is None
     again = run_training(QUICK, {**TINY, 'epochs': 1, 'run_dir': str(tmp_path / 'again'),
@@ -168,7 +168,7 @@ def test_stages_hand_their_weights_on_and_resume(tmp_path, capsys):
 
 
 def test_distillation_loss_from_a_checkpoint_teacher(tmp_path):
-    from bnas_nni.train.engine import run_training
+    from bnas_nni.train.runner import run_training
     from bnas_nni.train.losses import Distillation, distribution_loss
 
     z = torch.randn(5, 10)

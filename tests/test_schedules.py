@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bnas_nni.paths import experiments_dir
-from bnas_nni.train.engine import resolve_train_config as resolve_config
+from bnas_nni.train.runner import resolve_train_config as resolve_config
 from bnas_nni.train.losses import CrossEntropy
 from bnas_nni.train.schedules import IterationSchedule, OneCycleLR, build_schedule, cosine_restarts
 

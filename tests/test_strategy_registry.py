@@ -139,7 +139,7 @@ def test_user_strategy_runs_as_a_search_trial(plugin, tmp_path):
     folder, the derived cell trained briefly, one final result."""
     _needs_fashion()
     from bnas_nni.search.run import resolve_search_config, run_search
-    from bnas_nni.search.trial import SearchTrialReporter
+    from bnas_nni.search.reporter import SearchTrialReporter
 
     class Channel:
         def __init__(self):

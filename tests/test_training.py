@@ -84,7 +84,7 @@ def test_run_directory_logs_and_checkpoint(trained, capsys):
 
 DRIVER = r'''
 import json, os, signal, sys
-from bnas_nni.train.engine import run_training
+from bnas_nni.train.runner import run_training
 args = json.loads(sys.argv[1])
 kill = tuple(args['kill']) if args['kill'] else None
 def on_step(epoch, step):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from bnas_nni.nni.loopback import loopback_namespace_prefix
-from bnas_nni.nni.processes import pid_alive, terminate
+from bnas_nni.integrations.nni.loopback import loopback_namespace_prefix
+from bnas_nni.integrations.nni.processes import pid_alive, terminate
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -34,11 +34,11 @@ from cdp import Chromium  # noqa: E402
 
 import yaml  # noqa: E402
 
-from bnas_nni.nni.environment import experiment_environment  # noqa: E402
-from bnas_nni.nni.lifecycle import stop_experiment  # noqa: E402
-from bnas_nni.nni.nnictl import manifest_entry  # noqa: E402
-from bnas_nni.nni.processes import pid_alive  # noqa: E402
-from bnas_nni.nni.rest import free_port, rest_get  # noqa: E402
+from bnas_nni.integrations.nni.environment import experiment_environment  # noqa: E402
+from bnas_nni.integrations.nni.lifecycle import stop_experiment  # noqa: E402
+from bnas_nni.integrations.nni.nnictl import manifest_entry  # noqa: E402
+from bnas_nni.integrations.nni.processes import pid_alive  # noqa: E402
+from bnas_nni.integrations.nni.rest import free_port, rest_get  # noqa: E402
 
 # the echarts instance behind a chart element (echarts-for-react keeps it on its React component)
 _CHART = r'''

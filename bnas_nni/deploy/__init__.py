@@ -10,7 +10,7 @@
 
 Modules: :mod:`.export` (network -> description, the only code that looks inside bnas-nni modules),
 :mod:`.fold` (thresholds and bits), :mod:`.format` (the file, its checksum), :mod:`.validate` (every field
-of a packed description checked before the engine uses it), :mod:`.engine` (the runtime module),
+of a packed description checked before the engine uses it), :mod:`.runtime` (the runtime module),
 :mod:`.kernels` (building the extension, instruction sets), :mod:`.onnx_export`, :mod:`.cli`.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError
-from .engine import PackedNetwork
+from .runtime import PackedNetwork
 
 __all__ = ['load', 'export_packed', 'export_onnx', 'network_from_checkpoint', 'state_dict_bytes', 'PackedNetwork']
 

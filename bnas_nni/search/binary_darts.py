@@ -210,7 +210,7 @@ class BinaryDartsModule(DartsLightningModule):
                                                  lr_name='arc_lr' if arch else 'lr'))
 
     #: Data-parallel seam: ``grad_sync(params, loss) -> loss``, set by a driver that runs the search on
-    #: several processes (:class:`bnas_nni.search.distributed.GradientSync`). Called right after each
+    #: several processes (:class:`bnas_nni.search.data_parallel.GradientSync`). Called right after each
     #: step's backward with that step's parameters (alphas or weights) and loss value, it averages their
     #: gradients and the loss over the ranks before anything reads them (checks, clipping, the step).
     grad_sync: Optional[Callable[[Sequence[torch.Tensor], float], float]] = None

@@ -6,7 +6,7 @@ search), then the ``--config`` file, then the flags below, then ``--set KEY=VALU
 (default), NNI's one-shot and multi-trial strategies, and strategies registered by a plugin module
 named in ``imports``. Launched by NNI (``NNI_PLATFORM`` set, e.g. an nnictl trial command ``python -m bnas_nni search ...``
 or ``torchrun --nproc_per_node 2 -m bnas_nni search ...``) the same search reports to NNI through a
-:class:`~bnas_nni.search.trial.SearchTrialReporter`: NNI parameters in, per-epoch and final metrics out.
+:class:`~bnas_nni.search.reporter.SearchTrialReporter`: NNI parameters in, per-epoch and final metrics out.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from ..cli import quiet_warnings
     from ..config import flag_overrides
     from ..io import parse_set_items
-    from ..nni.trial import under_nni
+    from ..integrations.nni.trial import under_nni
     from .run import resolve_search_config, run_search
-    from .trial import SearchTrialReporter
+    from .reporter import SearchTrialReporter
 
     quiet_warnings()
     # under NNI the trial command channel is captured here, before any NNI engine can swap it

@@ -13,8 +13,8 @@ best epoch), ``genotype.yaml`` / ``genotype_imagenet.yaml``, ``alpha_history.jso
 and ``run(resume=True)`` continues exactly (same batches, same augmentations, same updates).
 
 Data-parallel (``dist``: a :class:`~bnas_nni.distributed.DistContext` of several ranks, see
-:mod:`bnas_nni.search.distributed`): every rank trains the same supernet on its shard of both halves
-(:class:`~bnas_nni.search.distributed.EpochShardSampler`, per-process ``batch_size``), the module's
+:mod:`bnas_nni.search.data_parallel`): every rank trains the same supernet on its shard of both halves
+(:class:`~bnas_nni.search.data_parallel.EpochShardSampler`, per-process ``batch_size``), the module's
 ``grad_sync`` seam averages each step's own gradients, ``sync_bn`` normalises with the statistics over
 all ranks, BN running statistics are averaged and the supernet accuracy summed over all ranks after
 every epoch, and the ranks' alphas, genotype and weights are compared before the epoch is recorded.
@@ -46,7 +46,7 @@ from ..rundir import RunDir
 from ..seeding import capture_rng, restore_rng, seed_everything
 from ..train.optim import build_optimizer
 from .binary_darts import BinaryDARTS, alpha_matrices, edge_probabilities
-from .distributed import (EpochShardSampler, GradientSync, check_same_architecture, check_world_fits,
+from .data_parallel import (EpochShardSampler, GradientSync, check_same_architecture, check_world_fits,
                           enable_sync_batch_norm)
 from .objective import diversity_weight, search_lr
 from .record import SEARCH_CSV_FIELDS, SearchRecorder

@@ -115,7 +115,7 @@ def evaluate_derived(model: nn.Module, *, train_data: tud.Dataset, val_data: tud
     trial's result a function of its architecture and seed alone.
     """
     from ..distributed import DistContext
-    from ..nni.trial import TrialReporter
+    from ..integrations.nni.trial import TrialReporter
     from ..train.losses import CrossEntropy
     from ..train.loop import evaluate, train_one_epoch
     from ..train.schedules import build_schedule

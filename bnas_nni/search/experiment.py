@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from ..config import SearchConfig
 from ..console import log as console_log
-from ..nni.environment import redirected_nni_home
-from ..nni.rest import free_port, rest_snapshot
+from ..integrations.nni.environment import redirected_nni_home
+from ..integrations.nni.rest import free_port, rest_snapshot
 
 __all__ = ['run_nni_experiment']
 
@@ -112,7 +112,7 @@ def run_nni_experiment(cfg: SearchConfig, strategy: Any, kind: str, space: Any, 
     """Run ``strategy`` on ``space`` as an NNI experiment (see the module docstring).
 
     ``trainer_options``: extra Lightning ``Trainer`` keywords for a one-shot strategy (data-parallel
-    search passes Lightning's DDP strategy, :func:`bnas_nni.search.distributed.lightning_ddp_options`).
+    search passes Lightning's DDP strategy, :func:`bnas_nni.search.data_parallel.lightning_ddp_options`).
 
     ``on_running(experiment, port)`` is called after the search, while the experiment (and, for
     multi-trial, the NNI manager and its REST API) is still up and before it is stopped.

@@ -48,13 +48,13 @@ from ..paths import genotypes_dir
 from ..rundir import RunDir
 from ..seeding import seed_everything
 from ..space import BNASSpace, load_space_config
-from .distributed import (RANK_LOCAL_KEYS, check_same_config, check_same_export, lightning_ddp_options,
+from .data_parallel import (RANK_LOCAL_KEYS, check_same_config, check_same_export, lightning_ddp_options,
                           oneshot_fingerprint, peer_failures, quiet_off_main)
 from .driver import SearchDriver
 from .evaluators import evaluate_derived, train_options
 from .experiment import run_nni_experiment
 from .strategies import build_strategy, check_strategy_options, get_strategy_spec
-from .trial import SearchReporter
+from .reporter import SearchReporter
 
 __all__ = ['resolve_search_config', 'run_search', 'default_run_dir', 'save_named_genotypes', 'build_space']
 
@@ -176,8 +176,8 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, reporter: Optional[Se
                log: Callable[[str], None] = console_log, ctx: Any = None) -> Dict[str, Any]:
     """Run the search a resolved config describes; returns a summary (genotypes, best epoch, paths).
 
-    ``reporter`` (:class:`~bnas_nni.search.trial.SearchReporter`) is how the search talks to what
-    launched it, e.g. :class:`~bnas_nni.search.trial.SearchTrialReporter` under NNI: its parameters
+    ``reporter`` (:class:`~bnas_nni.search.reporter.SearchReporter`) is how the search talks to what
+    launched it, e.g. :class:`~bnas_nni.search.reporter.SearchTrialReporter` under NNI: its parameters
     are a last config layer, it may continue the run directory's search, and it gets every epoch's
     record and the summary (its final metric is ``summary['trial_metric']``).
     ``epoch_callbacks(record, driver_or_module)`` run after every epoch with the epoch's record

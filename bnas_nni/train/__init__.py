@@ -6,7 +6,7 @@
 * :mod:`.loop` -- the one train loop and the one evaluation loop (also used by search trials and the
   multi-trial evaluator);
 * :mod:`.optim`, :mod:`.schedules`, :mod:`.losses`, :mod:`.teacher` -- the pieces recipes are made of;
-* :mod:`.engine` -- :func:`run_training` (stages, resume, NNI reporting, run directory) and
+* :mod:`.runner` -- :func:`run_training` (stages, resume, NNI reporting, run directory) and
   :func:`run_evaluation`;
 * :mod:`.cli` -- the command line, thin.
 """

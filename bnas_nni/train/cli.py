@@ -1,4 +1,4 @@
-"""``bnas-nni train`` and ``bnas-nni eval`` (thin: the work is in :mod:`bnas_nni.train.engine`).
+"""``bnas-nni train`` and ``bnas-nni eval`` (thin: the work is in :mod:`bnas_nni.train.runner`).
 
 ``train`` resolves ``--config`` plus the flags below once (see :mod:`bnas_nni.config`), saves the
 result in the run directory and trains with the config's recipe; under ``torchrun`` every rank runs
@@ -41,7 +41,7 @@ def overrides_from_args(args: argparse.Namespace, train: bool = True) -> Dict[st
 
 def _cmd_train(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = None) -> int:
     from ..cli import quiet_warnings
-    from .engine import run_training
+    from .runner import run_training
 
     quiet_warnings()
     run_training(args.config, overrides_from_args(args), defaults=defaults, resume=args.resume)
@@ -51,7 +51,7 @@ def _cmd_train(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = No
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..checkpoints import read_checkpoint
     from ..errors import ConfigError
-    from .engine import resolve_train_config, run_evaluation
+    from .runner import resolve_train_config, run_evaluation
 
     overrides = overrides_from_args(args, train=False)
     base_cfg: Optional[Dict[str, Any]] = None

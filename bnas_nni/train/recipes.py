@@ -109,7 +109,7 @@ class Recipe:
 
     * :meth:`defaults` (config defaults per family), :meth:`stages`, :meth:`check`, :meth:`optimizer`,
       :meth:`schedule`, :meth:`loss` -- what is trained, decided before training starts;
-    * the hooks, called by :func:`bnas_nni.train.engine.run_training` for every stage, in this order::
+    * the hooks, called by :func:`bnas_nni.train.runner.run_training` for every stage, in this order::
 
           on_stage_start(run)                         once, before the first epoch left to run
           for epoch in range(run.start_epoch, run.epochs):

@@ -94,7 +94,7 @@ class _BNGroup:
 
     ``sync`` (None: this process's batch): an object whose ``normalize(x, eps)`` returns ``(xhat, mean,
     invstd, count)`` with the statistics of the whole batch over all ranks of a data-parallel search
-    (:class:`bnas_nni.search.distributed.BatchNormSync`); set by
+    (:class:`bnas_nni.search.data_parallel.BatchNormSync`); set by
     :meth:`FastBinaryMixedCell.set_batch_norm_sync`. Training-mode normalisation then goes through it
     (unfused: the same function, with a float copy kept for backward); eval mode is unchanged."""
 

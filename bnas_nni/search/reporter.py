@@ -16,10 +16,10 @@ same :func:`bnas_nni.search.run.run_search` as anywhere else, with a :class:`Sea
    'zeroise_ops': ...}``: ``default`` is the same quantity in intermediates and final.
 
 Reports go through the trial command channel NNI opened for this process, captured before anything
-else runs (:class:`bnas_nni.nni.trial.RealTrialChannel`). A trial may be a ``torchrun`` job
+else runs (:class:`bnas_nni.integrations.nni.trial.RealTrialChannel`). A trial may be a ``torchrun`` job
 (``experiments/nnictl_search_ddp.yml``): every rank inherits NNI's variables, but rank 0 alone takes
 the parameters (and hands them to the other ranks), reports, writes the genotypes and trains the
-derived cell; the search itself is data-parallel (:mod:`bnas_nni.search.distributed`).
+derived cell; the search itself is data-parallel (:mod:`bnas_nni.search.data_parallel`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from ..config import SearchConfig
 from ..console import log as console_log
-from ..nni.trial import RealTrialChannel, under_nni
+from ..integrations.nni.trial import RealTrialChannel, under_nni
 
 __all__ = ['brief_train', 'SearchReporter', 'SearchTrialReporter']
 

@@ -118,7 +118,7 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
     or a checkpoint path / run directory to continue from (single-stage recipes).
     """
     from ..distributed import cleanup, init_distributed
-    from ..nni import trial as nni_trial
+    from ..integrations.nni import trial as nni_trial
     from ..rundir import RunDir, setup_logging
 
     cfg = resolve_train_config(config_path, overrides, defaults=defaults)   # a bad config stops here, before any file

@@ -1,10 +1,10 @@
 """``nnictl`` as a library: create and stop an experiment, and read the manifest nnictl keeps.
 
 Contract: every call runs nnictl with this interpreter (``python -m nni.tools.nnictl.nnictl``) in the
-environment it is given (build it with :func:`bnas_nni.nni.environment.nni_environment`, so the
+environment it is given (build it with :func:`bnas_nni.integrations.nni.environment.nni_environment`, so the
 manifest lives under the redirected ``HOME``). :func:`nnictl_create` returns the experiment id or
 raises :class:`~bnas_nni.errors.ExperimentError` with nnictl's own reason; it does not wait for the
-manager (:func:`bnas_nni.nni.lifecycle.start_experiment` does). :func:`manifest_entry`,
+manager (:func:`bnas_nni.integrations.nni.lifecycle.start_experiment` does). :func:`manifest_entry`,
 :func:`manager_log_path` and :func:`trial_directory` find an experiment's PID, port and files from
 ``$HOME/nni-experiments/.experiment``. Nothing here imports NNI.
 """
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
-from ..errors import ExperimentError
+from ...errors import ExperimentError
 from .forensics import nnictl_refusal_reason
 
 __all__ = ['nnictl_command', 'nnictl_create', 'nnictl_stop', 'manifest_entry', 'manager_log_path',

@@ -1,7 +1,7 @@
 """Starting an NNI experiment so that it really runs, and stopping it so that nothing is left.
 
 Contract (what ``bnas-nni nni create|stop`` rely on): :func:`start_experiment` starts a YAML with
-``nnictl`` in :func:`~bnas_nni.nni.environment.experiment_environment` (``HOME`` in a scratch
+``nnictl`` in :func:`~bnas_nni.integrations.nni.environment.experiment_environment` (``HOME`` in a scratch
 folder, manager on 127.0.0.1, ``python`` meaning this interpreter) and returns an
 :class:`ExperimentStart` only once a trial has really started, the experiment finished, or the
 timeout passed with the manager still up. A manager that dies meanwhile raises
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from ..errors import ExperimentError
+from ...errors import ExperimentError
 from .environment import experiment_environment
 from .forensics import manager_failure_reason
 from .nnictl import manager_log_path, manifest_entry, nnictl_create, nnictl_stop

@@ -39,7 +39,7 @@ def trial_parameters(ctx: Any = None) -> Dict[str, Any]:
 
         params = dict(nni.get_next_parameter() or {})
     if ctx is not None and getattr(ctx, 'distributed', False):
-        from ..distributed import broadcast_object
+        from ...distributed import broadcast_object
 
         params = broadcast_object(params, ctx)
     return params

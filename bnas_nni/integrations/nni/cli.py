@@ -15,7 +15,7 @@ import subprocess
 import sys
 from typing import Any, Dict
 
-from ..errors import ExperimentError
+from ...errors import ExperimentError
 from .environment import nni_environment
 from .forensics import trial_failure_reason
 from .lifecycle import start_experiment, stop_experiment
