@@ -142,7 +142,8 @@ def peak_memory(kind: str, path: str, batch: int, size: int, threads: int, isa: 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ['PYTHONPATH']]
                                                                        if os.environ.get('PYTHONPATH') else [])))
     cmd = [sys.executable, '-W', 'ignore', str(Path(__file__).resolve()), '--child-kind', kind, '--child-path', path,
-           '--child-batch', str(batch), '--child-size', str(size), '--threads', str(threads), '--child-isa', isa or 'auto']
+           '--child-batch', str(batch), '--child-size', str(size), '--threads', str(threads),
+           '--child-isa', isa or 'auto']
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith('RESULT '):
@@ -236,7 +237,8 @@ def bench_config(config: str, args, workdir: Path) -> dict:
     from bnas_nni.deploy.kernels import supported_isas
 
     model, size = build(config)
-    arch = f"{model.genotype.name}, {model.family}, C={model.cells[0].preprocess1.op[0].out_channels}, L={len(model.cells)}"
+    arch = (f"{model.genotype.name}, {model.family}, "
+            f"C={model.cells[0].preprocess1.op[0].out_channels}, L={len(model.cells)}")
     ck = workdir / f'{config}.pt'
     save_checkpoint(model, ck)
     packed_path, onnx_path = workdir / f'{config}.bnp', workdir / f'{config}.onnx'
@@ -248,7 +250,8 @@ def bench_config(config: str, args, workdir: Path) -> dict:
     print(f'\n## {config} ({arch}, {size}x{size} images)', flush=True)
     print(f"sizes: fp32 state dict {_mb(sizes['fp32_state_dict_bytes'])} | packed file {_mb(sizes['file_bytes'])} "
           f"({sizes['fp32_state_dict_bytes'] / sizes['file_bytes']:.1f}x smaller) | binary part "
-          f"{_mb(sizes['fp32_bytes'])} -> {_mb(sizes['packed_bytes'])} ({sizes['fp32_bytes'] / sizes['packed_bytes']:.1f}x "
+          f"{_mb(sizes['fp32_bytes'])} -> {_mb(sizes['packed_bytes'])} "
+          f"({sizes['fp32_bytes'] / sizes['packed_bytes']:.1f}x "
           f"smaller, {sizes['binary_convs']} binary convs) | ONNX {_mb(sizes['onnx_bytes'])}", flush=True)
     result = {'config': config, 'architecture': arch, 'image_size': size, 'sizes': sizes, 'batches': {}}
     for batch in args.batch:
@@ -348,7 +351,8 @@ def check_targets(results: list) -> None:
                       f'{bl["pytorch_cpu_s"] / bl["packed_cpu_s"]:.2f}x)', bl['pytorch_s'] / bl['packed_s'],
                       TARGETS['binary_layers']))
     s = a['sizes']
-    lines.append(('binary part of the file, fp32 / packed', s['fp32_bytes'] / s['packed_bytes'], TARGETS['binary_part']))
+    lines.append(('binary part of the file, fp32 / packed', s['fp32_bytes'] / s['packed_bytes'],
+                  TARGETS['binary_part']))
     for label, value, target in lines:
         print(f'{label:<72}{value:>8.2f}x  (target >= {target:g}x)  {"met" if value >= target else "NOT met"}',
               flush=True)

@@ -166,8 +166,8 @@ def _mean_std(values):
 def format_table(results: list, args: argparse.Namespace) -> str:
     by_name = {n: [r for r in results if r['name'] == n] for n in NAMES}
     lines = [f'Fashion-MNIST-32x3, BNAS-A cells C={args.init_channels} L={args.layers}, {args.train_subset} training '
-             f'images, {args.epochs} epochs per recipe (react: {args.step1_epochs} + {args.epochs - args.step1_epochs}),'
-             f' batch {args.batch_size}, seeds {" ".join(map(str, args.seeds))}; top-1 on the {results[0]["n"]:,} '
+             f'images, {args.epochs} epochs per recipe (react: {args.step1_epochs} + {args.epochs - args.step1_epochs})'
+             f', batch {args.batch_size}, seeds {" ".join(map(str, args.seeds))}; top-1 on the {results[0]["n"]:,} '
              'test images',
              '',
              '| run | top-1 % (mean ± std) | per seed | train wall time per run (mean) |',

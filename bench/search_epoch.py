@@ -4,7 +4,8 @@ official ``src/search.py`` on the same images in the same sitting.
 
 Ours: ``bnas-nni search --config experiments/search_cifar10_paper.yaml --set dataset=fashion-mnist
 --set train_subset=N --epochs 1 --run-dir TMP`` in a subprocess: the preset as it ships (its defaults are
-the fast path: ``mixed_cell: fast``, ``channels_last: true``; ``--set`` adds overrides); the epoch time is the one the search writes to ``log.txt`` (``epoch 1/1 ... (Xs)``: weight and
+the fast path: ``mixed_cell: fast``, ``channels_last: true``; ``--set`` adds overrides); the epoch time is the one
+the search writes to ``log.txt`` (``epoch 1/1 ... (Xs)``: weight and
 architecture steps, evaluation, logging). The first N Fashion-MNIST training images, padded to 32x32x3,
 are the data; the preset's ``train_portion: 0.5`` splits them into weight and architecture halves.
 

@@ -314,8 +314,8 @@ def _run_child(args, cell: str, mode: str, batch: int) -> dict:
            '--batch', str(batch), '--device', args.device, '--threads', str(args.threads), '--repeats',
            str(args.repeats), '--warmup', str(args.warmup), '--space', args.space] + (['--profile'] if args.profile
                                                                                      else [])
-    proc = subprocess.run(cmd, env=child_env(cell, args.threads, args.passive), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+    proc = subprocess.run(cmd, env=child_env(cell, args.threads, args.passive), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith('RESULT '):
             return json.loads(line[len('RESULT '):])

@@ -166,7 +166,8 @@ def describe_model(model: nn.Module) -> Dict[str, Any]:
         desc['layers'] = len(cells)
         desc['reduction_cells'] = [i for i, c in enumerate(cells) if getattr(c, 'reduction', False)]
         first = cells[0] if len(cells) else None
-        conv = getattr(getattr(getattr(first, 'preprocess1', None), 'op', None), '0', None) if first is not None else None
+        conv = (getattr(getattr(getattr(first, 'preprocess1', None), 'op', None), '0', None) if first is not None
+                else None)
         if isinstance(conv, nn.Conv2d):
             desc['init_channels'] = int(conv.out_channels)
     classifier = getattr(model, 'classifier', None)
@@ -206,7 +207,8 @@ def _check_architecture(saved: Mapping[str, Any], model: nn.Module, source: str)
     if sg and cg:
         strip = lambda g: {k: v for k, v in g.items() if k != 'name'}
         if strip(sg) != strip(cg):
-            mismatches.append(f"genotype {sg.get('name') or '<unnamed>'} vs {cg.get('name') or '<unnamed>'} (different cells)")
+            mismatches.append(f"genotype {sg.get('name') or '<unnamed>'} vs {cg.get('name') or '<unnamed>'} "
+                              '(different cells)')
     if mismatches:
         raise CheckpointError(f'{source} holds a different architecture ({_short(saved)}) than the model '
                               f'({_short(current)}): {"; ".join(mismatches)}; build the model with the '
@@ -251,12 +253,13 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
             raise CheckpointError(f'checkpoint {path} is truncated or not a torch checkpoint ({damage}); '
                                   're-copy it or re-run the job that wrote it') from None
         raise CheckpointError(f'cannot read checkpoint {path} with torch.load(weights_only=True): '
-                              f'{_reason(text, type(exc).__name__)}; re-save only its state_dict (and plain types)') from None
+                              f'{_reason(text, type(exc).__name__)}; re-save only its state_dict '
+                              '(and plain types)') from None
 
 
 #: how torch's weights-only unpickler names what it refused, one pattern per message it has
-_FOREIGN_PATTERNS = (r'GLOBAL (\S+?)(?: was not| whose module|\s|$)', r'unrecognized function (.+?)(?: which belongs|$)',
-                     r"but got <class '([^']+)'>")
+_FOREIGN_PATTERNS = (r'GLOBAL (\S+?)(?: was not| whose module|\s|$)',
+                     r'unrecognized function (.+?)(?: which belongs|$)', r"but got <class '([^']+)'>")
 
 
 def _foreign_global(text: str) -> str:

@@ -1,4 +1,5 @@
-"""The ``bnas-nni`` command line: ``search``, ``train``, ``eval``, ``summary``, ``data``, ``nni``, ``plot``, ``export``, ``config``.
+"""The ``bnas-nni`` command line: ``search``, ``train``, ``eval``, ``summary``, ``data``, ``nni``, ``plot``, \
+``export``, ``config``.
 
 Each subcommand lives beside the code it drives and registers itself through a
 ``register(subparsers)`` function that adds its parser and sets ``func``; heavy imports (NNI,

@@ -193,7 +193,8 @@ class Training:
     onecycle_annihilation: float = knob(0.1, 'one-cycle: fraction of the iterations in the final annihilation phase')
     onecycle_reduce_factor: float = knob(0.01, 'one-cycle: the annihilation phase ends at lr * min_factor * this')
     restart_epochs: int = knob(50, 'cosine warm restarts: period T_0 in epochs')
-    weight_decay_binary: Optional[float] = knob(None, "weight decay of binary convs' latent weights; None: weight_decay")
+    weight_decay_binary: Optional[float] = knob(None,
+                                                "weight decay of binary convs' latent weights; None: weight_decay")
     weight_decay_other: Optional[float] = knob(None, 'weight decay of non-conv parameters (BN, biases, classifier, '
                                                      'thresholds, slopes); None: weight_decay')
     step1_epochs: Optional[int] = knob(None, 'two-step recipes (react): epochs of step 1; None: epochs')
@@ -551,7 +552,8 @@ def _import_plugins(modules: Sequence[str]) -> None:
         try:
             importlib.import_module(str(name))
         except ImportError as exc:
-            raise ConfigError(f'imports: cannot import {name!r} ({exc}); put it on PYTHONPATH or fix the name') from None
+            raise ConfigError(f'imports: cannot import {name!r} ({exc}); '
+                              'put it on PYTHONPATH or fix the name') from None
 
 
 def resolve(schema: Schema, path: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,

@@ -248,7 +248,8 @@ def check_imagenet_layout(root: str | os.PathLike, split: str) -> Path:
     if bad:
         hint = (f'run `bnas-nni data prepare-imagenet {root}` first' if all(_is_synset(n) for n in bad)
                 else 'class folders must be integer labels 0..999')
-        raise DatasetError(f'{folder} has non-integer class folders ({", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}); {hint}')
+        raise DatasetError(f'{folder} has non-integer class folders '
+                           f'({", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}); {hint}')
     return folder
 
 

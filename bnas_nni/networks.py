@@ -107,7 +107,8 @@ class FixedCell(nn.Module):
 def build_stem(family: str, C: int):
     """Full-precision stems. CIFAR: BN -> 3x3 conv -> ReLU to 3C channels. ImageNet: the DARTS stem."""
     if family == 'cifar':
-        return {'stem': BNConvReLU(3, 3 * C, 3, 1, 1, affine=True, binarizer=None, activation='identity')}, 3 * C, 3 * C, False
+        return {'stem': BNConvReLU(3, 3 * C, 3, 1, 1, affine=True, binarizer=None,
+                                   activation='identity')}, 3 * C, 3 * C, False
     fp = dict(bias=False, binarizer=None)
     stem0 = nn.Sequential(
         BinaryConv2d(3, C // 2, 3, stride=2, padding=1, **fp), nn.BatchNorm2d(C // 2), nn.ReLU(),

@@ -225,7 +225,8 @@ def format_summary(s: ModelSummary, title: str = '', verbose: bool = False) -> s
                  f'all fp32 ({s.compression:.1f}x smaller)')
     if verbose:
         lines.append('')
-        header = f'{"layer":<40} {"type":<14} {"params":>10} {"bits":>4} {"binary MACs":>12} {"FP MACs":>12} {"size KiB":>9}  output'
+        header = (f'{"layer":<40} {"type":<14} {"params":>10} {"bits":>4} {"binary MACs":>12} {"FP MACs":>12} '
+                  f'{"size KiB":>9}  output')
         lines.append(header)
         lines.append('-' * len(header))
         for r in s.layers:
@@ -322,13 +323,15 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser('summary', help='parameters, binary/full-precision MACs, OPs and model size',
                               description='Parameters, binary vs full-precision MACs, OPs = BOPs/64 + FLOPs and '
                                           'model size (1-bit packed vs fp32) of a model config or genotype.')
-    p.add_argument('model', metavar='MODEL', help='model config (bnas-a, bnas-d .. bnas-h) or genotype name / YAML path')
+    p.add_argument('model', metavar='MODEL',
+                   help='model config (bnas-a, bnas-d .. bnas-h) or genotype name / YAML path')
     p.add_argument('--genotype', help='use this genotype instead of the config\'s')
     p.add_argument('--layers', type=int, help='number of cells L')
     p.add_argument('--init-channels', type=int, help='initial channels C')
     p.add_argument('--dataset', help='cifar10, cifar100 or imagenet (stem, classes and input size)')
     p.add_argument('--num-classes', type=int, help='classifier outputs')
-    p.add_argument('--precision-rule', choices=PRECISION_RULES, help='which convs stay full precision (default standard)')
+    p.add_argument('--precision-rule', choices=PRECISION_RULES,
+                   help='which convs stay full precision (default standard)')
     p.add_argument('--binarizer', help='weight binarizer from the registry (default xnor)')
     p.add_argument('--op-set', help='binary block: paper (default) or react (RSign, scaled_sign, RPReLU)')
     p.add_argument('--verbose', action='store_true', help='one row per layer')

@@ -1,4 +1,5 @@
-"""BNAS-A CIFAR-10 trainer: `python trainers/train_cifar10.py --config experiments/train_cifar10_bnas_a.yaml [flags]`."""
+"""BNAS-A CIFAR-10 trainer:
+`python trainers/train_cifar10.py --config experiments/train_cifar10_bnas_a.yaml [flags]`."""
 import os
 import sys
 

@@ -1,4 +1,5 @@
-"""BNAS-D..H ImageNet trainer: `torchrun --nproc_per_node N trainers/train_imagenet.py --config experiments/train_imagenet_bnas.yaml [flags]`."""
+"""BNAS-D..H ImageNet trainer:
+`torchrun --nproc_per_node N trainers/train_imagenet.py --config experiments/train_imagenet_bnas.yaml [flags]`."""
 import os
 import sys
 

@@ -93,7 +93,8 @@ def network_from_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], *
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if model is None:
         if official:
-            raise ConfigError('--official needs --model (bnas-a, bnas-d .. bnas-h) to know which network the file holds')
+            raise ConfigError('--official needs --model (bnas-a, bnas-d .. bnas-h) to know which network the file '
+                              'holds')
         if overrides:
             raise ConfigError(f'{", ".join(sorted(overrides))} need --model; a bnas-nni checkpoint alone rebuilds '
                               'its own network')

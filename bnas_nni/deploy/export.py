@@ -37,7 +37,8 @@ from .fold import binary_filters, bn_sign_thresholds, pack_filter_bits, pack_neg
 
 __all__ = ['describe_network', 'packed_description', 'binary_part_sizes', 'SUPPORTED_OPS']
 
-SUPPORTED_OPS = 'zeroise, max_pool_3x3, avg_pool_3x3 and the BN -> sign -> conv -> ReLU ops (bin_conv_*, bin_dil_conv_*)'
+SUPPORTED_OPS = ('zeroise, max_pool_3x3, avg_pool_3x3 and the BN -> sign -> conv -> ReLU ops '
+                 '(bin_conv_*, bin_dil_conv_*)')
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -52,7 +53,8 @@ def _t(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _bn(bn: nn.Module, name: str) -> Dict[str, Any]:
     if type(bn) is not nn.BatchNorm2d:
-        raise ConfigError(f'{name}: expected a BatchNorm2d, found {type(bn).__name__}; the packed engine cannot export it')
+        raise ConfigError(f'{name}: expected a BatchNorm2d, found {type(bn).__name__}; the packed engine cannot '
+                          'export it')
     if bn.running_mean is None or bn.running_var is None:
         raise ConfigError(f'{name}: batch norm without running statistics (track_running_stats=False) cannot be '
                           'exported; evaluation would use batch statistics')
@@ -230,7 +232,8 @@ def _fold_all(units: List[Dict[str, Any]]) -> Dict[int, Any]:
             return torch.cat([u['bn'][key] if u['bn'][key] is not None else torch.full_like(u['bn']['mean'], fill)
                               for u in group])
         th, negate = bn_sign_thresholds(cat('weight', 1.0), cat('bias', 0.0), cat('mean', 0.0), cat('var', 1.0), eps,
-                                        where=', '.join(u['name'] for u in group[:2]) + (' ...' if len(group) > 2 else ''))
+                                        where=', '.join(u['name'] for u in group[:2])
+                                              + (' ...' if len(group) > 2 else ''))
         start = 0
         for u in group:
             C = u['bn']['mean'].numel()

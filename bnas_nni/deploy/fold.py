@@ -42,7 +42,8 @@ def _keys_to_float(keys: np.ndarray) -> np.ndarray:
 
 def _bn_eval(x: np.ndarray, weight, bias, mean, var, eps: float) -> np.ndarray:
     """PyTorch's eval batch norm of one value per channel (repeated across a vector-sized row)."""
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).view(1, -1, 1, 1).expand(1, -1, 1, _PROBE).contiguous()
+    t = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).view(1, -1, 1, 1)
+         .expand(1, -1, 1, _PROBE).contiguous())
     y = F.batch_norm(t, mean, var, weight, bias, training=False, momentum=0.0, eps=eps)
     return y[0, :, 0, 0].numpy().copy()
 
@@ -87,7 +88,8 @@ def bn_sign_thresholds(weight: Optional[torch.Tensor], bias: Optional[torch.Tens
     return torch.from_numpy(np.stack([t_zero, t_pos])), torch.from_numpy(negate)
 
 
-def kernel_thresholds(thresholds: torch.Tensor, negate: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kernel_thresholds(thresholds: torch.Tensor,
+                      negate: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The engine's arguments ``(t_zero, t_pos, flip)``: ``flip`` is the float sign bit (as int32) where negated."""
     flip = torch.where(negate.bool(), torch.tensor(-2 ** 31, dtype=torch.int32), torch.tensor(0, dtype=torch.int32))
     return thresholds[0].contiguous(), thresholds[1].contiguous(), flip.contiguous()

@@ -91,8 +91,8 @@ def _unit(g: _Graph, x: str, u: Dict[str, Any], binarizers: Dict[str, Any]) -> s
     if u['input'] == 'sign':
         h = g.node('Sign', [h], f'{name}/sign')
         if conv['binary']:
-            doc = ('bnas-nni binary conv: input from Sign (values -1, 0, +1), weights sign(W) * alpha with one alpha per '
-                   'output filter')
+            doc = ('bnas-nni binary conv: input from Sign (values -1, 0, +1), weights sign(W) * alpha with one alpha '
+                   'per output filter')
     y = _conv(g, h, conv, f'{name}/conv', doc)
     if doc:
         g.binary.append({'conv': f'{name}/conv', 'sign': f'{name}/sign', 'weight': f"{conv['name']}.weight",
@@ -107,11 +107,14 @@ def _zeros(g: _Graph, x: str, stride: int, name: str) -> str:
 
     if stride > 1:
         big = np.iinfo(np.int64).max
-        x = g.node('Slice', [x, g.init(f'{name}.starts', [0, 0], np.int64), g.init(f'{name}.ends', [big, big], np.int64),
-                             g.init(f'{name}.axes', [2, 3], np.int64), g.init(f'{name}.steps', [stride, stride], np.int64)],
+        x = g.node('Slice', [x, g.init(f'{name}.starts', [0, 0], np.int64),
+                             g.init(f'{name}.ends', [big, big], np.int64),
+                             g.init(f'{name}.axes', [2, 3], np.int64),
+                             g.init(f'{name}.steps', [stride, stride], np.int64)],
                    f'{name}/slice')
     shape = g.node('Shape', [x], f'{name}/shape')
-    return g.node('ConstantOfShape', [shape], f'{name}/zeros', value=helper.make_tensor('value', TensorProto.FLOAT, [1], [0.0]))
+    return g.node('ConstantOfShape', [shape], f'{name}/zeros',
+                  value=helper.make_tensor('value', TensorProto.FLOAT, [1], [0.0]))
 
 
 def _op(g: _Graph, x: str, op: Dict[str, Any], binarizers: Dict[str, Any]) -> Optional[str]:
@@ -194,8 +197,9 @@ def network_to_onnx(desc: Dict[str, Any], *, opset: int = MIN_OPSET, image_size:
     g.nodes.append(helper.make_node('Identity', [logits], ['logits'], name='output'))
     hw = image_size if image_size else None
     graph = helper.make_graph(
-        g.nodes, 'bnas_nni', [helper.make_tensor_value_info('images', TensorProto.FLOAT,
-                                                            ['batch', int(net['in_channels']), hw or 'height', hw or 'width'])],
+        g.nodes, 'bnas_nni',
+        [helper.make_tensor_value_info('images', TensorProto.FLOAT,
+                                       ['batch', int(net['in_channels']), hw or 'height', hw or 'width'])],
         [helper.make_tensor_value_info('logits', TensorProto.FLOAT, ['batch', int(net['num_classes'])])], g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', int(opset))], producer_name='bnas-nni')
     model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime releases of the last years

@@ -40,7 +40,8 @@ __all__ = ['PackedNetwork']
 CL = torch.channels_last
 
 #: op-by-op path (batch 1, or ``CELL_PROGRAM = False``): bytes of a cell's inputs, preprocessed states and
-#: output per thread that a group of images should fit in: a cell then runs group by group and its intermediate tensors stay in cache from one op to the next
+#: output per thread that a group of images should fit in: a cell then runs group by group and its intermediate
+#: tensors stay in cache from one op to the next
 #: instead of going through memory (BNAS-A at batch 32: the 32x32 cells run image by image)
 CACHE_BUDGET = 3 << 19
 
@@ -67,7 +68,8 @@ def _tensor(d: Dict[str, Any], key: str, where: str, dtype: torch.dtype, shape: 
     return t.contiguous()
 
 
-def _conv_weight(conv: Dict[str, Any], where: str) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+def _conv_weight(conv: Dict[str, Any],
+                 where: str) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
     """(negative bits as bool [O, C, KH, KW] or None, alpha or None, float weight [O, C, KH, KW])."""
     O, C = int(conv['out']), int(conv['in'])
     KH, KW = (int(k) for k in conv['kernel'])
@@ -191,7 +193,8 @@ def _prim_fn(p: Dict[str, Any], where: str):
         return F.relu
     if p['type'] == 'bn':
         C = int(p['mean'].numel()) if isinstance(p.get('mean'), torch.Tensor) else 0
-        b = {k: (None if p.get(k) is None else _tensor(p, k, where, torch.float32, (C,))) for k in ('weight', 'bias', 'mean', 'var')}
+        b = {k: (None if p.get(k) is None else _tensor(p, k, where, torch.float32, (C,)))
+             for k in ('weight', 'bias', 'mean', 'var')}
         eps = float(p['eps'])
         return lambda x: F.batch_norm(x, b['mean'], b['var'], b['weight'], b['bias'], False, 0.0, eps)
     if p['type'] == 'conv':
@@ -219,7 +222,8 @@ class _Cell:
                 raise CheckpointError(f"packed model: {op.get('name')}: unknown op {op['type']!r}; re-export it")
         self.indices = [int(j) for j in d['indices']]
         self.concat = [int(c) for c in d['concat']]
-        _check(len(self.ops) == len(self.indices) and len(self.ops) % 2 == 0, self.name, 'ops and inputs do not pair up')
+        _check(len(self.ops) == len(self.indices) and len(self.ops) % 2 == 0, self.name,
+               'ops and inputs do not pair up')
         res = d['residual']
         self.residual = _Unit(res) if isinstance(res, dict) else res
         self.C = self.pre1.out_ch

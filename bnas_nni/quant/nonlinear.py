@@ -8,7 +8,8 @@ its own module, so a learnable one keeps its parameters per op and in the state 
 shift before (:math:`\gamma`, init 0), a learnable PReLU slope per channel (``init`` 0.25, as
 ``nn.PReLU``) and a learnable shift after (:math:`\zeta`, init 0). Plain autograd, so its gradients are
 exact: :math:`\partial y/\partial x = 1_{x>\gamma} + a\,1_{x\le\gamma}`, :math:`\partial y/\partial\gamma =
--\partial y/\partial x`, :math:`\partial y/\partial\zeta = 1`, :math:`\partial y/\partial a = (x-\gamma)\,1_{x\le\gamma}`.
+-\partial y/\partial x`, :math:`\partial y/\partial\zeta = 1`,
+:math:`\partial y/\partial a = (x-\gamma)\,1_{x\le\gamma}`.
 """
 from __future__ import annotations
 

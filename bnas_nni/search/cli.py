@@ -4,7 +4,8 @@ Configuration is one flat mapping (:data:`bnas_nni.config.SEARCH`): the defaults
 search), then the ``--config`` file, then the flags below, then ``--set KEY=VALUE`` for any key
 (``--set KEY=null`` unsets one). Every strategy of the registry runs from here: ``binary-darts``
 (default), NNI's one-shot and multi-trial strategies, and strategies registered by a plugin module
-named in ``imports``. Launched by NNI (``NNI_PLATFORM`` set, e.g. an nnictl trial command ``python -m bnas_nni search ...``
+named in ``imports``. Launched by NNI (``NNI_PLATFORM`` set, e.g. an nnictl trial command
+``python -m bnas_nni search ...``
 or ``torchrun --nproc_per_node 2 -m bnas_nni search ...``) the same search reports to NNI through a
 :class:`~bnas_nni.search.reporter.SearchTrialReporter`: NNI parameters in, per-epoch and final metrics out.
 """

@@ -40,8 +40,8 @@ from ..finite import check_finite_grads, check_finite_params, non_finite_message
 from ..rundir import LOGGER
 from .batch_renorm import batch_renormalization
 
-__all__ = ['AverageMeter', 'accuracy', 'binary_weight_grad', 'clip_binary_grad_norm_', 'autocast_context', 'train_one_epoch',
-           'evaluate', 'progress']
+__all__ = ['AverageMeter', 'accuracy', 'binary_weight_grad', 'clip_binary_grad_norm_', 'autocast_context',
+           'train_one_epoch', 'evaluate', 'progress']
 
 
 class AverageMeter:
@@ -304,7 +304,8 @@ def recalibrate_bn(net: nn.Module, loader: Any, batches: int, *, ctx: DistContex
     :math:`\sigma^2_k = \frac{1}{B}\sum_b \mathrm{var}(x_{k,b})` with
     :math:`x_{k,b} = f_{<k}^{\mathrm{eval}}(\mathrm{batch}_b)`. In a binary network the two differ: a
     shift of an upstream normalisation flips signs, which moves every later distribution; one seed of
-    ``bench/recipes.py`` lost 4.6 points of test accuracy to that with ``'train'`` (74.26 against 78.86 %). Costs one partial
+    ``bench/recipes.py`` lost 4.6 points of test accuracy to that with ``'train'`` (74.26 against 78.86 %).
+    Costs one partial
     forward per BN and batch (about #BN / 2 eval forwards of the batches); the batches are kept in memory
     when they fit in 1 GiB, else the loader is read again for each BN (it must yield the same batches
     each time, as a sampler without ``set_epoch`` does). A BN called twice in one forward gets the

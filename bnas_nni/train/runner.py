@@ -163,7 +163,8 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
         results: List[Dict[str, Any]] = []
         previous: Optional[Path] = None
         for stage, stage_dir in zip(stages, stage_dirs):
-            stage_cfg = resolve_train_config(base=cfg, overrides=dict(stage.overrides)) if stage.overrides else cfg.replace()
+            stage_cfg = (resolve_train_config(base=cfg, overrides=dict(stage.overrides)) if stage.overrides
+                         else cfg.replace())
             stage_cfg.run_dir = str(stage_dir)
             if len(stages) > 1:
                 log(f'stage {stage.name}: ' + ', '.join(f'{k}={v!r}' for k, v in stage.overrides.items()))
@@ -302,9 +303,9 @@ def _run_stage(cfg: TrainConfig, recipe: Recipe, stage: Stage, ctx: Any, log: Ca
             log(f"valid_acc {va['top1']:f}")
             log(f"valid_acc_top5 {va['top5']:f}")
             best_top1 = max(best_top1, va['top1'])
-            last = {'epoch': epoch, 'lr': lr, 'drop_path_prob': drop, 'train_loss': tr['loss'], 'train_top1': tr['top1'],
-                    'train_top5': tr['top5'], 'valid_loss': va['loss'], 'valid_top1': va['top1'],
-                    'valid_top5': va['top5'], 'epoch_seconds': round(time.time() - t0, 3)}
+            last = {'epoch': epoch, 'lr': lr, 'drop_path_prob': drop, 'train_loss': tr['loss'],
+                    'train_top1': tr['top1'], 'train_top5': tr['top5'], 'valid_loss': va['loss'],
+                    'valid_top1': va['top1'], 'valid_top5': va['top5'], 'epoch_seconds': round(time.time() - t0, 3)}
             reporter.intermediate(va['top1'], top5=va['top5'], loss=va['loss'])
             if ctx.is_main:                          # the row, then the checkpoint (see RunDir.commit_epoch)
                 run.commit_epoch(last, {f'{split}/{m}': last[f'{split}_{m}'] for split in ('train', 'valid')

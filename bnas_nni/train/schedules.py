@@ -46,7 +46,8 @@ class OneCycleLR(LRScheduler):
         if not self.min_lr < self.max_lr:
             raise ConfigError(f'one-cycle lr_range must be (min, max) with min < max, got {tuple(lr_range)}')
         if not self.min_momentum < self.max_momentum:
-            raise ConfigError(f'one-cycle momentum_range must be (min, max) with min < max, got {tuple(momentum_range)}')
+            raise ConfigError(f'one-cycle momentum_range must be (min, max) with min < max, '
+                              f'got {tuple(momentum_range)}')
         if num_steps < 1:
             raise ConfigError(f'one-cycle num_steps must be positive, got {num_steps}')
         self.num_steps = int(num_steps)
@@ -99,7 +100,8 @@ class OneCycleLR(LRScheduler):
         return [g.get('momentum', g.get('betas', (None,))[0]) for g in self.optimizer.param_groups]
 
 
-def cosine_restarts(optimizer: Optimizer, restart_epochs: int = 50, eta_min: float = 0.0) -> CosineAnnealingWarmRestarts:
+def cosine_restarts(optimizer: Optimizer, restart_epochs: int = 50,
+                    eta_min: float = 0.0) -> CosineAnnealingWarmRestarts:
     """The ImageNet schedule; step it with ``scheduler.step(epoch + i / iters)`` before each optimizer step."""
     return CosineAnnealingWarmRestarts(optimizer, T_0=restart_epochs, eta_min=eta_min)
 
