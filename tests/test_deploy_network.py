@@ -148,7 +148,7 @@ def test_random_weights_agree_to_float_reassociation(name):
 
 def test_cells_run_group_by_group_give_the_same_bits(monkeypatch):
     """Large batches run each all-binary cell a few images at a time (cache reuse); the result must not change."""
-    from bnas_nni.deploy import engine as engine_module
+    from bnas_nni.deploy import runtime as engine_module
 
     model, x = build('cifar-latest-cell', exact=False)
     x = torch.cat([x, x.flip(0)])
@@ -166,7 +166,7 @@ def test_cell_programs_give_the_bits_of_the_op_by_op_path(name, monkeypatch):
     """At batch > 1 an all-binary cell runs as one C++ call, image by image per thread (csrc/cell.cpp); it
     must compute exactly what the op-by-op path computes, on every instruction-set path, with and without
     profiling, and the profile must attribute the cell's time to its layers."""
-    from bnas_nni.deploy import engine as engine_module
+    from bnas_nni.deploy import runtime as engine_module
 
     model, x = build(name, 'standard', exact=False, seed=2)
     x = torch.cat([x, x.flip(0), x[:1]])   # 7 images: uneven per thread
