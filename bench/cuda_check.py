@@ -18,8 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bnas_nni.quant import attach_latent_constraint, make_activation, make_binarizer
 from bnas_nni.networks import build_model
+from bnas_nni.quant import attach_latent_constraint, make_activation, make_binarizer
 
 FAILED: list = []
 

@@ -117,8 +117,7 @@ def _child(args) -> None:
     torch.set_num_threads(args.threads)
     kind, path, batch, size = args.child_kind, args.child_path, args.child_batch, args.child_size
     if kind == 'pytorch':
-        from bnas_nni.checkpoints import load_checkpoint_file
-        from bnas_nni.checkpoints import model_from_checkpoint
+        from bnas_nni.checkpoints import load_checkpoint_file, model_from_checkpoint
 
         model = model_from_checkpoint(load_checkpoint_file(path))
         run = lambda x: model(x)  # noqa: E731

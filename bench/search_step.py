@@ -200,6 +200,7 @@ class SearchSteps:
     def __init__(self, cell_cls, *, space: str = 'bnas', batch: int = 32, device='cpu', channels_last: bool = False,
                  seed: int = 0) -> None:
         import torch
+
         from bnas_nni.quant import attach_latent_constraint
         from bnas_nni.search.binary_darts import alpha_matrices, arch_parameters
         self.torch = torch

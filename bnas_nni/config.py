@@ -37,8 +37,8 @@ import json
 import math
 import os
 import typing
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from .errors import ConfigError

@@ -22,12 +22,12 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .quant import BinaryConv2d, QuantizerSpec, make_activation, make_binarizer, make_nonlinearity
 from .errors import ConfigError
 from .genotypes import Genotype, load_genotype
 from .io import load_yaml
 from .ops import BNConvReLU, binary_block, expand_op_set, make_op
 from .paths import search_spaces_dir
+from .quant import BinaryConv2d, QuantizerSpec, make_activation, make_binarizer, make_nonlinearity
 
 __all__ = ['FixedCell', 'BNASNetwork', 'drop_path', 'build_model', 'load_model_configs', 'model_config', 'check_block',
            'apply_precision_rule', 'PRECISION_RULES', 'count_parameters', 'network_family', 'reduction_indices']

@@ -32,8 +32,16 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .errors import ConfigError
-from .io import (StorageError, atomic_write_text, check_output_dir, is_storage_error, load_yaml,
-                 remove_stale_temp_files, save_yaml, storage_errors)
+from .io import (
+    StorageError,
+    atomic_write_text,
+    check_output_dir,
+    is_storage_error,
+    load_yaml,
+    remove_stale_temp_files,
+    save_yaml,
+    storage_errors,
+)
 
 __all__ = ['RunDir', 'setup_logging', 'LOGGER']
 

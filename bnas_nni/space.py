@@ -26,14 +26,20 @@ import torch.nn as nn
 from nni.nas.nn.pytorch import Cell, ModelSpace
 from nni.nas.space import current_model, model_context
 
-from .quant import BinaryConv2d, QuantizerSpec
 from .errors import ConfigError
 from .genotypes import Genotype
 from .io import load_yaml
-from .networks import (NetworkForwardMixin, apply_precision_rule, build_fixed_body, build_stem, network_family,
-                       reduction_indices)
-from .ops import BNConvReLU, PRIMITIVES, check_ops, expand_op_set, make_op
+from .networks import (
+    NetworkForwardMixin,
+    apply_precision_rule,
+    build_fixed_body,
+    build_stem,
+    network_family,
+    reduction_indices,
+)
+from .ops import PRIMITIVES, BNConvReLU, check_ops, expand_op_set, make_op
 from .paths import resolve_named_file, search_spaces_dir
+from .quant import BinaryConv2d, QuantizerSpec
 
 __all__ = ['BNASSpace', 'CellInputs', 'CellOutput', 'SPACE_KEYS', 'load_space_config']
 

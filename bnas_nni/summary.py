@@ -49,8 +49,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .quant import BinaryConv2d
 from .errors import ConfigError
+from .quant import BinaryConv2d
 
 __all__ = ['LayerStats', 'ModelSummary', 'summarize', 'input_size_for', 'format_summary',
            'build_from_spec', 'register']

@@ -11,14 +11,29 @@
 """
 from __future__ import annotations
 
-from .activations import (ACTIVATIONS, ActivationQuantizer, ApproxSign, IdentityQuantizer, RSign, SteSign,
-                          approx_sign_grad, register_activation)
+from .activations import (
+    ACTIVATIONS,
+    ActivationQuantizer,
+    ApproxSign,
+    IdentityQuantizer,
+    RSign,
+    SteSign,
+    approx_sign_grad,
+    register_activation,
+)
 from .base import Quantizer, QuantizerSpec, make_quantizer, quantizer_spec
 from .constraint import attach_latent_constraint, binary_convs, constrain_latent_weights_, has_latent_constraint
 from .conv import BinaryConv2d
 from .nonlinear import NONLINEARITIES, Nonlinearity, PReLU, RPReLU, make_nonlinearity, register_nonlinearity
-from .weights import (WEIGHT_BINARIZERS, ScaledSignBinarizer, SignBinarizer, WeightBinarizer, XnorBinarizer,
-                      register_binarizer, xnor_constrain)
+from .weights import (
+    WEIGHT_BINARIZERS,
+    ScaledSignBinarizer,
+    SignBinarizer,
+    WeightBinarizer,
+    XnorBinarizer,
+    register_binarizer,
+    xnor_constrain,
+)
 
 __all__ = ['Quantizer', 'QuantizerSpec', 'make_quantizer', 'quantizer_spec', 'ACTIVATIONS', 'ActivationQuantizer',
            'SteSign', 'IdentityQuantizer', 'register_activation', 'WEIGHT_BINARIZERS', 'WeightBinarizer',

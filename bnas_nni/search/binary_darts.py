@@ -64,10 +64,9 @@ from ..finite import check_finite_grads, check_finite_params, non_finite_message
 from ..genotypes import Genotype
 from ..quant import attach_latent_constraint
 from .mixed_cell import BinaryMixedCell
-from .record import attach_run_directory
-from .supernet import (alpha_matrices, arch_parameters, binary_cells, cell_ops, derive_from_model,  # noqa: F401 - re-exported
-                       edge_probabilities)
 from .objective import GAMMA, LAMDA, SELECT_RULES, TAU, diversity_weight, mean_edge_entropy
+from .record import attach_run_directory
+from .supernet import alpha_matrices, arch_parameters, binary_cells, cell_ops, derive_from_model, edge_probabilities  # noqa: F401 - re-exported
 
 __all__ = ['binary_cells', 'alpha_matrices', 'arch_parameters', 'derive_from_model', 'edge_probabilities',
            'resolve_mixed_cell', 'BinaryDartsModule', 'BinaryDARTS', 'requires_grad_off']

@@ -24,10 +24,10 @@ _FLAG_KEYS = ('space', 'strategy', 'epochs', 'batch_size', 'lamda', 'tau', 'gamm
 def _cmd_search(args: argparse.Namespace) -> int:
     from ..cli import quiet_warnings
     from ..config import flag_overrides
-    from ..io import parse_set_items
     from ..integrations.nni.trial import under_nni
-    from .run import resolve_search_config, run_search
+    from ..io import parse_set_items
     from .reporter import SearchTrialReporter
+    from .run import resolve_search_config, run_search
 
     quiet_warnings()
     # under NNI the trial command channel is captured here, before any NNI engine can swap it

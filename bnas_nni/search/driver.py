@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -38,16 +37,28 @@ import torch.nn.functional as F
 
 from ..checkpoints import load_run_checkpoint, save_checkpoint
 from ..console import log as console_log
-from ..distributed import (DistContext, ShardSampler, all_reduce_sums, average_buffers, broadcast_module,
-                           broadcast_object, collective_errors)
+from ..distributed import (
+    DistContext,
+    ShardSampler,
+    all_reduce_sums,
+    average_buffers,
+    broadcast_module,
+    broadcast_object,
+    collective_errors,
+)
 from ..errors import CheckpointError, ConfigError
 from ..io import append_text
 from ..rundir import RunDir
 from ..seeding import capture_rng, restore_rng, seed_everything
 from ..train.optim import build_optimizer
-from .binary_darts import BinaryDARTS, alpha_matrices, edge_probabilities
-from .data_parallel import (EpochShardSampler, GradientSync, check_same_architecture, check_world_fits,
-                          enable_sync_batch_norm)
+from .binary_darts import BinaryDARTS, edge_probabilities
+from .data_parallel import (
+    EpochShardSampler,
+    GradientSync,
+    check_same_architecture,
+    check_world_fits,
+    enable_sync_batch_norm,
+)
 from .objective import diversity_weight, search_lr
 from .record import SEARCH_CSV_FIELDS, SearchRecorder
 

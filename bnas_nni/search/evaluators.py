@@ -116,8 +116,8 @@ def evaluate_derived(model: nn.Module, *, train_data: tud.Dataset, val_data: tud
     """
     from ..distributed import DistContext
     from ..integrations.nni.trial import TrialReporter
-    from ..train.losses import CrossEntropy
     from ..train.loop import evaluate, train_one_epoch
+    from ..train.losses import CrossEntropy
     from ..train.schedules import build_schedule
 
     unknown = sorted(set(train) - set(TRAIN_DEFAULTS))

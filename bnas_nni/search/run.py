@@ -48,13 +48,20 @@ from ..paths import genotypes_dir
 from ..rundir import RunDir
 from ..seeding import seed_everything
 from ..space import BNASSpace, load_space_config
-from .data_parallel import (RANK_LOCAL_KEYS, check_same_config, check_same_export, lightning_ddp_options,
-                          oneshot_fingerprint, peer_failures, quiet_off_main)
+from .data_parallel import (
+    RANK_LOCAL_KEYS,
+    check_same_config,
+    check_same_export,
+    lightning_ddp_options,
+    oneshot_fingerprint,
+    peer_failures,
+    quiet_off_main,
+)
 from .driver import SearchDriver
 from .evaluators import evaluate_derived, train_options
 from .experiment import run_nni_experiment
-from .strategies import build_strategy, check_strategy_options, get_strategy_spec
 from .reporter import SearchReporter
+from .strategies import build_strategy, check_strategy_options, get_strategy_spec
 
 __all__ = ['resolve_search_config', 'run_search', 'default_run_dir', 'save_named_genotypes', 'build_space']
 

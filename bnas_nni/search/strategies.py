@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Set
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Set
 
 from ..config import SearchConfig
 from ..errors import ConfigError
 from ..registry import Registry
 
 __all__ = ['StrategySpec', 'STRATEGIES', 'KINDS', 'RUNNERS', 'register_strategy', 'get_strategy_spec',
-           'check_strategy_options', 'build_strategy', 'strategy_kind', 'CellTPE']
+           'check_strategy_options', 'build_strategy', 'strategy_kind', 'CellTPE']  # noqa: F822 - CellTPE is built on first access (module __getattr__)
 
 KINDS = ('one-shot', 'multi-trial')
 RUNNERS = ('driver', 'nni')

@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import BinaryConv2d, XnorBinarizer, binary_convs
 from ..distributed import DistContext, all_reduce_sums
 from ..errors import NonFiniteError
 from ..finite import check_finite_grads, check_finite_params, non_finite_message
+from ..quant import BinaryConv2d, XnorBinarizer, binary_convs
 from ..rundir import LOGGER
 from .batch_renorm import batch_renormalization
 
@@ -285,7 +285,7 @@ def _batches_on_device(loader: Any, batches: int, ctx: DistContext, channels_las
 @torch.no_grad()
 def recalibrate_bn(net: nn.Module, loader: Any, batches: int, *, ctx: DistContext, amp: Optional[str] = None,
                    channels_last: bool = False, mode: str = 'eval') -> int:
-    """Re-estimate every BatchNorm's running statistics from ``batches`` training batches of the final
+    r"""Re-estimate every BatchNorm's running statistics from ``batches`` training batches of the final
     weights (precise BN); returns the images seen. ``net`` is the bare network
     (:func:`bnas_nni.checkpoints.unwrap`), not a DDP wrapper: no gradient bookkeeping is wanted.
 

@@ -86,8 +86,10 @@ class RealTrialChannel:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        from nni.runtime.trial_command_channel import (get_default_trial_command_channel,
-                                                       set_default_trial_command_channel)
+        from nni.runtime.trial_command_channel import (
+            get_default_trial_command_channel,
+            set_default_trial_command_channel,
+        )
 
         inner = get_default_trial_command_channel()
         set_default_trial_command_channel(self.channel)

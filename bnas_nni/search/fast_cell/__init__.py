@@ -67,11 +67,12 @@ The package, by concern (each module imports only those above it):
 """
 from __future__ import annotations
 
-from .module import FastBinaryMixedCell
-
 # internals that tests reach for by their old module-level names (``fast_cell._StateBinaryOps``, ...)
 from .bn_emulation import _BNGroup as _BNGroup
-from .functions import _ConvReLUScale as _ConvReLUScale, _phases as _phases, _StateBinaryOps as _StateBinaryOps, \
-    _subsample as _subsample
+from .functions import _ConvReLUScale as _ConvReLUScale
+from .functions import _phases as _phases
+from .functions import _StateBinaryOps as _StateBinaryOps
+from .functions import _subsample as _subsample
+from .module import FastBinaryMixedCell
 
 __all__ = ['FastBinaryMixedCell']
