@@ -2,8 +2,6 @@
 unknown keys, a dataset path that follows its dataset, and the same key names for every command."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 

@@ -165,6 +165,7 @@ def test_cli_genotype_and_errors(tmp_path):
 
 
 @needs_dot
+@pytest.mark.slow
 def test_cli_on_a_real_search_run(tmp_path, tiny_search_copy):
     """``bnas-nni plot`` on the shared tiny search run (2 epochs): the cells and every epoch's heatmap."""
     run = tiny_search_copy.run_dir
