@@ -69,7 +69,8 @@ def test_absurdly_nested_and_non_utf8_yaml(workdir, capsys):
     _refused(capsys, ['search', '--config', str(deep)], str(deep), 'nested too deeply')
     latin = workdir / 'latin.yaml'
     latin.write_bytes(b'epochs: 1\ndescription: caf\xe9\n')
-    _refused(capsys, ['search', '--config', str(latin)], f'{latin}:2:', 'byte 0xe9 is not UTF-8', 'save the file as UTF-8')
+    _refused(capsys, ['search', '--config', str(latin)], f'{latin}:2:', 'byte 0xe9 is not UTF-8',
+             'save the file as UTF-8')
 
 
 @pytest.mark.parametrize('override, needle', [('init_channels=-8', 'init_channels must be >= 1, got -8'),

@@ -62,8 +62,8 @@ def plugin(tmp_path, monkeypatch):
 
 def test_plugin_binarizer_runs_in_search_and_train(plugin, tmp_path, capsys):
     search = tmp_path / 'search'
-    assert main(['search', '--config', QUICK_SEARCH, '--epochs', '1', '--set', 'train_subset=64', '--set', 'image_size=8',
-                 '--set', 'max_val_batches=1', '--set', 'imports=[my_binarizer_plugin]',
+    assert main(['search', '--config', QUICK_SEARCH, '--epochs', '1', '--set', 'train_subset=64',
+                 '--set', 'image_size=8', '--set', 'max_val_batches=1', '--set', 'imports=[my_binarizer_plugin]',
                  '--set', 'binarizer=median_sign', '--run-dir', str(search)]) == 0, capsys.readouterr().err
     import my_binarizer_plugin
 
@@ -83,6 +83,7 @@ def test_plugin_binarizer_runs_in_search_and_train(plugin, tmp_path, capsys):
 
 def test_plugin_binarizer_forward_is_what_it_declares(plugin):
     import my_binarizer_plugin  # noqa: F401  (registers median_sign)
+
     from bnas_nni.quant import WEIGHT_BINARIZERS
 
     binarizer = WEIGHT_BINARIZERS.get('median_sign')()

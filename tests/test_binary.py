@@ -6,10 +6,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bnas_nni.quant import (ACTIVATIONS, WEIGHT_BINARIZERS, BinaryConv2d, attach_latent_constraint, binary_convs,
-                             constrain_latent_weights_, make_activation, make_binarizer)
 from bnas_nni.errors import BNASError, ConfigError
-
+from bnas_nni.quant import (
+    ACTIVATIONS,
+    WEIGHT_BINARIZERS,
+    BinaryConv2d,
+    attach_latent_constraint,
+    binary_convs,
+    constrain_latent_weights_,
+    make_activation,
+    make_binarizer,
+)
 
 # --------------------------------------------------------------------------- activation
 

@@ -11,15 +11,15 @@ import torch.utils.data as tud
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
-from bnas_nni.quant import binary_convs  # noqa: E402
 from bnas_nni.cli import main  # noqa: E402
-from bnas_nni.genotypes import Genotype  # noqa: E402
-from bnas_nni.space import BNASSpace  # noqa: E402
 from bnas_nni.data import DatasetView  # noqa: E402
+from bnas_nni.genotypes import Genotype  # noqa: E402
+from bnas_nni.quant import binary_convs  # noqa: E402
 from bnas_nni.search.binary_darts import BinaryDARTS, alpha_matrices, binary_cells, derive_from_model  # noqa: E402
 from bnas_nni.search.driver import SearchDriver  # noqa: E402
 from bnas_nni.search.mixed_cell import BinaryMixedCell  # noqa: E402
 from bnas_nni.search.objective import diversity_weight, mean_edge_entropy, search_lr  # noqa: E402
+from bnas_nni.space import BNASSpace  # noqa: E402
 
 OPS = ('zeroise', 'max_pool_3x3', 'avg_pool_3x3', 'bin_dil_conv_3x3', 'bin_dil_conv_5x5', 'bin_conv_3x3',
        'bin_conv_5x5')
@@ -393,7 +393,8 @@ def test_fast_exact_path_is_the_default_everywhere():
     from bnas_nni.search.fast_cell import FastBinaryMixedCell
 
     assert BinaryDARTS().mixed_cell is FastBinaryMixedCell
-    assert BinaryDARTS(mixed_cell='reference').mixed_cell is BinaryMixedCell is BinaryDARTS(mixed_cell='binary').mixed_cell
+    assert (BinaryDARTS(mixed_cell='reference').mixed_cell is BinaryMixedCell
+            is BinaryDARTS(mixed_cell='binary').mixed_cell)
     cfg = resolve(SEARCH, experiments_dir() / 'search_cifar10_paper.yaml')
     assert cfg['mixed_cell'] == 'fast' and cfg['channels_last'] is True and cfg['strategy'] == 'binary-darts'
     model = _supernet()

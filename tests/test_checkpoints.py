@@ -9,12 +9,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bnas_nni.quant import BinaryConv2d
-from bnas_nni.checkpoints import (FORMAT, describe_model, load_checkpoint_into, official_to_ours, ours_to_official,
-                                  save_checkpoint)
+from bnas_nni.checkpoints import (
+    FORMAT,
+    describe_model,
+    load_checkpoint_into,
+    official_to_ours,
+    ours_to_official,
+    save_checkpoint,
+)
 from bnas_nni.cli import main
 from bnas_nni.errors import CheckpointError
 from bnas_nni.networks import build_model
+from bnas_nni.quant import BinaryConv2d
 from bnas_nni.summary import summarize
 
 CIFAR = {'genotype': 'latest_cell_zeroise', 'dataset': 'cifar10', 'init_channels': 4, 'layers': 5, 'num_classes': 10}

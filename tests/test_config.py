@@ -90,9 +90,9 @@ def test_every_preset_resolves_to_what_it_says():
     from bnas_nni.search.run import resolve_search_config
     from bnas_nni.search.strategies import build_strategy
     from bnas_nni.space import load_space_config
-    from bnas_nni.train.runner import resolve_train_config
     from bnas_nni.train.model import resolve_model_config
     from bnas_nni.train.recipes import get_recipe
+    from bnas_nni.train.runner import resolve_train_config
 
     presets = sorted(experiments_dir().glob('*.yaml'))
     assert {p.name.split('_')[0] for p in presets} == {'search', 'strategy', 'train'}

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import kill_tree
 
 from bnas_nni.paths import REPO_ROOT
-from harness import kill_tree
 
 pytestmark = pytest.mark.skipif(shutil.which('tmux') is None, reason='tmux is not installed (.ci/setup.sh)')
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from harness import Job, torchrun
 
 from bnas_nni.cli import main
 from bnas_nni.data import DEBIAN_FASHION_MNIST
 from bnas_nni.paths import REPO_ROOT, experiments_dir
-from harness import Job, torchrun
 
 FASHION = Path(os.environ.get('BNAS_FASHION_MNIST') or DEBIAN_FASHION_MNIST)
 pytestmark = [pytest.mark.slow,

@@ -125,10 +125,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from harness import Job, child_env, descendants, torchrun, torchrun_command  # noqa: E402
 
 from bnas_nni.data import DEBIAN_FASHION_MNIST  # noqa: E402
 from bnas_nni.integrations.nni.loopback import loopback_namespace_prefix  # noqa: E402
-from harness import Job, child_env, descendants, torchrun, torchrun_command  # noqa: E402
 
 FASHION = Path(os.environ.get('BNAS_FASHION_MNIST') or DEBIAN_FASHION_MNIST)
 needs_fashion = pytest.mark.skipif(not (FASHION / 'train-images-idx3-ubyte.gz').is_file(),

@@ -197,7 +197,8 @@ def test_isa_paths_forced_by_the_environment_agree_bit_for_bit(tmp_path, monkeyp
         assert net.isa == isa
         outs[isa] = net(x)
     first = next(iter(outs.values()))
-    assert all(torch.equal(v, first) for v in outs.values()), {k: (v - first).abs().max().item() for k, v in outs.items()}
+    assert all(torch.equal(v, first) for v in outs.values()), \
+        {k: (v - first).abs().max().item() for k, v in outs.items()}
     assert (first - float_logits(model, x)).abs().max().item() <= 1e-4
 
 
@@ -244,7 +245,8 @@ def test_onnx_export_keeps_the_binary_pattern_and_matches_onnxruntime(tmp_path):
         assert conv.op_type == 'Conv' and sign.op_type == 'Sign' and conv.input[0] == sign.output[0]
         w = torch.from_numpy(inits[b['weight']].copy()).abs().flatten(1)
         assert torch.equal(w, w.amax(1, keepdim=True).expand_as(w))  # ±alpha, one magnitude per filter
-    assert sum(n.op_type == 'Sign' for n in proto.graph.node) > n_binary   # official rule: FP-weight convs behind a sign
+    # official rule: FP-weight convs behind a sign
+    assert sum(n.op_type == 'Sign' for n in proto.graph.node) > n_binary
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     got = sess.run(None, {'images': x.numpy()})[0]
     want = float_logits(model, x).numpy()
@@ -315,7 +317,8 @@ def test_cli_bad_inputs_give_one_line_and_no_file(tmp_path, capsys):
     assert 'not a complete safetensors file' in _one_error_line(capsys)
     with pytest.raises(CheckpointError):
         deploy.load(tmp_path / 'cut.bnp')
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ['bare.pt', 'ck.pt', 'cut.bnp', 'good.bnp']
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == \
+        ['bare.pt', 'ck.pt', 'cut.bnp', 'good.bnp']
 
 
 def test_foreign_and_future_packed_files_are_refused(tmp_path):

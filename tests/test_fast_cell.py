@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
@@ -15,9 +14,9 @@ from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMix
 from nni.nas.strategy import DARTS  # noqa: E402
 
 from bnas_nni.quant import BinaryConv2d, attach_latent_constraint  # noqa: E402
-from bnas_nni.space import BNASSpace  # noqa: E402
 from bnas_nni.search.fast_cell import FastBinaryMixedCell  # noqa: E402
 from bnas_nni.search.mixed_cell import BinaryMixedCell  # noqa: E402
+from bnas_nni.space import BNASSpace  # noqa: E402
 
 
 def _strategy(cell_cls):

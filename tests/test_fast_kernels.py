@@ -19,12 +19,11 @@ import torch.nn.functional as F
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
-from bnas_nni.quant import (BinaryConv2d, WeightBinarizer, attach_latent_constraint, make_binarizer,  # noqa: E402
-                            register_binarizer)
+from test_fast_cell import TOL, _assert_close_dicts, _grads, _pair  # noqa: E402
+
+from bnas_nni.quant import BinaryConv2d, WeightBinarizer, attach_latent_constraint, make_binarizer, register_binarizer  # noqa: E402
 from bnas_nni.search.fast_cell import FastBinaryMixedCell, functions, kernels  # noqa: E402
 from bnas_nni.search.mixed_cell import BinaryMixedCell  # noqa: E402
-
-from test_fast_cell import TOL, _assert_close_dicts, _grads, _pair  # noqa: E402
 
 needs_int8 = pytest.mark.skipif(not kernels.ternary_conv_supported(),
                                 reason='no oneDNN int8 convolution in this build/CPU (the fp32 path is tested)')

@@ -159,7 +159,7 @@ def test_disk_full_during_a_search_checkpoint_is_one_line_and_the_search_resumes
         rc = run_guarded(lambda: run_search(cfg, epoch_callbacks=[fill_the_disk], log=lambda s: None))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err
-    assert err[0].startswith(f'error: file too large') and f'writing {run / "checkpoint.pt"};' in err[0]
+    assert err[0].startswith('error: file too large') and f'writing {run / "checkpoint.pt"};' in err[0]
     assert torch.load(run / 'checkpoint.pt', weights_only=True)['epoch'] == 1       # the previous one, intact
     assert _temps(run) == []
     summary = run_search(cfg, resume=True, log=lambda s: None)

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bnas_nni.quant import BinaryConv2d
 from bnas_nni.errors import ConfigError
 from bnas_nni.genotypes import load_genotype
 from bnas_nni.networks import BNASNetwork, build_model, count_parameters, drop_path, reduction_indices
 from bnas_nni.ops import Zeroise
+from bnas_nni.quant import BinaryConv2d
 
 # counted on the official code's instantiated models (bnas-original.md §4)
 OFFICIAL_PARAMS = {'bnas-a': 5_578_252, 'bnas-d': 28_407_560, 'bnas-e': 31_997_890, 'bnas-f': 39_781_442,

@@ -21,16 +21,16 @@ from bnas_nni.errors import ConfigError
 
 pytest.importorskip('nni')
 
-from bnas_nni.quant import binary_convs, has_latent_constraint, xnor_constrain  # noqa: E402
 from bnas_nni.cli import main  # noqa: E402
 from bnas_nni.data import DatasetView, fashion_mnist_root, search_splits  # noqa: E402
 from bnas_nni.errors import DatasetError  # noqa: E402
 from bnas_nni.genotypes import Genotype, load_genotype  # noqa: E402
 from bnas_nni.io import load_yaml  # noqa: E402
-from bnas_nni.space import BNASSpace  # noqa: E402
+from bnas_nni.quant import binary_convs, has_latent_constraint, xnor_constrain  # noqa: E402
 from bnas_nni.search import strategies as ns  # noqa: E402
 from bnas_nni.search.evaluators import BinaryClassificationModule, evaluate_derived  # noqa: E402
 from bnas_nni.search.run import resolve_search_config, run_search  # noqa: E402
+from bnas_nni.space import BNASSpace  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / 'experiments'
 ONE_SHOT = ['darts', 'gumbel-darts', 'random-one-shot']

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bnas_nni.quant import BinaryConv2d, make_binarizer
 from bnas_nni.errors import ConfigError
 from bnas_nni.ops import OPS, PRIMITIVES, BNConvReLU, Zeroise, make_op
+from bnas_nni.quant import BinaryConv2d, make_binarizer
 
 BINARY = [n for n in PRIMITIVES if n.startswith('bin_')]
 POOLS = ['max_pool_3x3', 'avg_pool_3x3']

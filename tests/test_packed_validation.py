@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from packed_fuzz import CASES, crafted_file, run_corpus, run_entry_points, tiny_packed_files
 
 

@@ -13,9 +13,19 @@ warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 from bnas_nni.errors import ConfigError  # noqa: E402
 from bnas_nni.networks import BNASNetwork  # noqa: E402
 from bnas_nni.ops import BNConvReLU  # noqa: E402
-from bnas_nni.quant import (ACTIVATIONS, WEIGHT_BINARIZERS, ActivationQuantizer, BinaryConv2d, SteSign,  # noqa: E402
-                            WeightBinarizer, XnorBinarizer, make_activation, make_binarizer, quantizer_spec,
-                            register_activation)
+from bnas_nni.quant import (  # noqa: E402
+    ACTIVATIONS,
+    WEIGHT_BINARIZERS,
+    ActivationQuantizer,
+    BinaryConv2d,
+    SteSign,
+    WeightBinarizer,
+    XnorBinarizer,
+    make_activation,
+    make_binarizer,
+    quantizer_spec,
+    register_activation,
+)
 from bnas_nni.space import BNASSpace  # noqa: E402
 from bnas_nni.summary import summarize  # noqa: E402
 
@@ -134,8 +144,9 @@ def _learnable_pair():
 
 
 def test_fast_cell_does_not_share_a_learnable_quantizer():
-    from bnas_nni.search.fast_cell import FastBinaryMixedCell
     from test_fast_cell import TOL, _assert_close_dicts
+
+    from bnas_nni.search.fast_cell import FastBinaryMixedCell
 
     ref, fast = _learnable_pair()
     cells = [m for m in fast.modules() if isinstance(m, FastBinaryMixedCell)]

@@ -14,8 +14,17 @@ warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 from bnas_nni.errors import ConfigError  # noqa: E402
 from bnas_nni.networks import BNASNetwork, build_model  # noqa: E402
 from bnas_nni.ops import OP_SETS, BNConvReLU, ReActConv, binary_block, expand_op_set, make_op  # noqa: E402
-from bnas_nni.quant import (ApproxSign, RPReLU, RSign, ScaledSignBinarizer, XnorBinarizer, make_activation,  # noqa: E402
-                            make_binarizer, make_nonlinearity, quantizer_spec)
+from bnas_nni.quant import (  # noqa: E402
+    ApproxSign,
+    RPReLU,
+    RSign,
+    ScaledSignBinarizer,
+    XnorBinarizer,
+    make_activation,
+    make_binarizer,
+    make_nonlinearity,
+    quantizer_spec,
+)
 from bnas_nni.space import BNASSpace, load_space_config  # noqa: E402
 from bnas_nni.summary import summarize  # noqa: E402
 
@@ -232,10 +241,11 @@ def test_summary_command_with_the_react_op_set(capsys):
 def test_react_space_searches_and_derives(tmp_path, capsys):
     """A tiny BinaryDARTS run on search_spaces/bnas-react.yaml: the learnable RSign/RPReLU parameters train,
     the genotype derives, and the frozen network is the react network of that genotype."""
+    from pathlib import Path
+
     from bnas_nni.cli import main
     from bnas_nni.data import DEBIAN_FASHION_MNIST
     from bnas_nni.genotypes import load_genotype
-    from pathlib import Path
 
     space_cfg = load_space_config('bnas-react', init_channels=4, layers=3, num_nodes=2)
     assert (space_cfg['activation'], space_cfg['binarizer'], space_cfg['nonlinearity']) == \

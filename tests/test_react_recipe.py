@@ -37,16 +37,16 @@ def teacher(tmp_path_factory) -> Path:
 
 
 def test_react_defaults_and_stages():
-    from bnas_nni.train.runner import resolve_train_config
     from bnas_nni.train.recipes import get_recipe
+    from bnas_nni.train.runner import resolve_train_config
 
     cifar = resolve_train_config(None, {'recipe': 'react'})
     assert (cifar['optimizer'], cifar['lr'], cifar['betas'], cifar['schedule'], cifar['epochs'], cifar['batch_size'],
             cifar['weight_decay'], cifar['weight_decay_other'], cifar['step2_weight_decay'], cifar['op_set'],
             cifar['drop_path_prob']) == ('adam', 5e-4, [0.9, 0.999], 'linear', 300, 256, 5e-6, 0.0, 0.0, 'react', 0.0)
     imagenet = resolve_train_config(None, {'recipe': 'react', 'model': 'bnas-d'})
-    assert (imagenet['dataset'], imagenet['lr'], imagenet['epochs'], imagenet['batch_size'], imagenet['image_size']) == \
-        ('imagenet', 1.25e-3, 256, 256, 224)
+    assert (imagenet['dataset'], imagenet['lr'], imagenet['epochs'], imagenet['batch_size'],
+            imagenet['image_size']) == ('imagenet', 1.25e-3, 256, 256, 224)
     stages = get_recipe('react').stages(cifar.replace(step1_epochs=7, step2_weight_decay=1e-7))
     assert [(s.name, dict(s.overrides), s.init_from_previous) for s in stages] == [
         ('step1', {'binarizer': 'none', 'epochs': 7, 'bn_freeze_epochs': 0, 'bn_renorm_epochs': 0}, False),
@@ -224,7 +224,8 @@ def test_bn_freeze_epochs_keep_the_re_estimated_statistics(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a if k not in buffers)
     log = (run / 'log.txt').read_text()
     assert 'epochs 1-2 train with BN statistics fixed' in log
-    assert log.count('BN statistics re-estimated layer by layer in eval mode on 64 training images') == 1    # before epoch 1, not at the end
+    # before epoch 1, not at the end
+    assert log.count('BN statistics re-estimated layer by layer in eval mode on 64 training images') == 1
 
 
 def test_bn_renorm_epochs_train_with_the_running_statistics(tmp_path):
@@ -292,7 +293,8 @@ def test_resumed_inside_the_renorm_epochs_matches_an_uninterrupted_run(tmp_path)
     with pytest.raises(_Stop):
         run_training(QUICK, {**cfg, 'run_dir': str(run)}, on_step=stop)
     done = run_training(QUICK, {**cfg, 'run_dir': str(run)}, resume=True)
-    assert done['epochs_run'] == 1 and done['final'] == {**full['final'], 'epoch_seconds': done['final']['epoch_seconds']}
+    assert done['epochs_run'] == 1 and done['final'] == {**full['final'],
+                                                         'epoch_seconds': done['final']['epoch_seconds']}
     a, b = read_checkpoint(tmp_path / 'full')['state_dict'], read_checkpoint(run)['state_dict']
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = (run / 'log.txt').read_text()
@@ -365,8 +367,8 @@ def test_step2_leaves_binary_latent_weights_undecayed():
     """The optimizers the recipe builds: step 1 decays conv weights only; in step 2 (weight decay 0)
     Adam steps with zero gradients leave every latent binary weight exactly where it was."""
     from bnas_nni.quant import binary_convs
-    from bnas_nni.train.runner import build_network, resolve_model_config, resolve_train_config
     from bnas_nni.train.recipes import get_recipe
+    from bnas_nni.train.runner import build_network, resolve_model_config, resolve_train_config
 
     recipe = get_recipe('react')
     cfg = resolve_train_config(None, {'recipe': 'react', 'init_channels': 4, 'layers': 3, 'lr': 0.1})

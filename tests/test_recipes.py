@@ -78,7 +78,8 @@ def test_recipe_defaults_per_family_and_unknown_recipe():
 
     cifar = resolve_train_config(None, {})
     imagenet = resolve_train_config(None, {'model': 'bnas-d'})
-    assert (cifar['recipe'], cifar['epochs'], cifar['schedule'], cifar['weight_decay']) == ('paper', 600, 'onecycle', 3e-6)
+    assert (cifar['recipe'], cifar['epochs'], cifar['schedule'], cifar['weight_decay']) == \
+        ('paper', 600, 'onecycle', 3e-6)
     assert (imagenet['dataset'], imagenet['epochs'], imagenet['schedule'], imagenet['label_smoothing'],
             imagenet['grad_clip'], imagenet['image_size']) == ('imagenet', 250, 'cosine_restarts', 0.1, 5.0, 224)
     assert resolve_train_config(None, {'model': 'bnas-d', 'epochs': 3})['epochs'] == 3   # the user still wins
@@ -103,7 +104,8 @@ def test_parameter_groups_give_binary_latent_weights_their_own_decay():
     # the same steps with decay move them; the real-valued parameters decay in both
     def latent_drift(weight_decay_binary):
         model = build_model('bnas-a', init_channels=4, layers=3)
-        opt = build_optimizer(model, optimizer='adam', lr=0.1, weight_decay=1e-2, weight_decay_binary=weight_decay_binary)
+        opt = build_optimizer(model, optimizer='adam', lr=0.1, weight_decay=1e-2,
+                              weight_decay_binary=weight_decay_binary)
         conv = binary_convs(model)[0]
         with torch.no_grad():
             conv.weight.copy_(torch.sign(torch.randn_like(conv.weight)) * 0.5)
@@ -140,8 +142,8 @@ class _TwoStage:
 
 def test_stages_hand_their_weights_on_and_resume(tmp_path, capsys):
     from bnas_nni.checkpoints import read_checkpoint
-    from bnas_nni.train.runner import run_training
     from bnas_nni.train.recipes import RECIPES, register_recipe
+    from bnas_nni.train.runner import run_training
 
     if 'test-two-stage' not in RECIPES:
         register_recipe(_TwoStage())
@@ -155,8 +157,7 @@ def test_stages_hand_their_weights_on_and_resume(tmp_path, capsys):
     from bnas_nni.train.runner import resolve_train_config
 
     assert resolve_train_config(base=binary['config'])['init_from'] is None
-    again = run_training(QUICK, {**TINY, 'epochs': 1, 'run_dir': str(tmp_path / 'again'),
-                                 'init_from': str(run / 'real')})
+    run_training(QUICK, {**TINY, 'epochs': 1, 'run_dir': str(tmp_path / 'again'), 'init_from': str(run / 'real')})
     b2 = read_checkpoint(tmp_path / 'again')
     for k, v in binary['state_dict'].items():
         assert torch.equal(v, b2['state_dict'][k]), k
@@ -168,8 +169,8 @@ def test_stages_hand_their_weights_on_and_resume(tmp_path, capsys):
 
 
 def test_distillation_loss_from_a_checkpoint_teacher(tmp_path):
-    from bnas_nni.train.runner import run_training
     from bnas_nni.train.losses import Distillation, distribution_loss
+    from bnas_nni.train.runner import run_training
 
     z = torch.randn(5, 10)
     assert float(distribution_loss(z, z)) == 0.0     # the KL form: ReActNet's cross entropy minus the teacher entropy

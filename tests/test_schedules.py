@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bnas_nni.paths import experiments_dir
-from bnas_nni.train.runner import resolve_train_config as resolve_config
 from bnas_nni.train.losses import CrossEntropy
+from bnas_nni.train.runner import resolve_train_config as resolve_config
 from bnas_nni.train.schedules import IterationSchedule, OneCycleLR, build_schedule, cosine_restarts
 
 ITERS = 196          # ceil(50000 / 256)
@@ -19,14 +19,16 @@ def _optimizer(lr=0.05, momentum=0.9):
 
 def test_cifar_recipe_values_from_the_shipped_yaml():
     cfg = resolve_config(experiments_dir() / 'train_cifar10_bnas_a.yaml')
-    assert (cfg['epochs'], cfg['batch_size'], cfg['lr'], cfg['momentum'], cfg['weight_decay']) == (600, 256, 0.05, 0.9, 3e-6)
+    assert (cfg['epochs'], cfg['batch_size'], cfg['lr'], cfg['momentum'], cfg['weight_decay']) == \
+        (600, 256, 0.05, 0.9, 3e-6)
     assert cfg['schedule'] == 'onecycle' and cfg['drop_path_prob'] == 0.2 and cfg['model'] == 'bnas-a'
     assert cfg['label_smoothing'] == 0.0 and cfg['grad_clip'] is None
 
 
 def test_imagenet_recipe_values_from_the_shipped_yaml():
     cfg = resolve_config(experiments_dir() / 'train_imagenet_bnas.yaml')
-    assert cfg['dataset'] == 'imagenet' and cfg['recipe'] == 'paper' and cfg['epochs'] == 250 and cfg['lr'] == 0.05 and cfg['weight_decay'] == 3e-5
+    assert (cfg['dataset'] == 'imagenet' and cfg['recipe'] == 'paper' and cfg['epochs'] == 250 and cfg['lr'] == 0.05
+            and cfg['weight_decay'] == 3e-5)
     assert cfg['label_smoothing'] == 0.1 and cfg['grad_clip'] == 5.0 and cfg['restart_epochs'] == 50
     assert cfg['schedule'] == 'cosine_restarts' and cfg['drop_path_prob'] == 0.0
 

@@ -11,10 +11,10 @@ import yaml
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
-from bnas_nni.quant import attach_latent_constraint, binary_convs  # noqa: E402
 from bnas_nni.cli import main  # noqa: E402
 from bnas_nni.genotypes import load_genotype  # noqa: E402
 from bnas_nni.networks import build_model  # noqa: E402
+from bnas_nni.quant import attach_latent_constraint, binary_convs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = REPO / 'experiments' / 'search_quick_fashion.yaml'
@@ -114,4 +114,5 @@ def test_cli_runs_nni_darts_on_the_same_space(tmp_path, nni_home, capsys):
     genotype = load_genotype(tmp_path / 'run' / 'genotype.yaml')
     assert genotype.num_nodes == 2
     assert (tmp_path / 'run' / 'nni-experiments').is_dir()
-    assert (tmp_path / 'run' / 'home' / 'nni-experiments' / '.experiment').is_file()   # NNI's manifest: HOME in the run dir
+    # NNI's manifest: HOME in the run dir
+    assert (tmp_path / 'run' / 'home' / 'nni-experiments' / '.experiment').is_file()

@@ -33,7 +33,8 @@ PLUGIN = textwrap.dedent('''
         return strategy
 
 
-    register_strategy('scaled-diversity', make, kind='one-shot', runner='driver', description='BinaryDARTS, lamda * scale')
+    register_strategy('scaled-diversity', make, kind='one-shot', runner='driver',
+                      description='BinaryDARTS, lamda * scale')
     # the same class declared for NNI's runner: what it can do follows the declaration, not the class
     register_strategy('scaled-diversity-nni', make, kind='one-shot', description='the same, through NasExperiment')
 ''')
@@ -138,8 +139,8 @@ def test_user_strategy_runs_as_a_search_trial(plugin, tmp_path):
     instead of NNI's): parameters as the last config layer, a report per epoch, genotypes in the trial
     folder, the derived cell trained briefly, one final result."""
     _needs_fashion()
-    from bnas_nni.search.run import resolve_search_config, run_search
     from bnas_nni.search.reporter import SearchTrialReporter
+    from bnas_nni.search.run import resolve_search_config, run_search
 
     class Channel:
         def __init__(self):
@@ -167,6 +168,7 @@ def test_user_strategy_runs_as_a_search_trial(plugin, tmp_path):
     assert [m['epoch'] for m in channel.intermediates] == [1, 2]
     assert channel.finals == [summary['trial_metric']] and 'derived_acc' in channel.finals[0]
     assert channel.finals[0]['default'] == pytest.approx(max(m['default'] for m in channel.intermediates))
-    assert (tmp_path / 'trial' / 'genotype.yaml').is_file() and (tmp_path / 'trial' / 'genotype_imagenet.yaml').is_file()
+    assert (tmp_path / 'trial' / 'genotype.yaml').is_file() and \
+        (tmp_path / 'trial' / 'genotype_imagenet.yaml').is_file()
     saved = yaml.safe_load((tmp_path / 'trial' / 'search' / 'config.yaml').read_text())
     assert saved['strategy'] == 'scaled-diversity' and saved['lamda'] == 0.5

@@ -185,8 +185,8 @@ def test_checkpoint_from_another_architecture_is_refused(trained, tmp_path, caps
 def test_binary_grad_clip_matches_the_official_order():
     """The gradient w.r.t. the binary weights, recovered from the latent gradient, equals the one
     autograd computes for the binarized tensor; clipping then bounds that (official) norm."""
-    from bnas_nni.quant import binary_convs
     from bnas_nni.networks import build_model
+    from bnas_nni.quant import binary_convs
     from bnas_nni.train.loop import binary_weight_grad, clip_binary_grad_norm_
 
     torch.manual_seed(0)
@@ -227,8 +227,7 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
 def test_eval_of_an_official_layout_checkpoint(trained, tmp_path, capsys):
     """Our weights re-saved the way the official train.py did (DataParallel ``module.`` prefix,
     ``_ops`` names, a bare state dict) evaluate to the same numbers through ``--official``."""
-    from bnas_nni.checkpoints import ours_to_official
-    from bnas_nni.checkpoints import read_checkpoint
+    from bnas_nni.checkpoints import ours_to_official, read_checkpoint
 
     ck = read_checkpoint(trained)
     official = ours_to_official(ck['state_dict'], 'cifar', prefix='module.')

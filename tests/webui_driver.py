@@ -30,9 +30,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from cdp import Chromium  # noqa: E402
-
 import yaml  # noqa: E402
+from cdp import Chromium  # noqa: E402
 
 from bnas_nni.integrations.nni.environment import experiment_environment  # noqa: E402
 from bnas_nni.integrations.nni.lifecycle import stop_experiment  # noqa: E402
