@@ -13,15 +13,33 @@ Metrics are reported in percent everywhere (logs, CSV, NNI): ``default`` is the 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
+from ..checkpoints import (
+    load_checkpoint_into,
+    load_run_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint_path,
+    save_checkpoint,
+    unwrap,
+)
 from ..config import TRAIN, TrainConfig, family_of, resolve
+from ..data import build_dataset, build_datasets
+from ..distributed import ShardSampler, broadcast_buffers, cleanup, init_distributed
 from ..errors import CheckpointError, ConfigError, DatasetError
+from ..integrations.nni import trial as nni_trial
+from ..rundir import RunDir, setup_logging
+from ..seeding import capture_rng, restore_rng, seed_everything
+from .loop import evaluate, train_one_epoch
 from .model import build_network, resolve_model_config
 from .recipes import Recipe, Stage, StageRun, get_recipe, recipe_defaults_hook
 
@@ -75,11 +93,6 @@ def _check_data(train_ds: Any, val_ds: Any, num_classes: int) -> None:
 def make_loaders(cfg: TrainConfig, train_ds: Any, val_ds: Any, ctx: Any):
     """Train loader over a ``DistributedSampler`` (shuffled with ``seed``; ``set_epoch`` per epoch, also
     for one process, so a resumed run sees the same order) and an unpadded sharded val loader."""
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    from ..distributed import ShardSampler
-
     train_sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                        seed=int(cfg.seed), drop_last=False)
     pin = ctx.device.type == 'cuda'
@@ -94,8 +107,6 @@ def make_loaders(cfg: TrainConfig, train_ds: Any, val_ds: Any, ctx: Any):
 
 
 def _show_progress(cfg: TrainConfig, ctx: Any) -> bool:
-    import sys
-
     mode = cfg.progress
     if not ctx.is_main or mode == 'never':
         return False
@@ -117,10 +128,6 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
     True to continue from the run directory's checkpoint(s) (or start fresh if none was written yet),
     or a checkpoint path / run directory to continue from (single-stage recipes).
     """
-    from ..distributed import cleanup, init_distributed
-    from ..integrations.nni import trial as nni_trial
-    from ..rundir import RunDir, setup_logging
-
     cfg = resolve_train_config(config_path, overrides, defaults=defaults)   # a bad config stops here, before any file
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -140,8 +147,6 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
             if len(stages) > 1:
                 raise ConfigError(f'recipe {recipe.name!r} has {len(stages)} stages; resume it with --resume '
                                   '(its run directory), not a checkpoint path')
-            from ..checkpoints import resolve_checkpoint_path
-
             resume_path = resolve_checkpoint_path(resume)
             if not resume_path.is_file():
                 raise CheckpointError(f'checkpoint {resume_path} does not exist')
@@ -190,13 +195,6 @@ def _run_stage(cfg: TrainConfig, recipe: Recipe, stage: Stage, ctx: Any, log: Ca
                on_step: Optional[Callable[[int, int], None]]) -> Dict[str, Any]:
     """One stage: build, resume or warm-start, train ``epochs`` epochs with the recipe's hooks (see
     :class:`~bnas_nni.train.recipes.Recipe`). The caller holds the run directory's lock."""
-    from ..checkpoints import load_checkpoint_into, load_run_checkpoint, read_checkpoint, save_checkpoint, unwrap
-    from ..data import build_datasets
-    from ..distributed import broadcast_buffers
-    from ..rundir import RunDir
-    from ..seeding import capture_rng, restore_rng, seed_everything
-    from .loop import evaluate, train_one_epoch
-
     model_cfg = resolve_model_config(cfg)
     seed_everything(int(cfg.seed))                               # the same initial weights on every rank
     model = build_network(model_cfg)
@@ -244,8 +242,6 @@ def _run_stage(cfg: TrainConfig, recipe: Recipe, stage: Stage, ctx: Any, log: Ca
         log(f'initialised the weights from {init_from}')
 
     if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         has_zero = 'zeroise' in unwrap(model).genotype.ops_used()
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
                     find_unused_parameters=has_zero)
@@ -334,14 +330,6 @@ def run_evaluation(cfg: TrainConfig, checkpoint: str | os.PathLike, *, official:
     ``official``: the file comes from ``gistvision/bnas`` (``_ops``/``preprocess*_red``/``module.``
     keys are mapped). Our own checkpoints are refused if their architecture differs from the model.
     """
-    from torch.utils.data import DataLoader
-
-    from ..checkpoints import load_checkpoint_into, read_checkpoint
-    from ..data import build_dataset
-    from ..distributed import ShardSampler, cleanup, init_distributed
-    from ..rundir import setup_logging
-    from .loop import evaluate
-
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     model_cfg = resolve_model_config(cfg)
