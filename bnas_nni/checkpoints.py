@@ -28,8 +28,10 @@ pass, so a loaded model evaluates exactly as the official ``binarization()`` + f
 from __future__ import annotations
 
 import os
+import pickletools
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -38,7 +40,10 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
+from .genotypes import Genotype
 from .io import atomic_torch_save
+from .networks import BNASNetwork
+from .quant import BinaryConv2d
 
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'LAYOUTS', 'KINDS', 'CHECKPOINT_NAME', 'official_to_ours', 'ours_to_official',
            'detect_layout', 'describe_model', 'unwrap', 'load_checkpoint_file', 'read_checkpoint',
@@ -152,8 +157,6 @@ def describe_model(model: nn.Module) -> Dict[str, Any]:
     Works for :class:`bnas_nni.networks.BNASNetwork` and anything with ``cells``/``classifier``;
     unknown fields are simply left out.
     """
-    from .quant import BinaryConv2d
-
     model = unwrap(model)
     desc: Dict[str, Any] = {'class': type(model).__name__}
     family = getattr(model, 'family', None)
@@ -264,8 +267,6 @@ _FOREIGN_PATTERNS = (r'GLOBAL (\S+?)(?: was not| whose module|\s|$)',
 
 def _foreign_global(text: str) -> str:
     """The class or function a weights-only load refused ('' for other failures)."""
-    import re
-
     for pattern in _FOREIGN_PATTERNS:
         m = re.search(pattern, text, re.M)
         if m:
@@ -275,8 +276,6 @@ def _foreign_global(text: str) -> str:
 
 def _reason(text: str, fallback: str) -> str:
     """torch's own reason in a few words: the unpickler's line if there is one, cut at a word boundary."""
-    import re
-
     m = re.search(r'WeightsUnpickler error: (.+)', text)
     line = (m.group(1) if m else next((ln for ln in text.splitlines() if ln.strip()), fallback)).strip()
     line = re.sub(r'\x1b\[[0-9;]*m', '', line)
@@ -286,9 +285,6 @@ def _reason(text: str, fallback: str) -> str:
 def _damage(path: Path) -> str:
     """Why ``path`` is not an intact torch file ('' when it looks like one): torch.save writes a zip
     archive (or, before torch 1.6, a pickle stream starting with torch's magic number)."""
-    import pickletools
-    import zipfile
-
     size = path.stat().st_size
     if size == 0:
         return 'the file is empty'
@@ -489,10 +485,6 @@ def model_from_checkpoint(obj: Mapping[str, Any]) -> nn.Module:
     C, L, classes, the binarizer of every conv, and a training config's activation quantizer). The
     weights are loaded strictly.
     """
-    from .genotypes import Genotype
-    from .networks import BNASNetwork
-    from .quant import BinaryConv2d
-
     if not isinstance(obj, Mapping) or obj.get('format') != FORMAT or not isinstance(obj.get('model'), Mapping):
         raise CheckpointError('not a bnas-nni checkpoint with an architecture description; pass --model (and '
                               '--official for a file of the official code)')
