@@ -32,7 +32,11 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoints import describe_model
 from ..errors import ConfigError
+from ..networks import FixedCell
+from ..ops import BNConvReLU, Zeroise
+from ..quant import IdentityQuantizer, SteSign
 from .fold import binary_filters, bn_sign_thresholds, pack_filter_bits, pack_negate
 
 __all__ = ['describe_network', 'packed_description', 'binary_part_sizes', 'SUPPORTED_OPS']
@@ -92,8 +96,6 @@ def _conv(conv: nn.Module, name: str) -> Dict[str, Any]:
 
 def _unit(m: nn.Module, name: str) -> Dict[str, Any]:
     """A BN -> quantizer -> conv -> ReLU op (``BNConvReLU``) as a unit."""
-    from ..quant import IdentityQuantizer, SteSign
-
     q = getattr(m, 'quantizer', None)
     if type(q) is SteSign:
         kind = 'sign'
@@ -149,8 +151,6 @@ def _pool_stride(m: nn.Module, name: str) -> int:
 
 
 def _op(op: nn.Module, name: str, op_name: str) -> Dict[str, Any]:
-    from ..ops import BNConvReLU, Zeroise
-
     if type(op) is Zeroise:
         return {'type': 'zeroise', 'name': name, 'stride': int(op.stride)}
     if type(op) is nn.MaxPool2d:
@@ -164,8 +164,6 @@ def _op(op: nn.Module, name: str, op_name: str) -> Dict[str, Any]:
 
 
 def _cell(cell: nn.Module, name: str) -> Dict[str, Any]:
-    from ..networks import FixedCell
-
     if not isinstance(cell, FixedCell):
         raise ConfigError(f'{name}: {type(cell).__name__} is not a derived cell (FixedCell); export a fixed network '
                           '(BNASNetwork or a frozen BNASSpace)')
@@ -189,8 +187,6 @@ def _cell(cell: nn.Module, name: str) -> Dict[str, Any]:
 @torch.no_grad()
 def describe_network(model: nn.Module) -> Dict[str, Any]:
     """The deployable description of a fixed BNAS network (see the module docstring); eval semantics."""
-    from ..checkpoints import describe_model
-
     model = _unwrap(model)
     for attr in ('cells', 'classifier', 'global_pooling'):
         if not hasattr(model, attr):
