@@ -20,6 +20,8 @@ from typing import Any, Dict, Mapping, Optional
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
+import dataclasses
+
 import nni
 import torch
 import torch.nn as nn
@@ -28,8 +30,14 @@ from nni.nas.evaluator import FunctionalEvaluator
 from nni.nas.evaluator.pytorch import Lightning, Trainer
 from nni.nas.evaluator.pytorch.lightning import ClassificationModule
 
+from ..distributed import DistContext
 from ..errors import ConfigError
+from ..genotypes import save_genotype
+from ..integrations.nni.trial import TrialReporter
+from ..train.loop import evaluate, train_one_epoch
+from ..train.losses import CrossEntropy
 from ..train.optim import OPTIMIZERS, build_optimizer
+from ..train.schedules import build_schedule
 
 __all__ = ['BinaryClassificationModule', 'BinaryClassification', 'TRAIN_DEFAULTS', 'evaluate_derived',
            'derived_evaluator']
@@ -114,12 +122,6 @@ def evaluate_derived(model: nn.Module, *, train_data: tud.Dataset, val_data: tud
     trial's model before this function runs, from an unseeded generator, so this is what makes a
     trial's result a function of its architecture and seed alone.
     """
-    from ..distributed import DistContext
-    from ..integrations.nni.trial import TrialReporter
-    from ..train.loop import evaluate, train_one_epoch
-    from ..train.losses import CrossEntropy
-    from ..train.schedules import build_schedule
-
     unknown = sorted(set(train) - set(TRAIN_DEFAULTS))
     if unknown:
         raise ConfigError(f'unknown training options {unknown}; allowed: {", ".join(TRAIN_DEFAULTS)}')
@@ -161,10 +163,6 @@ def evaluate_derived(model: nn.Module, *, train_data: tud.Dataset, val_data: tud
     genotype = getattr(model, 'genotype', None)
     out_dir = genotype_dir or os.environ.get('NNI_OUTPUT_DIR')
     if report and genotype is not None and out_dir:
-        import dataclasses
-
-        from ..genotypes import save_genotype
-
         trial = os.environ.get('NNI_TRIAL_JOB_ID', 'trial')
         save_genotype(dataclasses.replace(genotype, name=f'trial-{trial}'), os.path.join(out_dir, 'genotype.yaml'),
                       source='nni trial', trial=trial, val_acc=metric['default'], epochs=int(cfg['epochs']))
