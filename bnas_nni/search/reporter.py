@@ -27,9 +27,16 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+import nni
+import torch
+
 from ..config import SearchConfig
 from ..console import log as console_log
+from ..data import build_dataset
+from ..genotypes import save_genotype
 from ..integrations.nni.trial import RealTrialChannel, under_nni
+from ..networks import BNASNetwork
+from .evaluators import evaluate_derived
 
 __all__ = ['brief_train', 'SearchReporter', 'SearchTrialReporter']
 
@@ -38,12 +45,6 @@ def brief_train(genotype: Any, cfg: SearchConfig, *, log=console_log) -> float:
     """Train the derived network of ``genotype`` for ``final_epochs`` with the one train loop (SGD,
     cosine, the binarizer's latent step) and return its top-1 accuracy (%) on the first
     ``final_test_subset`` test images."""
-    import torch
-
-    from ..data import build_dataset
-    from ..networks import BNASNetwork
-    from .evaluators import evaluate_derived
-
     data = {'dataset': cfg.dataset, 'data': cfg.data, 'download': cfg.download,
             'image_size': cfg.final_image_size or cfg.image_size}
     train = build_dataset({**data, 'train_subset': cfg.final_train_subset}, 'train')
@@ -106,8 +107,6 @@ class SearchTrialReporter(SearchReporter):
     def parameters(self) -> Dict[str, Any]:
         if not under_nni():
             return {}
-        import nni
-
         with self.channel.active():
             return dict(nni.get_next_parameter() or {})
 
@@ -125,8 +124,6 @@ class SearchTrialReporter(SearchReporter):
         self.channel.intermediate(metric)
 
     def finish(self, summary: Mapping[str, Any], cfg: SearchConfig, log=console_log) -> Dict[str, Any]:
-        from ..genotypes import save_genotype
-
         cifar, imagenet = summary['genotype'], summary['genotype_imagenet']
         best = summary['supernet_val_acc']
         meta = {'source': 'bnas-nni search', 'trial': os.environ.get('NNI_TRIAL_JOB_ID', 'standalone'),
