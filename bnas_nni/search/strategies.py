@@ -209,6 +209,8 @@ def __getattr__(name: str):
 
 
 # --------------------------------------------------------------------------- factories
+# Each factory imports its strategy (NNI, BinaryDARTS) when called: `bnas-nni --help` imports this module's
+# registry, and importing NNI would make it slow.
 
 def _binary_darts(cfg: SearchConfig):
     from .binary_darts import BinaryDARTS
