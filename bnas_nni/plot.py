@@ -18,14 +18,16 @@ import argparse
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .errors import ConfigError, MissingDependencyError
-from .genotypes import CELL_TYPES, Genotype, load_genotype
-from .io import atomic_path
+from .genotypes import CELL_TYPES, Genotype, derive_genotype, load_genotype
+from .io import atomic_path, load_yaml
+from .ops import PRIMITIVES
 
 __all__ = ['CELL_TITLES', 'edge_labels', 'cell_graph', 'genotype_graph', 'plot_genotype', 'alpha_heatmap_figure',
            'save_figure', 'write_search_pictures', 'load_alpha_history', 'register']
@@ -67,6 +69,7 @@ def _html(name: str) -> str:
 def cell_graph(genotype: Genotype, cell: str, graph: Any = None, *, prefix: str = '') -> Any:
     """The graphviz graph of one cell (``normal`` or ``reduce``); drawn into ``graph`` if given
     (a cluster of a larger picture), node names prefixed with ``prefix``."""
+    # graphviz, matplotlib and PIL are imported where used: `bnas-nni --help` imports this module, and they are slow
     import graphviz
 
     if cell not in CELL_TYPES:
@@ -189,8 +192,6 @@ def alpha_heatmap_figure(alphas: Mapping[str, Any], ops: Sequence[str],
 
 
 def _derive(alphas: Mapping[str, Any], ops: Sequence[str]) -> Optional[Genotype]:
-    from .genotypes import derive_genotype
-
     try:
         return derive_genotype(alphas['normal'], alphas['reduce'], ops)
     except ConfigError:
@@ -199,8 +200,6 @@ def _derive(alphas: Mapping[str, Any], ops: Sequence[str]) -> Optional[Genotype]
 
 def _math(label: str) -> str:
     """``c_{k-1} → 0`` with mathtext subscripts for matplotlib."""
-    import re
-
     return re.sub(r'c_\{([^}]*)\}', r'$c_{\1}$', label)
 
 
@@ -304,9 +303,6 @@ def load_alpha_history(path: str | os.PathLike) -> List[Dict[str, Any]]:
 
 def _run_ops(run_dir: Path, width: int) -> List[str]:
     """The op columns of a search run: its config's ``ops``, else the full BNAS list."""
-    from .io import load_yaml
-    from .ops import PRIMITIVES
-
     ops = None
     if (run_dir / 'config.yaml').is_file():
         cfg = load_yaml(run_dir / 'config.yaml')
