@@ -29,6 +29,9 @@ import numpy as np
 from .errors import DatasetError
 from .io import atomic_write_text
 
+# torch, torchvision and NNI are imported inside the functions that use them: `bnas-nni --help` imports this
+# module (for `bnas-nni data`), and importing them here would slow it.
+
 __all__ = ['CIFAR_MEAN', 'CIFAR_STD', 'FASHION_MEAN', 'FASHION_STD', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'fashion_mnist_root', 'FashionMNIST32', 'cifar10', 'cifar_transforms', 'imagenet_transforms',
            'imagenet_folder', 'check_imagenet_layout', 'prepare_imagenet', 'build_dataset', 'build_datasets', 'traced',
