@@ -23,13 +23,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoints import detect_layout, load_checkpoint_into, model_from_checkpoint, read_checkpoint
-from ..errors import CheckpointError, ConfigError
-from ..io import atomic_path
-from ..networks import build_model
-from .export import binary_part_sizes, describe_network, packed_description
-from .format import load_packed, save_packed
-from .onnx_export import network_to_onnx
+from ..errors import CheckpointError
 from .runtime import PackedNetwork
 
 __all__ = ['load', 'export_packed', 'export_onnx', 'network_from_checkpoint', 'state_dict_bytes', 'PackedNetwork']
@@ -37,6 +31,8 @@ __all__ = ['load', 'export_packed', 'export_onnx', 'network_from_checkpoint', 's
 
 def load(path: str | os.PathLike, isa: Optional[str] = None) -> PackedNetwork:
     """A packed file as a module mapping a float image batch (N x 3 x H x W) to logits."""
+    from .format import load_packed
+
     return PackedNetwork(load_packed(path), isa=isa, source=str(path))
 
 
@@ -49,6 +45,9 @@ def state_dict_bytes(model: nn.Module) -> int:
 
 def export_packed(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
     """Write ``model`` (a fixed BNAS network, eval semantics) as a packed file, atomically; returns sizes."""
+    from .export import binary_part_sizes, describe_network, packed_description
+    from .format import save_packed
+
     desc = describe_network(model)
     packed = packed_description(desc)
     path = save_packed(packed, path)
@@ -59,6 +58,10 @@ def export_packed(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17,
                 image_size: Optional[int] = None) -> Dict[str, Any]:
     """Write ``model`` as a checked ONNX file (see :mod:`.onnx_export`), atomically; returns its size."""
+    from ..io import atomic_path
+    from .export import describe_network
+    from .onnx_export import network_to_onnx
+
     proto = network_to_onnx(describe_network(model), opset=opset, image_size=image_size)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -77,6 +80,10 @@ def network_from_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], *
     checkpoint loaded strictly into it; ``official=True`` reads the official code's layout and defaults to
     the ``official-2020-08`` precision rule, as ``bnas-nni eval --official`` does.
     """
+    from ..checkpoints import detect_layout, load_checkpoint_into, model_from_checkpoint, read_checkpoint
+    from ..errors import ConfigError
+    from ..networks import build_model
+
     source = 'checkpoint'
     if isinstance(checkpoint, (str, os.PathLike)):
         source = str(checkpoint)
