@@ -23,7 +23,9 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_path
+from ..networks import build_model
 from .runtime import PackedNetwork
 
 __all__ = ['load', 'export_packed', 'export_onnx', 'network_from_checkpoint', 'state_dict_bytes', 'PackedNetwork']
@@ -31,6 +33,7 @@ __all__ = ['load', 'export_packed', 'export_onnx', 'network_from_checkpoint', 's
 
 def load(path: str | os.PathLike, isa: Optional[str] = None) -> PackedNetwork:
     """A packed file as a module mapping a float image batch (N x 3 x H x W) to logits."""
+    # the writers, readers and checkpoints are imported on use: `bnas-nni --help` imports this package
     from .format import load_packed
 
     return PackedNetwork(load_packed(path), isa=isa, source=str(path))
@@ -58,7 +61,6 @@ def export_packed(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17,
                 image_size: Optional[int] = None) -> Dict[str, Any]:
     """Write ``model`` as a checked ONNX file (see :mod:`.onnx_export`), atomically; returns its size."""
-    from ..io import atomic_path
     from .export import describe_network
     from .onnx_export import network_to_onnx
 
@@ -81,9 +83,6 @@ def network_from_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], *
     the ``official-2020-08`` precision rule, as ``bnas-nni eval --official`` does.
     """
     from ..checkpoints import detect_layout, load_checkpoint_into, model_from_checkpoint, read_checkpoint
-    from ..errors import ConfigError
-    from ..networks import build_model
-
     source = 'checkpoint'
     if isinstance(checkpoint, (str, os.PathLike)):
         source = str(checkpoint)
