@@ -23,11 +23,14 @@ import threading
 import warnings
 from typing import Any, Callable, List, Optional
 
+from . import __version__
+
 # OpenMP's wait policy is left to the user (libgomp's default: spin briefly, then sleep). Forcing PASSIVE
 # made every command ~25% slower on a quiet machine (the paper search epoch: 73-77 s against 93-100 s on
 # 2 cores), because the supernet's many small parallel regions then wake sleeping threads each time. On
 # a machine shared with other CPU work, export OMP_WAIT_POLICY=PASSIVE (the test suite does).
 from .errors import BNASError
+from .io import StorageError, is_storage_error
 
 # subcommand modules, each with ``register(subparsers)``
 COMMAND_MODULES = (
@@ -51,7 +54,6 @@ def quiet_warnings() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='bnas-nni', description=__doc__.splitlines()[0])
-    from . import __version__
     parser.add_argument('--version', action='version', version=f'bnas-nni {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name in COMMAND_MODULES:
@@ -98,8 +100,6 @@ def sigterm_as_interrupt():
 def quiet_storage_errors_in_threads():
     """A background writer thread (TensorBoard's) that meets a full disk prints no traceback: the main
     thread meets the same error at its next write and reports it in one line."""
-    from .io import is_storage_error
-
     previous = threading.excepthook
 
     def hook(args: Any) -> None:
@@ -124,8 +124,6 @@ def run_guarded(call: Callable[[], Optional[int]],
         print(f'error: {exc}', file=sys.stderr)
         return int(getattr(exc, 'exit_status', 2))
     except OSError as exc:
-        from .io import StorageError, is_storage_error
-
         if not is_storage_error(exc):
             raise
         error = StorageError.writing(exc.filename or 'an output file', exc.errno)   # a writer we do not wrap

@@ -11,6 +11,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..cli import quiet_warnings
+from ..errors import ConfigError
+from ..io import atomic_path, check_output_dir
+
 __all__ = ['register']
 
 _FLAGS = (
@@ -31,6 +35,7 @@ def _mb(n: int) -> str:
 
 
 def _verify_images(family: str, in_channels: int, image_size: Any):
+    # torch, the deploy machinery and onnxruntime are imported on use: keeps `bnas-nni --help` fast
     import torch
 
     size = image_size or (224 if family == 'imagenet' else 32)
@@ -52,10 +57,6 @@ def _report_diff(what: str, diff: float) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..cli import quiet_warnings
-    from ..errors import ConfigError
-    from ..io import atomic_path, check_output_dir
-
     quiet_warnings()
     if args.check:
         return _cmd_check(args)

@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..cli import quiet_warnings
+from ..config import SEARCH, add_config_flags, flag_overrides
+from ..io import parse_set_items
+
 __all__ = ['register']
 
 # config keys with a flag of their own (help from their declaration in bnas_nni.config); --set reaches the rest
@@ -22,10 +26,8 @@ _FLAG_KEYS = ('space', 'strategy', 'epochs', 'batch_size', 'lamda', 'tau', 'gamm
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from ..cli import quiet_warnings
-    from ..config import flag_overrides
+    # the search machinery (and NNI through it) is imported on use: keeps `bnas-nni --help` fast
     from ..integrations.nni.trial import under_nni
-    from ..io import parse_set_items
     from .reporter import SearchTrialReporter
     from .run import resolve_search_config, run_search
 
@@ -43,7 +45,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``bnas-nni search``."""
-    from ..config import SEARCH, add_config_flags
     from .strategies import STRATEGIES
 
     p = subparsers.add_parser('search', help='search BNAS cells (BinaryDARTS or any registered strategy)',

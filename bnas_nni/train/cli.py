@@ -9,6 +9,11 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List, Optional
 
+from ..cli import quiet_warnings, run_guarded
+from ..config import TRAIN, add_config_flags, flag_overrides
+from ..errors import ConfigError
+from ..io import parse_set_items
+
 __all__ = ['register', 'add_common_arguments', 'overrides_from_args', 'train_main']
 
 # config keys with a flag of their own, help from their declaration in bnas_nni.config (--set reaches the rest)
@@ -21,8 +26,6 @@ _TRAIN_FLAGS = ('epochs', 'lr', 'weight_decay', 'momentum', 'drop_path_prob', 'l
 
 def add_common_arguments(p: argparse.ArgumentParser, train: bool = True) -> None:
     """The flags shared by ``bnas-nni train``, ``trainers/*.py`` and (without training ones) ``eval``."""
-    from ..config import TRAIN, add_config_flags
-
     p.add_argument('--config', default=None, help='trainer YAML (experiments/train_*.yaml)')
     add_config_flags(p, TRAIN, _FLAGS + (_TRAIN_FLAGS if train else ()))
     p.add_argument('--set', dest='set_items', action='append', default=[], metavar='KEY=VALUE',
@@ -30,9 +33,6 @@ def add_common_arguments(p: argparse.ArgumentParser, train: bool = True) -> None
 
 
 def overrides_from_args(args: argparse.Namespace, train: bool = True) -> Dict[str, Any]:
-    from ..config import flag_overrides
-    from ..io import parse_set_items
-
     keys = [k if isinstance(k, str) else k[1] for k in _FLAGS + (_TRAIN_FLAGS if train else ())]
     out = flag_overrides(args, keys)
     out.update(parse_set_items(args.set_items))
@@ -40,7 +40,7 @@ def overrides_from_args(args: argparse.Namespace, train: bool = True) -> Dict[st
 
 
 def _cmd_train(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = None) -> int:
-    from ..cli import quiet_warnings
+    # the training machinery is imported on use: keeps `bnas-nni --help` fast
     from .runner import run_training
 
     quiet_warnings()
@@ -50,7 +50,6 @@ def _cmd_train(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = No
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..checkpoints import read_checkpoint
-    from ..errors import ConfigError
     from .runner import resolve_train_config, run_evaluation
 
     overrides = overrides_from_args(args, train=False)
@@ -97,8 +96,6 @@ def train_main(argv: Optional[List[str]] = None, *, prog: str = 'train.py',
                defaults: Optional[Dict[str, Any]] = None) -> int:
     """Entry of ``trainers/train_*.py``: the ``train`` flags, with the script's ``defaults`` under the
     config; user mistakes print one line and exit 2, like ``bnas-nni``."""
-    from ..cli import quiet_warnings, run_guarded
-
     quiet_warnings()
     p = argparse.ArgumentParser(prog=prog, description='BNAS trainer (see experiments/train_*.yaml).')
     add_common_arguments(p)
