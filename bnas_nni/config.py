@@ -36,6 +36,7 @@ import importlib
 import json
 import math
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,8 +55,6 @@ MAX_NAME_LENGTH = 128
 
 
 def check_plain_name(key: str, value: str) -> None:
-    import re
-
     if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', value) or value.endswith('.py') \
             or len(value) > MAX_NAME_LENGTH:
         shown = value if len(value) <= 40 else value[:37] + '...'

@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
+from .genotypes import list_genotypes, load_genotype
+from .networks import PRECISION_RULES, build_model, load_model_configs
 from .quant import BinaryConv2d
 
 __all__ = ['LayerStats', 'ModelSummary', 'summarize', 'input_size_for', 'format_summary',
@@ -255,9 +257,6 @@ def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optio
     Returns ``(network, description)``. Flags override the config; a genotype alone uses CIFAR-10,
     C=36, L=20 unless told otherwise.
     """
-    from .genotypes import list_genotypes, load_genotype
-    from .networks import build_model, load_model_configs
-
     overrides = dict(genotype=genotype, layers=layers, init_channels=init_channels, precision_rule=precision_rule,
                      dataset=dataset, num_classes=num_classes, binarizer=binarizer, op_set=op_set)
     configs = load_model_configs()
@@ -318,8 +317,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``bnas-nni summary``."""
-    from .networks import PRECISION_RULES
-
     p = subparsers.add_parser('summary', help='parameters, binary/full-precision MACs, OPs and model size',
                               description='Parameters, binary vs full-precision MACs, OPs = BOPs/64 + FLOPs and '
                                           'model size (1-bit packed vs fp32) of a model config or genotype.')
