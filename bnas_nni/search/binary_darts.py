@@ -52,6 +52,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
+import json
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -63,6 +65,7 @@ from ..errors import ConfigError, NonFiniteError
 from ..finite import check_finite_grads, check_finite_params, non_finite_message
 from ..genotypes import Genotype
 from ..quant import attach_latent_constraint
+from .fast_cell import FastBinaryMixedCell
 from .mixed_cell import BinaryMixedCell
 from .objective import GAMMA, LAMDA, SELECT_RULES, TAU, diversity_weight, mean_edge_entropy
 from .record import attach_run_directory
@@ -77,8 +80,6 @@ def resolve_mixed_cell(spec: Union[None, str, Type[BinaryMixedCell]]) -> Type[Bi
     (``'binary'``, its earlier name, still works): the straightforward :class:`BinaryMixedCell` the fast
     one is tested against; or a ``BinaryMixedCell`` subclass."""
     if spec is None or spec == 'fast':
-        from .fast_cell import FastBinaryMixedCell
-
         return FastBinaryMixedCell
     if spec in ('reference', 'binary'):
         return BinaryMixedCell
@@ -344,16 +345,12 @@ class BinaryDartsModule(DartsLightningModule):
 
     def selection_state(self) -> Dict[str, Any]:
         """History and best epoch as plain types and tensors (for checkpoints)."""
-        import json
-
         best = dict(self.best)
         if best.get('alphas') is not None:
             best['alphas'] = {k: torch.as_tensor(np.asarray(v)) for k, v in best['alphas'].items()}
         return {'history': json.dumps(self.history), 'best': best}
 
     def load_selection_state(self, state: Mapping[str, Any]) -> None:
-        import json
-
         self.history = json.loads(state['history'])
         best = dict(state['best'])
         if best.get('alphas') is not None:

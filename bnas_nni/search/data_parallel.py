@@ -26,15 +26,18 @@ strategies, which train under Lightning's DDP strategy.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
+import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from pytorch_lightning.strategies import DDPStrategy
 from torch.autograd.function import once_differentiable
 from torch.utils.data import Sampler
 
@@ -352,11 +355,6 @@ def lightning_ddp_options(ctx: DistContext, timeout: Optional[float] = None) -> 
     Lightning's ``DDPStrategy`` with ``find_unused_parameters`` (a differentiable step leaves the other
     step's parameters without gradients, a sampling one the unsampled paths); it reuses the process
     group started by :func:`bnas_nni.distributed.init_distributed` and shards the loaders itself."""
-    import datetime
-    import os
-
-    from pytorch_lightning.strategies import DDPStrategy
-
     kwargs: Dict[str, Any] = {'process_group_backend': ctx.backend, 'find_unused_parameters': True}
     if timeout:
         kwargs['timeout'] = datetime.timedelta(seconds=float(timeout))

@@ -25,10 +25,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+import pytorch_lightning as pl
+from nni.nas.evaluator.pytorch import DataLoader
+from pytorch_lightning.loggers import TensorBoardLogger
+
 from ..config import SearchConfig
 from ..console import log as console_log
+from ..data import search_splits
 from ..integrations.nni.environment import redirected_nni_home
 from ..integrations.nni.rest import free_port, rest_snapshot
+from .evaluators import BinaryClassification, derived_evaluator, train_options
 
 __all__ = ['run_nni_experiment']
 
@@ -66,11 +72,6 @@ def _quiet_lightning() -> None:
 def _one_shot_evaluator(cfg: SearchConfig, train_ds: Any, val_ds: Any, run_dir: Path, num_classes: int,
                         device: Any, progress: bool, epoch_callbacks: Sequence[Callable[..., None]],
                         trainer_options: Optional[Mapping[str, Any]] = None):
-    import pytorch_lightning as pl
-    from nni.nas.evaluator.pytorch import DataLoader
-
-    from .evaluators import BinaryClassification
-
     class _EpochReport(pl.Callback):
         """Epoch records for the callbacks; stock DARTS-style strategies validate nothing (val_acc None)."""
 
@@ -91,8 +92,6 @@ def _one_shot_evaluator(cfg: SearchConfig, train_ds: Any, val_ds: Any, run_dir: 
     if cfg.max_val_batches:
         trainer_kwargs['limit_val_batches'] = int(cfg.max_val_batches)
     if cfg.tensorboard:
-        from pytorch_lightning.loggers import TensorBoardLogger
-
         trainer_kwargs['logger'] = TensorBoardLogger(str(run_dir), name='tb', version='')
     else:
         trainer_kwargs['logger'] = False
@@ -123,10 +122,8 @@ def run_nni_experiment(cfg: SearchConfig, strategy: Any, kind: str, space: Any, 
     ``check-status``, ``trial-jobs``, ``metric-data`` and ``experiment`` before the stop), ``manager_pid``
     and ``seconds``.
     """
+    # local import: NNI's experiment machinery is slow to import and only the runner='nni' path needs it
     from nni.nas.experiment import NasExperiment
-
-    from ..data import search_splits
-    from .evaluators import derived_evaluator, train_options
 
     _quiet_lightning()
     num_classes = int(space.classifier.out_features)

@@ -19,9 +19,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+
 from ..console import log as console_log
 from ..genotypes import save_genotype
 from ..io import atomic_write_text
+from ..plot import write_search_pictures
 from ..rundir import RunDir
 from .supernet import cell_ops
 
@@ -61,8 +65,6 @@ class SearchRecorder:
             return
         cifar, imagenet = self.write_outputs(module)
         if self.pictures:
-            from ..plot import write_search_pictures
-
             write_search_pictures(self.run.path, alphas=record['alphas'], ops=cell_ops(module), epoch=record['epoch'],
                                   genotype=cifar, imagenet_genotype=imagenet, writer=self.run.writer(),
                                   log=self._log_once)
@@ -97,9 +99,6 @@ class SearchRecorder:
 def attach_run_directory(evaluator: Any, strategy: Any, run_dir: str, *, resume: bool = False) -> None:
     """Give a one-shot ``Lightning`` evaluator (already mutated by ``strategy``) the search run directory:
     the lock, :class:`SearchRecorder`, TensorBoard epoch scalars, and ``last.ckpt`` to resume from."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
     module = evaluator.module
     run = RunDir(run_dir).acquire()
     recorder = SearchRecorder(run, name=Path(run_dir).name, epochs=int(evaluator.trainer.max_epochs or 1),

@@ -18,6 +18,8 @@ import contextlib
 import os
 from typing import Any, Dict, Iterator, Mapping, Optional
 
+from ...distributed import broadcast_object
+
 __all__ = ['under_nni', 'trial_parameters', 'TrialReporter', 'RealTrialChannel']
 
 
@@ -35,12 +37,11 @@ def trial_parameters(ctx: Any = None) -> Dict[str, Any]:
     is_main = ctx is None or ctx.is_main
     params: Dict[str, Any] = {}
     if is_main and under_nni():
+        # nni is imported only under NNI, here and below: a plain `bnas-nni train` never pays for it
         import nni
 
         params = dict(nni.get_next_parameter() or {})
     if ctx is not None and getattr(ctx, 'distributed', False):
-        from ...distributed import broadcast_object
-
         params = broadcast_object(params, ctx)
     return params
 
