@@ -16,6 +16,8 @@ import logging
 import sys
 from typing import IO, Any, Iterable, Optional
 
+from tqdm import tqdm
+
 __all__ = ['ConsoleHandler', 'console_handler', 'log', 'progress']
 
 
@@ -27,8 +29,6 @@ class ConsoleHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm import tqdm
-
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
         except RecursionError:
@@ -47,8 +47,6 @@ def console_handler(fmt: str = '%(asctime)s %(message)s', datefmt: Optional[str]
 
 def log(message: str, file: Optional[IO[str]] = None) -> None:
     """Print one line (stdout by default) above any active progress bar."""
-    from tqdm import tqdm
-
     stream = file if file is not None else sys.stdout
     tqdm.write(str(message), file=stream)
     stream.flush()
@@ -61,8 +59,6 @@ def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None
     ``enabled=None`` shows it only when stderr is a terminal (logs and NNI trial output stay clean);
     a disabled bar is still a tqdm object, so ``update``/``set_postfix`` calls need no guard.
     """
-    from tqdm import tqdm
-
     stream = file if file is not None else sys.stderr
     if enabled is None:
         enabled = bool(getattr(stream, 'isatty', lambda: False)())

@@ -159,6 +159,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` atomically. The archive is built in memory and written by Python, so a write the
     storage refuses surfaces as an ``OSError`` with its errno (torch's own file writer only says
     "file write failed")."""
+    # torch on use: `bnas-nni --help` and torch-free helpers import this module
     import torch
 
     buf = io.BytesIO()

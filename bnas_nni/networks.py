@@ -27,7 +27,7 @@ from .genotypes import Genotype, load_genotype
 from .io import load_yaml
 from .ops import BNConvReLU, binary_block, expand_op_set, make_op
 from .paths import search_spaces_dir
-from .quant import BinaryConv2d, QuantizerSpec, make_activation, make_binarizer, make_nonlinearity
+from .quant import BinaryConv2d, Quantizer, QuantizerSpec, make_activation, make_binarizer, make_nonlinearity
 
 __all__ = ['FixedCell', 'BNASNetwork', 'drop_path', 'build_model', 'load_model_configs', 'model_config', 'check_block',
            'apply_precision_rule', 'PRECISION_RULES', 'count_parameters', 'network_family', 'reduction_indices']
@@ -213,8 +213,6 @@ class BNASNetwork(NetworkForwardMixin, nn.Module):
 
 def _plain_spec(spec: QuantizerSpec) -> Any:
     """A quantizer spec as plain data (a name or a mapping) for configs and checkpoints."""
-    from .quant import Quantizer
-
     if isinstance(spec, Quantizer):
         return spec.spec()
     if isinstance(spec, type) and issubclass(spec, Quantizer):

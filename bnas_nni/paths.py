@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import List
 
+from .errors import ConfigError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
 _CHECKOUT = (REPO_ROOT / 'search_spaces').is_dir() and (REPO_ROOT / 'pyproject.toml').is_file()
@@ -44,8 +46,6 @@ def experiments_dir() -> Path:
 
 def resolve_named_file(name_or_path: str | os.PathLike, folder: Path | List[Path], kind: str) -> Path:
     """A path if it exists, else ``<folder>/<name>.yaml``; a one-line error lists what is available."""
-    from .errors import ConfigError
-
     p = Path(name_or_path)
     if p.is_file():
         return p

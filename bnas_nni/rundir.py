@@ -23,6 +23,7 @@ neither loses the row nor writes it twice.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import logging
 import os
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from .console import ConsoleHandler
 from .errors import ConfigError
 from .io import (
     StorageError,
@@ -60,8 +62,6 @@ def setup_logging(is_main: bool, log_file: Optional[Path] = None) -> logging.Log
         h.close()
     fmt = logging.Formatter(LOG_FORMAT, datefmt=DATE_FORMAT)
     if is_main:
-        from .console import ConsoleHandler
-
         sh = ConsoleHandler(sys.stdout)              # log lines go above the progress bars
         sh.setFormatter(fmt)
         logger.addHandler(sh)
@@ -143,8 +143,6 @@ class RunDir:
         """Create the directory and take its lock (rank 0); one-line error when another process holds it."""
         if not self.is_main or self._lock_file is not None:
             return self
-        import fcntl
-
         check_output_dir(self.path, 'run directory', '--run-dir')
         missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
         self._created = bool(missing)
@@ -265,6 +263,7 @@ class RunDir:
         if not (self.is_main and self.tensorboard):
             return None
         if self._writer is None:
+            # TensorBoard is slow to import and only a run that writes scalars needs it
             from torch.utils.tensorboard import SummaryWriter
 
             tb = self.path / 'tb'

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from ..errors import CheckpointError
 from ..io import atomic_path
@@ -90,8 +92,6 @@ def checksum(header_text: str, tensors: Dict[str, torch.Tensor]) -> str:
 def write_packed(packed: Dict[str, Any], path: str | os.PathLike) -> None:
     """Write a packed description (:func:`bnas_nni.deploy.export.packed_description`) to ``path`` as it is
     (created with the usual permissions, 0666 less the umask, as every other output)."""
-    from safetensors.torch import save
-
     tensors: Dict[str, torch.Tensor] = {}
     header = {'format': FORMAT, 'version': VERSION, 'architecture': packed['architecture'],
               'network': flatten(packed['network'], '', tensors)}
@@ -109,8 +109,6 @@ def save_packed(packed: Dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def _read(path: Path) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework='pt', device='cpu') as f:
             metadata = f.metadata() or {}

@@ -173,6 +173,7 @@ def network_to_onnx(desc: Dict[str, Any], *, opset: int = MIN_OPSET, image_size:
     ``logits`` (N x classes).
     """
     try:
+        # onnx is imported on use (here and in the helpers): its absence becomes the one-line error below
         import onnx
         from onnx import TensorProto, helper
     except ImportError:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import load_run_checkpoint, save_checkpoint
 from ..console import log as console_log
+from ..console import progress
 from ..distributed import (
     DistContext,
     ShardSampler,
@@ -299,8 +300,6 @@ class SearchDriver:
     def _progress(self, total: int, epoch: int):
         if not self.progress:
             return None
-        from ..console import progress
-
         return progress(total=total, desc=f'search {epoch + 1}/{self.epochs}', enabled=True)
 
     def _log_probs(self, tb: Any, step: int) -> None:

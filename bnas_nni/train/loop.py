@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..console import progress as bar
 from ..distributed import DistContext, all_reduce_sums
 from ..errors import NonFiniteError
 from ..finite import check_finite_grads, check_finite_params, non_finite_message
@@ -150,8 +151,6 @@ def progress(iterable: Iterable, *, total: Optional[int], desc: str, enabled: bo
     """A bar when ``enabled`` (rank 0 on a terminal), else the iterable itself (:func:`bnas_nni.console.progress`)."""
     if not enabled:
         return iterable
-    from ..console import progress as bar
-
     return bar(iterable, total=total, desc=desc, enabled=True)
 
 

@@ -37,6 +37,7 @@ def _classes_of(model: nn.Module) -> int | None:
 
 def load_teacher(spec: str, *, num_classes: int, family: str = 'cifar') -> nn.Module:
     """The frozen teacher described by ``spec`` (see the module docstring), in eval mode."""
+    # checkpoints and torchvision on use: `bnas-nni --help` imports this module through the recipes
     from ..checkpoints import load_checkpoint_file, model_from_checkpoint, read_checkpoint
 
     spec = str(spec)

@@ -36,6 +36,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ...extensions import ExtensionBuildError, load_extension
+
 __all__ = ['fast_kernels_enabled', 'ternary_conv_supported', 'ternary_weight', 'TernaryConv', 'sign_to_uint8',
            'fused_ops', 'fusable', 'relu_backward', 'weighted_sum', 'sign_and_mask', 'through_mask', 'add_blocks_',
            'pool_backward', 'profiler_scope']
@@ -147,8 +149,6 @@ class TernaryConv:
 
 @functools.lru_cache(maxsize=None)
 def _fused_module():
-    from ...extensions import ExtensionBuildError, load_extension
-
     src = Path(__file__).resolve().parent / 'csrc'
     try:
         # -fopenmp: at::parallel_for runs in torch's OpenMP pool; -ffp-contract=off: a * b + c rounds twice, as in
