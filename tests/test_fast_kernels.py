@@ -569,7 +569,7 @@ def test_cell_runs_the_torch_ops_when_the_fused_ops_cannot_be_built(monkeypatch,
     def broken(*args, **kwargs):
         raise extensions.ExtensionBuildError('g++: command not found')
     kernels._fused_module.cache_clear()
-    monkeypatch.setattr(extensions, 'load_extension', broken)
+    monkeypatch.setattr(kernels, 'load_extension', broken)      # the name the fused-ops loader calls
     try:
         with caplog.at_level('WARNING'):
             assert kernels.fused_ops() is None

@@ -272,11 +272,11 @@ def test_a_search_stopped_before_its_first_checkpoint_resumes_without_a_duplicat
 def test_training_stopped_around_a_checkpoint_keeps_metrics_and_checkpoint_in_step(tmp_path, monkeypatch, when):
     """Stopped while epoch 1's checkpoint is written (the row is already there) or right after it (before
     anything else): on resume every epoch has exactly one row."""
-    import bnas_nni.checkpoints as checkpoints
+    import bnas_nni.train.runner as runner
     from bnas_nni.train.runner import run_training
 
     run = tmp_path / 'run'
-    save = checkpoints.save_checkpoint
+    save = runner.save_checkpoint          # the name the training runner calls
 
     def stopping_save(model, path, **extra):
         if extra.get('epoch') == 2:
@@ -285,11 +285,11 @@ def test_training_stopped_around_a_checkpoint_keeps_metrics_and_checkpoint_in_st
             raise KeyboardInterrupt
         return save(model, path, **extra)
 
-    monkeypatch.setattr(checkpoints, 'save_checkpoint', stopping_save)
+    monkeypatch.setattr(runner, 'save_checkpoint', stopping_save)
     with pytest.raises(KeyboardInterrupt):
         run_training(QUICK_TRAIN, {**TINY_TRAIN, 'epochs': 3, 'run_dir': str(run)})
     assert _epochs(run) == [0, 1]
     assert torch.load(run / 'checkpoint.pt', weights_only=True)['epoch'] == (2 if when == 'after' else 1)
-    monkeypatch.setattr(checkpoints, 'save_checkpoint', save)
+    monkeypatch.setattr(runner, 'save_checkpoint', save)
     run_training(QUICK_TRAIN, {**TINY_TRAIN, 'epochs': 3, 'run_dir': str(run)}, resume=True)
     assert _epochs(run) == [0, 1, 2]
