@@ -94,16 +94,26 @@ def check_output_dir(path: str | os.PathLike, what: str, flag: str) -> Path:
     return path
 
 
+def check_output_file(path: str | os.PathLike, flag: Optional[str] = None, example: Optional[str] = None) -> Path:
+    """Refuse, before anything is written, an output file path that names a folder or whose folder cannot be
+    created (:func:`check_output_dir`); ``flag`` names the option in the message, ``example`` a file name to
+    suggest inside a folder given by mistake."""
+    path = Path(path)
+    named = f'{flag} {path}' if flag else str(path)
+    if path.is_dir():
+        raise ConfigError(f'{named} is a directory; name a file to write'
+                          + (f', e.g. {path / example}' if example else ''))
+    check_output_dir(path.parent, f'the folder of {flag}' if flag else 'the folder of', flag or 'output path')
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     Whatever stops the block (an error, Ctrl-C, SIGTERM, a full disk) removes the temporary file and
     leaves ``path`` as it was; a full disk is a :class:`StorageError` naming ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f'{path} is a directory; name a file to write')
-    check_output_dir(path.parent, 'the folder of', 'output path')
+    path = check_output_file(path)
     tmp: Optional[str] = None
     try:
         with storage_errors(path):

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..cli import quiet_warnings
 from ..errors import ConfigError
-from ..io import atomic_path, check_output_dir
+from ..io import atomic_path, check_output_file
 
 __all__ = ['register']
 
@@ -62,9 +62,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return _cmd_check(args)
     if not args.checkpoint or not args.out:
         raise ConfigError('export needs --checkpoint and --out (or --check PACKED_FILE)')
-    if Path(args.out).is_dir():                 # before the network is built: name a file, not a folder
-        raise ConfigError(f'--out {args.out} is a directory; name the file to write, e.g. {Path(args.out) / "net.bnp"}')
-    check_output_dir(Path(args.out).parent, 'the folder of --out', '--out')
+    check_output_file(args.out, '--out', example='net.bnp')     # before the checkpoint is read
     from . import network_from_checkpoint, state_dict_bytes
     from .export import binary_part_sizes, describe_network, packed_description
 
