@@ -35,15 +35,17 @@ HERE = Path(__file__).resolve().parent
 TIERS = {
     'unit': ('test_bad_input.py', 'test_config.py', 'test_data.py', 'test_error_messages.py',
              'test_import_graph.py', 'test_networks.py', 'test_ops.py', 'test_packed_fuzz.py',
-             'test_packed_validation.py', 'test_plot.py', 'test_quant.py'),
+             'test_packed_validation.py', 'test_plot.py', 'test_quant.py', 'test_datasets.py', 'test_study_stats.py'),
     'numerics': ('test_batch_renorm.py', 'test_binary.py', 'test_binary_darts.py', 'test_checkpoints.py',
                  'test_deploy_kernels.py', 'test_deploy_network.py', 'test_fast_cell.py', 'test_fast_kernels.py',
-                 'test_genotypes.py', 'test_react.py', 'test_recipes.py', 'test_schedules.py', 'test_space.py'),
+                 'test_genotypes.py', 'test_react.py', 'test_recipes.py', 'test_schedules.py', 'test_space.py', 'test_latency.py',
+                 'test_latency_search.py', 'test_deploy_react.py', 'test_engine_perf.py'),
     'system': ('test_cli.py', 'test_console.py', 'test_ddp_imagenet.py', 'test_ddp_search.py', 'test_faults.py',
                'test_binarizer_plugin.py', 'test_nni_create.py', 'test_nni_strategies.py', 'test_nnictl_search.py',
                'test_nnictl_train.py',
                'test_react_recipe.py', 'test_recipe_plugin.py', 'test_robustness.py', 'test_search_e2e.py',
-               'test_strategy_registry.py', 'test_training.py', 'test_webui_browser.py'),
+               'test_strategy_registry.py', 'test_training.py', 'test_webui_browser.py', 'test_dataset_e2e.py',
+               'test_study.py', 'test_docs.py'),
 }
 TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
 
