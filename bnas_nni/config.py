@@ -237,6 +237,23 @@ class Search:
                 'binary is its earlier name)')
     warmup_epochs: int = knob(0, 'weight-only epochs before alpha moves')
     log_prob_every: int = knob(10, 'steps between per-edge probability logs')
+    latency_target_ms: Optional[float] = knob(
+        None, 'binary-darts: latency target (ms per batch of the derived network on the packed engine); the '
+              'architecture loss adds latency_weight * penalty(E[latency] / target - 1). None: the paper\'s search')
+    latency_weight: float = knob(1.0, 'weight of the latency penalty in the architecture loss (NNI ProfilerPenalty '
+                                      'scale)')
+    latency_penalty: Literal['positive', 'absolute', 'linear'] = knob(
+        'positive', 'shape of the latency penalty (NNI ProfilerPenalty nonlinear): positive max(0, x) charges only a '
+                    'network slower than the target, absolute |x| pulls towards it, linear x')
+    latency_table: Optional[str] = knob(
+        None, 'a saved latency model (JSON of bnas-nni latency profile); None: measure it on this machine for the '
+              'latency_* network below (cached). Given a table, expected latency is logged even without a target')
+    latency_init_channels: int = knob(8, 'latency model: initial channels C of the derived network (the train '
+                                         "preset's, not the supernet's)", min=1)
+    latency_layers: int = knob(5, 'latency model: cells of the derived network', min=1)
+    latency_image_size: int = knob(32, 'latency model: input side of the derived network', min=8)
+    latency_batch: int = knob(1, 'latency model: batch size the latency is measured at', min=1)
+    latency_threads: int = knob(2, 'latency model: CPU threads of the packed engine', min=1)
 
 
 @dataclass
@@ -675,6 +692,9 @@ def _check_search(cfg: Dict[str, Any]) -> None:
     _positive(cfg, 'arc_lr', 'log_prob_every', 'max_trial_number', 'trial_concurrency', 'final_epochs')
     if cfg['warmup_epochs'] < 0:
         raise ConfigError(f'warmup_epochs must be >= 0, got {cfg["warmup_epochs"]}')
+    _positive(cfg, 'latency_target_ms')
+    if not (math.isfinite(cfg['latency_weight']) and cfg['latency_weight'] >= 0):
+        raise ConfigError(f'latency_weight must be a finite number >= 0, got {cfg["latency_weight"]}')
     if cfg['out'] is not None and cfg['save'] is None:
         raise ConfigError('out only says where save writes; set save: NAME too')
 
