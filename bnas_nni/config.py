@@ -42,14 +42,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
+from .data.registry import DATASETS as DATASET_REGISTRY
+from .data.registry import get_dataset_spec
 from .errors import ConfigError
 from .io import load_yaml
 
 __all__ = ['Schema', 'ConfigBase', 'SearchConfig', 'TrainConfig', 'knob', 'key_help', 'resolve', 'load_config_file',
-           'SEARCH', 'TRAIN', 'SCHEMAS', 'coerce', 'DATASETS', 'family_of', 'add_config_flags', 'flag_overrides',
+           'SEARCH', 'TRAIN', 'SCHEMAS', 'coerce', 'family_of', 'add_config_flags', 'flag_overrides',
            'register']
 
-DATASETS = ('cifar10', 'fashion-mnist', 'imagenet')
 #: the longest run or save name: the names become folder and file names, with affixes (``-999``, ``_imagenet``)
 MAX_NAME_LENGTH = 128
 
@@ -63,7 +64,10 @@ def check_plain_name(key: str, value: str) -> None:
 
 
 def family_of(dataset: Optional[str]) -> str:
-    """``imagenet`` for ImageNet-style folders, else ``cifar`` (32x32 data)."""
+    """The network family of a dataset: its registered one (:mod:`bnas_nni.data.registry`); for a name not
+    registered, ``imagenet`` for ImageNet-style folders, else ``cifar`` (small images)."""
+    if isinstance(dataset, str) and dataset in DATASET_REGISTRY:
+        return get_dataset_spec(dataset).family
     return 'imagenet' if str(dataset).lower() in ('imagenet', 'imagefolder') else 'cifar'
 
 
@@ -106,11 +110,19 @@ class Run:
 @dataclass
 class Data:
     """The dataset and how it is read."""
-    dataset: Literal['cifar10', 'fashion-mnist', 'imagenet'] = knob('cifar10', 'cifar10 | fashion-mnist | imagenet')
-    data: Optional[str] = knob(None, "dataset folder; None: the dataset's default location")
+    dataset: str = knob('cifar10', 'a name of the dataset registry: cifar10, cifar100, svhn, mnist, fashion-mnist, '
+                                   'imagenet, folder (any ImageFolder tree), or one registered with register_dataset')
+    data: Optional[str] = knob(None, "dataset folder; None: the dataset's default location (folder: required)")
     download: bool = knob(False, 'CIFAR-10: download with torchvision when missing')
     train_subset: Optional[int] = knob(None, 'use only the first N training images', min=1)
-    image_size: Optional[int] = knob(None, "network input side; None: the dataset's own (32, or 224 for ImageNet)")
+    image_size: Optional[int] = knob(None, "network input side; None: the dataset's own (32, 224 for ImageNet, a "
+                                           "folder's image side)")
+    val_fraction: float = knob(0.1, 'folder without val/: fraction of each class held out for validation')
+    val_seed: int = knob(0, 'folder without val/: seed of the held-out draw and of the image order (apart from '
+                            'seed, so a search and its training hold out the same images)', min=0)
+    mean: Optional[List[float]] = knob(None, 'folder: per-channel mean (1 or 3 numbers); None: computed over the '
+                                             'training images once and cached beside them')
+    std: Optional[List[float]] = knob(None, 'folder: per-channel std (1 or 3 numbers); None: computed with mean')
     batch_size: int = knob(64, 'batch size per process')
 
 
@@ -653,7 +665,19 @@ def _positive(cfg: Dict[str, Any], *keys: str) -> None:
             raise ConfigError(f'{key} must be > 0, got {cfg[key]}')
 
 
+def _check_data(cfg: Dict[str, Any]) -> None:
+    cfg['dataset'] = get_dataset_spec(str(cfg['dataset'])).name   # unknown: one line listing the registered names
+    if not 0 < cfg['val_fraction'] < 1:
+        raise ConfigError(f'val_fraction must be in (0, 1), got {cfg["val_fraction"]}')
+    for key in ('mean', 'std'):
+        if cfg[key] is not None and len(cfg[key]) not in (1, 3):
+            raise ConfigError(f'{key} must be one number or three (per RGB channel), got {cfg[key]}')
+    if cfg['std'] is not None and min(cfg['std']) <= 0:
+        raise ConfigError(f'std must be > 0 per channel, got {cfg["std"]}')
+
+
 def _check_common(cfg: Dict[str, Any]) -> None:
+    _check_data(cfg)
     _positive(cfg, 'epochs', 'batch_size', 'lr', 'max_train_batches', 'max_val_batches', 'threads')
     if cfg.get('image_size') is not None and cfg['image_size'] < 8:
         raise ConfigError(f'image_size must be at least 8, got {cfg["image_size"]}')
@@ -677,9 +701,12 @@ def _check_common(cfg: Dict[str, Any]) -> None:
 
 
 def _check_search(cfg: Dict[str, Any]) -> None:
-    if cfg['dataset'] == 'imagenet':
-        raise ConfigError('search datasets are cifar10 and fashion-mnist (the paper searches on CIFAR-10 and '
-                          'transfers the cell to ImageNet with gamma)')
+    spec = get_dataset_spec(cfg['dataset'])
+    if not spec.searchable:
+        searchable = [n for n in DATASET_REGISTRY.names() if get_dataset_spec(n).searchable]
+        raise ConfigError(f'dataset {spec.name} cannot be searched on'
+                          + (f' ({spec.search_refusal})' if spec.search_refusal else '')
+                          + f'; search datasets: {", ".join(searchable)}')
     if not 0 < cfg['train_portion'] < 1:
         raise ConfigError(f'train_portion must be in (0, 1), got {cfg["train_portion"]}')
     if cfg['train_subset'] is not None and cfg['train_subset'] < 2:

@@ -32,7 +32,7 @@ import torch
 
 from ..config import SearchConfig
 from ..console import log as console_log
-from ..data import build_dataset
+from ..data import build_dataset, data_options, dataset_info
 from ..genotypes import save_genotype
 from ..integrations.nni.trial import RealTrialChannel, under_nni
 from ..networks import BNASNetwork
@@ -45,13 +45,12 @@ def brief_train(genotype: Any, cfg: SearchConfig, *, log=console_log) -> float:
     """Train the derived network of ``genotype`` for ``final_epochs`` with the one train loop (SGD,
     cosine, the binarizer's latent step) and return its top-1 accuracy (%) on the first
     ``final_test_subset`` test images."""
-    data = {'dataset': cfg.dataset, 'data': cfg.data, 'download': cfg.download,
-            'image_size': cfg.final_image_size or cfg.image_size}
+    data = {**data_options(cfg), 'image_size': cfg.final_image_size or cfg.image_size}
     train = build_dataset({**data, 'train_subset': cfg.final_train_subset}, 'train')
     test = build_dataset({**data, 'val_subset': cfg.final_test_subset}, 'val')
     torch.manual_seed(int(cfg.seed))
     model = BNASNetwork(genotype, init_channels=int(cfg.final_init_channels), layers=int(cfg.final_layers),
-                        num_classes=10, dataset=cfg.dataset)
+                        num_classes=dataset_info(data).num_classes or 10, dataset=cfg.dataset)
     metric = evaluate_derived(model, train_data=train, val_data=test, reinit=False, report=False,
                               epochs=int(cfg.final_epochs), batch_size=int(cfg.final_batch_size),
                               lr=float(cfg.final_lr), momentum=0.9, weight_decay=float(cfg.final_weight_decay),

@@ -39,7 +39,7 @@ from nni.nas.strategy import RandomOneShot
 
 from ..config import MAX_NAME_LENGTH, SEARCH, SearchConfig, resolve
 from ..console import log as console_log
-from ..data import search_splits
+from ..data import dataset_info, describe_dataset, record_dataset, search_splits
 from ..distributed import broadcast_object, cleanup, collective_errors, init_distributed
 from ..errors import ConfigError
 from ..genotypes import Genotype, save_genotype
@@ -87,7 +87,13 @@ def _space_overrides(cfg: SearchConfig) -> Dict[str, Any]:
 
 
 def build_space(cfg: SearchConfig):
-    return BNASSpace.from_config(cfg.space, **_space_overrides(cfg))
+    """The supernet of ``cfg.space``, its classifier sized to the dataset's classes (the registry's, or those
+    read from a folder)."""
+    overrides = _space_overrides(cfg)
+    classes = dataset_info(cfg).num_classes
+    if classes is not None:
+        overrides['num_classes'] = classes
+    return BNASSpace.from_config(cfg.space, **overrides)
 
 
 def default_run_dir(cfg: SearchConfig) -> Path:
@@ -244,6 +250,9 @@ def _run_search(cfg: SearchConfig, ctx: Any, *, resume: bool, epoch_callbacks, o
     device = ctx.device
     with collective_errors(ctx):                             # missing data fails here, on any rank
         train, val, val_eval = search_splits(cfg)
+        described = describe_dataset(cfg)
+    if described:
+        log(described)
     check_same_config(cfg, ctx, extra={'images': [len(train), len(val), len(val_eval)]})
     seed_everything(int(cfg.seed))
     space = build_space(cfg)
@@ -274,6 +283,8 @@ def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, nam
     try:
         if not resume:
             driver.rundir.save_config(cfg)
+            if ctx.is_main:
+                record_dataset(cfg, run_dir)    # dataset.yaml: classes, channels, side, mean/std
         world = (f', {ctx.world_size} processes ({ctx.backend}, batch {cfg.batch_size} per process'
                  + (f', synced BN over {driver.synced_bns} BNs' if driver.sync_bn else '') + ')'
                  if ctx.distributed else '')
@@ -293,6 +304,8 @@ def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_cal
 
     with collective_errors(ctx):
         run = RunDir(run_dir, is_main=ctx.is_main).acquire()
+        if ctx.is_main:
+            record_dataset(cfg, run_dir)        # dataset.yaml: classes, channels, side, mean/std
     # off rank 0 the experiment's own files (NNI's HOME and working directory) go to a scratch folder
     scratch = None if ctx.is_main else Path(tempfile.mkdtemp(prefix=f'bnas-rank{ctx.rank}-'))
     trainer_options = lightning_ddp_options(ctx, cfg.dist_timeout) if ctx.distributed else None

@@ -33,7 +33,7 @@ from ..checkpoints import (
     unwrap,
 )
 from ..config import TRAIN, TrainConfig, family_of, resolve
-from ..data import build_dataset, build_datasets
+from ..data import build_dataset, build_datasets, describe_dataset, record_dataset
 from ..distributed import ShardSampler, broadcast_buffers, cleanup, init_distributed
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..integrations.nni import trial as nni_trial
@@ -252,11 +252,16 @@ def _run_stage(cfg: TrainConfig, recipe: Recipe, stage: Stage, ctx: Any, log: Ca
         run.truncate_rows(start_epoch)          # rows past the checkpoint: a stop between row and checkpoint
         if state is None:
             run.save_config(cfg)
+            if ctx.is_main:
+                record_dataset(cfg, run.path)       # dataset.yaml: classes, channels, side, mean/std
         else:
             restore_rng(state['rng'])
             if ctx.rank:
                 torch.manual_seed(int(cfg.seed) + ctx.rank + 7919 * start_epoch)
         log(_args_line(cfg))
+        described = describe_dataset(cfg)
+        if described:
+            log(described)
         net = unwrap(model)
         n_params = sum(p.numel() for p in net.parameters())
         log(f'model {cfg.model} genotype {net.genotype.name or "<custom>"} '
