@@ -1,17 +1,41 @@
 """Latency-aware search: the additive latency model (predict, expected_ms, files) and its use in BinaryDARTS."""
 from __future__ import annotations
 
+import csv
 import json
+import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
+import torch.utils.data as tud
 
-from bnas_nni.errors import ConfigError
-from bnas_nni.genotypes import Genotype
-from bnas_nni.latency import LatencyModel
-from bnas_nni.latency.model import edge_nodes, num_edges
+warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+
+from bnas_nni.config import SEARCH, resolve  # noqa: E402
+from bnas_nni.data import DatasetView  # noqa: E402
+from bnas_nni.errors import ConfigError  # noqa: E402
+from bnas_nni.genotypes import Genotype  # noqa: E402
+from bnas_nni.io import load_yaml  # noqa: E402
+from bnas_nni.latency import LatencyModel  # noqa: E402
+from bnas_nni.latency.model import edge_nodes, num_edges  # noqa: E402
+from bnas_nni.search.binary_darts import BinaryDARTS, alpha_matrices, derive_from_model  # noqa: E402
+from bnas_nni.search.driver import SearchDriver  # noqa: E402
+from bnas_nni.search.latency import latency_term  # noqa: E402
+from bnas_nni.search.objective import (  # noqa: E402
+    LatencyTerm,
+    diversity_weight,
+    expected_latency,
+    latency_penalty,
+    mean_edge_entropy,
+)
+from bnas_nni.search.strategies import check_strategy_options  # noqa: E402
+from bnas_nni.space import BNASSpace  # noqa: E402
 
 OPS = ('zeroise', 'max_pool_3x3', 'bin_conv_3x3')
+SPACE_OPS = ('zeroise', 'max_pool_3x3', 'avg_pool_3x3', 'bin_dil_conv_3x3', 'bin_dil_conv_5x5', 'bin_conv_3x3',
+             'bin_conv_5x5')
 
 
 def small_model() -> LatencyModel:
@@ -103,3 +127,178 @@ def test_load_names_missing_and_garbled_files(tmp_path):
     (tmp_path / 'bad.json').write_text('{"format": ')
     with pytest.raises(ConfigError, match='cannot be read'):
         LatencyModel.load(tmp_path / 'bad.json')
+
+
+# --------------------------------------------------------------------------- the architecture-loss term
+
+
+def tiny_space_model(fixed: float = 2.0) -> LatencyModel:
+    """A hand-made table for bnas-tiny (2 nodes, the seven ops): binary convs cost, pools little, Zeroise
+    nothing; the normal cells (two of the three) cost more than the reduction cell, later edges a bit more."""
+    per_op = np.array([0.0, 0.05, 0.05, 0.8, 1.5, 1.0, 2.0])
+    rows = np.arange(num_edges(2))[:, None] * 0.1 + 1.0
+    return LatencyModel.from_tables(SPACE_OPS, 2, {'normal': 2 * rows * per_op, 'reduce': 0.5 * rows * per_op},
+                                    fixed, {'source': 'hand-made test table'})
+
+
+def test_expected_latency_of_logits_by_hand():
+    m = small_model()
+    gen = torch.Generator().manual_seed(0)
+    alphas = {t: torch.randn(5, 3, generator=gen, dtype=torch.float64) for t in ('normal', 'reduce')}
+    want = m.fixed_ms
+    for t in ('normal', 'reduce'):
+        for e, (node, _) in enumerate(edge_nodes(2)):
+            row = [math.exp(float(v)) for v in alphas[t][e]]
+            for k in range(3):
+                want += 2 / (2 + node) * row[k] / sum(row) * float(m.edge_ms[t][e, k])
+    assert float(expected_latency(alphas, m)) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize('nonlinear, below, above', [('positive', 0.0, 0.5), ('absolute', 0.25, 0.5),
+                                                     ('linear', -0.25, 0.5)])
+def test_penalty_is_nni_profiler_penalty_shape(nonlinear, below, above):
+    """phi(E / target - 1): NNI's ProfilerPenalty with baseline = target, aggregate add."""
+    assert float(latency_penalty(torch.tensor(7.5), 10.0, nonlinear)) == pytest.approx(below)
+    assert float(latency_penalty(torch.tensor(15.0), 10.0, nonlinear)) == pytest.approx(above)
+    term = LatencyTerm(small_model(), target_ms=10.0, weight=3.0, penalty=nonlinear)
+    assert float(term(torch.tensor(15.0))) == pytest.approx(3 * above)
+
+
+def test_penalty_matches_nni_expectation_profiler_penalty_formula():
+    """The same number as NNI's ProfilerPenalty aggregation for the same profiler value."""
+    from nni.nas.oneshot.pytorch.profiler import ProfilerPenalty
+
+    for nonlinear in ('positive', 'absolute', 'linear'):
+        nni_penalty = ProfilerPenalty(profiler=None, baseline=4.0, scale=0.7, nonlinear=nonlinear)
+        for value in (2.5, 4.0, 6.0):
+            ours = LatencyTerm(small_model(), target_ms=4.0, weight=0.7, penalty=nonlinear)
+            value_t = torch.tensor(value, dtype=torch.float64)
+            want = nni_penalty.aggregate_fn(torch.tensor(1.25, dtype=torch.float64),
+                                            nni_penalty.nonlinear_fn(value_t / 4.0 - 1))
+            assert float(1.25 + ours(torch.tensor(value, dtype=torch.float64))) == pytest.approx(float(want))
+
+
+@pytest.mark.parametrize('nonlinear', ['positive', 'absolute', 'linear'])
+def test_term_gradient_matches_finite_differences(nonlinear):
+    m = tiny_space_model()
+    term = LatencyTerm(m, target_ms=0.6 * m.uniform_ms(), weight=1.3, penalty=nonlinear)
+    gen = torch.Generator().manual_seed(4)
+    a_n = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    a_r = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert float(term.expected_ms({'normal': a_n.detach(), 'reduce': a_r.detach()})) > term.target_ms  # off the kink
+    assert torch.autograd.gradcheck(lambda n, r: term(term.expected_ms({'normal': n, 'reduce': r})), (a_n, a_r),
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_term_validates_its_settings():
+    with pytest.raises(ConfigError, match='latency_target_ms'):
+        LatencyTerm(small_model(), target_ms=0.0)
+    with pytest.raises(ConfigError, match='latency_weight'):
+        LatencyTerm(small_model(), target_ms=1.0, weight=float('nan'))
+    with pytest.raises(ConfigError, match='latency_penalty'):
+        LatencyTerm(small_model(), target_ms=1.0, penalty='square')
+
+
+# --------------------------------------------------------------------------- BinaryDARTS with the term
+
+
+@pytest.fixture(scope='module')
+def fashion_halves():
+    """Real Fashion-MNIST: 2 x 64 training images at 16x16 (weight half, architecture half)."""
+    from bnas_nni.data import FashionMNIST32
+    from bnas_nni.errors import DatasetError
+
+    try:
+        ds = FashionMNIST32(train=True, subset=128, augment=False)
+    except DatasetError as exc:
+        pytest.skip(str(exc))
+    ds = DatasetView(ds, image_size=16)
+    return tud.Subset(ds, range(0, 64)), tud.Subset(ds, range(64, 128))
+
+
+def _driver(tmp_path, halves, latency=None, epochs=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    space = BNASSpace.from_config('bnas-tiny')
+    strategy = BinaryDARTS(arc_learning_rate=3e-2, mixed_cell='fast', latency=latency)
+    train, val = halves
+    return SearchDriver(space, strategy, train_data=train, val_data=val, run_dir=tmp_path, epochs=epochs,
+                        batch_size=32, seed=seed, tensorboard=False, log=lambda s: None, **kw)
+
+
+def test_without_target_the_arch_loss_is_the_papers_bit_for_bit(tmp_path, fashion_halves):
+    """No term, and a term that only measures (no target): the same loss as the paper's formula computed
+    here by hand, to the bit, and the same alphas after real architecture steps."""
+    runs = {}
+    for key, term in (('paper', None), ('logged', LatencyTerm(tiny_space_model(), target_ms=None))):
+        d = _driver(tmp_path / key, fashion_halves, latency=term)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for a in d.alphas:
+                a.copy_(torch.randn(a.shape, generator=gen))
+        ce = torch.tensor(1.2345678, requires_grad=True)
+        loss, _, _ = d.module.arch_objective(ce, epoch=3)
+        by_hand = ce - diversity_weight(3, d.module.lamda, d.module.tau) * mean_edge_entropy(
+            alpha_matrices(d.model).values())
+        assert torch.equal(loss, by_hand)
+        x, y = next(iter(tud.DataLoader(fashion_halves[1], batch_size=32)))
+        stats = [d.arch_step(x, y, epoch=e) for e in range(3)]
+        assert all('expected_latency_ms' not in s for s in stats)
+        runs[key] = ([s['arch_loss'] for s in stats], [a.detach().clone() for a in d.alphas])
+    assert runs['paper'][0] == runs['logged'][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs['paper'][1], runs['logged'][1]))
+
+
+def test_tight_target_ends_with_lower_expected_latency(tmp_path, fashion_halves):
+    """The same search (same seed, data, steps) with and without a tight target: the target's run ends with
+    a lower expected latency and a faster derived genotype; both record latency per epoch."""
+    model = tiny_space_model()
+    results = {}
+    for key, target in (('free', None), ('tight', 0.5 * model.uniform_ms())):
+        term = LatencyTerm(model, target_ms=target, weight=5.0)
+        d = _driver(tmp_path / key, fashion_halves, latency=term, epochs=2, max_train_batches=2)
+        cifar, _ = d.run()
+        results[key] = d
+        rows = list(csv.DictReader(open(tmp_path / key / 'metrics.csv')))
+        assert len(rows) == 2 and all(float(r['expected_latency_ms']) > model.fixed_ms for r in rows)
+        assert float(rows[-1]['expected_latency_ms']) == pytest.approx(d.history[-1]['expected_latency_ms'])
+        assert d.history[-1]['predicted_latency_ms'] == pytest.approx(model.predict(derive_from_model(d.model)))
+        saved = load_yaml(tmp_path / key / 'genotype.yaml')['meta']
+        assert saved['predicted_latency_ms'] == pytest.approx(model.predict(cifar), abs=1e-4)
+        assert saved['latency_target_ms'] == target
+        log = (tmp_path / key / 'log.txt').read_text()
+        assert 'E[latency]' in log
+    free, tight = (results[k].history[-1] for k in ('free', 'tight'))
+    assert tight['expected_latency_ms'] < free['expected_latency_ms'] - 0.1
+    assert tight['expected_latency_ms'] < model.uniform_ms()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_table_is_loaded_fitted_to_the_space_and_logged(tmp_path):
+    """latency_table: the saved model with its columns in the space's op order; without a target it only
+    measures; other strategies refuse the keys in one line."""
+    m = tiny_space_model()
+    order = [6, 0, 3, 1, 5, 2, 4]
+    shuffled = LatencyModel.from_tables([SPACE_OPS[i] for i in order], 2,
+                                        {t: v[:, order] for t, v in m.edge_ms.items()}, m.fixed_ms)
+    shuffled.save(tmp_path / 'lat.json')
+    lines = []
+    cfg = resolve(SEARCH, None, {'space': 'bnas-tiny', 'latency_table': str(tmp_path / 'lat.json')})
+    term = latency_term(cfg, log=lines.append)
+    assert not term.active and term.model.ops == SPACE_OPS
+    assert all(torch.equal(term.model.edge_ms[t], m.edge_ms[t]) for t in ('normal', 'reduce'))
+    assert 'no target' in lines[0]
+    cfg = resolve(SEARCH, None, {'space': 'bnas-tiny', 'latency_table': str(tmp_path / 'lat.json'),
+                                 'latency_target_ms': 3.0, 'latency_weight': 0.5, 'latency_penalty': 'absolute'})
+    term = latency_term(cfg, log=lines.append)
+    assert (term.active, term.target_ms, term.weight, term.penalty) == (True, 3.0, 0.5, 'absolute')
+    assert latency_term(resolve(SEARCH, None, {'space': 'bnas-tiny'})) is None
+    with pytest.raises(ConfigError, match='4 nodes'):
+        LatencyModel.from_tables(SPACE_OPS, 4, {t: np.zeros((14, 7)) for t in ('normal', 'reduce')}, 1.0).save(
+            tmp_path / 'four.json')
+        latency_term(resolve(SEARCH, None, {'space': 'bnas-tiny', 'latency_table': str(tmp_path / 'four.json')}))
+    with pytest.raises(ConfigError, match='latency_target_ms and latency_table steer binary-darts'):
+        check_strategy_options(resolve(SEARCH, None, {'strategy': 'darts', 'latency_target_ms': 2.0}))
+    with pytest.raises(ConfigError, match='latency_target_ms must be > 0'):
+        resolve(SEARCH, None, {'latency_target_ms': -1})

@@ -26,7 +26,12 @@ What differs from NNI's stock ``DARTS``
   every update is unchanged). Architecture batches come from cycling through the shuffled validation
   half (the official code draws ``next(iter(valid_queue))``, a fresh random batch, every iteration:
   the same distribution, without rebuilding a loader each step).
-* **Objective of the architecture step**: the diversity term of :mod:`bnas_nni.search.objective`.
+* **Objective of the architecture step**: the diversity term of :mod:`bnas_nni.search.objective`;
+  with a :class:`~bnas_nni.search.objective.LatencyTerm` that has a target, plus the expected latency
+  penalty of the derived network on the packed engine (same module; NNI's ``ExpectationProfilerPenalty``
+  shape). Without a target that term is never computed: the loss is the paper's bit for bit. A latency
+  term (with or without a target) also adds ``expected_latency_ms`` (under the alphas after the epoch)
+  and ``predicted_latency_ms`` (of that epoch's derived genotype) to every epoch's record.
 * **Optimizers.** Architecture: Adam, lr 3e-4, betas (0.5, 0.999), weight decay 1e-3. Weights (driver):
   SGD 0.025, momentum 0.9, weight decay 3e-4, cosine to 0.001 set once per epoch, as ``search.py``
   (:func:`~bnas_nni.search.objective.search_lr`). No gradient clipping unless asked for.
@@ -67,7 +72,16 @@ from ..genotypes import Genotype
 from ..quant import attach_latent_constraint
 from .fast_cell import FastBinaryMixedCell
 from .mixed_cell import BinaryMixedCell
-from .objective import GAMMA, LAMDA, SELECT_RULES, TAU, diversity_weight, mean_edge_entropy
+from .objective import (
+    GAMMA,
+    LAMDA,
+    SELECT_RULES,
+    TAU,
+    LatencyTerm,
+    diversity_weight,
+    expected_latency,
+    mean_edge_entropy,
+)
 from .record import attach_run_directory
 from .supernet import alpha_matrices, arch_parameters, binary_cells, cell_ops, derive_from_model, edge_probabilities  # noqa: F401 - re-exported
 
@@ -127,14 +141,16 @@ class BinaryDartsModule(DartsLightningModule):
     :meth:`record_epoch`, :meth:`genotypes`) work with or without a Lightning trainer, so the CLI's
     driver and NNI's engine run the same code. Under Lightning it logs ``arch_loss``, ``arch_ce``,
     ``arch_entropy``, ``diversity_weight``, ``lr``, ``prob/<edge>/<op>`` and, after each validation
-    pass, ``val_acc`` (supernet accuracy on the evaluator's validation loader, in percent).
+    pass, ``val_acc`` (supernet accuracy on the evaluator's validation loader, in percent); with a latency
+    target also ``expected_latency_ms`` per step.
     """
 
     def __init__(self, training_module: Any, *, arc_learning_rate: float = 3e-4,
                  arc_betas: Tuple[float, float] = (0.5, 0.999), arc_weight_decay: float = 1e-3,
                  lamda: float = LAMDA, tau: float = TAU, gamma: float = GAMMA, gamma_rule: str = 'zeroise',
                  select: str = 'best', gradient_clip_val: Optional[float] = None, log_prob_every_n_step: int = 10,
-                 warmup_epochs: int = 0, epoch_callbacks: Sequence[Callable[..., None]] = ()) -> None:
+                 warmup_epochs: int = 0, epoch_callbacks: Sequence[Callable[..., None]] = (),
+                 latency: Optional[LatencyTerm] = None) -> None:
         super().__init__(training_module, arc_learning_rate=arc_learning_rate, gradient_clip_val=gradient_clip_val,
                          log_prob_every_n_step=log_prob_every_n_step, warmup_epochs=warmup_epochs, penalty=None)
         _check_hparams(lamda, tau, gamma, gamma_rule, select)
@@ -142,6 +158,7 @@ class BinaryDartsModule(DartsLightningModule):
         self.arc_weight_decay = arc_weight_decay
         self.lamda, self.tau, self.gamma, self.gamma_rule, self.select = lamda, tau, gamma, gamma_rule, select
         self.epoch_callbacks = list(epoch_callbacks)
+        self.latency = latency
         self.best: Dict[str, Any] = {'val_acc': -1.0, 'epoch': -1, 'alphas': None}
         self.history: List[Dict[str, Any]] = []
         self._alphas_at_start: Optional[Dict[str, np.ndarray]] = None
@@ -191,10 +208,33 @@ class BinaryDartsModule(DartsLightningModule):
         return mean_edge_entropy(alpha_matrices(self).values())
 
     def arch_objective(self, ce: torch.Tensor, epoch: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
-        """``(CE - w H, H, w)`` with ``w = diversity_weight(epoch)``."""
+        """``(CE - w H [+ latency term], H, w)`` with ``w = diversity_weight(epoch)``; the latency term only
+        with a target (its expectation is then kept in :attr:`last_expected_ms`)."""
         entropy = self.arch_entropy()
         weight = diversity_weight(epoch, self.lamda, self.tau)
-        return ce - weight * entropy, entropy, weight
+        loss = ce - weight * entropy
+        if self.latency is not None and self.latency.active:
+            expected = self.latency.expected_ms(alpha_matrices(self))
+            self.last_expected_ms = float(expected.detach())
+            loss = loss + self.latency(expected)
+        return loss, entropy, weight
+
+    #: expected latency (ms) under the alphas of the last architecture step with a latency target
+    last_expected_ms: Optional[float] = None
+
+    def expected_latency_ms(self, alphas: Optional[Mapping[str, Any]] = None) -> Optional[float]:
+        """Expected latency (ms) of the derived network under the current (or given) alphas; None without
+        a latency model."""
+        if self.latency is None:
+            return None
+        a = alphas if alphas is not None else self.alphas_now()
+        with torch.no_grad():
+            return float(expected_latency({k: torch.as_tensor(np.asarray(v)) for k, v in a.items()},
+                                          self.latency.model))
+
+    def predicted_latency_ms(self, genotype: Genotype) -> Optional[float]:
+        """Predicted latency (ms) of ``genotype``'s derived network; None without a latency model."""
+        return None if self.latency is None else self.latency.model.predict(genotype)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if getattr(self, '_trainer', None) is not None:
@@ -237,7 +277,8 @@ class BinaryDartsModule(DartsLightningModule):
                   step: int = 0) -> Dict[str, float]:
         """One architecture step: ``compute_ce()`` (the validation-batch cross entropy), the objective,
         backward without weight gradients, Adam on the alphas. Returns ``arch_loss``, ``arch_ce``,
-        ``entropy`` and ``diversity_weight``."""
+        ``entropy`` and ``diversity_weight`` (and, with a latency target, ``expected_latency_ms`` before the
+        step)."""
         alphas = self.arch_parameters()
         with requires_grad_off(self.weight_parameters()):
             optimizer.zero_grad(set_to_none=True)
@@ -247,8 +288,11 @@ class BinaryDartsModule(DartsLightningModule):
             optimizer.step()
         if not bool(torch.isfinite(torch.cat([a.detach().reshape(-1) for a in alphas])).all()):
             raise self._non_finite('alpha', epoch, step, optimizer, arch=True)
-        return {'arch_loss': value, 'arch_ce': float(ce.detach()), 'entropy': float(entropy.detach()),
-                'diversity_weight': weight}
+        stats = {'arch_loss': value, 'arch_ce': float(ce.detach()), 'entropy': float(entropy.detach()),
+                 'diversity_weight': weight}
+        if self.latency is not None and self.latency.active:
+            stats['expected_latency_ms'] = self.last_expected_ms
+        return stats
 
     def weight_step(self, compute_loss: Callable[[], Tuple[torch.Tensor, torch.Tensor]], epoch: int,
                     optimizer: torch.optim.Optimizer, grad_clip: Optional[float] = None,
@@ -276,6 +320,8 @@ class BinaryDartsModule(DartsLightningModule):
                                    epoch, self.architecture_optimizers(), batch_idx)
             self.log_dict({'arch_loss': stats['arch_loss'], 'arch_ce': stats['arch_ce'],
                            'arch_entropy': stats['entropy'], 'diversity_weight': stats['diversity_weight']})
+            if 'expected_latency_ms' in stats:
+                self.log('expected_latency_ms', stats['expected_latency_ms'])
         self.resample()
         with requires_grad_off(self.arch_parameters()):
             out = self.training_module.training_step(batch['train'], 2 * batch_idx + 1)
@@ -307,9 +353,12 @@ class BinaryDartsModule(DartsLightningModule):
         after = self.alphas_now()
         with torch.no_grad():
             entropy = float(mean_edge_entropy(torch.as_tensor(a) for a in after.values()))
+        genotype = derive_from_model(self, alphas=after)
+        if self.latency is not None:
+            metrics = {**metrics, 'expected_latency_ms': self.expected_latency_ms(after),
+                       'predicted_latency_ms': self.predicted_latency_ms(genotype)}
         record = {'epoch': epoch, 'val_acc': val_acc, 'entropy': entropy, **metrics,
-                  'alphas': {k: v.tolist() for k, v in after.items()},
-                  'genotype': str(derive_from_model(self, alphas=after))}
+                  'alphas': {k: v.tolist() for k, v in after.items()}, 'genotype': str(genotype)}
         self.history.append(record)
         better = val_acc is not None and val_acc > self.best['val_acc']
         if self.select == 'last' or val_acc is None or better:
@@ -420,6 +469,10 @@ class BinaryDARTS(DARTS):
     run_dir, resume
         NNI path only: write the run directory of ``bnas-nni search`` (genotypes, alpha history,
         ``metrics.csv``, TensorBoard, a resumable Lightning checkpoint); ``resume`` continues it.
+    latency
+        A :class:`~bnas_nni.search.objective.LatencyTerm`: with a target, the architecture loss gains the
+        expected-latency penalty; with or without one, each epoch records expected and predicted latency.
+        None (default): the paper's search.
     """
 
     def __init__(self, *, arc_learning_rate: float = 3e-4, arc_betas: Tuple[float, float] = (0.5, 0.999),
@@ -428,7 +481,8 @@ class BinaryDARTS(DARTS):
                  mixed_cell: Union[None, str, Type[BinaryMixedCell]] = 'fast',
                  gradient_clip_val: Optional[float] = None, log_prob_every_n_step: int = 10, warmup_epochs: int = 0,
                  validate_every_epoch: bool = True, epoch_callbacks: Sequence[Callable[..., None]] = (),
-                 run_dir: Optional[str] = None, resume: bool = False, **kwargs: Any) -> None:
+                 run_dir: Optional[str] = None, resume: bool = False, latency: Optional[LatencyTerm] = None,
+                 **kwargs: Any) -> None:
         super().__init__(arc_learning_rate=arc_learning_rate, gradient_clip_val=gradient_clip_val,
                          log_prob_every_n_step=log_prob_every_n_step, warmup_epochs=warmup_epochs, penalty=None,
                          **kwargs)
@@ -441,6 +495,7 @@ class BinaryDARTS(DARTS):
         self.epoch_callbacks = list(epoch_callbacks)
         self.run_dir = run_dir
         self.resume = resume
+        self.latency = latency
 
     def default_mutation_hooks(self) -> list:
         hooks = super().default_mutation_hooks()
@@ -453,7 +508,7 @@ class BinaryDARTS(DARTS):
                                  gamma=self.gamma, gamma_rule=self.gamma_rule, select=self.select,
                                  gradient_clip_val=self.gradient_clip_val,
                                  log_prob_every_n_step=self.log_prob_every_n_step, warmup_epochs=self.warmup_epochs,
-                                 epoch_callbacks=self.epoch_callbacks)
+                                 epoch_callbacks=self.epoch_callbacks, latency=self.latency)
 
     def mutate_evaluator(self, evaluator: Any) -> Any:
         mutated = super().mutate_evaluator(evaluator)

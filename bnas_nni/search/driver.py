@@ -61,7 +61,7 @@ from .data_parallel import (
     enable_sync_batch_norm,
 )
 from .objective import diversity_weight, search_lr
-from .record import SEARCH_CSV_FIELDS, SearchRecorder
+from .record import SearchRecorder, search_csv_fields
 
 __all__ = ['SearchDriver', 'SupernetModule']
 
@@ -125,7 +125,8 @@ class SearchDriver:
         self.strategy = strategy
         self.dist = dist if dist is not None else DistContext(device=torch.device(device))
         check_world_fits(len(train_data), len(val_data), int(batch_size), self.dist)
-        self.rundir = RunDir(run_dir, is_main=self.dist.is_main, tensorboard=tensorboard, csv_fields=SEARCH_CSV_FIELDS)
+        self.rundir = RunDir(run_dir, is_main=self.dist.is_main, tensorboard=tensorboard,
+                             csv_fields=search_csv_fields(getattr(strategy, 'latency', None) is not None))
         self.run_dir = self.rundir.path
         self.epochs, self.batch_size = int(epochs), int(batch_size)
         self.lr, self.lr_min = lr, lr_min
@@ -348,6 +349,8 @@ class SearchDriver:
                     tb.add_scalar('loss/arch_ce', arch['arch_ce'], self.global_step)
                     tb.add_scalar('loss/arch', arch['arch_loss'], self.global_step)
                     tb.add_scalar('arch/entropy', arch['entropy'], self.global_step)
+                    if arch.get('expected_latency_ms') is not None:
+                        tb.add_scalar('arch/expected_latency_ms', arch['expected_latency_ms'], self.global_step)
                     tb.add_scalar('lr', lr, self.global_step)
                     if self.global_step % self.log_prob_every == 0:
                         self._log_probs(tb, self.global_step)

@@ -11,20 +11,50 @@ with :math:`E` all edges of *both* cell types (28 in the paper space), :math:`\l
 :math:`\tau = 7.7` and the integer epoch index. The released ``architect.py`` indexes the reduce cell
 with the stale loop variable of the normal loop, so its reduce term is :math:`14\,H(\alpha_{reduce}[13])`;
 that slip is documented here and deliberately **not** reproduced.
+
+Latency-aware search
+--------------------
+
+With a latency target :math:`T` (``latency_target_ms``) and a :class:`~bnas_nni.latency.LatencyModel`
+of the derived network on the packed engine, the architecture loss gains the expected latency under the
+current :math:`\alpha`, shaped exactly as NNI's ``ExpectationProfilerPenalty`` (``baseline`` :math:`= T`,
+``scale`` :math:`= \mu`, ``aggregate='add'``, ``nonlinear`` = ``latency_penalty``):
+
+.. math::
+
+   L_\alpha = \mathrm{CE}_{val} - \lambda\,\bar H(\alpha)\,e^{-\mathrm{epoch}/\tau}
+              + \mu\,\phi\!\left(\frac{\mathbb{E}[\mathrm{lat}](\alpha)}{T} - 1\right),\qquad
+   \mathbb{E}[\mathrm{lat}](\alpha) = T_{fixed} + \sum_{t}\sum_{e} w_e \sum_k
+       \mathrm{softmax}(\alpha^t_e)_k\, T^t_{e,k}
+
+over both cell types :math:`t`, with :math:`w_e = 2/(2+i)` for an edge into node :math:`i` (the share
+of a node's inputs that derivation keeps) and :math:`T^t_{e,k}` the milliseconds op :math:`k` on edge
+:math:`e` adds to the network (:meth:`bnas_nni.latency.LatencyModel.expected_ms`). :math:`\phi` is
+``positive`` :math:`\max(0, x)` (the default: only a network slower than the target pays),
+``absolute`` :math:`|x|` (pulls towards the target from both sides, as TuNAS) or ``linear`` :math:`x`.
+The term is differentiable in :math:`\alpha` and touches no weight. With no target the term is not
+computed at all, so the loss is the paper's bit for bit.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
 
 import torch
 
-__all__ = ['LAMDA', 'TAU', 'GAMMA', 'SELECT_RULES', 'diversity_weight', 'mean_edge_entropy', 'search_lr']
+from ..errors import ConfigError
+from ..latency.model import LatencyModel
+
+__all__ = ['LAMDA', 'TAU', 'GAMMA', 'SELECT_RULES', 'LATENCY_PENALTIES', 'diversity_weight', 'mean_edge_entropy',
+           'search_lr', 'expected_latency', 'latency_penalty', 'LatencyTerm']
 
 LAMDA = 1.0
 TAU = 7.7
 GAMMA = 3.0
 SELECT_RULES = ('best', 'official', 'last')
+#: NNI ``ProfilerPenalty`` nonlinearities the latency term offers (``positive`` is the default)
+LATENCY_PENALTIES = ('positive', 'absolute', 'linear')
 
 
 def diversity_weight(epoch: int, lamda: float = LAMDA, tau: float = TAU) -> float:
@@ -45,3 +75,58 @@ def search_lr(epoch: int, epochs: int, lr: float = 0.025, lr_min: float = 0.001)
     over ``epochs``, evaluated at ``epoch + 1`` because the official scheduler steps before each epoch."""
     t = min(epoch + 1, epochs)
     return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t / epochs)) / 2
+
+
+def expected_latency(alphas: Mapping[str, torch.Tensor], model: LatencyModel) -> torch.Tensor:
+    r""":math:`\mathbb{E}[\mathrm{lat}](\alpha)` in ms: ``model.expected_ms`` of :math:`\mathrm{softmax}(\alpha)`
+    of both cell types (``{'normal': [E, K], 'reduce': [E, K]}`` logits). Differentiable."""
+    return model.expected_ms({t: torch.softmax(a, dim=-1) for t, a in alphas.items()})
+
+
+def latency_penalty(expected_ms: torch.Tensor, target_ms: float, nonlinear: str = 'positive') -> torch.Tensor:
+    r""":math:`\phi(\mathbb{E}[\mathrm{lat}] / T - 1)`: NNI's ``ProfilerPenalty`` normalised penalty with
+    ``baseline`` :math:`T`."""
+    ratio = expected_ms / float(target_ms) - 1
+    if nonlinear == 'positive':
+        return torch.relu(ratio)
+    if nonlinear == 'absolute':
+        return ratio.abs()
+    if nonlinear == 'linear':
+        return ratio
+    raise ConfigError(f'unknown latency_penalty {nonlinear!r}; choose one of {", ".join(LATENCY_PENALTIES)}')
+
+
+@dataclass(frozen=True)
+class LatencyTerm:
+    """The latency part of the architecture loss: a model, and (optionally) a target and its weight.
+
+    Without ``target_ms`` the term only measures (:meth:`expected_ms` for the logs) and adds nothing to
+    the loss (:attr:`active` is False)."""
+
+    model: LatencyModel
+    target_ms: Optional[float] = None
+    weight: float = 1.0
+    penalty: str = 'positive'
+
+    def __post_init__(self) -> None:
+        if self.target_ms is not None and not (math.isfinite(self.target_ms) and self.target_ms > 0):
+            raise ConfigError(f'latency_target_ms must be a positive number of milliseconds, got {self.target_ms!r}')
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ConfigError(f'latency_weight must be a finite number >= 0, got {self.weight!r}')
+        if self.penalty not in LATENCY_PENALTIES:
+            raise ConfigError(f'unknown latency_penalty {self.penalty!r}; choose one of '
+                              f'{", ".join(LATENCY_PENALTIES)}')
+
+    @property
+    def active(self) -> bool:
+        """True when the term enters the loss (a target is set)."""
+        return self.target_ms is not None
+
+    def expected_ms(self, alphas: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return expected_latency(alphas, self.model)
+
+    def __call__(self, expected_ms: torch.Tensor) -> torch.Tensor:
+        r""":math:`\mu\,\phi(\mathbb{E}[\mathrm{lat}]/T - 1)` -- what the architecture loss adds."""
+        if self.target_ms is None:
+            raise ConfigError('the latency term has no target (latency_target_ms); it only measures')
+        return self.weight * latency_penalty(expected_ms, self.target_ms, self.penalty)

@@ -4,7 +4,8 @@
 
 * ``genotype.yaml`` / ``genotype_imagenet.yaml`` -- the kept (best-epoch) genotypes, rewritten atomically;
 * ``alpha_history.json`` -- per epoch: alphas, entropy, metrics, the genotype of that epoch's alphas;
-* ``metrics.csv`` -- one row per epoch (:data:`SEARCH_CSV_FIELDS`), accuracies in percent;
+* ``metrics.csv`` -- one row per epoch (:data:`SEARCH_CSV_FIELDS`, plus :data:`LATENCY_CSV_FIELDS` when
+  the search has a latency model), accuracies in percent, latencies in ms per batch;
 * ``tb/`` -- ``epoch/*`` scalars (the driver adds per-step curves and edge probabilities), and the
   pictures: ``cell.png`` / ``cell_imagenet.png`` (the kept cells) and ``alphas/epoch_NNN.png`` (softmax(alpha),
   edges x ops), also as TensorBoard images (:func:`bnas_nni.plot.write_search_pictures`);
@@ -29,10 +30,19 @@ from ..plot import write_search_pictures
 from ..rundir import RunDir
 from .supernet import cell_ops
 
-__all__ = ['SEARCH_CSV_FIELDS', 'SearchRecorder', 'attach_run_directory', 'epoch_line']
+__all__ = ['SEARCH_CSV_FIELDS', 'LATENCY_CSV_FIELDS', 'search_csv_fields', 'SearchRecorder', 'attach_run_directory',
+           'epoch_line']
 
 SEARCH_CSV_FIELDS = ['epoch', 'lr', 'train_loss', 'train_acc', 'arch_ce', 'arch_loss', 'val_loss', 'val_acc',
                      'entropy', 'diversity_weight', 'epoch_seconds']
+#: a search with a latency model also records the expected latency under the epoch's alphas and the
+#: predicted latency of the epoch's derived genotype (ms per batch on the packed engine)
+LATENCY_CSV_FIELDS = ['expected_latency_ms', 'predicted_latency_ms']
+
+
+def search_csv_fields(latency: bool) -> list:
+    """The ``metrics.csv`` columns of a search with (or without) a latency model."""
+    return SEARCH_CSV_FIELDS + (LATENCY_CSV_FIELDS if latency else [])
 
 
 def epoch_line(record: Mapping[str, Any], epochs: int) -> str:
@@ -42,6 +52,9 @@ def epoch_line(record: Mapping[str, Any], epochs: int) -> str:
                      ('val_loss', '.4f'), ('val_acc', '.2f'), ('entropy', '.4f')):
         if record.get(key) is not None:
             parts.append(f'{key} {record[key]:{fmt}}')
+    for key, label in (('expected_latency_ms', 'E[latency]'), ('predicted_latency_ms', 'derived latency')):
+        if record.get(key) is not None:
+            parts.append(f'{label} {record[key]:.3f} ms')
     if record.get('epoch_seconds') is not None:
         parts.append(f'({record["epoch_seconds"]:.1f}s)')
     return ' '.join(parts)
@@ -68,8 +81,9 @@ class SearchRecorder:
             write_search_pictures(self.run.path, alphas=record['alphas'], ops=cell_ops(module), epoch=record['epoch'],
                                   genotype=cifar, imagenet_genotype=imagenet, writer=self.run.writer(),
                                   log=self._log_once)
-        row = {k: record.get(k) for k in SEARCH_CSV_FIELDS}
-        scalars = {f'epoch/{k}': record[k] for k in ('val_acc', 'val_loss', 'train_acc', 'entropy', 'diversity_weight')
+        row = {k: record.get(k) for k in search_csv_fields('expected_latency_ms' in record)}
+        scalars = {f'epoch/{k}': record[k] for k in ('val_acc', 'val_loss', 'train_acc', 'entropy', 'diversity_weight',
+                                                    *LATENCY_CSV_FIELDS)
                    if record.get(k) is not None}
         self.run.log_epoch(row, scalars)
         self.log(epoch_line(record, self.epochs))
@@ -89,6 +103,10 @@ class SearchRecorder:
         meta = {'source': 'bnas-nni search', 'strategy': self.strategy,
                 'epoch': None if kept is None or kept < 0 else int(kept) + 1,
                 'supernet_val_acc': None if acc is None or acc < 0 else float(acc), 'select': module.select}
+        predicted = getattr(module, 'predicted_latency_ms', lambda g: None)(cifar)
+        if predicted is not None:
+            meta['predicted_latency_ms'] = round(predicted, 4)
+            meta['latency_target_ms'] = module.latency.target_ms
         save_genotype(cifar, self.run.path / 'genotype.yaml', **meta)
         save_genotype(imagenet, self.run.path / 'genotype_imagenet.yaml', gamma=module.gamma,
                       gamma_rule=module.gamma_rule, **meta)

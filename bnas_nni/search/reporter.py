@@ -8,12 +8,14 @@ same :func:`bnas_nni.search.run.run_search` as anywhere else, with a :class:`Sea
    ``tau`` ..., ``final_*`` for the brief final training), on top of ``--config`` and ``--set``;
 2. the search runs in ``$NNI_OUTPUT_DIR/search`` (continued if NNI restarts the trial) and reports,
    after every epoch, an intermediate result ``{'default': supernet val acc %, 'arch_entropy': mean
-   edge entropy, 'epoch': n}``;
+   edge entropy, 'epoch': n}`` (a search with a latency model adds ``expected_latency_ms`` and
+   ``latency_ms``, the predicted latency of the epoch's derived network);
 3. the kept genotypes are written to ``$NNI_OUTPUT_DIR/genotype.yaml`` and ``genotype_imagenet.yaml``;
 4. the derived network is trained briefly (the one train loop,
    :func:`~bnas_nni.search.evaluators.evaluate_derived`) and the final result is reported
    ``{'default': best supernet val acc %, 'derived_acc': test accuracy % of the derived cell,
-   'zeroise_ops': ...}``: ``default`` is the same quantity in intermediates and final.
+   'zeroise_ops': ...}`` (plus ``latency_ms``, the derived network's predicted latency, when the search
+   has a latency model): ``default`` is the same quantity in intermediates and final.
 
 Reports go through the trial command channel NNI opened for this process, captured before anything
 else runs (:class:`bnas_nni.integrations.nni.trial.RealTrialChannel`). A trial may be a ``torchrun`` job
@@ -117,7 +119,8 @@ class SearchTrialReporter(SearchReporter):
         if record.get('val_acc') is None:
             return
         metric = {'default': float(record['val_acc']), 'epoch': int(record['epoch']) + 1}
-        for key, name in (('entropy', 'arch_entropy'), ('arch_ce', 'arch_ce')):
+        for key, name in (('entropy', 'arch_entropy'), ('arch_ce', 'arch_ce'),
+                          ('expected_latency_ms', 'expected_latency_ms'), ('predicted_latency_ms', 'latency_ms')):
             if record.get(key) is not None:
                 metric[name] = float(record[key])
         self.channel.intermediate(metric)
@@ -133,6 +136,8 @@ class SearchTrialReporter(SearchReporter):
         zeroise = sum(op == 'zeroise' for cell in ('normal', 'reduce') for op, _ in cifar.cell(cell))
         metric = {'default': float(best) if best is not None and best >= 0 else derived, 'derived_acc': derived,
                   'zeroise_ops': float(zeroise)}
+        if summary.get('predicted_latency_ms') is not None:      # a search with a latency model
+            metric['latency_ms'] = float(summary['predicted_latency_ms'])
         self.channel.final(metric)
         log(f'final result: {metric}; genotype in {self.out_dir / "genotype.yaml"}')
         return metric

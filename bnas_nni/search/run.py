@@ -297,7 +297,9 @@ def _run_driver(cfg, strategy, space, train, val, val_eval, run_dir, device, nam
     finally:
         driver.rundir.close()
     return {'genotype': cifar, 'genotype_imagenet': imagenet, 'best_epoch': driver.best['epoch'],
-            'supernet_val_acc': driver.best['val_acc'], 'run_dir': run_dir, 'driver': driver, 'saved': None}
+            'supernet_val_acc': driver.best['val_acc'], 'run_dir': run_dir, 'driver': driver, 'saved': None,
+            'predicted_latency_ms': driver.module.predicted_latency_ms(cifar),
+            'latency_target_ms': cfg.get('latency_target_ms')}
 
 
 def _run_experiment(cfg, strategy, kind, space, run_dir, device, name, epoch_callbacks, on_running, log, ctx):
@@ -385,6 +387,10 @@ def _finish(cfg: SearchConfig, summary: Dict[str, Any], log) -> None:
     if summary.get('driver') is not None:
         log(f'genotype (ImageNet, gamma={cfg.gamma:g}): {imagenet}')
     log(kept)
+    if summary.get('predicted_latency_ms') is not None:
+        target = summary.get('latency_target_ms')
+        log(f'predicted latency of the derived network: {summary["predicted_latency_ms"]:.3f} ms per batch'
+            + (f' (target {target:g} ms)' if target is not None else ''))
     if cfg.save:
         paths = save_named_genotypes(cifar, imagenet, cfg.save, cfg.out, source='bnas-nni search',
                                      strategy=cfg.strategy, run_dir=str(summary['run_dir']),

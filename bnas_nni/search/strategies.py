@@ -118,6 +118,10 @@ def check_strategy_options(cfg: SearchConfig) -> StrategySpec:
         if unknown:
             raise ConfigError(f'strategy {spec.name!r} does not take strategy_options {", ".join(unknown)}; '
                               f'allowed: {", ".join(spec.options()) or "(none)"}')
+    if spec.runner != 'driver' and (cfg.get('latency_target_ms') is not None or cfg.get('latency_table') is not None):
+        raise ConfigError(f'latency_target_ms and latency_table steer binary-darts; strategy {spec.name!r} takes a '
+                          "latency budget through NNI's own profiler API (bnas_nni.latency with "
+                          'ExpectationProfilerPenalty or RangeProfilerFilter); drop the latency_* keys')
     return spec
 
 
@@ -214,12 +218,14 @@ def __getattr__(name: str):
 
 def _binary_darts(cfg: SearchConfig):
     from .binary_darts import BinaryDARTS
+    from .latency import latency_term
 
     return BinaryDARTS(arc_learning_rate=cfg.arc_lr, arc_betas=tuple(cfg.arc_betas),
                        arc_weight_decay=cfg.arc_weight_decay, lamda=cfg.lamda, tau=cfg.tau,
                        gamma=cfg.gamma, gamma_rule=cfg.gamma_rule, select=cfg.select,
                        mixed_cell=cfg.mixed_cell, gradient_clip_val=cfg.grad_clip,
-                       log_prob_every_n_step=cfg.log_prob_every, warmup_epochs=cfg.warmup_epochs)
+                       log_prob_every_n_step=cfg.log_prob_every, warmup_epochs=cfg.warmup_epochs,
+                       latency=latency_term(cfg))
 
 
 def _darts(cfg: SearchConfig):
