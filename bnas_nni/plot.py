@@ -20,7 +20,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -317,8 +317,18 @@ def _run_ops(run_dir: Path, width: int) -> List[str]:
 # --------------------------------------------------------------------------- CLI
 
 
+#: ``(marker file, redraw(directory) -> written paths)``: run directories that other commands draw, registered
+#: by them (``bnas-nni study`` adds ``study.yaml``), so that this module imports none of them
+DIRECTORY_PLOTTERS: List[Tuple[str, Callable[[Path], List[Path]]]] = []
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     target = Path(args.target)
+    for marker, redraw in DIRECTORY_PLOTTERS:
+        if target.is_dir() and (target / marker).is_file():
+            for path in redraw(target):
+                print(f'wrote {path}')
+            return 0
     if not target.is_dir():
         out = Path(args.out or f'{Path(args.target).stem}.png')
         plot_genotype(args.target, out, cells=args.cells)
@@ -365,7 +375,8 @@ def register(subparsers: Any) -> None:
                               description='Draw the normal and reduction cells (graphviz) of a genotype name, a '
                                           'genotype YAML or a search run directory; for a run directory also the '
                                           'softmax(α) heatmap of an epoch (edges x ops).')
-    p.add_argument('target', metavar='GENOTYPE_OR_RUN', help='genotype name, genotype YAML, or search run directory')
+    p.add_argument('target', metavar='GENOTYPE_OR_RUN',
+                   help='genotype name, genotype YAML, search run directory, or study directory (its report and plots)')
     p.add_argument('--out', help='picture of the cells: .png, .svg or .pdf (default NAME.png, or RUN/cell.png)')
     p.add_argument('--cells', nargs='+', choices=CELL_TYPES, default=list(CELL_TYPES), help='which cells to draw')
     p.add_argument('--epoch', type=int, help='run directories: heatmap after epoch N, counted from 1 as the search '
