@@ -263,7 +263,8 @@ class Search:
     latency_init_channels: int = knob(8, 'latency model: initial channels C of the derived network (the train '
                                          "preset's, not the supernet's)", min=1)
     latency_layers: int = knob(5, 'latency model: cells of the derived network', min=1)
-    latency_image_size: int = knob(32, 'latency model: input side of the derived network', min=8)
+    latency_image_size: Optional[int] = knob(None, "latency model: input side of the derived network; None: the "
+                                                   "dataset's own (32 for CIFAR-10 and Fashion-MNIST)", min=8)
     latency_batch: int = knob(1, 'latency model: batch size the latency is measured at', min=1)
     latency_threads: int = knob(2, 'latency model: CPU threads of the packed engine', min=1)
 

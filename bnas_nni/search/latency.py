@@ -7,7 +7,8 @@
   order); expected and predicted latency are recorded every epoch, and enter the loss only with a target;
 * a target without a table: the model of the derived network the ``latency_*`` keys describe (the network
   ``bnas-nni train`` builds from the searched cell, not the supernet), measured on the packed engine by
-  :func:`bnas_nni.latency.profile.measure_latency_model` and cached per machine.
+  :func:`bnas_nni.latency.profile.measure_latency_model` and cached per machine; its classifier has the
+  dataset's classes and its input the dataset's own side unless ``latency_image_size`` says otherwise.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from ..config import SearchConfig, family_of
 from ..console import log as console_log
+from ..data import dataset_info
 from ..errors import ConfigError
 from ..latency.model import LatencyModel
 from ..space import load_space_config
@@ -62,13 +64,14 @@ def latency_term(cfg: SearchConfig, log: Callable[[str], None] = console_log) ->
         # measurement needs the packed engine (a C++ build on first use): only a search with a target pays
         from ..latency.profile import measure_latency_model
 
+        info = dataset_info({**dict(cfg), 'image_size': None})      # the dataset's own side, not the search's
+        side = int(cfg.latency_image_size or info.image_size or 32)
         model = measure_latency_model(ops=ops, num_nodes=num_nodes, init_channels=int(cfg.latency_init_channels),
-                                      layers=int(cfg.latency_layers), image_size=int(cfg.latency_image_size),
-                                      num_classes=10, family=family_of(cfg.dataset), batch=int(cfg.latency_batch),
-                                      threads=int(cfg.latency_threads))
-        where = (f'measured for C={cfg.latency_init_channels} L={cfg.latency_layers} '
-                 f'{cfg.latency_image_size}x{cfg.latency_image_size}, batch {cfg.latency_batch}, '
-                 f'{cfg.latency_threads} thread(s)')
+                                      layers=int(cfg.latency_layers), image_size=side,
+                                      num_classes=int(info.num_classes or 10), family=family_of(cfg.dataset),
+                                      batch=int(cfg.latency_batch), threads=int(cfg.latency_threads))
+        where = (f'measured for C={cfg.latency_init_channels} L={cfg.latency_layers} {side}x{side}, '
+                 f'batch {cfg.latency_batch}, {cfg.latency_threads} thread(s)')
     term = LatencyTerm(model, target_ms=target, weight=float(cfg.latency_weight), penalty=cfg.latency_penalty)
     goal = (f'target {target:g} ms, weight {term.weight:g}, penalty {term.penalty}' if term.active
             else 'no target: logged only')
