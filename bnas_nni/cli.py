@@ -1,5 +1,4 @@
-"""The ``bnas-nni`` command line: ``search``, ``train``, ``eval``, ``summary``, ``data``, ``nni``, ``plot``, \
-``export``, ``config``.
+"""bnas-nni: search, train, evaluate and deploy binary networks with BNAS on NNI, one subcommand per task.
 
 Each subcommand lives beside the code it drives and registers itself through a
 ``register(subparsers)`` function that adds its parser and sets ``func``; heavy imports (NNI,

@@ -85,7 +85,7 @@ def _is_synset(name: str) -> bool:
 
 def prepare_imagenet(root: str | os.PathLike, val_only: bool = False, synsets: Optional[str | os.PathLike] = None,
                      log: Callable[[str], None] = print) -> Dict[str, int]:
-    """Rename synset folders (``n01440764``) to integer labels in ``root/train`` and ``root/val``.
+    """Rename synset folders (such as n01440764) to integer labels in root/train and root/val.
 
     The label of a synset is its line in ``synsets`` (one WordNet id per line) or, by default, its
     rank among the sorted synsets present, which for the full 1000-class set is the standard ImageNet

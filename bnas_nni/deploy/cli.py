@@ -26,7 +26,7 @@ _FLAGS = (
     ('--precision-rule', 'precision_rule', str, 'standard | official-2020-11 | official-2020-08'),
     ('--dataset', 'dataset', str, 'cifar10 | imagenet (network family) when building from --model'),
 )
-#: the float model and the engine may differ by float reassociation only (see the README, Deploy)
+#: the float model and the engine may differ by float reassociation only (docs: Packed format and engine, Exactness)
 TOLERANCE = 1e-4
 
 
@@ -52,7 +52,7 @@ def _float_logits(model, x):
 
 def _report_diff(what: str, diff: float) -> None:
     note = '' if diff <= TOLERANCE else (f'  (warning: above {TOLERANCE:g}; a value within float rounding of a sign '
-                                         'threshold can flip, see the README)')
+                                         'threshold can flip; see the docs, Packed format and engine)')
     print(f'verified {what}: max |logit difference| vs the float model {diff:.2e}{note}')
 
 

@@ -1,4 +1,4 @@
-"""``bnas-nni nni create|stop|list``: nnictl with the safety the README asks for, in one command.
+"""bnas-nni nni create|stop|list: NNI experiments started safely (manager on 127.0.0.1, own HOME), stopped, listed.
 
 ``create`` redirects ``HOME`` into a scratch folder (NNI keeps its experiment manifest in
 ``~/nni-experiments``), makes the manager listen on 127.0.0.1 only, runs ``nnictl create`` and
