@@ -25,7 +25,7 @@ from bnas_nni.checkpoints import ours_to_official, save_checkpoint
 from bnas_nni.cli import main
 from bnas_nni.deploy import kernels
 from bnas_nni.deploy.export import describe_network, packed_description
-from bnas_nni.deploy.format import CHECKSUM_KEY, VERSION, checksum
+from bnas_nni.deploy.format import BASE_VERSION, CHECKSUM_KEY, checksum
 from bnas_nni.errors import CheckpointError, ConfigError
 from bnas_nni.networks import build_model
 from bnas_nni.quant import BinaryConv2d, SteSign
@@ -212,7 +212,7 @@ def test_packed_file_round_trip_is_pickle_free_and_versioned(tmp_path):
     (header_len,) = struct.unpack('<Q', raw[:8])                       # safetensors: length + JSON header + data
     header = json.loads(raw[8:8 + header_len])
     meta = json.loads(header['__metadata__']['bnas_nni'])
-    assert meta['format'] == 'bnas-nni-packed' and meta['version'] == VERSION == 2
+    assert meta['format'] == 'bnas-nni-packed' and meta['version'] == BASE_VERSION == 2   # no react fields
     assert header['__metadata__'][CHECKSUM_KEY] == checksum(header['__metadata__']['bnas_nni'], load_file(str(path)))
     assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()   # like every other output (0644)
     assert meta['architecture']['genotype']['name'] == 'latest_cell' and meta['architecture']['family'] == 'imagenet'

@@ -15,19 +15,30 @@ Description schema (``T`` = tensor)::
     cell = {'name', 'index', 'reduction', 'preprocess0': unit, 'preprocess1': unit, 'ops': [op...],
             'indices': [...], 'concat': [...], 'residual': None | 'identity' | unit}
     op = unit | {'type': 'zeroise'|'max_pool'|'avg_pool', 'name', 'stride'}
-    unit = {'type': 'unit', 'name', 'input': 'sign'|'float', 'bn': bn | None, 'conv': conv, 'relu': bool}
+    unit = {'type': 'unit', 'name', 'input': 'sign'|'float', 'bn': bn | None, 'shift': T|None, 'conv': conv,
+            'relu': bool, 'prelu': None | {'gamma': T|None, 'slope': T, 'zeta': T|None},
+            'shortcut': None | 'identity' | 'avg_pool'}
     prim = {'type': 'conv', **conv} | {'type': 'bn', **bn} | {'type': 'relu'}
     bn = {'weight': T|None, 'bias': T|None, 'mean': T, 'var': T, 'eps': float}
     conv = {'name', 'in', 'out', 'kernel': [kh, kw], 'stride', 'padding', 'dilation', 'bias': T|None,
             'binary': bool, 'weight': T (effective fp32 weights), 'negative': bool T, 'alpha': T (binary only)}
 
-A unit is BN -> input quantizer -> conv -> ReLU: ``sign`` + binary weights runs on the packed kernels;
-``sign`` + float weights (official precision rules), ``float`` + binary weights (the residual convs of
-``official-2020-08``) and ``float`` + float weights (stems, residual convs) run as float ops.
+A unit is BN -> input quantizer -> conv [+ shortcut] -> nonlinearity: ``sign`` + binary weights runs on
+the packed kernels; ``sign`` + float weights (official precision rules), ``float`` + binary weights (the
+residual convs of ``official-2020-08``) and ``float`` + float weights (stems, residual convs) run as float
+ops. The ReActNet block (``op_set: react``, :class:`~bnas_nni.ops.ReActConv`) is a unit too: RSign is a sign
+input with ``shift`` = its per-channel ``beta`` (folded into the thresholds, so the packed file has no
+``shift``); ``scaled_sign`` weights are one scale per filter like ``xnor``'s; RPReLU is ``prelu`` with its
+shifts ``gamma`` (before) and ``zeta`` (after), PReLU the same without them, ``relu`` the ReLU flag and
+``identity`` neither; ``shortcut`` adds the unit's real-valued input to the conv output before the
+nonlinearity (``avg_pool``: 2x2, stride 2, ceil mode, padding not counted, for a stride-2 unit).
+
+Quantizers and nonlinearities are matched by exact class, so a user-registered one (even a subclass of a
+known one, whose ``forward`` may differ) gets a one-line refusal naming it.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,14 +46,19 @@ import torch.nn as nn
 from ..checkpoints import describe_model
 from ..errors import ConfigError
 from ..networks import FixedCell
-from ..ops import BNConvReLU, Zeroise
-from ..quant import IdentityQuantizer, SteSign
+from ..ops import BNConvReLU, ReActConv, Zeroise
+from ..quant import ApproxSign, IdentityQuantizer, RSign, SteSign
+from ..quant.nonlinear import IdentityNonlinearity, PReLU, ReLU, RPReLU
 from .fold import binary_filters, bn_sign_thresholds, pack_filter_bits, pack_negate
 
 __all__ = ['describe_network', 'packed_description', 'binary_part_sizes', 'SUPPORTED_OPS']
 
 SUPPORTED_OPS = ('zeroise, max_pool_3x3, avg_pool_3x3 and the BN -> sign -> conv -> ReLU ops '
-                 '(bin_conv_*, bin_dil_conv_*)')
+                 '(bin_conv_*, bin_dil_conv_*), also as the react block (rsign, scaled_sign, rprelu, shortcut)')
+#: activation quantizers the engine folds: exact classes -> the unit's input kind
+SIGN_QUANTIZERS = {SteSign: 'sign', ApproxSign: 'sign', RSign: 'sign', IdentityQuantizer: 'float'}
+#: nonlinearities after the conv the engine runs (exact classes)
+NONLINEARITIES = (ReLU, IdentityNonlinearity, PReLU, RPReLU)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -94,30 +110,73 @@ def _conv(conv: nn.Module, name: str) -> Dict[str, Any]:
     return d
 
 
-def _unit(m: nn.Module, name: str) -> Dict[str, Any]:
-    """A BN -> quantizer -> conv -> ReLU op (``BNConvReLU``) as a unit."""
+def _input(m: nn.Module, name: str) -> Tuple[str, Optional[torch.Tensor]]:
+    """``(input kind, shift)`` of a block's activation quantizer; refuses one the engine cannot fold."""
     q = getattr(m, 'quantizer', None)
-    if type(q) is SteSign:
-        kind = 'sign'
-    elif type(q) is IdentityQuantizer:
-        kind = 'float'
-    else:
+    kind = SIGN_QUANTIZERS.get(type(q))
+    if kind is None:
         qname = getattr(q, 'name', None) or type(q).__name__
         raise ConfigError(f'{name}: activation quantizer {qname!r} is not supported by the packed engine '
-                          '(ste_sign and identity are)')
+                          '(ste_sign, approx_sign, rsign and identity are)')
+    return kind, (_t(q.beta) if type(q) is RSign else None)
+
+
+def _post(act: nn.Module, name: str) -> Tuple[bool, Optional[Dict[str, Any]]]:
+    """``(relu, prelu)`` of the nonlinearity after a react block's conv."""
+    if type(act) not in NONLINEARITIES:
+        aname = getattr(act, 'name', None) or type(act).__name__
+        raise ConfigError(f'{name}: nonlinearity {aname!r} is not supported by the packed engine (relu, prelu, '
+                          'rprelu and identity are)')
+    if type(act) is RPReLU:
+        return False, {'gamma': _t(act.gamma), 'slope': _t(act.slope), 'zeta': _t(act.zeta)}
+    if type(act) is PReLU:
+        return False, {'gamma': None, 'slope': _t(act.slope), 'zeta': None}
+    return type(act) is ReLU, None
+
+
+def _shortcut(m: nn.Module, name: str) -> Optional[str]:
+    sc = m.shortcut
+    if sc is None:
+        return None
+    if type(sc) is nn.Identity:
+        return 'identity'
+    if (type(sc) is nn.AvgPool2d and sc.kernel_size in (2, (2, 2)) and sc.stride in (2, (2, 2))
+            and sc.padding in (0, (0, 0)) and sc.ceil_mode and not sc.count_include_pad
+            and sc.divisor_override is None):
+        return 'avg_pool'
+    raise ConfigError(f'{name}.shortcut: {type(sc).__name__} is not supported by the packed engine (the identity '
+                      'and the 2x2 average pool of the react block are)')
+
+
+def _unit(m: nn.Module, name: str) -> Dict[str, Any]:
+    """A BN -> quantizer -> conv -> ReLU op (``BNConvReLU``) or a react block (``ReActConv``) as a unit."""
+    kind, shift = _input(m, name)
     seq = m.op
-    if len(seq) != 2 or type(seq[1]) is not nn.ReLU:
-        raise ConfigError(f'{name}: expected conv -> ReLU after the quantizer; the packed engine cannot export it')
-    return {'type': 'unit', 'name': name, 'input': kind, 'bn': _bn(m.bn, f'{name}.bn'),
-            'conv': _conv(seq[0], f'{name}.op.0'), 'relu': True}
+    if type(m) is ReActConv:
+        if len(seq) != 2:
+            raise ConfigError(f'{name}: expected conv -> nonlinearity after the quantizer; the packed engine cannot '
+                              'export it')
+        relu, prelu = _post(seq[1], f'{name}.op.1')
+        shortcut = _shortcut(m, name)
+    else:
+        if len(seq) != 2 or type(seq[1]) is not nn.ReLU:
+            raise ConfigError(f'{name}: expected conv -> ReLU after the quantizer; the packed engine cannot export it')
+        relu, prelu, shortcut = True, None, None
+    conv = _conv(seq[0], f'{name}.op.0')
+    if shortcut == 'identity' and (conv['stride'] != 1 or conv['in'] != conv['out']):
+        raise ConfigError(f'{name}: an identity shortcut needs stride 1 and as many output as input channels')
+    if shortcut == 'avg_pool' and (conv['stride'] != 2 or conv['in'] != conv['out']):
+        raise ConfigError(f'{name}: a pooled shortcut needs stride 2 and as many output as input channels')
+    return {'type': 'unit', 'name': name, 'input': kind, 'bn': _bn(m.bn, f'{name}.bn'), 'shift': shift,
+            'conv': conv, 'relu': relu, 'prelu': prelu, 'shortcut': shortcut}
 
 
 def _bn_conv(seq: nn.Module, name: str) -> Dict[str, Any]:
     """The reduction cells' residual ``Sequential(BN, conv)`` as a float-input unit without ReLU."""
     if not isinstance(seq, nn.Sequential) or len(seq) != 2:
         raise ConfigError(f'{name}: expected Sequential(BatchNorm2d, conv); the packed engine cannot export it')
-    return {'type': 'unit', 'name': name, 'input': 'float', 'bn': _bn(seq[0], f'{name}.0'),
-            'conv': _conv(seq[1], f'{name}.1'), 'relu': False}
+    return {'type': 'unit', 'name': name, 'input': 'float', 'bn': _bn(seq[0], f'{name}.0'), 'shift': None,
+            'conv': _conv(seq[1], f'{name}.1'), 'relu': False, 'prelu': None, 'shortcut': None}
 
 
 def _prims(seq: nn.Module, name: str) -> List[Dict[str, Any]]:
@@ -157,7 +216,7 @@ def _op(op: nn.Module, name: str, op_name: str) -> Dict[str, Any]:
         return {'type': 'max_pool', 'name': name, 'stride': _pool_stride(op, name)}
     if type(op) is nn.AvgPool2d:
         return {'type': 'avg_pool', 'name': name, 'stride': _pool_stride(op, name)}
-    if type(op) is BNConvReLU:
+    if type(op) in (BNConvReLU, ReActConv):
         return _unit(op, name)
     raise ConfigError(f'{name}: op {op_name!r} ({type(op).__name__}) is not supported by the packed engine; '
                       f'supported: {SUPPORTED_OPS}')
@@ -227,9 +286,13 @@ def _fold_all(units: List[Dict[str, Any]]) -> Dict[int, Any]:
         def cat(key: str, fill: float) -> torch.Tensor:
             return torch.cat([u['bn'][key] if u['bn'][key] is not None else torch.full_like(u['bn']['mean'], fill)
                               for u in group])
+        shift = None
+        if any(u.get('shift') is not None for u in group):   # x - 0 == x: a plain sign unit keeps its thresholds
+            shift = torch.cat([u['shift'] if u.get('shift') is not None else torch.zeros_like(u['bn']['mean'])
+                               for u in group])
         th, negate = bn_sign_thresholds(cat('weight', 1.0), cat('bias', 0.0), cat('mean', 0.0), cat('var', 1.0), eps,
                                         where=', '.join(u['name'] for u in group[:2])
-                                              + (' ...' if len(group) > 2 else ''))
+                                              + (' ...' if len(group) > 2 else ''), shift=shift)
         start = 0
         for u in group:
             C = u['bn']['mean'].numel()
@@ -240,11 +303,18 @@ def _fold_all(units: List[Dict[str, Any]]) -> Dict[int, Any]:
 
 def _pack_unit(u: Dict[str, Any], folded: Dict[int, Any]) -> Dict[str, Any]:
     conv = dict(u['conv'])
-    out = {k: v for k, v in u.items() if k not in ('bn', 'conv')}
+    # the react fields only where set: a paper network's file stays exactly what format version 2 wrote
+    out = {k: v for k, v in u.items() if k not in ('bn', 'conv', 'shift', 'prelu', 'shortcut')}
+    if u.get('prelu') is not None:
+        out['prelu'] = {k: v for k, v in u['prelu'].items() if v is not None}
+    if u.get('shortcut') is not None:
+        out['shortcut'] = u['shortcut']
     if u['input'] == 'sign':
         out['thresholds'], negate = folded[id(u)]
         out['negate'] = pack_negate(negate)
     else:
+        if u.get('shift') is not None:
+            raise ConfigError(f"{u['name']}: a threshold shift on a float input cannot be exported")
         out['bn'] = u['bn']
     if conv['binary']:
         conv['bits'] = pack_filter_bits(conv.pop('negative'))

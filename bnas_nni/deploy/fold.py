@@ -12,6 +12,11 @@ usually empty or one float (``x = -beta/a`` exactly, e.g. ``x = 0`` when ``beta 
 ``x * a`` can widen it, hence two thresholds. A zero BN weight makes the channel constant: thresholds
 ``(-inf, -inf)`` (+1), ``(+inf, +inf)`` (-1) or ``(-inf, +inf)`` (0). Inputs are assumed finite.
 
+**RSign's learnable threshold folds in too.** ReActNet's RSign computes ``sign(BN(x) - beta)`` with one
+``beta`` per channel. Subtracting a constant keeps ``BN`` monotone, so the same two thresholds exist; the
+searches evaluate ``batch_norm(x) - beta`` in float32 exactly as the float model does (``shift``), and the
+engine needs nothing else: an RSign unit costs what a plain sign unit costs.
+
 **Binary weights → bits + one scale per filter.** :func:`binary_filters` reads the effective weights
 of a conv (``BinaryConv2d.effective_weight()``) and checks that every filter has a single magnitude
 ``alpha`` (zero filters are allowed): that is what makes ``sum(w * a) = alpha * sum(sign(w) * a)`` exact.
@@ -66,21 +71,33 @@ def _smallest(pred, C: int) -> np.ndarray:
 
 @torch.no_grad()
 def bn_sign_thresholds(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor,
-                       var: torch.Tensor, eps: float, where: str = 'batch norm') -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact per-channel thresholds of ``sign(batch_norm(x))``: ``(thresholds float32 [2, C], negate bool [C])``,
-    rows ``t_zero`` and ``t_pos`` (see the module docstring)."""
+                       var: torch.Tensor, eps: float, where: str = 'batch norm',
+                       shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-channel thresholds of ``sign(batch_norm(x) - shift)`` (``shift``: RSign's ``beta``, default
+    none): ``(thresholds float32 [2, C], negate bool [C])``, rows ``t_zero`` and ``t_pos`` (see the module
+    docstring)."""
     weight, bias, mean, var = [None if p is None else p.detach().float().cpu() for p in (weight, bias, mean, var)]
     C = mean.numel()
     w = np.ones(C, np.float32) if weight is None else weight.numpy()
     if not np.all(np.isfinite(w)):
         raise ConfigError(f'{where}: non-finite BN weight; cannot fold it into sign thresholds')
+    if shift is not None:
+        shift_np = shift.detach().float().cpu().reshape(-1).numpy()
+        if shift_np.shape != (C,) or not np.all(np.isfinite(shift_np)):
+            raise ConfigError(f'{where}: the sign threshold (RSign beta) must be {C} finite values; cannot fold it')
     g = np.where(w < 0, np.float32(-1), np.float32(1))
-    bn = lambda u: _bn_eval(g * u, weight, bias, mean, var, eps)  # noqa: E731 - non-decreasing in u
+
+    def bn(u: np.ndarray) -> np.ndarray:   # non-decreasing in u
+        y = _bn_eval(g * u, weight, bias, mean, var, eps)
+        return y if shift is None else (y - shift_np).astype(np.float32)   # float32 subtraction, as torch's
+
     t_zero = _smallest(lambda u: bn(u) >= 0, C)
     t_pos = _smallest(lambda u: bn(u) > 0, C)
     const = w == 0
     if const.any():
         beta = _bn_eval(np.zeros(C, np.float32), weight, bias, mean, var, eps)
+        if shift is not None:
+            beta = (beta - shift_np).astype(np.float32)
         inf = np.float32(np.inf)
         t_zero = np.where(const, np.where(beta < 0, inf, -inf), t_zero).astype(np.float32)
         t_pos = np.where(const, np.where(beta > 0, -inf, inf), t_pos).astype(np.float32)

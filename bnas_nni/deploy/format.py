@@ -3,7 +3,7 @@
 A ``.bnp`` file is a `safetensors <https://github.com/huggingface/safetensors>`_ file. Its metadata
 entry ``bnas_nni`` holds a JSON header::
 
-    {"format": "bnas-nni-packed", "version": 2,
+    {"format": "bnas-nni-packed", "version": 2 or 3,
      "architecture": {...},   # bnas_nni.checkpoints.describe_model: genotype, family, C, L, classes, binarizers
      "network": {...}}        # the packed description (bnas_nni.deploy.export), tensors as {"$tensor": NAME}
 
@@ -11,6 +11,12 @@ and the tensors are named after the module they come from (``cells.3.ops.1.conv.
 weights are ``uint8`` bits, one filter per row in [KH][KW][C] order, little-endian within a byte (1 =
 negative weight), with a float32 ``alpha`` per filter; the BN before each sign is a float32 ``[2, C]``
 pair of thresholds and a bit per channel (``negate``); everything full precision is float32.
+
+Version 3 adds the react block's fields to a unit: ``prelu`` (``slope`` and, for RPReLU, the shifts
+``gamma`` and ``zeta``, float32 per output channel) and ``shortcut`` (``identity`` or ``avg_pool``); RSign's
+threshold is folded into the thresholds. A file is written as version 2 when it uses none of them (a
+paper-block network: the same bytes as before, readable by older bnas-nni), else as version 3, which older
+bnas-nni refuse instead of running it without the new parts.
 
 The metadata entry ``bnas_nni_sha256`` is the SHA-256 of the header text and of every tensor (name,
 dtype, shape, bytes; in name order), checked on reading: a damaged or edited file is refused before
@@ -34,12 +40,16 @@ from safetensors.torch import save
 from ..errors import CheckpointError
 from ..io import atomic_path
 
-__all__ = ['FORMAT', 'VERSION', 'METADATA_KEY', 'CHECKSUM_KEY', 'write_packed', 'save_packed', 'load_packed',
+__all__ = ['FORMAT', 'VERSION', 'BASE_VERSION', 'needed_version',
+           'METADATA_KEY', 'CHECKSUM_KEY', 'write_packed', 'save_packed', 'load_packed',
            'checksum', 'flatten', 'unflatten']
 
 FORMAT = 'bnas-nni-packed'
+#: the newest version this bnas-nni reads and writes. 3: the react block's unit fields (``prelu``, ``shortcut``);
 #: 2: a checksum of the header and the tensors (``CHECKSUM_KEY``); 1: none (refused: re-export)
-VERSION = 2
+VERSION = 3
+#: the oldest version read; also what a network without react fields is written as
+BASE_VERSION = 2
 METADATA_KEY = 'bnas_nni'
 CHECKSUM_KEY = 'bnas_nni_sha256'
 _REEXPORT = 're-export it with bnas-nni export'
@@ -89,11 +99,28 @@ def checksum(header_text: str, tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _units(obj: Any):
+    if isinstance(obj, dict):
+        if obj.get('type') == 'unit':
+            yield obj
+        for v in obj.values():
+            yield from _units(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _units(v)
+
+
+def needed_version(network: Dict[str, Any]) -> int:
+    """The oldest format version that holds ``network``: 3 if a unit has react fields, else 2."""
+    react = any(u.get('prelu') is not None or u.get('shortcut') is not None for u in _units(network))
+    return VERSION if react else BASE_VERSION
+
+
 def write_packed(packed: Dict[str, Any], path: str | os.PathLike) -> None:
     """Write a packed description (:func:`bnas_nni.deploy.export.packed_description`) to ``path`` as it is
     (created with the usual permissions, 0666 less the umask, as every other output)."""
     tensors: Dict[str, torch.Tensor] = {}
-    header = {'format': FORMAT, 'version': VERSION, 'architecture': packed['architecture'],
+    header = {'format': FORMAT, 'version': needed_version(packed['network']), 'architecture': packed['architecture'],
               'network': flatten(packed['network'], '', tensors)}
     text = json.dumps(header, allow_nan=False)
     data = save(tensors, metadata={METADATA_KEY: text, CHECKSUM_KEY: checksum(text, tensors)})
@@ -139,12 +166,12 @@ def load_packed(path: str | os.PathLike) -> Dict[str, Any]:
     if not isinstance(header, dict) or header.get('format') != FORMAT:
         raise CheckpointError(f'{path}: header format is not {FORMAT!r}; {_REEXPORT}')
     version = header.get('version')
-    if type(version) is int and 1 <= version < VERSION:
+    if type(version) is int and 1 <= version < BASE_VERSION:
         raise CheckpointError(f'{path} has packed format version {version}, written by an older bnas-nni without '
-                              f'a checksum; {_REEXPORT} (this bnas-nni reads version {VERSION})')
-    if type(version) is not int or version != VERSION:
-        raise CheckpointError(f'{path} has packed format version {version!r}; this bnas-nni reads version {VERSION}; '
-                              'upgrade bnas-nni or re-export the model')
+                              f'a checksum; {_REEXPORT} (this bnas-nni reads versions {BASE_VERSION} to {VERSION})')
+    if type(version) is not int or not BASE_VERSION <= version <= VERSION:
+        raise CheckpointError(f'{path} has packed format version {version!r}; this bnas-nni reads versions '
+                              f'{BASE_VERSION} to {VERSION}; upgrade bnas-nni or re-export the model')
     stored = metadata.get(CHECKSUM_KEY)
     if stored is None:
         raise CheckpointError(f'{path}: packed model without a checksum ({CHECKSUM_KEY!r}); {_REEXPORT}')

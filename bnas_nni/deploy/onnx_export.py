@@ -17,6 +17,12 @@ without guessing:
 
 Convs with float weights behind a ``Sign`` (official precision rules) and binary weights on a float input
 (the residual convs of ``official-2020-08``) keep exactly those semantics and are not listed as binary.
+
+The react block (``op_set: react``) is the same pattern with its extra parts as elementwise ops: RSign is
+``Sub(beta) -> Sign`` (listed as ``"shift"`` in ``bnas_nni.binary_convs``), the real-valued shortcut an ``Add``
+of the block's input (through a 2x2 ``AveragePool``, ceil mode, when the block has stride 2) to the conv
+output, and RPReLU ``Sub(gamma) -> PRelu(slope) -> Add(zeta)`` (PReLU: the ``PRelu`` alone); per-channel
+constants are ``[C, 1, 1]`` initializers.
 """
 from __future__ import annotations
 
@@ -83,11 +89,43 @@ def _conv(g: _Graph, x: str, c: Dict[str, Any], name: str, doc: str = '') -> str
                   dilations=[d, d], group=1)
 
 
+def _channel(g: _Graph, name: str, value: torch.Tensor) -> str:
+    """A per-channel constant shaped [C, 1, 1] to broadcast over N x C x H x W."""
+    return g.init(name, value.reshape(-1, 1, 1))
+
+
+def _post(g: _Graph, x: str, y: str, u: Dict[str, Any]) -> str:
+    """The react block after its conv ``y``: shortcut from the block input ``x``, then (R)PReLU or ReLU."""
+    name = u['name']
+    shortcut = u.get('shortcut')
+    if shortcut == 'avg_pool':
+        x = g.node('AveragePool', [x], f'{name}/shortcut_pool', kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1,
+                   count_include_pad=0)
+    if shortcut is not None:
+        y = g.node('Add', [y, x], f'{name}/shortcut')
+    p = u.get('prelu')
+    if p is not None:
+        if p.get('gamma') is not None:
+            y = g.node('Sub', [y, _channel(g, f'{name}.gamma', p['gamma'])], f'{name}/rprelu_shift_in')
+        y = g.node('PRelu', [y, _channel(g, f'{name}.slope', p['slope'])], f'{name}/prelu')
+        if p.get('zeta') is not None:
+            y = g.node('Add', [y, _channel(g, f'{name}.zeta', p['zeta'])], f'{name}/rprelu_shift_out')
+    elif u['relu']:
+        y = g.node('Relu', [y], f'{name}/relu')
+    return y
+
+
 def _unit(g: _Graph, x: str, u: Dict[str, Any], binarizers: Dict[str, Any]) -> str:
     name = u['name']
     h = _bn(g, x, u['bn'], f'{name}/bn') if u['bn'] is not None else x
     conv = u['conv']
     doc = ''
+    shift = None
+    if u.get('shift') is not None:
+        if u['input'] != 'sign':
+            raise ConfigError(f'{name}: a threshold shift on a float input has no ONNX form')
+        shift = g.node('Sub', [h, _channel(g, f'{name}.quantizer.beta', u['shift'])], f'{name}/rsign_shift')
+        h = shift
     if u['input'] == 'sign':
         h = g.node('Sign', [h], f'{name}/sign')
         if conv['binary']:
@@ -95,11 +133,12 @@ def _unit(g: _Graph, x: str, u: Dict[str, Any], binarizers: Dict[str, Any]) -> s
                    'per output filter')
     y = _conv(g, h, conv, f'{name}/conv', doc)
     if doc:
-        g.binary.append({'conv': f'{name}/conv', 'sign': f'{name}/sign', 'weight': f"{conv['name']}.weight",
-                         'binarizer': str(binarizers.get(conv['name'], 'binary'))})
-    if u['relu']:
-        y = g.node('Relu', [y], f'{name}/relu')
-    return y
+        entry = {'conv': f'{name}/conv', 'sign': f'{name}/sign', 'weight': f"{conv['name']}.weight",
+                 'binarizer': str(binarizers.get(conv['name'], 'binary'))}
+        if shift is not None:
+            entry['shift'] = f'{name}/rsign_shift'
+        g.binary.append(entry)
+    return _post(g, x, y, u)
 
 
 def _zeros(g: _Graph, x: str, stride: int, name: str) -> str:

@@ -17,6 +17,11 @@ of a node accumulate into it, in the float model's order of additions, and the r
   float input under the official precision rules) run as the same PyTorch ops on the same contiguous
   NCHW tensors as the float model, so they produce the same bits.
 
+* **The react block** (RSign -> scaled-sign conv [+ shortcut] -> RPReLU): RSign's threshold is already in
+  the unit's thresholds, so the conv is the same packed kernel (without the fused ReLU); the shortcut add and
+  the (R)PReLU then run as the float model's elementwise PyTorch ops on the conv output (same order, same
+  bits), before the result goes into the node. Such cells run op by op, not as a cell program.
+
 The logits therefore equal the float model's up to the order in which it adds the ``±alpha`` terms of
 its binary convs (the engine computes the exact integer count and scales once); see the README's
 Deploy section for when that can move a value across a sign threshold.
@@ -126,6 +131,7 @@ class _Unit:
                        for k in ('weight', 'bias', 'mean', 'var')}
             _check(self.bn['mean'] is not None and self.bn['var'] is not None, where, 'BN statistics missing')
             self.eps = float(bn['eps'])
+        self._react_parts(d, where)
         self.packed = self.sign and negative is not None and self.bias is None
         if self.packed:
             self.t_zero, self.t_pos, self.flip = kernel_thresholds(self.thresholds, self.negate)
@@ -138,7 +144,39 @@ class _Unit:
                                              ('float-input binary' if negative is not None else 'float'))
         k = f'{self.kernel[0]}x{self.kernel[1]}'
         self.kind = f'{kind} conv {k}' + (f' dil {self.dilation}' if self.dilation > 1 else '') + \
-            (f' stride {self.stride}' if self.stride > 1 else '')
+            (f' stride {self.stride}' if self.stride > 1 else '') + \
+            (' + ' + ' + '.join(filter(None, [self.shortcut and 'shortcut', self.prelu is not None and (
+                'rprelu' if self.prelu['gamma'] is not None else 'prelu')])) if self.epilogue else '')
+
+    def _react_parts(self, d: Dict[str, Any], where: str) -> None:
+        """The react block's optional (R)PReLU and shortcut: ``self.epilogue`` is whether the unit has them."""
+        prelu = d.get('prelu')
+        self.prelu = None
+        if prelu is not None:
+            self.prelu = {k: (None if prelu.get(k) is None else
+                              _tensor(prelu, k, f'{where}.prelu', torch.float32, (self.out_ch,)).view(1, -1, 1, 1))
+                          for k in ('gamma', 'zeta')}
+            self.prelu['slope'] = _tensor(prelu, 'slope', f'{where}.prelu', torch.float32, (self.out_ch,))
+        self.shortcut = d.get('shortcut')
+        _check(self.shortcut in (None, 'identity', 'avg_pool'), where, f'unknown shortcut {self.shortcut!r}')
+        self.epilogue = self.prelu is not None or self.shortcut is not None
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Shortcut add, then the nonlinearity, as the float block computes them (``y``: the conv output)."""
+        if self.shortcut == 'identity':
+            y = y + x
+        elif self.shortcut == 'avg_pool':
+            y = y + F.avg_pool2d(x.contiguous(), 2, 2, ceil_mode=True, count_include_pad=False)
+        if self.prelu is not None:
+            p = self.prelu
+            if p['gamma'] is not None:
+                y = y - p['gamma']
+            y = F.prelu(y, p['slope'])
+            if p['zeta'] is not None:
+                y = y + p['zeta']
+        elif self.relu:
+            y = F.relu(y)
+        return y
 
     def out_hw(self, h: int, w: int) -> Tuple[int, int]:
         KH, KW = self.kernel
@@ -149,13 +187,27 @@ class _Unit:
                  layout: str = 'cl') -> torch.Tensor:
         if x.shape[1] != self.in_ch:
             raise ConfigError(f'{self.name}: input has {x.shape[1]} channels, the layer expects {self.in_ch}')
-        if self.packed:
+        if self.packed and not self.epilogue:
             if out is None:
                 oh, ow = self.out_hw(x.shape[2], x.shape[3])
                 out = torch.empty((x.shape[0], self.out_ch, oh, ow), memory_format=CL)
             kernels.extension().binary_conv(x, self.t_zero, self.t_pos, self.flip, self.words, self.alpha, out,
                                             self.kernel[0], self.kernel[1], self.stride, self.padding, self.dilation,
                                             self.relu, accumulate, isa)
+            return out
+        if self.packed:   # the react block: the packed conv, then its shortcut and (R)PReLU
+            oh, ow = self.out_hw(x.shape[2], x.shape[3])
+            y = torch.empty((x.shape[0], self.out_ch, oh, ow), memory_format=CL)
+            kernels.extension().binary_conv(x, self.t_zero, self.t_pos, self.flip, self.words, self.alpha, y,
+                                            self.kernel[0], self.kernel[1], self.stride, self.padding, self.dilation,
+                                            False, False, isa)
+            y = self._finish(y, x)
+            if out is None:
+                return _cl(y)
+            if accumulate:
+                out.add_(y)
+            else:
+                out.copy_(y)
             return out
         x = x.contiguous()
         if self.sign:
@@ -164,7 +216,9 @@ class _Unit:
             b = self.bn
             h = F.batch_norm(x, b['mean'], b['var'], b['weight'], b['bias'], False, 0.0, self.eps)
         y = F.conv2d(h, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        if self.relu:
+        if self.epilogue:
+            y = self._finish(y, x)
+        elif self.relu:
             y = F.relu(y)
         if out is None:
             return _cl(y) if layout == 'cl' else y
@@ -230,7 +284,7 @@ class _Cell:
         units = [self.pre0, self.pre1] + [op for op in self.ops if isinstance(op, _Unit)]
         # a cell whose ops are all packed kernels runs a few images at a time (see CACHE_BUDGET); one with
         # float convs inside runs the whole batch at once, as the float model does
-        self.chunkable = all(u.packed for u in units)
+        self.chunkable = all(u.packed and not u.epilogue for u in units)
         self._program = None
         self._program_units = units
 

@@ -15,7 +15,11 @@ by the kernels. :func:`validate_packed` checks everything the engine reads:
   inputs of a reduction cell, else 1); op inputs and concat entries name existing states; the residual
   is absent in cell 0, a conv in a reduction cell and the identity elsewhere;
 * the architecture description, where present: reduction cells, and the genotype's ops, inputs and
-  concat against the cells.
+  concat against the cells;
+* the react block's unit fields (format version 3 only): ``prelu`` holds a float32 ``slope`` per output
+  channel and either both RPReLU shifts ``gamma`` and ``zeta`` or neither, all finite, and no ReLU beside it;
+  ``shortcut`` is ``identity`` (stride 1) or ``avg_pool`` (stride 2) on a conv with as many output as
+  input channels.
 
 Every refusal is a :class:`~bnas_nni.errors.CheckpointError` of one line: ``<file>: <field> = <value>
 <problem>; <fix>``, the field written as ``cells[0].preprocess1.conv.padding``.
@@ -58,8 +62,10 @@ def _show(value: Any) -> str:
 
 
 class _Checker:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, react: bool = True) -> None:
         self.source = source
+        #: whether units may hold the react fields (format version 3, or an in-memory description)
+        self.react = react
 
     def fail(self, field: str, problem: str, value: Any = ..., fix: str = _FIX) -> None:
         shown = '' if value is ... else f' = {_show(value)}'
@@ -185,7 +191,34 @@ class _Checker:
             self.tensor(d, 'negate', f'{field}.negate', torch.uint8, ((ch + 7) // 8,))
         else:
             self.bn(self.mapping(self.get(d, 'bn', f'{field}.bn'), f'{field}.bn'), f'{field}.bn', ch)
+        self.react_fields(d, field, ch, cout, s)
         return cout, scale * s
+
+    def react_fields(self, d: Dict[str, Any], field: str, cin: int, cout: int, stride: int) -> None:
+        """The react block's optional ``prelu`` and ``shortcut`` of a unit."""
+        prelu, shortcut = d.get('prelu'), d.get('shortcut')
+        if not self.react and (prelu is not None or shortcut is not None):
+            self.fail(f"{field}.{'prelu' if prelu is not None else 'shortcut'}", 'is a format version 3 field in '
+                      'a version 2 file')
+        if prelu is not None:
+            p = self.mapping(prelu, f'{field}.prelu')
+            unknown = sorted(set(p) - {'gamma', 'slope', 'zeta'})
+            if unknown:
+                self.fail(f'{field}.prelu.{unknown[0]}', 'is not a field of a (R)PReLU')
+            for key in ('gamma', 'slope', 'zeta'):
+                t = self.tensor(p, key, f'{field}.prelu.{key}', torch.float32, (cout,), optional=key != 'slope')
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    self.fail(f'{field}.prelu.{key}', 'must be finite', t)
+            if (p.get('gamma') is None) != (p.get('zeta') is None):
+                self.fail(f'{field}.prelu', 'must hold both shifts gamma and zeta (RPReLU) or neither (PReLU)')
+            if d.get('relu'):
+                self.fail(f'{field}.relu', 'must be false beside a prelu', d['relu'])
+        if shortcut is not None:
+            kind = self.choice(d, 'shortcut', f'{field}.shortcut', ('identity', 'avg_pool'))
+            want = 1 if kind == 'identity' else 2
+            if stride != want or cin != cout:
+                self.fail(f'{field}.shortcut', f'needs a conv of stride {want} with as many output as input channels '
+                          f'(this one: stride {stride}, {cin} -> {cout} channels)', kind)
 
     def prims(self, value: Any, field: str, state: State) -> State:
         """An ImageNet stem: conv / bn / relu layers run as float ops."""
@@ -307,6 +340,9 @@ def validate_packed(packed: Any, source: str = 'packed model') -> None:
     module docstring for what is checked. ``packed``: ``{'architecture', 'network'}`` with tensors in place."""
     c = _Checker(source)
     packed = c.mapping(packed, 'header')
+    # a file says its version (load_packed accepted it); an in-memory description may hold every field
+    version = packed.get('version')
+    c.react = version is None or (type(version) is int and version >= 3)
     arch = packed.get('architecture')
     arch = {} if arch is None else c.mapping(arch, 'architecture')
     genotype = arch.get('genotype')
