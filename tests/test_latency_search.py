@@ -302,3 +302,37 @@ def test_config_table_is_loaded_fitted_to_the_space_and_logged(tmp_path):
         check_strategy_options(resolve(SEARCH, None, {'strategy': 'darts', 'latency_target_ms': 2.0}))
     with pytest.raises(ConfigError, match='latency_target_ms must be > 0'):
         resolve(SEARCH, None, {'latency_target_ms': -1})
+
+
+def test_nni_trial_metrics_carry_latency(tmp_path, monkeypatch):
+    """The trial's intermediate results carry the epoch's expected and predicted latency, the final result the
+    derived network's predicted latency; a search without a latency model reports neither."""
+    from bnas_nni.search import reporter as reporter_module
+    from bnas_nni.search.reporter import SearchTrialReporter
+
+    class Channel:
+        def __init__(self):
+            self.sent = []
+
+        def intermediate(self, metric):
+            self.sent.append(('intermediate', dict(metric)))
+
+        def final(self, metric):
+            self.sent.append(('final', dict(metric)))
+
+    monkeypatch.setattr(reporter_module, 'brief_train', lambda genotype, cfg, log=None: 55.0)
+    g = Genotype(normal=(('bin_conv_3x3', 0), ('max_pool_3x3', 1), ('zeroise', 0), ('bin_conv_5x5', 2)),
+                 reduce=(('max_pool_3x3', 0), ('bin_conv_3x3', 1), ('zeroise', 0), ('max_pool_3x3', 2)))
+    for latency in (True, False):
+        channel = Channel()
+        rep = SearchTrialReporter(out_dir=tmp_path / str(latency), channel=channel)
+        extra = {'expected_latency_ms': 3.25, 'predicted_latency_ms': 2.5} if latency else {}
+        rep.epoch({'epoch': 0, 'val_acc': 40.0, 'entropy': 1.5, 'arch_ce': 2.0, **extra})
+        rep.finish({'genotype': g, 'genotype_imagenet': g, 'supernet_val_acc': 40.0,
+                    'predicted_latency_ms': 2.5 if latency else None}, cfg=None, log=lambda s: None)
+        (_, inter), (_, final) = channel.sent
+        if latency:
+            assert inter['expected_latency_ms'] == 3.25 and inter['latency_ms'] == 2.5
+            assert final['latency_ms'] == 2.5 and final['derived_acc'] == 55.0
+        else:
+            assert 'latency_ms' not in inter and 'expected_latency_ms' not in inter and 'latency_ms' not in final
