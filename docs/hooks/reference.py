@@ -49,8 +49,8 @@ def config_reference() -> str:
             if line.startswith('#'):
                 line = '#' + line                       # the schema's title becomes a section of this page
             elif line.startswith('| `'):
-                cells = line.strip('|').split(' | ')
-                line = '| ' + ' | '.join(cells[:3] + [_escape(' | '.join(cells[3:]).strip())]) + ' |'
+                cells = [cell.strip() for cell in line.strip().strip('|').split(' | ')]
+                line = '| ' + ' | '.join(cells[:3] + [_escape(' | '.join(cells[3:]))]) + ' |'
             lines.append(line)
         lines.append('')
     return '\n'.join(lines)
@@ -111,7 +111,7 @@ def cli_reference() -> str:
                 if not (action.help or '').strip() or action.help == argparse.SUPPRESS:
                     if action.help != argparse.SUPPRESS:
                         missing.append(f'{" ".join(path)} {"/".join(action.option_strings) or action.dest}')
-            shown = [a for a in actions if a.help != argparse.SUPPRESS]
+            shown = [a for a in actions if (a.help or '').strip() and a.help != argparse.SUPPRESS]
             if shown:
                 lines += ['| argument | meaning |', '|---|---|'] + [_argument_row(parser, a) for a in shown] + ['']
         if missing:
