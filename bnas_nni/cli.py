@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     'bnas_nni.deploy.cli',            # export
     'bnas_nni.config',                # config (the keys of search and train)
     'bnas_nni.study.cli',             # study
+    'bnas_nni.latency.cli',           # latency profile / predict
 )
 
 
