@@ -135,6 +135,21 @@ def test_reference_hook_refuses_a_flag_without_help(monkeypatch):
         hook.cli_reference()
 
 
+def test_api_page_docstrings_lose_their_rest_roles_and_grouped_parameters_split():
+    spec = importlib.util.spec_from_file_location('docs_griffe_rst', REPO_ROOT / 'docs' / 'hooks' / 'griffe_rst.py')
+    if importlib.util.find_spec('griffe') is None:
+        pytest.skip('griffe is not installed (pip install -e ".[docs]")')
+    rst = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rst)
+    assert rst.markdown_from_rest('see :class:`~bnas_nni.space.BNASSpace` and :func:`run_guarded`') == \
+        'see `BNASSpace` and `run_guarded`'
+    doc = 'Intro.\n\nParameters\n----------\nlamda, tau\n    Diversity weight and decay.\nselect\n    Rule.\n'
+    assert rst.split_grouped_parameters(doc) == ('Intro.\n\nParameters\n----------\nlamda\n    Diversity weight and '
+                                                 'decay.\ntau\n    Diversity weight and decay.\nselect\n    Rule.')
+    prose = 'Notes\n-----\na, b\n    stays as written.'
+    assert rst.split_grouped_parameters(prose) == prose
+
+
 # ----------------------------------------------------------------------------- documented commands
 
 

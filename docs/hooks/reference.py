@@ -56,7 +56,10 @@ def config_reference() -> str:
     return '\n'.join(lines)
 
 
-def _commands(parser: argparse.ArgumentParser, path: Tuple[str, ...]) -> Iterator[Tuple[Tuple[str, ...], argparse.ArgumentParser, str]]:
+Command = Tuple[Tuple[str, ...], argparse.ArgumentParser, str]
+
+
+def _commands(parser: argparse.ArgumentParser, path: Tuple[str, ...]) -> Iterator[Command]:
     """Every (sub)command parser under ``parser`` with its path and the help line its parent gives it."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
