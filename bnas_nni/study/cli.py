@@ -1,4 +1,4 @@
-"""``bnas-nni study``: compare search strategies with random cells at equal search budget.
+"""bnas-nni study: compare search strategies with random cells at equal search budget.
 
 The study's trainings run as the trials of one NNI experiment (the web UI URL is printed; ``--local``
 runs the same trials in this process). Rerunning the same command continues a stopped study: finished
