@@ -3,7 +3,7 @@
 search, and random cells of the same space, all trained alike and timed on the packed engine.
 
 Steps, each resumable (a point whose result is in ``points.csv`` is skipped; a killed search or training
-continues from its checkpoint):
+continues from its checkpoint; ``--remeasure`` times every network again):
 
 1. the latency model of the derived network (the network ``experiments/train_quick_fashion.yaml`` builds:
    C=8, L=5, 32x32, batch 1, 2 threads by default), measured on this CPU with the packed engine
@@ -74,6 +74,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--batch', type=int, default=1, help='latency batch (model, targets and timing)')
     p.add_argument('--threads', type=int, default=2, help='engine threads (model and timing)')
     p.add_argument('--repeats', type=int, default=30, help='timed runs per network (minimum kept)')
+    p.add_argument('--remeasure', action='store_true',
+                   help='time every packed network again (e.g. on a quieter machine); nothing is retrained')
     p.add_argument('--model-repeats', type=int, default=None,
                    help="timed runs per probe network of the latency model (default: the profiler's)")
     p.add_argument('--quick', action='store_true',
@@ -328,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             points[name].update(test_acc=result['test_acc'], train_seconds=result['train_seconds'])
             write_points(csv_path, points)
             log(f'[{name}] test acc {result["test_acc"]:.2f}%')
-        names = [n for n in genotypes if points[n].get('measured_ms') in (None, '')]
+        names = [n for n in genotypes if args.remeasure or points[n].get('measured_ms') in (None, '')]
         if names:
             log(f'timing {len(names)} packed network(s), batch {args.batch}, {args.threads} threads, '
                 f'{args.repeats} round-robin runs')

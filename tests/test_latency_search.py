@@ -336,3 +336,24 @@ def test_nni_trial_metrics_carry_latency(tmp_path, monkeypatch):
             assert final['latency_ms'] == 2.5 and final['derived_acc'] == 55.0
         else:
             assert 'latency_ms' not in inter and 'expected_latency_ms' not in inter and 'latency_ms' not in final
+
+
+def test_best_epoch_with_a_target_prefers_derived_networks_that_meet_it(tmp_path, fashion_halves):
+    """select='best' with a target: an epoch whose derived network meets the target beats a more accurate one
+    that does not; without a target, accuracy alone ranks (the paper's rule)."""
+    model = tiny_space_model()
+    zero = (('zeroise', 0), ('zeroise', 1)) * 2
+    fast_ms = model.predict(Genotype(normal=zero, reduce=zero))
+    kept = {}
+    for key, target in (('target', fast_ms + 0.5), ('none', None)):
+        d = _driver(tmp_path / key, fashion_halves, latency=LatencyTerm(model, target_ms=target))
+        column = {'slow': SPACE_OPS.index('bin_conv_5x5'), 'fast': SPACE_OPS.index('zeroise')}
+        for epoch, (speed, acc) in enumerate([('slow', 90.0), ('fast', 50.0), ('fast', 60.0), ('slow', 99.0)]):
+            with torch.no_grad():
+                for a in d.alphas:
+                    a.zero_()
+                    a[column[speed]] = 3.0
+            record = d.module.record_epoch(epoch, acc)
+            assert (record['predicted_latency_ms'] <= fast_ms + 0.5) == (speed == 'fast')
+        kept[key] = d.module.best['epoch']
+    assert kept == {'target': 2, 'none': 3}

@@ -39,7 +39,10 @@ What differs from NNI's stock ``DARTS``
   weights, BN in eval mode, no augmentation). The genotype kept is that of the best epoch:
   ``select='best'`` (default) derives it from the alphas *after* that epoch, the intended reading;
   ``select='official'`` reproduces the released code's off-by-one (the alphas at the *start* of the
-  best epoch); ``select='last'`` keeps the final alphas.
+  best epoch); ``select='last'`` keeps the final alphas. With a latency target, ``best`` ranks first by
+  whether the epoch's derived network meets the target (predicted latency <= target), then by accuracy:
+  the penalty acts on the *expected* latency, and the derived (argmax) network can sit on either side
+  of it.
 * **Derivation** (:func:`bnas_nni.genotypes.derive_genotype`): per node, the two incoming edges with
   the largest softmax weight *including* Zeroise, and on each the argmax op *including* Zeroise. The
   ImageNet variant divides Zeroise's probability by ``gamma`` (3) before deriving; that is the intended
@@ -361,10 +364,18 @@ class BinaryDartsModule(DartsLightningModule):
                   'alphas': {k: v.tolist() for k, v in after.items()}, 'genotype': str(genotype)}
         self.history.append(record)
         better = val_acc is not None and val_acc > self.best['val_acc']
+        within = None
+        if self.latency is not None and self.latency.active:
+            # with a target, an epoch whose derived network meets it beats any that does not
+            within = metrics['predicted_latency_ms'] <= self.latency.target_ms
+            better = val_acc is not None and (within, val_acc) > (bool(self.best.get('within_target')),
+                                                                  self.best['val_acc'])
         if self.select == 'last' or val_acc is None or better:
             chosen = self._alphas_at_start if (self.select == 'official' and self._alphas_at_start) else after
             self.best = {'val_acc': val_acc if val_acc is not None else -1.0, 'epoch': epoch,
                          'alphas': {k: np.asarray(v).copy() for k, v in chosen.items()}}
+            if within is not None:
+                self.best['within_target'] = within
         for cb in self.epoch_callbacks:
             cb(record, self)
         return record
