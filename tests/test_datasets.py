@@ -90,6 +90,8 @@ def test_fashion_mnist_imagenet_and_folder_by_name(tmp_path):
             data.build_dataset({'dataset': name, 'data': str(tmp_path / 'missing')}, 'val')
         assert 'does not exist' in _one_line(exc) and str(tmp_path / 'missing') in str(exc.value)
     assert data.dataset_info({'dataset': 'imagenet'}).num_classes is None        # the model config's (1000)
+    fashion = data.dataset_info({'dataset': 'fashion-mnist', 'image_size': 16})
+    assert (fashion.num_classes, fashion.channels, fashion.image_size, fashion.mean) == (10, 1, 16, [0.286] * 3)
 
 
 def test_config_accepts_registered_names_only():

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import DatasetError
-from .imagenet import imagenet_folder, imagenet_transforms, take
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_folder, imagenet_transforms, take
 from .registry import register_dataset
 
 # torch and torchvision are imported inside the functions that use them: `bnas-nni --help` imports this
@@ -297,15 +297,18 @@ def _imagenet_builder(options: Mapping[str, Any], split: str, *, augment: bool, 
 
 
 register_dataset('cifar10', _torchvision_builder(cifar10, 'data/cifar10'), num_classes=10,
-                 description='CIFAR-10 (torchvision)')
+                 description='CIFAR-10 (torchvision)', mean=CIFAR_MEAN, std=CIFAR_STD)
 register_dataset('cifar100', _torchvision_builder(cifar100, 'data/cifar100'), num_classes=100,
-                 description='CIFAR-100 (torchvision, fine labels)')
+                 description='CIFAR-100 (torchvision, fine labels)', mean=CIFAR100_MEAN, std=CIFAR100_STD)
 register_dataset('svhn', _torchvision_builder(svhn, 'data/svhn'), num_classes=10,
-                 description='SVHN (torchvision; train and test splits)')
+                 description='SVHN (torchvision; train and test splits)', mean=SVHN_MEAN, std=SVHN_STD)
 register_dataset('mnist', _torchvision_builder(mnist, 'data/mnist'), num_classes=10,
-                 description='MNIST (torchvision), padded to 3x32x32')
+                 description='MNIST (torchvision), padded to 3x32x32', channels=1, mean=MNIST_MEAN,
+                 std=MNIST_STD)
 register_dataset('fashion-mnist', _fashion_builder, num_classes=10,
-                 description='Fashion-MNIST-32x3 from the Debian idx files (offline)')
+                 description='Fashion-MNIST-32x3 from the Debian idx files (offline)', channels=1,
+                 mean=FASHION_MEAN, std=FASHION_STD)
 register_dataset('imagenet', _imagenet_builder, family='imagenet', image_size=None, num_classes=None,
                  searchable=False, description='ImageNet, integer-label train/ and val/ folders',
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  search_refusal='the paper searches on CIFAR-10 and transfers the cell to ImageNet with gamma')

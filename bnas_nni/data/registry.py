@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, DatasetError
 from ..registry import Registry
@@ -88,6 +88,9 @@ class DatasetSpec:
     description: str = ''
     info: Optional[Callable[[Mapping[str, Any]], DatasetInfo]] = None
     search_refusal: str = ''
+    channels: int = 3
+    mean: Optional[Tuple[float, ...]] = None
+    std: Optional[Tuple[float, ...]] = None
 
     @property
     def takes_wrap(self) -> bool:
@@ -101,16 +104,19 @@ DATASETS: Registry = Registry('dataset')
 def register_dataset(name: str, builder: Builder, *, num_classes: Optional[int] = None, family: str = 'cifar',
                      image_size: Optional[int] = 32, searchable: bool = True, description: str = '',
                      info: Optional[Callable[[Mapping[str, Any]], DatasetInfo]] = None, search_refusal: str = '',
+                     channels: int = 3, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                      replace: bool = False) -> DatasetSpec:
     """Make ``builder(options, split, augment=, subset=)`` readable as ``dataset: name`` (see the module
-    docstring). ``num_classes`` None and no ``info``: counted from the training set's ``classes``."""
+    docstring). ``num_classes`` None and no ``info``: counted from the training set's ``classes``.
+    ``channels``, ``mean``, ``std``: what the run directory's ``dataset.yaml`` records about fixed sets."""
     if family not in FAMILIES:
         raise ConfigError(f'dataset {name!r}: family must be one of {", ".join(FAMILIES)}, got {family!r}')
     if not callable(builder):
         raise ConfigError(f'dataset {name!r}: the builder must be callable, got {type(builder).__name__}')
     spec = DatasetSpec(name=DATASETS._normalize(name), builder=builder, family=family, num_classes=num_classes,
                        image_size=image_size, searchable=searchable, description=description, info=info,
-                       search_refusal=search_refusal)
+                       search_refusal=search_refusal, channels=int(channels),
+                       mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None)
     DATASETS.register(name, spec, replace=replace)
     return spec
 
@@ -175,8 +181,10 @@ def dataset_info(cfg: Mapping[str, Any]) -> DatasetInfo:
     spec = get_dataset_spec(options['dataset'])
     if spec.info is not None:
         return spec.info(options)
+    fixed = dict(channels=spec.channels, image_size=options.get('image_size') or spec.image_size,
+                 mean=list(spec.mean) if spec.mean else None, std=list(spec.std) if spec.std else None)
     if spec.num_classes is not None or spec.family == 'imagenet':
-        return DatasetInfo(spec.name, spec.num_classes, image_size=options.get('image_size') or spec.image_size)
+        return DatasetInfo(spec.name, spec.num_classes, **fixed)
     key = repr(sorted(options.items()))
     if key not in _INFO_CACHE:
         train = open_dataset(options, 'train', augment=False)
@@ -184,6 +192,5 @@ def dataset_info(cfg: Mapping[str, Any]) -> DatasetInfo:
         if classes is None:
             raise DatasetError(f'dataset {spec.name!r}: its training set has no classes attribute; register it '
                                'with num_classes=K')
-        _INFO_CACHE[key] = DatasetInfo(spec.name, len(classes), image_size=options.get('image_size') or spec.image_size,
-                                       classes=[str(c) for c in classes])
+        _INFO_CACHE[key] = DatasetInfo(spec.name, len(classes), classes=[str(c) for c in classes], **fixed)
     return _INFO_CACHE[key]
