@@ -310,6 +310,9 @@ def test_two_steps_hand_weights_on_with_distillation(tmp_path, teacher):
     assert [Path(s['run_dir']).name for s in out['stages']] == ['step1', 'step2']
     assert [s['epochs_run'] for s in out['stages']] == [1, 2]
     s1, s2 = read_checkpoint(run / 'step1'), read_checkpoint(run / 'step2')
+    final = read_checkpoint(run)['state_dict']                              # the run directory names step 2's model
+    assert final.keys() == s2['state_dict'].keys()
+    assert all(torch.equal(final[k], v) for k, v in s2['state_dict'].items())
     assert s1['model']['binarizers'] == {}                                  # step 1: real weights
     assert set(s2['model']['binarizers'].values()) == {'scaled_sign'}      # step 2: binary weights too
     assert s1['model']['config']['activation'] == s2['model']['config']['activation'] == 'rsign'
@@ -355,11 +358,14 @@ def test_resumable_in_either_step(tmp_path, teacher, stop_stage):
         run_training(REACT, {**cfg, 'run_dir': str(run)}, on_step=stop)
     assert (run / 'step1' / 'checkpoint.pt').is_file()
     assert (run / 'step2' / 'checkpoint.pt').is_file() == (stop_stage == 1)
+    assert not (run / 'checkpoint.pt').is_file()                      # the final model only once step 2 is done
     done = run_training(REACT, {**cfg, 'run_dir': str(run)}, resume=True)
     assert done['epochs_run'] == (3 if stop_stage == 0 else 1)
     a, b = read_checkpoint(tmp_path / 'full' / 'step2')['state_dict'], read_checkpoint(run / 'step2')['state_dict']
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    top = read_checkpoint(run)['state_dict']
+    assert all(torch.equal(a[k], top[k]) for k in a)
     assert full['final']['valid_top1'] == done['final']['valid_top1']
 
 

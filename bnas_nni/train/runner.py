@@ -6,13 +6,16 @@ run directory, then run the recipe's stages. A stage builds model/data, the reci
 schedule and loss, resumes or warm-starts if asked, and per epoch trains, validates, reports to NNI,
 checkpoints and logs a CSV row and TensorBoard scalars. A single-stage recipe (``paper``) uses the
 run directory itself; a multi-stage recipe gives each stage a subdirectory (``<run_dir>/<stage>``) and
-starts each stage from the previous one's final weights when the recipe says so.
+starts each stage from the previous one's final weights when the recipe says so; when the last stage
+is done, its checkpoint is copied to ``<run_dir>/checkpoint.pt`` too, so that the run directory names its
+final model as a single-stage run's does (``eval``/``export --checkpoint <run_dir>``).
 
 Metrics are reported in percent everywhere (logs, CSV, NNI): ``default`` is the validation top-1.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -37,6 +40,7 @@ from ..data import build_dataset, build_datasets, describe_dataset, record_datas
 from ..distributed import ShardSampler, broadcast_buffers, cleanup, init_distributed
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..integrations.nni import trial as nni_trial
+from ..io import atomic_path
 from ..rundir import RunDir, setup_logging
 from ..seeding import capture_rng, restore_rng, seed_everything
 from .loop import evaluate, train_one_epoch
@@ -154,7 +158,8 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
         top.check_free()                                            # a directory in use: say so first
         stage_dirs = [run_dir if len(stages) == 1 else run_dir / (s.name or f'stage{i + 1}')
                       for i, s in enumerate(stages)]
-        if not resume and any((d / 'checkpoint.pt').is_file() for d in stage_dirs):
+        final = run_dir / 'checkpoint.pt'      # a multi-stage run's copy of its last stage's (see the docstring)
+        if not resume and any(f.is_file() for f in [d / 'checkpoint.pt' for d in stage_dirs] + [final]):
             raise ConfigError(f'{run_dir} already holds a checkpoint; pass --resume to continue it or choose '
                               'another run_dir/name')
         if resume is True and not any((d / 'checkpoint.pt').is_file() for d in stage_dirs):
@@ -177,6 +182,10 @@ def run_training(config_path: Optional[str | os.PathLike] = None, overrides: Opt
             results.append(_run_stage(stage_cfg, recipe, stage, ctx, log, reporter, resume=resume,
                                       resume_path=resume_path, init_from=init, on_step=on_step))
             previous = stage_dir / 'checkpoint.pt'
+        if len(stages) > 1 and ctx.is_main and previous is not None and previous.is_file():
+            with atomic_path(final) as tmp:
+                shutil.copyfile(previous, tmp)
+            log(f'final model: {final} (the checkpoint of stage {stages[-1].name})')
         last = results[-1]
         if last['final']:
             f = last['final']
