@@ -357,3 +357,26 @@ def test_best_epoch_with_a_target_prefers_derived_networks_that_meet_it(tmp_path
             assert (record['predicted_latency_ms'] <= fast_ms + 0.5) == (speed == 'fast')
         kept[key] = d.module.best['epoch']
     assert kept == {'target': 2, 'none': 3}
+
+
+def test_cli_search_with_a_table_and_target_reports_latency(tmp_path, capsys):
+    """bnas-nni search with latency_table and latency_target_ms: the epoch line, metrics.csv columns, the final
+    line and the saved genotype's meta carry the latency; a missing table is one line, exit 2, no run dir."""
+    from bnas_nni.cli import main
+
+    tiny_space_model().save(tmp_path / 'lat.json')
+    common = ['search', '--config', 'experiments/search_quick_fashion.yaml', '--set', 'epochs=1',
+              '--set', 'train_subset=128', '--set', 'progress=never', '--set', 'tensorboard=false']
+    rc = main([*common, '--run-dir', str(tmp_path / 'run'), '--set', f'latency_table={tmp_path / "lat.json"}',
+               '--set', 'latency_target_ms=4.0', '--set', 'save=lat_cell', '--set', f'out={tmp_path / "genotypes"}'])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert 'E[latency]' in out and 'predicted latency of the derived network' in out and '(target 4 ms)' in out
+    row = next(csv.DictReader(open(tmp_path / 'run' / 'metrics.csv')))
+    assert float(row['expected_latency_ms']) > 2.0 and float(row['predicted_latency_ms']) >= 2.0
+    meta = load_yaml(tmp_path / 'genotypes' / 'lat_cell.yaml')['meta']
+    assert meta['predicted_latency_ms'] == pytest.approx(float(row['predicted_latency_ms']), abs=1e-3)
+    rc = main([*common, '--run-dir', str(tmp_path / 'bad'), '--set', f'latency_table={tmp_path / "none.json"}'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and 'none.json does not exist' in err[0]
+    assert not (tmp_path / 'bad').exists()

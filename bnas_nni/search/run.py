@@ -395,7 +395,9 @@ def _finish(cfg: SearchConfig, summary: Dict[str, Any], log) -> None:
         paths = save_named_genotypes(cifar, imagenet, cfg.save, cfg.out, source='bnas-nni search',
                                      strategy=cfg.strategy, run_dir=str(summary['run_dir']),
                                      epoch=summary['best_epoch'] + 1,
-                                     supernet_val_acc=None if acc is None or acc < 0 else float(acc))
+                                     supernet_val_acc=None if acc is None or acc < 0 else float(acc),
+                                     **({'predicted_latency_ms': round(summary['predicted_latency_ms'], 4)}
+                                        if summary.get('predicted_latency_ms') is not None else {}))
         summary['saved'] = paths
         log(f'saved {paths[0]} and {paths[1]}')
     log(f'run directory: {summary["run_dir"]}')
