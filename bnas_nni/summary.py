@@ -17,6 +17,9 @@ ImageNet) with hooks on every ``Conv2d`` and ``Linear``, and reports:
   when the binarizer scales (its ``scaled`` attribute), and
   fp32 for everything else that inference needs (full-precision weights, biases, BN affine
   parameters and running statistics); compared with the same model stored all in fp32.
+* **latency** on the packed engine, when this machine has a cached latency model of the network
+  (``bnas-nni latency profile``) or ``--latency FILE`` names one: predicted, and with ``--measure``
+  measured (min of several runs) at ``--batch`` and ``--threads``.
 
 Reference figures (``bnas-original.md`` §5.4, counted from the official code at HEAD) and ours:
 
@@ -300,18 +303,70 @@ def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optio
     return net, desc
 
 
+def latency_report(net: nn.Module, *, table: Optional[str] = None, measure: bool = False, batch: int = 1,
+                   threads: int = 2) -> Dict[str, Any]:
+    """Predicted latency of ``net`` on the packed engine from ``table`` (a saved latency model) or the cached model
+    of this machine (``{}`` when there is none), and with ``measure`` the engine's measured latency."""
+    from .latency import LatencyModel
+    from .latency.profile import cached_model, measure_genotypes
+
+    if batch < 1 or threads < 1:
+        raise ConfigError(f'--batch and --threads must be positive integers, got {batch} and {threads}')
+    cfg = getattr(net, 'config', None) or {}
+    genotype = getattr(net, 'genotype', None)
+    if genotype is None or cfg.get('precision_rule', 'standard') != 'standard':
+        if table or measure:
+            raise ConfigError('latency is modelled for derived networks under the standard precision rule; drop '
+                              '--precision-rule to use --latency or --measure')
+        return {}
+    network = dict(init_channels=int(cfg['init_channels']), layers=int(cfg['layers']), image_size=input_size_for(net),
+                   num_classes=int(cfg['num_classes']), family=net.family,
+                   block={k: cfg[k] for k in ('binarizer', 'activation', 'nonlinearity', 'shortcut') if k in cfg})
+    out: Dict[str, Any] = {}
+    model = LatencyModel.load(table) if table else cached_model(
+        ops=sorted(genotype.ops_used()), num_nodes=genotype.num_nodes, batch=batch, threads=threads, cover=True,
+        **network)
+    if model is not None:
+        m = model.meta.get('machine') or {}
+        n = model.meta.get('network') or {}
+        out.update(predicted_ms=model.predict(genotype), batch=m.get('batch', batch), threads=m.get('threads', threads),
+                   isa=m.get('isa'), table_network={k: n.get(k) for k in ('init_channels', 'layers', 'image_size')})
+        batch, threads = int(out['batch']), int(out['threads'])
+    if measure:
+        out['measured_ms'] = measure_genotypes([genotype], batch=batch, threads=threads, **network)[0]
+        out.setdefault('batch', batch)
+        out.setdefault('threads', threads)
+    return out
+
+
+def _latency_line(lat: Dict[str, Any]) -> str:
+    parts = []
+    if 'predicted_ms' in lat:
+        n = lat['table_network']
+        parts.append(f"predicted {lat['predicted_ms']:.3f} ms (table: C={n['init_channels']}, {n['layers']} cells, "
+                     f"{n['image_size']}px, {lat['isa']})")
+    if 'measured_ms' in lat:
+        parts.append(f"measured {lat['measured_ms']:.3f} ms")
+    return f"Latency (packed engine, batch {lat['batch']}, {lat['threads']} threads): " + ', '.join(parts)
+
+
 def _run(args: argparse.Namespace) -> int:
     net, desc = build_from_spec(args.model, genotype=args.genotype, layers=args.layers,
                                 init_channels=args.init_channels, precision_rule=args.precision_rule,
                                 dataset=args.dataset, num_classes=args.num_classes, binarizer=args.binarizer,
                                 op_set=args.op_set)
     s = summarize(net)
+    lat = latency_report(net, table=args.latency, measure=args.measure, batch=args.batch, threads=args.threads)
     if args.json:
         out = s.to_dict(layers=args.verbose)
         out['model'] = desc
+        if lat:
+            out['latency'] = lat
         print(json.dumps(out, indent=2))
     else:
         print(format_summary(s, title=desc, verbose=args.verbose))
+        if lat:
+            print(_latency_line(lat))
     return 0
 
 
@@ -333,4 +388,9 @@ def register(subparsers: Any) -> None:
     p.add_argument('--op-set', help='binary block: paper (default) or react (RSign, scaled_sign, RPReLU)')
     p.add_argument('--verbose', action='store_true', help='one row per layer')
     p.add_argument('--json', action='store_true', help='machine-readable output')
+    p.add_argument('--latency', metavar='FILE',
+                   help='predict latency with this latency model (default: the cached one of this machine, if any)')
+    p.add_argument('--measure', action='store_true', help='also measure the latency on the packed engine')
+    p.add_argument('--batch', type=int, default=1, help='batch size of the latency (default 1)')
+    p.add_argument('--threads', type=int, default=2, help='engine threads of the latency (default 2)')
     p.set_defaults(func=_run)
