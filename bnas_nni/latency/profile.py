@@ -101,11 +101,16 @@ def cache_dir() -> Path:
     return Path(base) / 'bnas-nni' / 'latency'
 
 
+#: the paper's binary block: block options equal to these are left out of cache keys
+_BLOCK_DEFAULTS = {'binarizer': 'xnor', 'activation': 'ste_sign', 'nonlinearity': 'relu', 'shortcut': False}
+
+
 def _network_key(*, ops: Sequence[str], num_nodes: int, init_channels: int, layers: int, image_size: int,
                  num_classes: int, family: str, block: Mapping[str, Any]) -> Dict[str, Any]:
+    block = {k: block[k] for k in sorted(block) if k not in _BLOCK_DEFAULTS or block[k] != _BLOCK_DEFAULTS[k]}
     return {'ops': list(ops), 'num_nodes': int(num_nodes), 'init_channels': int(init_channels),
             'layers': int(layers), 'image_size': int(image_size), 'num_classes': int(num_classes),
-            'family': family, 'block': {k: block[k] for k in sorted(block)}}
+            'family': family, 'block': block}
 
 
 def cache_path(machine: Mapping[str, Any], network: Mapping[str, Any], engine: str) -> Path:
