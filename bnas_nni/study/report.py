@@ -188,6 +188,10 @@ def write_plots(study: StudyConfig, files: StudyFiles, rows: Sequence[Dict[str, 
             lo, hi = a['top1_ci95']
             ax.errorbar([i + 0.28], [a['top1_mean']], yerr=[[a['top1_mean'] - lo], [hi - a['top1_mean']]],
                         fmt='D', color='black', capsize=4, markersize=5)
+    base = next((a for a in summary['arms'] if a['arm'] == study.baseline), None)
+    if base is not None and base['top1_mean'] is not None:
+        ax.axhline(base['top1_mean'], color='gray', linestyle=':', linewidth=1, label=f'{study.baseline} mean')
+        ax.legend(fontsize=8, loc='lower right')
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel('top-1 % (cell mean over training seeds)')
     ax.set_title(f'{study.name}: accuracy per arm (mean, 95% bootstrap CI)', fontsize=9)
