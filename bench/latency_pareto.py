@@ -51,8 +51,9 @@ if str(ROOT) not in sys.path:
 
 SEARCH_PRESET = ROOT / 'experiments' / 'search_quick_fashion.yaml'
 TRAIN_PRESET = ROOT / 'experiments' / 'train_quick_fashion.yaml'
-FIELDS = ['name', 'kind', 'target_ms', 'latency_weight', 'search_seed', 'train_seed', 'predicted_ms', 'measured_ms',
-          'test_acc', 'supernet_val_acc', 'search_seconds', 'train_seconds', 'genotype']
+FIELDS = ['name', 'kind', 'target_ms', 'latency_weight', 'latency_penalty', 'latency_estimate', 'search_seed',
+          'train_seed', 'predicted_ms', 'measured_ms', 'test_acc', 'supernet_val_acc', 'search_seconds',
+          'train_seconds', 'genotype']
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -65,6 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--latency-weight', type=float, default=2.0, help='latency_weight of the searches')
     p.add_argument('--latency-penalty', default='positive', choices=('positive', 'absolute', 'linear'),
                    help='latency_penalty of the searches')
+    p.add_argument('--latency-estimate', default='derived', choices=('expected', 'derived'),
+                   help='latency_estimate of the searches (default derived: see bnas_nni.search.objective)')
     p.add_argument('--random', type=int, default=4, help='random cells of the space to train (default 4)')
     p.add_argument('--seed', type=int, default=2, help='search seed (all searches) and random-cell seed')
     p.add_argument('--train-seed', type=int, default=0, help='training seed (all networks)')
@@ -156,7 +159,7 @@ def search(name: str, target: Optional[float], args: argparse.Namespace, run: Pa
     overrides: Dict[str, Any] = {'run_dir': str(folder), 'name': name, 'seed': args.seed, 'progress': 'never',
                                  'latency_table': str(run / 'latency_model.json'), 'latency_target_ms': target,
                                  'latency_weight': args.latency_weight, 'latency_penalty': args.latency_penalty,
-                                 'threads': args.threads}
+                                 'latency_estimate': args.latency_estimate, 'threads': args.threads}
     if args.search_epochs:
         overrides['epochs'] = args.search_epochs
     if args.quick:
@@ -306,6 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             genotypes[name] = found['genotype_path']
             points[name] = {'name': name, 'kind': 'unconstrained' if target is None else 'target', 'target_ms': target,
                             'latency_weight': None if target is None else args.latency_weight,
+                            'latency_penalty': None if target is None else args.latency_penalty,
+                            'latency_estimate': None if target is None else args.latency_estimate,
                             'search_seed': args.seed, 'train_seed': args.train_seed,
                             'predicted_ms': round(model.predict(found['genotype']), 4),
                             'supernet_val_acc': found['supernet_val_acc'], 'search_seconds': found['search_seconds'],

@@ -257,6 +257,9 @@ class Search:
     latency_penalty: Literal['positive', 'absolute', 'linear'] = knob(
         'positive', 'shape of the latency penalty (NNI ProfilerPenalty nonlinear): positive max(0, x) charges only a '
                     'network slower than the target, absolute |x| pulls towards it, linear x')
+    latency_estimate: Literal['expected', 'derived'] = knob(
+        'expected', "the latency the penalty sees: expected (NNI's expectation under softmax(alpha)) or derived (the "
+                    'latency of the network derivation would return now, with the gradient of the expectation)')
     latency_table: Optional[str] = knob(
         None, 'a saved latency model (JSON of bnas-nni latency profile); None: measure it on this machine for the '
               'latency_* network below (cached). Given a table, expected latency is logged even without a target')

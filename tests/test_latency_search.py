@@ -290,9 +290,11 @@ def test_config_table_is_loaded_fitted_to_the_space_and_logged(tmp_path):
     assert all(torch.equal(term.model.edge_ms[t], m.edge_ms[t]) for t in ('normal', 'reduce'))
     assert 'no target' in lines[0]
     cfg = resolve(SEARCH, None, {'space': 'bnas-tiny', 'latency_table': str(tmp_path / 'lat.json'),
-                                 'latency_target_ms': 3.0, 'latency_weight': 0.5, 'latency_penalty': 'absolute'})
+                                 'latency_target_ms': 3.0, 'latency_weight': 0.5, 'latency_penalty': 'absolute',
+                                 'latency_estimate': 'derived'})
     term = latency_term(cfg, log=lines.append)
-    assert (term.active, term.target_ms, term.weight, term.penalty) == (True, 3.0, 0.5, 'absolute')
+    assert (term.active, term.target_ms, term.weight, term.penalty, term.estimate) == (True, 3.0, 0.5, 'absolute',
+                                                                                       'derived')
     assert latency_term(resolve(SEARCH, None, {'space': 'bnas-tiny'})) is None
     with pytest.raises(ConfigError, match='4 nodes'):
         LatencyModel.from_tables(SPACE_OPS, 4, {t: np.zeros((14, 7)) for t in ('normal', 'reduce')}, 1.0).save(
@@ -380,3 +382,24 @@ def test_cli_search_with_a_table_and_target_reports_latency(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and 'none.json does not exist' in err[0]
     assert not (tmp_path / 'bad').exists()
+
+
+def test_derived_estimate_has_the_derived_value_and_the_expectations_gradient():
+    from bnas_nni.genotypes import derive_genotype
+
+    m = tiny_space_model()
+    gen = torch.Generator().manual_seed(7)
+    alphas = {t: torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+              for t in ('normal', 'reduce')}
+    expected_term = LatencyTerm(m, target_ms=1.0, weight=2.0, penalty='linear')
+    derived_term = LatencyTerm(m, target_ms=1.0, weight=2.0, penalty='linear', estimate='derived')
+    grads = {}
+    for key, term in (('expected', expected_term), ('derived', derived_term)):
+        expected = term.expected_ms(alphas)
+        seen = term.penalised_ms(alphas, expected)
+        want = m.predict(derive_genotype(alphas['normal'].detach(), alphas['reduce'].detach(), SPACE_OPS))
+        assert float(seen) == pytest.approx(float(expected) if key == 'expected' else want, rel=1e-12)
+        grads[key] = torch.autograd.grad(term(seen), list(alphas.values()))
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(grads['expected'], grads['derived']))
+    with pytest.raises(ConfigError, match='latency_estimate'):
+        LatencyTerm(m, target_ms=1.0, estimate='sampled')

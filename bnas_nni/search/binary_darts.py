@@ -217,9 +217,10 @@ class BinaryDartsModule(DartsLightningModule):
         weight = diversity_weight(epoch, self.lamda, self.tau)
         loss = ce - weight * entropy
         if self.latency is not None and self.latency.active:
-            expected = self.latency.expected_ms(alpha_matrices(self))
+            alphas = alpha_matrices(self)
+            expected = self.latency.expected_ms(alphas)
             self.last_expected_ms = float(expected.detach())
-            loss = loss + self.latency(expected)
+            loss = loss + self.latency(self.latency.penalised_ms(alphas, expected))
         return loss, entropy, weight
 
     #: expected latency (ms) under the alphas of the last architecture step with a latency target

@@ -72,8 +72,10 @@ def latency_term(cfg: SearchConfig, log: Callable[[str], None] = console_log) ->
                                       batch=int(cfg.latency_batch), threads=int(cfg.latency_threads))
         where = (f'measured for C={cfg.latency_init_channels} L={cfg.latency_layers} {side}x{side}, '
                  f'batch {cfg.latency_batch}, {cfg.latency_threads} thread(s)')
-    term = LatencyTerm(model, target_ms=target, weight=float(cfg.latency_weight), penalty=cfg.latency_penalty)
-    goal = (f'target {target:g} ms, weight {term.weight:g}, penalty {term.penalty}' if term.active
+    term = LatencyTerm(model, target_ms=target, weight=float(cfg.latency_weight), penalty=cfg.latency_penalty,
+                       estimate=cfg.latency_estimate)
+    goal = (f'target {target:g} ms, weight {term.weight:g}, penalty {term.penalty} of the {term.estimate} latency'
+            if term.active
             else 'no target: logged only')
     log(f'latency model ({where}): fixed {model.fixed_ms:.3f} ms, uniform-alpha expectation '
         f'{model.uniform_ms():.3f} ms; {goal}')

@@ -34,6 +34,15 @@ of a node's inputs that derivation keeps) and :math:`T^t_{e,k}` the milliseconds
 ``absolute`` :math:`|x|` (pulls towards the target from both sides, as TuNAS) or ``linear`` :math:`x`.
 The term is differentiable in :math:`\alpha` and touches no weight. With no target the term is not
 computed at all, so the loss is the paper's bit for bit.
+
+``latency_estimate: derived`` keeps that gradient but gives the penalty the *derived* network's latency
+as its value (a straight-through estimate, :math:`\hat L = \mathbb{E}[\mathrm{lat}] -
+\mathrm{sg}(\mathbb{E}[\mathrm{lat}]) + \mathrm{lat}(\mathrm{derive}(\alpha))`, :math:`\mathrm{sg}` = stop
+gradient). Why: BNAS's diversity term holds :math:`\mathrm{softmax}(\alpha)` near uniform, so in a short
+search the expectation barely moves while the argmax derivation flips edge after edge; with the
+expectation as the value, every target below the uniform expectation keeps pushing until the derived
+network is almost all Zeroise and pooling, whatever the target. With the derived value, the push stops
+once the network the search would return meets the target.
 """
 from __future__ import annotations
 
@@ -44,9 +53,11 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from ..errors import ConfigError
+from ..genotypes import derive_genotype
 from ..latency.model import LatencyModel
 
-__all__ = ['LAMDA', 'TAU', 'GAMMA', 'SELECT_RULES', 'LATENCY_PENALTIES', 'diversity_weight', 'mean_edge_entropy',
+__all__ = ['LAMDA', 'TAU', 'GAMMA', 'SELECT_RULES', 'LATENCY_PENALTIES', 'LATENCY_ESTIMATES', 'diversity_weight',
+           'mean_edge_entropy',
            'search_lr', 'expected_latency', 'latency_penalty', 'LatencyTerm']
 
 LAMDA = 1.0
@@ -55,6 +66,8 @@ GAMMA = 3.0
 SELECT_RULES = ('best', 'official', 'last')
 #: NNI ``ProfilerPenalty`` nonlinearities the latency term offers (``positive`` is the default)
 LATENCY_PENALTIES = ('positive', 'absolute', 'linear')
+#: what the penalty's value is: NNI's expectation, or the derived network's latency (gradient of the expectation)
+LATENCY_ESTIMATES = ('expected', 'derived')
 
 
 def diversity_weight(epoch: int, lamda: float = LAMDA, tau: float = TAU) -> float:
@@ -107,6 +120,7 @@ class LatencyTerm:
     target_ms: Optional[float] = None
     weight: float = 1.0
     penalty: str = 'positive'
+    estimate: str = 'expected'
 
     def __post_init__(self) -> None:
         if self.target_ms is not None and not (math.isfinite(self.target_ms) and self.target_ms > 0):
@@ -116,6 +130,9 @@ class LatencyTerm:
         if self.penalty not in LATENCY_PENALTIES:
             raise ConfigError(f'unknown latency_penalty {self.penalty!r}; choose one of '
                               f'{", ".join(LATENCY_PENALTIES)}')
+        if self.estimate not in LATENCY_ESTIMATES:
+            raise ConfigError(f'unknown latency_estimate {self.estimate!r}; choose one of '
+                              f'{", ".join(LATENCY_ESTIMATES)}')
 
     @property
     def active(self) -> bool:
@@ -124,6 +141,14 @@ class LatencyTerm:
 
     def expected_ms(self, alphas: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return expected_latency(alphas, self.model)
+
+    def penalised_ms(self, alphas: Mapping[str, torch.Tensor], expected: torch.Tensor) -> torch.Tensor:
+        """The latency the penalty sees: ``expected`` itself, or (``estimate='derived'``) the derived network's
+        predicted latency carrying ``expected``'s gradient."""
+        if self.estimate == 'expected':
+            return expected
+        genotype = derive_genotype(alphas['normal'].detach(), alphas['reduce'].detach(), self.model.ops)
+        return expected - expected.detach() + self.model.predict(genotype)
 
     def __call__(self, expected_ms: torch.Tensor) -> torch.Tensor:
         r""":math:`\mu\,\phi(\mathbb{E}[\mathrm{lat}]/T - 1)` -- what the architecture loss adds."""
