@@ -60,6 +60,7 @@ SLOW = (
     'test_react_recipe.py::test_resumable_in_either_step*',
     'test_robustness.py::test_one_writer_per_run_directory_and_stale_locks?search?',
     'test_strategy_registry.py::test_user_strategy_runs_as_a_search_trial',   # a search as a trial, end to end
+    'test_study.py::test_nni_experiment_gives_the_same_rows_as_local',        # a study's trainings as NNI trials
     'test_training.py::test_resume_after_kill_continues_at_the_right_epoch_with_the_same_state',
 )
 

@@ -128,7 +128,6 @@ def test_killed_study_resumes_without_redoing_finished_work(local_study):
     assert json.loads((run_dir / 'summary.json').read_text()) == summary
 
 
-@pytest.mark.slow
 def test_nni_experiment_gives_the_same_rows_as_local(local_study):
     """The trainings of seed 0 as NNI trials, on the cells the local study derived: the same rows."""
     run_dir = local_study.root / 'nni'
