@@ -180,3 +180,11 @@ def test_bad_study_config_is_one_line_exit_2(tmp_path, capsys, change, message):
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and err.startswith('error: ') and message in err, err
     assert 'Traceback' not in err and not (tmp_path / 'run').exists()
+
+
+def test_resume_without_a_study_is_one_line(tmp_path, capsys):
+    config = _write(tmp_path / 'tiny.yaml', TINY)
+    assert main(['study', '--config', str(config), '--run-dir', str(tmp_path / 'none'), '--resume', '--local']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith('error: nothing to resume: ')
+    assert not (tmp_path / 'none').exists()

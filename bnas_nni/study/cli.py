@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any, List
 
+from ..errors import ConfigError
 from ..io import parse_set_items
 from ..plot import DIRECTORY_PLOTTERS
 
@@ -19,7 +20,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from .arms import arm_costs, check_equal_budgets
     from .config import load_study_config
     from .report import budget_table
-    from .runner import run_study
+    from .runner import default_study_dir, run_study
 
     study = load_study_config(args.config, parse_set_items(args.set))
     if args.check:
@@ -28,7 +29,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
         check_equal_budgets(costs, study.budget_tolerance)
         print(f'study {study.name}: config and budgets are valid')
         return 0
-    run_study(study, args.run_dir, local=args.local)
+    run_dir = Path(args.run_dir) if args.run_dir else default_study_dir(study)
+    if args.resume and not (run_dir / 'study.yaml').is_file():
+        raise ConfigError(f'nothing to resume: {run_dir / "study.yaml"} does not exist (start without --resume, '
+                          'or pass the --run-dir of the study)')
+    run_study(study, run_dir, local=args.local)
     return 0
 
 
@@ -50,5 +55,7 @@ def register(subparsers: Any) -> None:
     p.add_argument('--local', action='store_true', help='run the trainings in this process instead of NNI trials')
     p.add_argument('--set', action='append', metavar='KEY=VALUE',
                    help='override a study key (dotted for nested keys: protocol.train.epochs=1)')
+    p.add_argument('--resume', action='store_true',
+                   help='continue the study in --run-dir, refusing if there is none (rerunning continues anyway)')
     p.add_argument('--check', action='store_true', help='validate the config and print the budgets, run nothing')
     p.set_defaults(func=_cmd_study)
