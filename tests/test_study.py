@@ -188,3 +188,23 @@ def test_resume_without_a_study_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and err.startswith('error: nothing to resume: ')
     assert not (tmp_path / 'none').exists()
+
+
+def test_random_cells_are_uniform_draws_with_distinct_inputs():
+    from bnas_nni.space import load_space_config
+    from bnas_nni.study.arms import random_cells
+
+    ops = set(load_space_config('bnas-tiny')['ops'])
+    cells = random_cells('bnas-tiny', 8, seed=0)
+    assert [c.name for c in cells] == [f'random-c{i:02d}' for i in range(8)]
+    assert cells == random_cells('bnas-tiny', 8, seed=0) and cells != random_cells('bnas-tiny', 8, seed=1)
+    assert len({(c.normal, c.reduce) for c in cells}) == 8
+    for c in cells:
+        for entries in (c.normal, c.reduce):
+            for node in range(len(entries) // 2):
+                (op_a, a), (op_b, b) = entries[2 * node:2 * node + 2]
+                assert a != b and {a, b} <= set(range(node + 2)) and {op_a, op_b} <= ops
+    # node 1 of the normal cell takes two of its three inputs: over 2,000 cells each pair comes up ~667 times
+    pairs = [tuple(j for _, j in c.normal[2:4]) for c in random_cells('bnas-tiny', 2000, seed=2)]
+    counts = {p: pairs.count(p) for p in set(pairs)}
+    assert set(counts) == {(0, 1), (0, 2), (1, 2)} and all(600 < n < 730 for n in counts.values()), counts
