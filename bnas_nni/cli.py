@@ -47,7 +47,7 @@ COMMAND_MODULES = (
 
 
 def quiet_warnings() -> None:
-    """Silence known-harmless warnings of NNI 3.0 on torch 2.14 / Lightning 2.6 (see the README)."""
+    """Silence known-harmless warnings of NNI 3.0 on torch 2.14 / Lightning 2.6 (docs: Known limitations)."""
     warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
     warnings.filterwarnings('ignore', message='.*LeafSpec.*')
     warnings.filterwarnings('ignore', category=DeprecationWarning)

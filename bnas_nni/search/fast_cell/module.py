@@ -38,7 +38,7 @@ class FastBinaryMixedCell(BinaryMixedCell):
         With int8 convs, recompute ``ReLU(conv)`` in backward instead of keeping it (fp32) for the
         architecture step's softmax-weight gradient and the weight step's ReLU backward. Off by default: on
         the paper supernet at batch 64 keeping it costs ~1.1 GiB of peak memory and saves ~10% of a full
-        search iteration on CPU (README, Benchmarks).
+        search iteration on CPU (docs: Benchmarks).
     pool_channels_last : bool
         Pool in channels-last layout on CPU (on by default: PyTorch's NHWC max/avg pooling kernels are several
         times faster there; the result is the same).
