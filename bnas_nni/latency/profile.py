@@ -56,6 +56,8 @@ __all__ = ['measure_latency_model', 'machine_key', 'engine_version', 'cache_dir'
 CACHE_ENV = 'BNAS_NNI_LATENCY_CACHE'
 #: timed runs per network (the minimum is kept)
 DEFAULT_REPEATS = 7
+#: separately built copies of the base network (its fastest is the reference of every probe)
+BASE_COPIES = 3
 #: seeded random genotypes measured whole to fit the per-cell-type correction
 DEFAULT_CALIBRATION = 8
 #: extra rounds for fast networks: while a round takes less than ROUND_BUDGET_S / rounds, up to this factor
@@ -328,7 +330,9 @@ def measure_latency_model(*, ops: Sequence[str] = PRIMITIVES, num_nodes: int = 4
     reductions = set(reduction_indices(layers))
     present = {'normal': any(i not in reductions for i in range(layers)), 'reduce': bool(reductions)}
     probes: List[Tuple[str, str, int]] = []     # (class, op, slots changed)
-    genotypes = [_probe(num_nodes, None, 'zeroise')[0]]
+    # the base network is built BASE_COPIES times and the fastest copy kept: every probe is a difference from it,
+    # so one unlucky instance (a run of slow float convs on a busy machine) must not shift the whole table
+    genotypes = [_probe(num_nodes, None, 'zeroise')[0]] * BASE_COPIES
     for cls in _CLASSES:
         if not present['normal' if cls == 'normal' else 'reduce'] or (cls == 'reduce_s1' and num_nodes < 2):
             continue
@@ -345,8 +349,8 @@ def measure_latency_model(*, ops: Sequence[str] = PRIMITIVES, num_nodes: int = 4
     say(f'timing them {repeats} times each on the {machine["isa"]} path')
     with _threads(threads):
         times = _time_all(nets, x, repeats)
-        fixed_parts = _fixed_parts(nets[0], x)
-    base_ms, probe_ms, calib_ms = times[0], times[1:len(genotypes)], times[len(genotypes):]
+        fixed_parts = _fixed_parts(nets[min(range(BASE_COPIES), key=times.__getitem__)], x)
+    base_ms, probe_ms, calib_ms = min(times[:BASE_COPIES]), times[BASE_COPIES:len(genotypes)], times[len(genotypes):]
 
     per_slot: Dict[Tuple[str, str], float] = {}
     for (cls, op, changed), ms in zip(probes, probe_ms):
