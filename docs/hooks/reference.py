@@ -19,15 +19,16 @@ from mkdocs.structure.files import File, Files
 CONFIG_PAGE = 'reference/config.md'
 CLI_PAGE = 'reference/cli.md'
 #: usage lines are wrapped by argparse at the terminal width: fix it, so every build writes the same page
-USAGE_WIDTH = '100'
+USAGE_WIDTH = '78'
 
 
 def _escape(text: str) -> str:
-    """Markdown table cell text: HTML-escaped outside `code spans` (``runs/<name>`` would be a tag), and
-    ``|`` escaped everywhere."""
-    parts = re.split(r'(`[^`]*`)', text)
-    out = ''.join(p if p.startswith('`') else html.escape(p, quote=False) for p in parts)
-    return out.replace('\\|', '|').replace('|', '\\|')
+    """Markdown table cell text as plain text: outside `code spans` HTML-escaped (``runs/<name>`` would be a
+    tag) and Markdown's emphasis and link characters escaped (``search_*.yaml``); ``|`` escaped everywhere."""
+    parts = re.split(r'(`[^`]*`)', text.replace('\\|', '|'))
+    out = ''.join(p if p.startswith('`') else re.sub(r'([\\*_\[\]])', r'\\\1', html.escape(p, quote=False))
+                  for p in parts)
+    return out.replace('|', '\\|')
 
 
 def config_reference() -> str:
@@ -50,7 +51,7 @@ def config_reference() -> str:
                 line = '#' + line                       # the schema's title becomes a section of this page
             elif line.startswith('| `'):
                 cells = [cell.strip() for cell in line.strip().strip('|').split(' | ')]
-                line = '| ' + ' | '.join(cells[:3] + [_escape(' | '.join(cells[3:]))]) + ' |'
+                line = '| ' + ' | '.join([cells[0], _escape(cells[1]), cells[2], _escape(' | '.join(cells[3:]))]) + ' |'
             lines.append(line)
         lines.append('')
     return '\n'.join(lines)
