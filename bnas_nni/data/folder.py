@@ -125,8 +125,9 @@ def _layout(root: Path) -> Tuple[str, Path, Optional[Path]]:
     return 'val_fraction', (train if train.is_dir() else root), None
 
 
-def _fingerprint(root: Path, files: Sequence[Path], params: Mapping[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps(dict(params), sort_keys=True).encode())
+def _fingerprint(root: Path, files: Sequence[Path]) -> str:
+    """The folder's version: every image's path, size and modification time."""
+    h = hashlib.sha256(f'v{_CACHE_VERSION}\n'.encode())
     for path in files:
         st = path.stat()
         h.update(f'{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
@@ -248,10 +249,9 @@ def scan_folder(root: str | os.PathLike, *, val_fraction: float = 0.1, val_seed:
     train_files = _samples(train_dir, classes)
     val_files = _samples(val_dir, classes) if val_dir is not None else None
     every = [p for files in train_files + (val_files or []) for p in files]
-    params = {'layout': layout, 'val_fraction': None if val_dir else float(val_fraction), 'val_seed': int(val_seed),
-              'image_size': image_size}
-    fingerprint = _fingerprint(root, every, params)
-    key = (str(root.resolve()), fingerprint, tuple(mean or ()), tuple(std or ()))
+    fingerprint = _fingerprint(root, every)
+    split_key = f'{layout}:{None if val_dir else float(val_fraction)}:{int(val_seed)}'
+    key = (str(root.resolve()), fingerprint, split_key, image_size, tuple(mean or ()), tuple(std or ()))
     if key in _SCANS:
         return _SCANS[key]
 
@@ -274,43 +274,42 @@ def scan_folder(root: str | os.PathLike, *, val_fraction: float = 0.1, val_seed:
     train = [train[i] for i in rng.permutation(len(train))]
     val = [val[i] for i in rng.permutation(len(val))]
 
+    given_mean, given_std = _three(mean, 'mean'), _three(std, 'std')
+    if given_std is not None and min(given_std) <= 0:
+        raise DatasetError(f'std must be > 0 per channel, got {given_std}')
     cache_path = root / CACHE_FILE
-    cached = _read_cache(cache_path, fingerprint)
-    if cached is not None:
-        channels, native = int(cached['channels']), cached['native_size']
-        native = tuple(native) if native else None
-        side = int(cached['image_size'])
-        stats = cached.get('mean'), cached.get('std')
-        source = 'cache'
-    else:
+    cache = _read_cache(cache_path, fingerprint)
+    changed = cache is None
+    if cache is None:                  # check every image (before anything is written) and read the sizes
         decode = len(every) <= FULL_CHECK_LIMIT
-        sizes, grey = set(), True
-        short_sides = []
+        sizes, grey, short_sides = set(), True, []
         for path in every:
             size, mode = _check_image(path, decode)
             sizes.add(size)
             short_sides.append(min(size))
             grey = grey and mode in _GREY_MODES
-        channels = 1 if grey else 3
         native = next(iter(sizes)) if len(sizes) == 1 else None
-        side = int(image_size) if image_size else _side(native, short_sides)
-        stats = None, None
-        source = 'computed'
-    given_mean, given_std = _three(mean, 'mean'), _three(std, 'std')
-    if given_std is not None and min(given_std) <= 0:
-        raise DatasetError(f'std must be > 0 per channel, got {given_std}')
-    if stats[0] is None:
-        stats = _compute_stats(root, train, side, native, int(val_seed))
-        record = {'version': _CACHE_VERSION, 'fingerprint': fingerprint, 'classes': classes, 'channels': channels,
-                  'native_size': list(native) if native else None, 'image_size': side, 'mean': stats[0],
-                  'std': stats[1], 'train_images': len(train), 'val_images': len(val)}
+        cache = {'version': _CACHE_VERSION, 'fingerprint': fingerprint, 'images': len(every),
+                 'channels': 1 if grey else 3, 'native_size': list(native) if native else None,
+                 'short_side': _side(native, short_sides), 'stats': {}}
+    channels = int(cache['channels'])
+    native = tuple(cache['native_size']) if cache['native_size'] else None
+    side = int(image_size) if image_size else int(cache['short_side'])
+    stats_key = f'{split_key}:{side}'
+    if stats_key in cache['stats']:
+        stats, source = cache['stats'][stats_key], 'cache'
+    else:
+        mean_, std_ = _compute_stats(root, train, side, native, int(val_seed))
+        stats, source, changed = {'mean': mean_, 'std': std_}, 'computed', True
+        cache['stats'][stats_key] = stats
+    if changed:
         try:
-            atomic_write_text(cache_path, json.dumps(record, indent=1) + '\n')
-        except Exception:          # a read-only dataset folder: check again next time
+            atomic_write_text(cache_path, json.dumps(cache, indent=1) + '\n')
+        except Exception:          # a read-only dataset folder: checked and computed again next time
             pass
     scan = FolderScan(root=root, layout=layout, classes=classes, train=train, val=val, channels=channels,
-                      native_size=native, image_size=side, mean=given_mean or list(stats[0]),
-                      std=given_std or list(stats[1]),
+                      native_size=native, image_size=side, mean=given_mean or list(stats['mean']),
+                      std=given_std or list(stats['std']),
                       stats_source='config' if given_mean and given_std else source,
                       details={'root': str(root), 'layout': layout, 'train_images': len(train),
                                'val_images': len(val), 'native_size': list(native) if native else None,
