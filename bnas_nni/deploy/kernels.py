@@ -22,7 +22,8 @@ __all__ = ['ISAS', 'ISA_ENV', 'EngineBuildError', 'extension', 'supported_isas',
 
 ISAS = ('portable', 'avx2', 'avx512')
 ISA_ENV = 'BNAS_DEPLOY_ISA'
-_SOURCES = ('engine.cpp', 'cell.cpp', 'kernels_portable.cpp', 'kernels_avx2.cpp', 'kernels_avx512.cpp')
+_SOURCES = ('engine.cpp', 'cell.cpp', 'kernels_portable.cpp', 'kernels_avx2.cpp', 'kernels_avx512.cpp',
+            'kernels_vnni.cpp')
 _EXTENSION_NAME = 'bnas_nni_deploy'
 
 

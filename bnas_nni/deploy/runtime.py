@@ -15,7 +15,8 @@ of a node accumulate into it, in the float model's order of additions, and the r
   thread, every op of the cell on one image before the next, with the same kernels and float order.
 * **Full-precision parts** (stems, residual convs, classifier; convs that keep float weights or see a
   float input under the official precision rules) run as the same PyTorch ops on the same contiguous
-  NCHW tensors as the float model, so they produce the same bits.
+  NCHW tensors as the float model, so they produce the same bits. ``set_fp_parts('int8')`` runs the
+  residual convs of reduction cells on int8 kernels instead: faster, not bit-exact (``int8.py``).
 
 * **The react block** (RSign -> scaled-sign conv [+ shortcut] -> RPReLU): RSign's threshold is already in
   the unit's thresholds, so the conv is the same packed kernel (without the fused ReLU); the shortcut add and
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ConfigError
 from . import kernels
 from .fold import kernel_thresholds, kernel_weight_words, threshold_signs, unpack_filter_bits, unpack_negate
+from .int8 import FP_PARTS, Int8Conv, int8_for
 from .validate import validate_packed
 
 __all__ = ['PackedNetwork']
@@ -106,6 +108,8 @@ class _Timer:
 
 class _Unit:
     """BN -> quantizer -> conv -> (ReLU): on the packed kernels when it is sign x binary, else as float ops."""
+
+    int8: Optional[Int8Conv] = None   # set by PackedNetwork.set_fp_parts('int8') on float-input units
 
     def __init__(self, d: Dict[str, Any]) -> None:
         where = d.get('name', 'unit')
@@ -209,6 +213,11 @@ class _Unit:
             else:
                 out.copy_(y)
             return out
+        if self.int8 is not None:   # fp_parts='int8' (int8.py): not the float model's bits
+            y = self.int8(x, isa)
+            if out is None:
+                return y
+            return out.add_(y) if accumulate else out.copy_(y)
         x = x.contiguous()
         if self.sign:
             h = threshold_signs(x, self.thresholds, self.negate)
@@ -423,6 +432,19 @@ class PackedNetwork(nn.Module):
         """Switch the kernel path (see :func:`bnas_nni.deploy.kernels.resolve_isa`)."""
         self.isa = kernels.resolve_isa(isa)
         self._isa_id = kernels.isa_id(self.isa)
+
+    fp_parts = 'float'
+
+    def set_fp_parts(self, fp_parts: str = 'float') -> None:
+        """``'float'`` (default): full-precision convs as the float model's PyTorch ops (its bits); ``'int8'``:
+        the residual convs of reduction cells on int8 kernels, faster but not bit-exact (int8.py). The stem
+        stays float: it holds few MACs, and its rounding would reach every later sign decision."""
+        if fp_parts not in FP_PARTS:
+            raise ConfigError(f'unknown fp_parts {fp_parts!r}; choose {" or ".join(FP_PARTS)}')
+        units = [c.residual for c in self.cells if isinstance(c.residual, _Unit)]
+        for u in units:
+            u.int8 = int8_for(u) if fp_parts == 'int8' else None
+        self.fp_parts = fp_parts
 
     def extra_repr(self) -> str:
         g = (self.architecture.get('genotype') or {}).get('name', '?')

@@ -26,6 +26,8 @@ struct Unit {
   torch::Tensor t_zero, t_pos, flip, words, alpha;
   int64_t in_ch, out_ch, kh, kw, stride, pad, dil;
   bool relu;
+  bool columns = false;             // column-packed (kernels.h): KH x 1 columns of column_words words
+  std::vector<uint64_t> wcols;      // the weights in that layout
   int64_t out_size(int64_t n, int64_t k) const { return (n + 2 * pad - dil * (k - 1) - 1) / stride + 1; }
 };
 
@@ -77,6 +79,12 @@ class CellProgram {
                   "cell program: flip must be contiguous int32");
       TORCH_CHECK(v.alpha.scalar_type() == torch::kFloat32 && v.alpha.is_contiguous() && v.alpha.numel() >= Opad,
                   "cell program: alpha must be contiguous float32 covering the padded filters");
+      v.columns = columns_pay(v.in_ch, v.kw);
+      if (v.columns) {
+        v.wcols.resize(v.kh * column_words(v.in_ch, v.kw) * Opad);
+        column_weights(reinterpret_cast<const uint64_t*>(v.words.data_ptr<int64_t>()), v.kh, v.kw, v.in_ch, Opad,
+                       v.wcols.data());
+      }
       units_.push_back(std::move(v));
     }
     const int64_t nunits = static_cast<int64_t>(units_.size());
@@ -148,9 +156,12 @@ class CellProgram {
 
     // scratch of one thread: the largest bit planes of any unit, the two preprocessed states, and the
     // nodes that are not written straight into the output
-    int64_t plane_words = 0;
+    int64_t plane_words = 0, column_plane_words = 0;
     auto plane_size = [&](const Unit& u, int64_t h, int64_t w) {
       plane_words = std::max(plane_words, (h + 2 * u.pad) * (w + 2 * u.pad) * ((u.in_ch + 63) / 64) * 2);
+      if (u.columns)
+        column_plane_words = std::max(column_plane_words,
+                                      (h + 2 * u.pad) * u.out_size(w, u.kw) * column_words(u.in_ch, u.kw) * 2);
     };
     plane_size(u0, s0.size(2), s0.size(3));
     plane_size(u1, H, W);
@@ -176,7 +187,7 @@ class CellProgram {
     std::mutex time_mutex;
 
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      std::vector<uint64_t> planes(plane_words);
+      std::vector<uint64_t> planes(plane_words), cols(column_plane_words);
       std::vector<float> buf(2 * state + scratch_nodes * node);
       std::vector<double> local(time_acc ? nslots : 0, 0.0);
       auto tick = [&](Clock::time_point& t0, int64_t slot) {
@@ -188,7 +199,7 @@ class CellProgram {
       // one unit on one image: pack the whole (padded) image, then convolve every output row
       auto unit_on = [&](const Unit& u, const ConstView& x, const View& y, bool accumulate) {
         const int64_t Kw = (u.in_ch + 63) / 64, Hp = x.H + 2 * u.pad, Wp = x.W + 2 * u.pad;
-        std::memset(planes.data(), 0, sizeof(uint64_t) * Hp * Wp * Kw * 2);
+        if (u.pad > 0) std::memset(planes.data(), 0, sizeof(uint64_t) * Hp * Wp * Kw * 2);  // else all packed
         PackArgs p{x.data, 1, u.in_ch, x.H, x.W, 0, x.sC, x.sH, x.sW, u.t_zero.data_ptr<float>(),
                    u.t_pos.data_ptr<float>(), reinterpret_cast<const uint32_t*>(u.flip.data_ptr<int32_t>()),
                    planes.data(), Kw, Hp, Wp, u.pad};
@@ -196,6 +207,15 @@ class CellProgram {
         ConvArgs c{planes.data(), 1, Hp, Wp, Kw, reinterpret_cast<const uint64_t*>(u.words.data_ptr<int64_t>()),
                    u.alpha.data_ptr<float>(), u.out_ch, u.words.size(1), u.kh, u.kw, u.stride, u.dil, y.data,
                    y.H, y.W, 0, y.row, y.px, u.relu ? 1 : 0, accumulate ? 1 : 0};
+        if (u.columns) {
+          column_rows(planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, cols.data(), 0, Hp);
+          c.act = cols.data();
+          c.Wp = y.W;
+          c.Kw = column_words(u.in_ch, u.kw);
+          c.w = u.wcols.data();
+          c.KW = 1;
+          c.wstride = 1;
+        }
         conv_fn(c, 0, y.H);
       };
       auto as_input = [](const View& v) { return ConstView{v.data, v.C, v.H, v.W, 1, v.row, v.px}; };

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -99,6 +101,54 @@ void check_conv_window(int64_t H, int64_t W, int64_t kernel_h, int64_t kernel_w,
 
 void bind_cell_program(pybind11::module& m);  // cell.cpp
 
+int64_t column_words(int64_t C, int64_t KW) { return (KW * C + 63) / 64; }
+
+bool columns_pay(int64_t C, int64_t KW) { return KW > 1 && column_words(C, KW) < KW * ((C + 63) / 64); }
+
+namespace {
+// dst bits [off, off + nbits) |= v (v has no bits at or above nbits); dst words `step` apart
+inline void or_bits(uint64_t* dst, int64_t step, uint64_t v, int64_t off, int64_t nbits) {
+  const int64_t j = off / 64, s = off % 64;
+  dst[j * step] |= v << s;
+  if (s != 0 && s + nbits > 64) dst[(j + 1) * step] |= v >> (64 - s);
+}
+}  // namespace
+
+void column_weights(const uint64_t* w, int64_t KH, int64_t KW, int64_t C, int64_t Opad, uint64_t* out) {
+  const int64_t Kw = (C + 63) / 64, Kc = column_words(C, KW);
+  std::memset(out, 0, sizeof(uint64_t) * KH * Kc * Opad);
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t kw = 0; kw < KW; ++kw)
+      for (int64_t k = 0; k < Kw; ++k) {
+        const int64_t nbits = std::min<int64_t>(64, C - 64 * k);
+        const uint64_t keep = nbits == 64 ? ~uint64_t(0) : (uint64_t(1) << nbits) - 1;
+        const uint64_t* src = w + ((kh * KW + kw) * Kw + k) * Opad;
+        for (int64_t o = 0; o < Opad; ++o)
+          or_bits(out + kh * Kc * Opad + o, Opad, src[o] & keep, kw * C + 64 * k, nbits);
+      }
+}
+
+void column_rows(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int64_t stride, int64_t dil, int64_t OW,
+                 uint64_t* out, int64_t r0, int64_t r1) {
+  const int64_t Kw = (C + 63) / 64, Kc = column_words(C, KW);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint64_t* row = planes + r * Wp * Kw * 2;
+    uint64_t* dst_row = out + r * OW * Kc * 2;
+    std::memset(dst_row, 0, sizeof(uint64_t) * OW * Kc * 2);
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      uint64_t* dst = dst_row + ow * Kc * 2;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const uint64_t* px = row + (ow * stride + kw * dil) * Kw * 2;
+        for (int64_t k = 0; k < Kw; ++k) {  // planes hold no bits beyond C (kernels.h)
+          const int64_t nbits = std::min<int64_t>(64, C - 64 * k), off = kw * C + 64 * k;
+          or_bits(dst, 2, px[2 * k], off, nbits);
+          or_bits(dst + 1, 2, px[2 * k + 1], off, nbits);
+        }
+      }
+    }
+  }
+}
+
 torch::Tensor pack_signs(const torch::Tensor& x, const torch::Tensor& t_zero, const torch::Tensor& t_pos,
                          const torch::Tensor& flip, int64_t pad, int64_t isa) {
   check_isa(isa);
@@ -147,8 +197,16 @@ void binary_conv(const torch::Tensor& x, const torch::Tensor& t_zero, const torc
               out.stride(0), out.stride(2), out.stride(3), relu ? 1 : 0, accumulate ? 1 : 0};
   auto pack_fn = isa == kAvx512 ? pack_rows_avx512 : isa == kAvx2 ? pack_rows_avx2 : pack_rows_portable;
   auto conv_fn = isa == kAvx512 ? conv_rows_avx512 : isa == kAvx2 ? conv_rows_avx2 : conv_rows_portable;
+  // column packing where it saves words (kernels.h): the conv then reads KH x 1 columns
+  const bool columns = columns_pay(C, kernel_w);
+  const int64_t Kc = column_words(C, kernel_w), col_words = OW * Kc * 2;
+  std::vector<uint64_t> wcols;
+  if (columns) {
+    wcols.resize(kernel_h * Kc * Opad);
+    column_weights(ca.w, kernel_h, kernel_w, C, Opad, wcols.data());
+  }
   auto task = [&](int64_t n, int64_t oh0, int64_t oh1) {
-    thread_local std::vector<uint64_t> buffer;
+    thread_local std::vector<uint64_t> buffer, cols;
     if (buffer.size() < static_cast<size_t>(Hp * row_words)) buffer.resize(Hp * row_words);
     const int64_t pr0 = oh0 * stride, pr1 = (oh1 - 1) * stride + (kernel_h - 1) * dilation + 1;  // padded rows read
     std::memset(buffer.data() + pr0 * row_words, 0, sizeof(uint64_t) * (pr1 - pr0) * row_words);
@@ -160,6 +218,16 @@ void binary_conv(const torch::Tensor& x, const torch::Tensor& t_zero, const torc
     ConvArgs c = ca;
     c.act = buffer.data();
     c.out = ca.out + n * ca.oN;
+    if (columns) {
+      if (cols.size() < static_cast<size_t>(Hp * col_words)) cols.resize(Hp * col_words);
+      column_rows(buffer.data(), Wp, C, kernel_w, stride, dilation, OW, cols.data(), pr0, pr1);
+      c.act = cols.data();
+      c.Wp = OW;
+      c.Kw = Kc;
+      c.w = wcols.data();
+      c.KW = 1;
+      c.wstride = 1;
+    }
     conv_fn(c, oh0, oh1);
   };
   // work units: one 512-bit word operation (8 filters x 64 inputs); the other paths do more per unit
@@ -214,6 +282,111 @@ void zero_fill(torch::Tensor out) {
   });
 }
 
+// out = conv(BN(x)) (+ bias, ReLU) on int8 (kernels.h, Int8ConvArgs): BN as y = x * bn_a + bn_b, quantized
+// per image with scale max|y| / 127; weight: int8 [Opad/16, K4, 16, 4]; out N x O x OH x OW, channel stride 1.
+void int8_conv(const torch::Tensor& x, const torch::Tensor& bn_a, const torch::Tensor& bn_b,
+               const torch::Tensor& weight, const torch::Tensor& wsum128, const torch::Tensor& wscale,
+               const torch::Tensor& bias, torch::Tensor out, int64_t kernel_h, int64_t kernel_w, int64_t stride,
+               int64_t padding, int64_t dilation, bool relu, int64_t isa) {
+  check_isa(isa);
+  check_float_cpu(x, "input");
+  check_float_cpu(out, "output");
+  TORCH_CHECK(x.dim() == 4 && out.dim() == 4 && out.stride(1) == 1, "int8_conv: N x C x H x W input, output with "
+              "channel stride 1");
+  check_conv_params(kernel_h, kernel_w, stride, padding, dilation);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t O = out.size(1), OH = out.size(2), OW = out.size(3), Opad = (O + 15) / 16 * 16;
+  const int64_t K4 = (kernel_h * kernel_w * C + 3) / 4;
+  check_conv_window(H, W, kernel_h, kernel_w, padding, dilation);
+  TORCH_CHECK(out.size(0) == N && OH == (H + 2 * padding - dilation * (kernel_h - 1) - 1) / stride + 1 &&
+                  OW == (W + 2 * padding - dilation * (kernel_w - 1) - 1) / stride + 1,
+              "int8_conv: output shape does not match the convolution");
+  check_channel_vector(bn_a, C, torch::kFloat32, "bn_a");
+  check_channel_vector(bn_b, C, torch::kFloat32, "bn_b");
+  TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.is_contiguous() && weight.numel() == Opad * K4 * 4,
+              "int8_conv: weight must be contiguous int8 [Opad/16, K4, 16, 4]");
+  check_channel_vector(wsum128, Opad, torch::kInt32, "wsum128");
+  check_channel_vector(wscale, Opad, torch::kFloat32, "wscale");
+  check_channel_vector(bias, Opad, torch::kFloat32, "bias");
+  const int64_t Hp = H + 2 * padding, Wp = W + 2 * padding;
+  auto q = torch::full({N, Hp, Wp, C}, 128, torch::dtype(torch::kUInt8));
+  const float* xp = x.data_ptr<float>();
+  const float* ba = bn_a.data_ptr<float>();
+  const float* bb = bn_b.data_ptr<float>();
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  // pass 1: max |BN(x)| of each row, then of each image; pass 2: quantize into the bordered byte buffer
+  std::vector<float> row_max(N * H, 0.0f), xscale(N, 1.0f);
+  at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* row = xp + (r / H) * sN + (r % H) * sH;
+      float m = 0.0f;
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t c = 0; c < C; ++c) m = std::max(m, std::fabs(row[w * sW + c * sC] * ba[c] + bb[c]));
+      row_max[r] = m;
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {
+    float m = 0.0f;
+    for (int64_t h = 0; h < H; ++h) m = std::max(m, row_max[n * H + h]);
+    xscale[n] = m > 0.0f ? m / 127.0f : 1.0f;
+  }
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / H, h = r % H;
+      const float* row = xp + n * sN + h * sH;
+      uint8_t* dst = qp + ((n * Hp + h + padding) * Wp + padding) * C;
+      const float s = xscale[n];
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t c = 0; c < C; ++c) {
+          const float v = std::nearbyint((row[w * sW + c * sC] * ba[c] + bb[c]) / s);
+          dst[w * C + c] = static_cast<uint8_t>(static_cast<int32_t>(std::min(127.0f, std::max(-127.0f, v))) + 128);
+        }
+    }
+  });
+  const bool vnni = isa == kAvx512 && cpu_supports_vnni();
+  auto fn = vnni ? int8_conv_rows_vnni : int8_conv_rows_portable;
+  Int8ConvArgs base{qp, Hp, Wp, C, weight.data_ptr<int8_t>(), wsum128.data_ptr<int32_t>(), wscale.data_ptr<float>(),
+                    bias.data_ptr<float>(), 1.0f, O, Opad, K4, kernel_h, kernel_w, stride, dilation,
+                    out.data_ptr<float>(), OH, OW, out.stride(2), out.stride(3), relu ? 1 : 0, nullptr};
+  at::parallel_for(0, N * OH, grain_for(OW * Opad * K4 / (vnni ? 16 : 1)), [&](int64_t b, int64_t e) {
+    thread_local std::vector<uint8_t> scratch;
+    if (scratch.size() < static_cast<size_t>(kInt8Pixels * K4 * 4)) scratch.resize(kInt8Pixels * K4 * 4);
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      Int8ConvArgs a = base;
+      a.act = qp + n * Hp * Wp * C;
+      a.out = base.out + n * out.stride(0);
+      a.xscale = xscale[n];
+      a.scratch = scratch.data();
+      fn(a, oh, oh + 1);
+    }
+  });
+}
+
+// Peak multiply-accumulates per second of `kind` ("binary": the XNOR/popcount step of the isa's conv
+// kernel; "fma": float32 FMAs of its vector width) over all threads, each running `iters` loops; for the
+// bench's roofline.
+double peak_macs(const std::string& kind, int64_t isa, int64_t iters) {
+  check_isa(isa);
+  TORCH_CHECK(isa != kPortable, "peak_macs: the portable path has no micro-benchmark");
+  TORCH_CHECK(kind == "binary" || kind == "fma", "peak_macs: kind must be binary or fma, got ", kind);
+  TORCH_CHECK(kind != "fma" || __builtin_cpu_supports("fma"), "peak_macs: this CPU has no FMA");
+  TORCH_CHECK(iters >= 1, "peak_macs: iters must be >= 1");
+  auto fn = kind == "binary" ? (isa == kAvx512 ? peak_binary_avx512 : peak_binary_avx2)
+                             : (isa == kAvx512 ? peak_fma_avx512 : peak_fma_avx2);
+  const int64_t threads = at::get_num_threads();
+  std::vector<int64_t> done(threads, 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) done[t] = fn(iters);
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  int64_t total = 0;
+  for (int64_t d : done) total += d;
+  return static_cast<double>(total) / seconds;
+}
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
   const char* names[] = {"portable", "avx2", "avx512"};
@@ -227,8 +400,11 @@ std::vector<std::string> supported_isas() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bnas-nni packed 1-bit CPU engine";
   m.def("supported_isas", &bnas_deploy::supported_isas, "instruction sets usable on this CPU");
+  m.def("peak_macs", &bnas_deploy::peak_macs, "peak binary (XNOR/popcount) or fp32 FMA MACs/s of an isa path");
   m.def("pack_signs", &bnas_deploy::pack_signs, "bit planes {negative, non-zero} of thresholded input");
   m.def("binary_conv", &bnas_deploy::binary_conv, "fused threshold + sign + pack + XNOR/popcount conv (+ ReLU)");
+  m.def("int8_conv", &bnas_deploy::int8_conv, "conv(BN(x)) on int8 with a per-image input scale (fp-parts int8)");
+  m.def("has_vnni", &bnas_deploy::cpu_supports_vnni, "whether the int8 convs run on AVX-512 VNNI");
   m.def("zero_fill", &bnas_deploy::zero_fill, "zero a channels-last view");
   m.def("pool2d", &bnas_deploy::pool2d, "max / average pooling on channels-last tensors");
   bnas_deploy::bind_cell_program(m);

@@ -43,6 +43,9 @@ struct ConvArgs {
   int64_t oN, oH, oW;        // element strides of out
   int relu;
   int accumulate;            // out += result instead of out = result
+  int64_t wstride = 0;       // stride between the input pixels of adjacent output columns; 0: `stride`
+                             // (column-packed input, see column_rows below, steps by 1)
+  int64_t col_stride() const { return wstride ? wstride : stride; }
 };
 
 struct PoolArgs {
@@ -69,6 +72,51 @@ void check_conv_params(int64_t kernel_h, int64_t kernel_w, int64_t stride, int64
 // ... and an H x W input (>= 1 pixel) whose padded size holds at least one window, so that every row
 // and column a kernel reads lies inside the padded buffer.
 void check_conv_window(int64_t H, int64_t W, int64_t kernel_h, int64_t kernel_w, int64_t padding, int64_t dilation);
+
+// Column packing (engine.cpp): for a KH x KW kernel over C channels, the KW taps of an output column are
+// concatenated bit by bit (tap kw's channel c at bit kw * C + c) into ceil(KW * C / 64) words instead of
+// KW * ceil(C / 64): with C = 36 a 3-wide tap row takes 2 words instead of 3. The conv then runs as a
+// KH x 1 kernel over the columns (wstride 1) with the same exact integer counts, so the same bits.
+int64_t column_words(int64_t C, int64_t KW);
+bool columns_pay(int64_t C, int64_t KW);
+// weights [KH * KW * Kw][Opad] -> [KH * column_words][Opad] (out zeroed here)
+void column_weights(const uint64_t* w, int64_t KH, int64_t KW, int64_t C, int64_t Opad, uint64_t* out);
+// padded planes [Hp][Wp][Kw][2] of one image, rows [r0, r1) -> columns [Hp][OW][column_words][2]
+void column_rows(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int64_t stride, int64_t dil, int64_t OW,
+                 uint64_t* out, int64_t r0, int64_t r1);
+
+// int8 path of the full-precision convs (the `int8` fp-parts option; changes bits, off by default): the
+// input BN(x) of one image quantized symmetrically with one scale per image, stored +128 as bytes in a
+// zero-bordered [Hp][Wp][C] buffer (the border is 128 = zero); weights int8 with one scale per filter in
+// VPDPBUSD order [Opad/16][K4][16][4] over K = KH * KW * C (tap-major, zero-padded to K4 * 4).
+// out = float(acc - wsum128[o]) * (xscale * wscale[o]) + bias[o] (then ReLU); every path computes the same
+// exact integer acc and the same float epilogue, so all instruction sets give the same bits.
+struct Int8ConvArgs {
+  const uint8_t* act;        // one image, [Hp][Wp][C]
+  int64_t Hp, Wp, C;
+  const int8_t* w;           // [Opad/16][K4][16][4]
+  const int32_t* wsum128;    // [Opad] 128 * sum of each filter's weights
+  const float* wscale;       // [Opad]
+  const float* bias;         // [Opad]
+  float xscale;
+  int64_t O, Opad, K4, KH, KW, stride, dil;
+  float* out;                // one image, channel stride 1
+  int64_t OH, OW, oH, oW;
+  int relu;
+  uint8_t* scratch;          // kInt8Pixels * K4 * 4 bytes of the calling thread
+};
+constexpr int64_t kInt8Pixels = 4;
+bool cpu_supports_vnni();
+void int8_conv_rows_portable(const Int8ConvArgs& a, int64_t r0, int64_t r1);
+void int8_conv_rows_vnni(const Int8ConvArgs& a, int64_t r0, int64_t r1);
+
+// Peak-throughput micro-benchmarks of the instruction mix of each path (independent register chains, no
+// memory traffic): the number of multiply-accumulates done by `iters` loops of one thread. Binary: one
+// 64-channel x 8-filter (AVX-512) or x 4-filter (AVX2) XNOR/popcount step per word; fma: float32 FMAs.
+int64_t peak_binary_avx512(int64_t iters);
+int64_t peak_fma_avx512(int64_t iters);
+int64_t peak_binary_avx2(int64_t iters);
+int64_t peak_fma_avx2(int64_t iters);
 
 // rows are n * H + h (pack) or n * OH + oh (conv, pool)
 void pack_rows_portable(const PackArgs& a, int64_t r0, int64_t r1);

@@ -5,7 +5,7 @@
 
 #include "kernels.h"
 
-#pragma GCC target("avx2,popcnt")
+#pragma GCC target("avx2,fma,popcnt")
 
 #include "generic.inc"
 
@@ -29,7 +29,7 @@ inline void conv_pixel(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
     const uint64_t* row = act_n + (oh * a.stride + kh * a.dil) * a.Wp * pix;
     for (int64_t kw = 0; kw < a.KW; ++kw) {
       const uint64_t* wt = a.w + (kh * a.KW + kw) * a.Kw * a.Opad + v0 * 4;
-      const uint64_t* px = row + (ow * a.stride + kw * a.dil) * pix;
+      const uint64_t* px = row + (ow * a.col_stride() + kw * a.dil) * pix;
       for (int64_t k = 0; k < a.Kw; ++k) {
         const __m256i s = _mm256_set1_epi64x(static_cast<long long>(px[2 * k]));
         const __m256i m = _mm256_set1_epi64x(static_cast<long long>(px[2 * k + 1]));
@@ -120,5 +120,56 @@ void conv_rows_avx2(const ConvArgs& a, int64_t r0, int64_t r1) {
 }
 
 void pool_rows_avx2(const PoolArgs& a, int64_t r0, int64_t r1) { pool_rows_generic(a, r0, r1); }
+
+// conv_pixel's step (xor, and, nibble lookup, byte add; VPSADBW every 31 words) on 8 independent chains
+int64_t peak_binary_avx2(int64_t iters) {
+  constexpr int kChains = 8;
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+  const __m256i m = _mm256_set1_epi64x(0x5bd1e9955bd1e995LL);
+  __m256i acc8[kChains], acc64[kChains], w[kChains];
+  for (int j = 0; j < kChains; ++j) {
+    acc8[j] = _mm256_set1_epi64x(j + 1);
+    acc64[j] = zero;
+    w[j] = _mm256_set1_epi64x(0x0101010101010101LL * (j + 3));
+  }
+  int64_t done = 0;
+  while (done < iters) {
+    const int64_t n = iters - done < 31 ? iters - done : 31;
+    for (int64_t i = 0; i < n; ++i)
+      for (int j = 0; j < kChains; ++j) {
+        const __m256i x = _mm256_and_si256(_mm256_xor_si256(acc8[j], w[j]), m);
+        const __m256i lo = _mm256_and_si256(x, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+        acc8[j] = _mm256_add_epi8(acc8[j], _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi)));
+      }
+    for (int j = 0; j < kChains; ++j) acc64[j] = _mm256_add_epi64(acc64[j], _mm256_sad_epu8(acc8[j], zero));
+    done += n;
+  }
+  __m256i sum = acc64[0];
+  for (int j = 1; j < kChains; ++j) sum = _mm256_add_epi64(sum, acc64[j]);
+  alignas(32) long long lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sum);
+  volatile long long sink = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  (void)sink;
+  return iters * kChains * 256;
+}
+
+int64_t peak_fma_avx2(int64_t iters) {
+  constexpr int kChains = 12;
+  __m256 acc[kChains];
+  const __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(1e-3f);
+  for (int j = 0; j < kChains; ++j) acc[j] = _mm256_set1_ps(static_cast<float>(j));
+  for (int64_t i = 0; i < iters; ++i)
+    for (int j = 0; j < kChains; ++j) acc[j] = _mm256_fmadd_ps(acc[j], a, b);
+  alignas(32) float lanes[8];
+  __m256 sum = acc[0];
+  for (int j = 1; j < kChains; ++j) sum = _mm256_add_ps(sum, acc[j]);
+  _mm256_store_ps(lanes, sum);
+  volatile float sink = lanes[0] + lanes[7];
+  (void)sink;
+  return iters * kChains * 8;
+}
 
 }  // namespace bnas_deploy

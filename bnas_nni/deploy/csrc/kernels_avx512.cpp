@@ -25,12 +25,12 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
     const uint64_t* row = act_n + (oh * a.stride + kh * a.dil) * a.Wp * pix;
     for (int64_t kw = 0; kw < a.KW; ++kw) {
       const uint64_t* wt = a.w + (kh * a.KW + kw) * a.Kw * a.Opad + v0 * 8;
-      const uint64_t* px0 = row + (ow0 * a.stride + kw * a.dil) * pix;
+      const uint64_t* px0 = row + (ow0 * a.col_stride() + kw * a.dil) * pix;
       for (int64_t k = 0; k < a.Kw; ++k) {
         __m512i wv[OB];
         for (int b = 0; b < OB; ++b) wv[b] = _mm512_loadu_si512(wt + k * a.Opad + b * 8);
         for (int p = 0; p < PB; ++p) {
-          const uint64_t* px = px0 + p * a.stride * pix + 2 * k;
+          const uint64_t* px = px0 + p * a.col_stride() * pix + 2 * k;
           const __m512i s = _mm512_set1_epi64(static_cast<long long>(px[0]));
           const __m512i m = _mm512_set1_epi64(static_cast<long long>(px[1]));
           for (int b = 0; b < OB; ++b)
@@ -133,5 +133,39 @@ void conv_rows_avx512(const ConvArgs& a, int64_t r0, int64_t r1) {
 }
 
 void pool_rows_avx512(const PoolArgs& a, int64_t r0, int64_t r1) { pool_rows_generic(a, r0, r1); }
+
+// the kernel's step ((s ^ w) & m -> VPOPCNTQ -> add) on 12 independent chains; each chain's count feeds its
+// next sign word, so nothing can be hoisted out of the loop
+int64_t peak_binary_avx512(int64_t iters) {
+  constexpr int kChains = 12;
+  __m512i acc[kChains], w[kChains];
+  const __m512i m = _mm512_set1_epi64(0x5bd1e9955bd1e995LL);
+  for (int j = 0; j < kChains; ++j) {
+    acc[j] = _mm512_set1_epi64(j + 1);
+    w[j] = _mm512_set1_epi64(0x0101010101010101LL * (j + 3));
+  }
+  for (int64_t i = 0; i < iters; ++i)
+    for (int j = 0; j < kChains; ++j)
+      acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(acc[j], w[j], m, 0x28)));
+  __m512i sum = acc[0];
+  for (int j = 1; j < kChains; ++j) sum = _mm512_add_epi64(sum, acc[j]);
+  volatile long long sink = _mm512_reduce_add_epi64(sum);
+  (void)sink;
+  return iters * kChains * 512;
+}
+
+int64_t peak_fma_avx512(int64_t iters) {
+  constexpr int kChains = 12;
+  __m512 acc[kChains];
+  const __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(1e-3f);
+  for (int j = 0; j < kChains; ++j) acc[j] = _mm512_set1_ps(static_cast<float>(j));
+  for (int64_t i = 0; i < iters; ++i)
+    for (int j = 0; j < kChains; ++j) acc[j] = _mm512_fmadd_ps(acc[j], a, b);
+  __m512 sum = acc[0];
+  for (int j = 1; j < kChains; ++j) sum = _mm512_add_ps(sum, acc[j]);
+  volatile float sink = _mm512_reduce_add_ps(sum);
+  (void)sink;
+  return iters * kChains * 16;
+}
 
 }  // namespace bnas_deploy
