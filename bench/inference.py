@@ -8,9 +8,15 @@ ImageNet config, 224x224), with trained-looking random BN statistics, the bench
   and its binary part, ONNX);
 * times, **in one process and interleaved run by run**, at batch 1 and 32 with 2 threads:
   (a) PyTorch fp32 eval of the float-simulated network, (b) the packed engine on each instruction-set
-  path (``avx512``, ``avx2``, ``portable``), (c) onnxruntime (2 intra-op threads, sequential); medians of
-  the timed runs after a warm-up, latency and images/s, ratios against (a), and the largest logit
-  difference against (a);
+  path (``avx512``, ``avx2``, ``portable``), (c) onnxruntime fp32 and (d) onnxruntime int8 (static QDQ
+  quantization, per-channel weights, activations calibrated on Fashion-MNIST-32x3 training images; 2
+  intra-op threads, sequential); medians and minima of the timed runs after a warm-up, latency and
+  images/s, ratios against (a) and against onnxruntime int8, and the largest logit difference against (a);
+* measures the top-1 agreement of every method with the float model on held-out (test) images;
+* prints a roofline: the machine's peak XNOR/popcount and fp32 FMA throughput (micro-benchmarks of the
+  engine's instruction mix on the VPOPCNTQ and AVX2 paths, measured between the profiled runs), the
+  network's binary and full-precision MACs, the time those take at peak, and the achieved fraction per
+  layer kind of the engine's profile;
 * times the binary conv layers alone (the float model's ``BN -> sign -> binary conv -> ReLU`` modules via
   hooks vs the engine's binary layers) and prints a per-layer breakdown of the engine;
 * measures peak memory in a fresh process per method (RSS high-water mark, and its growth over the
@@ -27,11 +33,15 @@ Examples::
     python bench/inference.py                       # the full run (several minutes on 2 cores)
     python bench/inference.py --quick               # smoke check: BNAS-A only, batch 1 and 4, few repeats
     python bench/inference.py --configs bnas-a --batch 1 32 --json runs/inference.json
+    python bench/inference.py --configs bnas-a --batch 1 32 --no-memory --repeats 11   # the engine-speed table
+    python bench/inference.py --configs bnas-a --checkpoint runs/quick --fp-parts int8 --no-memory
+        # also a trained network, and the engine with fp_parts='int8' beside the bit-exact default
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -52,7 +62,7 @@ CONFIGS = {  # name -> (model config, overrides, image size)
     'bnas-d': ('bnas-d', {}, 224),
 }
 ISAS_ORDER = ('avx512', 'avx2', 'portable')
-TARGETS = {'b1': 5.0, 'b32': 3.0, 'binary_layers': 8.0, 'binary_part': 25.0}
+TARGETS = {'b1': 5.0, 'b32': 3.0, 'binary_layers': 8.0, 'binary_part': 25.0, 'vs_int8': 4.0, 'roofline': 0.5}
 
 
 def trained_like_bn_(model, seed: int = 1) -> None:
@@ -69,6 +79,14 @@ def trained_like_bn_(model, seed: int = 1) -> None:
                 if bn.affine:
                     bn.weight.copy_(torch.randn(C, generator=g))
                     bn.bias.copy_(torch.randn(C, generator=g) * 0.5)
+
+
+def build_trained(path: str):
+    """A trained network from a checkpoint or run directory (its own BN statistics), and its image size."""
+    from bnas_nni.checkpoints import load_checkpoint_file, model_from_checkpoint, resolve_checkpoint_path
+
+    model = model_from_checkpoint(load_checkpoint_file(resolve_checkpoint_path(path))).eval()
+    return model, 224 if model.family == 'imagenet' else 32
 
 
 def build(config: str):
@@ -93,6 +111,188 @@ def ort_session(path: str, threads: int):
     # onnxruntime's workers spin after each run by default, which would steal the cores from the next method
     so.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+
+
+def dataset_images(n: int, size: int, train: bool):
+    """``n`` Fashion-MNIST-32x3 images (the offline default data set; training or test split), resized to
+    ``size``; random normal images (said in the output) when the data set is not installed."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from bnas_nni.data import FashionMNIST32
+
+        ds = FashionMNIST32(train=train, subset=n)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        source = f'Fashion-MNIST-32x3 {"training" if train else "test"} images'
+    except Exception as exc:  # noqa: BLE001 -- any missing/unreadable data set: fall back, and say so
+        x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7 if train else 8))
+        source = f'random normal images (Fashion-MNIST unavailable: {str(exc).splitlines()[0][:80]})'
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    return x.contiguous(), source
+
+
+def quantize_onnx_int8(onnx_path: Path, out_path: Path, calibration) -> None:
+    """onnxruntime static quantization: QDQ format, per-channel int8 weights, uint8 activations (the U8S8
+    pair onnxruntime's x86 kernels are fastest with, VNNI where present), min/max calibrated on ``calibration``
+    (a float tensor of images, fed in batches of 8)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{'images': calibration[i:i + 8].numpy()} for i in range(0, len(calibration), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)   # per-op notes (BN scales have no channel axis, pre-processing advice)
+    try:
+        quantize_static(str(onnx_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def top1_agreement(model, runners: dict, images, batch: int = 32) -> dict:
+    """Per method: the fraction of ``images`` whose top-1 class equals the float model's."""
+    import torch
+
+    with torch.no_grad():
+        ref = torch.cat([model(images[i:i + batch]).argmax(1) for i in range(0, len(images), batch)])
+        out = {}
+        for name, run in runners.items():
+            pred = torch.cat([torch.as_tensor(run(images[i:i + batch])).argmax(1)
+                              for i in range(0, len(images), batch)])
+            out[name] = float((pred == ref).float().mean())
+    out['_classes'] = int(ref.unique().numel())
+    return out
+
+
+# --------------------------------------------------------------------------- roofline
+
+
+def layer_macs(net, size: int) -> dict:
+    """Per profile entry name: (kind, binary MACs, full-precision MACs) of one image through the packed network
+    (a binary MAC: one sign x sign-weight product on the XNOR/popcount kernels; everything else, including
+    convs that the engine runs as float ops, counts as full precision)."""
+    def unit(u, h, w):
+        oh, ow = u.out_hw(h, w)
+        macs = u.out_ch * u.in_ch * u.kernel[0] * u.kernel[1] * oh * ow
+        return (u.kind, macs, 0) if u.packed else (u.kind, 0, macs)
+
+    out = {}
+    if net.family != 'cifar':
+        raise ValueError('layer_macs: the roofline covers the CIFAR family (stem as one unit)')
+    out['stem'] = ('float stem',) + unit(net.stem, size, size)[1:]
+    h0 = w0 = h1 = w1 = size
+    for cell in net.cells:
+        H, W = h1, w1
+        oh, ow = ((H - 1) // 2 + 1, (W - 1) // 2 + 1) if cell.reduction else (H, W)
+        out[f'{cell.name}.preprocess0'] = unit(cell.pre0, h0, w0)
+        out[f'{cell.name}.preprocess1'] = unit(cell.pre1, H, W)
+        for k, (op, idx) in enumerate(zip(cell.ops, cell.indices)):
+            if op is not None and hasattr(op, 'packed'):
+                out[f'{cell.name}.ops.{k}'] = unit(op, *((H, W) if idx < 2 else (oh, ow)))
+        if hasattr(cell.residual, 'packed'):
+            out[f'{cell.name}.residual'] = unit(cell.residual, H, W)
+        h0, w0, h1, w1 = H, W, oh, ow
+    out['head'] = ('float head', 0, net.fc_weight.numel())
+    return out
+
+
+def peak_rates(isas) -> dict:
+    """Peak MACs per CPU-second (one thread busy for one second) of this sitting: binary on each SIMD path, fp32
+    FMA (AVX-512 where present). CPU seconds, not wall seconds: on a shared machine a thread that is switched
+    out counts for neither the peak nor the layers it is compared with."""
+    from bnas_nni.deploy.kernels import extension, isa_id
+
+    ext = extension()
+    jobs = [(f'binary {isa}', 'binary', isa, iters) for isa, iters in (('avx512', 2_000_000), ('avx2', 1_000_000))
+            if isa in isas]
+    fma_isa = 'avx512' if 'avx512' in isas else 'avx2'
+    if fma_isa in isas:
+        jobs.append(('fma', 'fma', fma_isa, 2_000_000))
+    rates = {}
+    for name, kind, isa, iters in jobs:
+        t0, c0 = time.perf_counter(), time.process_time()
+        per_wall_s = ext.peak_macs(kind, isa_id(isa), iters)     # all threads' MACs / the call's wall time
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        rates[name] = per_wall_s * wall / max(cpu, 1e-9)
+    return rates
+
+
+def roofline(net, x, isa: str, isas, repeats: int) -> dict:
+    """Peak rates and the per-kind profile of ``net`` on ``x`` (CPU seconds of each layer), measured in turns
+    (peak, profile, peak, ...), so each fraction compares a profile with the peak of its own moment; medians."""
+    import torch
+
+    macs = layer_macs(net, x.shape[-1])
+    net.set_isa(isa)
+    samples = []
+    with torch.no_grad():
+        net(x)
+        for _ in range(repeats):
+            rates = peak_rates(isas)
+            _, records = net.profile(x, cpu=True)
+            kinds = {}
+            for name, kind, t, c in records:
+                acc = kinds.setdefault(kind, [0.0, 0.0, 0, 0])
+                acc[0] += t
+                acc[1] += c
+                if name in macs and macs[name][0] == kind:   # (a cell's residual conv and its add share a name)
+                    acc[2] += macs[name][1] * x.shape[0]
+                    acc[3] += macs[name][2] * x.shape[0]
+            samples.append((rates, kinds))
+    med = statistics.median
+    rates = {k: med(s[0][k] for s in samples) for k in samples[0][0]}
+    bkey = f'binary {isa}'
+
+    def ideal(r, bmacs, fmacs):   # CPU seconds at peak
+        return (bmacs / r[bkey] if bmacs and bkey in r else 0.0) + (fmacs / r['fma'] if fmacs and 'fma' in r else 0.0)
+
+    table = {}
+    for kind in samples[0][1]:
+        _, _, bmacs, fmacs = samples[0][1][kind]
+        frac = [ideal(r, bmacs, fmacs) / k[kind][1] for r, k in samples if k[kind][1] > 0]
+        table[kind] = {'seconds': med(k[kind][0] for _, k in samples), 'cpu_s': med(k[kind][1] for _, k in samples),
+                       'binary_macs': bmacs, 'fp_macs': fmacs, 'ideal_cpu_s': ideal(rates, bmacs, fmacs),
+                       'fraction': med(frac) if (bmacs or fmacs) and frac else None}
+    bin_kinds = [k for k in table if k.startswith('binary conv')]
+    frac = [sum(ideal(r, k[kind][2], 0) for kind in bin_kinds) / max(sum(k[kind][1] for kind in bin_kinds), 1e-12)
+            for r, k in samples]
+    return {'rates': rates, 'kinds': table, 'binary_fraction': med(frac) if bin_kinds else None,
+            'binary_macs_per_image': sum(v[1] for v in macs.values()),
+            'fp_macs_per_image': sum(v[2] for v in macs.values()), 'runs': repeats, 'isa': isa,
+            'threads': torch.get_num_threads()}
+
+
+def print_roofline(r: dict, batch: int) -> None:
+    rates, threads = r['rates'], r['threads']
+    print(f'{"":9}roofline, batch {batch} (medians of {r["runs"]} turns of micro-benchmark + profiled forward, '
+          f'packed {r["isa"]}; CPU seconds, so time switched out on the shared machine counts for neither side):',
+          flush=True)
+    print(f'{"":11}peak per busy thread: ' + ', '.join(f'{k} {v / 1e9:,.1f} GMAC/s' for k, v in rates.items()) +
+          f'; x {threads} threads: ' + ', '.join(f'{k} {threads * v / 1e9:,.0f}' for k, v in rates.items()),
+          flush=True)
+    b, f = r['binary_macs_per_image'], r['fp_macs_per_image']
+    bkey = f'binary {r["isa"]}'
+    line = f'{"":11}network per image: {b:.3g} binary MACs, {f:.3g} full-precision MACs'
+    if bkey in rates and 'fma' in rates:
+        tb, tf = b / rates[bkey] / threads, f / rates['fma'] / threads
+        line += (f'; at peak on {threads} threads {tb * 1e3:.3f} ms binary + {tf * 1e3:.3f} ms fp per image, '
+                 f'{(tb + tf) * batch * 1e3:.2f} ms for the batch')
+    print(line, flush=True)
+    print(f'{"":11}{"layer kind":<36}{"wall ms":>9}{"CPU ms":>9}{"binary MACs":>13}{"fp MACs":>11}'
+          f'{"CPU ms at peak":>16}{"of peak":>9}', flush=True)
+    for kind, v in sorted(r['kinds'].items(), key=lambda kv: -kv[1]['cpu_s']):
+        frac = '-' if v['fraction'] is None else f'{100 * v["fraction"]:.1f}%'
+        print(f'{"":11}{kind:<36}{v["seconds"] * 1e3:>9.2f}{v["cpu_s"] * 1e3:>9.2f}{v["binary_macs"]:>13.3g}'
+              f'{v["fp_macs"]:>11.3g}{v["ideal_cpu_s"] * 1e3:>16.3f}{frac:>9}', flush=True)
+    if r['binary_fraction'] is not None:
+        print(f'{"":11}all binary convs: {100 * r["binary_fraction"]:.1f}% of the popcount peak', flush=True)
 
 
 def _mb(n: float) -> str:
@@ -235,7 +435,7 @@ def bench_config(config: str, args, workdir: Path) -> dict:
     from bnas_nni.checkpoints import save_checkpoint
     from bnas_nni.deploy.kernels import supported_isas
 
-    model, size = build(config)
+    model, size = build_trained(args.checkpoint) if config == 'checkpoint' else build(config)
     arch = (f"{model.genotype.name}, {model.family}, "
             f"C={model.cells[0].preprocess1.op[0].out_channels}, L={len(model.cells)}")
     ck = workdir / f'{config}.pt'
@@ -245,14 +445,36 @@ def bench_config(config: str, args, workdir: Path) -> dict:
     sizes['onnx_bytes'] = deploy.export_onnx(model, onnx_path)['file_bytes']
     net = deploy.load(packed_path)
     sess = ort_session(str(onnx_path), args.threads)
+    calibration, calib_source = dataset_images(args.calibration_images, size, train=True)
+    int8_path = workdir / f'{config}.int8.onnx'
+    quantize_onnx_int8(onnx_path, int8_path, calibration)
+    sizes['onnx_int8_bytes'] = int8_path.stat().st_size
+    sess8 = ort_session(str(int8_path), args.threads)
     isas = [i for i in ISAS_ORDER if i in supported_isas()]
     print(f'\n## {config} ({arch}, {size}x{size} images)', flush=True)
     print(f"sizes: fp32 state dict {_mb(sizes['fp32_state_dict_bytes'])} | packed file {_mb(sizes['file_bytes'])} "
           f"({sizes['fp32_state_dict_bytes'] / sizes['file_bytes']:.1f}x smaller) | binary part "
           f"{_mb(sizes['fp32_bytes'])} -> {_mb(sizes['packed_bytes'])} "
           f"({sizes['fp32_bytes'] / sizes['packed_bytes']:.1f}x "
-          f"smaller, {sizes['binary_convs']} binary convs) | ONNX {_mb(sizes['onnx_bytes'])}", flush=True)
+          f"smaller, {sizes['binary_convs']} binary convs) | ONNX {_mb(sizes['onnx_bytes'])} | ONNX int8 "
+          f"{_mb(sizes['onnx_int8_bytes'])}", flush=True)
     result = {'config': config, 'architecture': arch, 'image_size': size, 'sizes': sizes, 'batches': {}}
+    held_out, held_source = dataset_images(args.agreement_images, size, train=False)
+    net8 = None
+    if args.fp_parts == 'int8':
+        net8 = deploy.load(packed_path)
+        net8.set_fp_parts('int8')
+    runners = {f'packed {isas[0]}': lambda b: (net.set_isa(isas[0]), net(b))[1],
+               'onnxruntime fp32': lambda b: sess.run(None, {'images': b.numpy()})[0],
+               'onnxruntime int8': lambda b: sess8.run(None, {'images': b.numpy()})[0]}
+    if net8 is not None:
+        runners[f'packed {isas[0]} int8-fp'] = net8
+    agree = top1_agreement(model, runners, held_out)
+    classes = agree.pop('_classes')
+    print(f'top-1 agreement with the float model on {len(held_out)} {held_source} (the float model predicts '
+          f'{classes} distinct classes; int8 calibrated on {len(calibration)} {calib_source}): ' +
+          ', '.join(f'{k} {100 * v:.1f}%' for k, v in agree.items()), flush=True)
+    result['agreement'] = {'images': len(held_out), 'source': held_source, 'classes': classes, **agree}
     for batch in args.batch:
         g = torch.Generator().manual_seed(batch)
         x = torch.randn(batch, 3, size, size, generator=g)
@@ -268,13 +490,20 @@ def bench_config(config: str, args, workdir: Path) -> dict:
 
         methods = {'pytorch fp32': lambda: model(x)}
         methods.update({f'packed {isa}': packed(isa) for isa in isas})
-        methods['onnxruntime'] = lambda: sess.run(None, {'images': xn})
+        if net8 is not None:
+            methods[f'packed {isas[0]} int8-fp'] = lambda: net8(x)
+        methods['onnxruntime fp32'] = lambda: sess.run(None, {'images': xn})
+        methods['onnxruntime int8'] = lambda: sess8.run(None, {'images': xn})
         diffs = {'pytorch fp32': (0.0, 0)}
         for isa in isas:
             d = (packed(isa)() - ref).abs().amax(1)
             diffs[f'packed {isa}'] = (float(d.max()), int((d > 1e-4).sum()))
-        d = torch.from_numpy(sess.run(None, {'images': xn})[0] - ref.numpy()).abs().amax(1)
-        diffs['onnxruntime'] = (float(d.max()), int((d > 1e-4).sum()))
+        if net8 is not None:
+            d = (net8(x) - ref).abs().amax(1)
+            diffs[f'packed {isas[0]} int8-fp'] = (float(d.max()), int((d > 1e-4).sum()))
+        for k, se in (('onnxruntime fp32', sess), ('onnxruntime int8', sess8)):
+            d = torch.from_numpy(se.run(None, {'images': xn})[0] - ref.numpy()).abs().amax(1)
+            diffs[k] = (float(d.max()), int((d > 1e-4).sum()))
         best = isas[0]
         hooks = BinaryLayerHooks(model)
         probes = {'pytorch binary layers': lambda: hooks(x),
@@ -283,19 +512,22 @@ def bench_config(config: str, args, workdir: Path) -> dict:
         with torch.no_grad():
             timing = interleaved({**methods, **probes}, repeats, args.budget)
         probe_runs = {k: timing.pop(k) for k in probes}
-        base = timing['pytorch fp32']
-        print(f'\nbatch {batch}: {"method":<18}{"latency ms":>12}{"img/s":>9}{"vs fp32":>9}{"best-of":>9}'
-              f'{"CPU ms":>9}{"vs fp32":>9}{"runs":>6}{"max |dlogit|":>14}{"imgs >1e-4":>11}', flush=True)
+        base, int8 = timing['pytorch fp32'], timing['onnxruntime int8']
+        print(f'\nbatch {batch}: {"method":<26}{"median ms":>11}{"min ms":>9}{"img/s":>9}{"vs fp32":>9}'
+              f'{"vs int8":>9}{"min/min":>9}{"CPU ms":>9}{"runs":>6}{"max |dlogit|":>14}{"imgs >1e-4":>11}',
+              flush=True)
         for k, r in timing.items():
             r.pop('values')
             r['img_s'] = batch / r['median_s']
             r['speedup'] = base['median_s'] / r['median_s']
             r['speedup_best'] = base['best_s'] / r['best_s']
             r['speedup_cpu'] = base['cpu_s'] / r['cpu_s']
+            r['vs_ort_int8'] = int8['median_s'] / r['median_s']
+            r['vs_ort_int8_best'] = int8['best_s'] / r['best_s']
             r['max_logit_diff'], r['images_above_1e-4'] = diffs[k]
-            print(f'{"":9}{k:<18}{r["median_s"] * 1e3:>12.2f}{r["img_s"]:>9.1f}{r["speedup"]:>8.2f}x'
-                  f'{r["speedup_best"]:>8.2f}x{r["cpu_s"] * 1e3:>9.1f}{r["speedup_cpu"]:>8.2f}x{r["runs"]:>6}'
-                  f'{diffs[k][0]:>14.1e}{diffs[k][1]:>8}/{batch}', flush=True)
+            print(f'{"":9}{k:<26}{r["median_s"] * 1e3:>11.2f}{r["best_s"] * 1e3:>9.2f}{r["img_s"]:>9.1f}'
+                  f'{r["speedup"]:>8.2f}x{r["vs_ort_int8"]:>8.2f}x{r["vs_ort_int8_best"]:>8.2f}x'
+                  f'{r["cpu_s"] * 1e3:>9.1f}{r["runs"]:>6}{diffs[k][0]:>14.1e}{diffs[k][1]:>8}/{batch}', flush=True)
         torch_runs = probe_runs['pytorch binary layers']['values']
         t_torch_bin = statistics.median(r[0] for r in torch_runs)
         c_torch_bin = statistics.median(r[1] for r in torch_runs)
@@ -312,15 +544,21 @@ def bench_config(config: str, args, workdir: Path) -> dict:
         print(f'{"":9}per-layer breakdown, packed {best} ({total * 1e3:.2f} ms in layers):', flush=True)
         for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
             print(f'{"":11}{kind:<34}{counts[kind]:>4} layers {t * 1e3:>10.2f} ms {100 * t / total:>6.1f}%', flush=True)
-        result['batches'][batch] = {'timing': timing, 'binary_layers': {'pytorch_s': t_torch_bin, 'packed_s': t_eng_bin,
-                                                                          'pytorch_cpu_s': c_torch_bin,
-                                                                          'packed_cpu_s': c_eng_bin, 'isa': best},
+        roof = None
+        if net.family == 'cifar' and not args.no_roofline:
+            roof = roofline(net, x, best, isas, max(3, repeats // 2))
+            print_roofline(roof, batch)
+        result['batches'][batch] = {'timing': timing, 'roofline': roof,
+                                    'binary_layers': {'pytorch_s': t_torch_bin, 'packed_s': t_eng_bin,
+                                                      'pytorch_cpu_s': c_torch_bin, 'packed_cpu_s': c_eng_bin,
+                                                      'isa': best},
                                     'breakdown': {k: {'seconds': v, 'layers': counts[k]} for k, v in kinds.items()}}
     if not args.no_memory:
         batch = max(args.batch)
         mem = {'pytorch fp32': peak_memory('pytorch', str(ck), batch, size, args.threads),
                f'packed {isas[0]}': peak_memory('packed', str(packed_path), batch, size, args.threads, isas[0]),
-               'onnxruntime': peak_memory('onnx', str(onnx_path), batch, size, args.threads)}
+               'onnxruntime': peak_memory('onnx', str(onnx_path), batch, size, args.threads),
+               'onnxruntime int8': peak_memory('onnx', str(int8_path), batch, size, args.threads)}
         base = mem['pytorch fp32']
         print(f'\npeak memory at batch {batch} (fresh process each; peak RSS (VmHWM), and its growth over the '
               'RSS with the model loaded):', flush=True)
@@ -344,11 +582,18 @@ def check_targets(results: list) -> None:
             cpu = b['timing'][best[1]]['speedup_cpu']
             lines.append((f'packed engine vs fp32 at batch {batch} ({best[1]}; CPU time {cpu:.2f}x)', best[0],
                           TARGETS[key]))
+            t = b['timing'][best[1]]
+            lines.append((f'packed engine vs onnxruntime int8 at batch {batch} (medians; min/min '
+                          f'{t["vs_ort_int8_best"]:.2f}x)', t['vs_ort_int8'], TARGETS['vs_int8']))
     for batch, b in a['batches'].items():
         bl = b['binary_layers']
         lines.append((f'binary conv layers alone at batch {batch} (CPU time '
                       f'{bl["pytorch_cpu_s"] / bl["packed_cpu_s"]:.2f}x)', bl['pytorch_s'] / bl['packed_s'],
                       TARGETS['binary_layers']))
+    b = a['batches'].get(32)
+    if b and b.get('roofline') and b['roofline'].get('binary_fraction') is not None:
+        lines.append(('binary convs, fraction of the measured popcount peak at batch 32 (x = 100%)',
+                      b['roofline']['binary_fraction'], TARGETS['roofline']))
     s = a['sizes']
     lines.append(('binary part of the file, fp32 / packed', s['fp32_bytes'] / s['packed_bytes'],
                   TARGETS['binary_part']))
@@ -364,7 +609,16 @@ def main(argv=None) -> int:
     ap.add_argument('--threads', type=int, default=2, help='threads for PyTorch, the engine and onnxruntime')
     ap.add_argument('--repeats', type=int, default=None, help='timed runs per method (default 15 at batch 1, else 5)')
     ap.add_argument('--budget', type=float, default=20.0, help='a warm-up run longer than this (s) is the only run')
+    ap.add_argument('--checkpoint', help='also bench this trained network (checkpoint file or run directory)')
+    ap.add_argument('--fp-parts', choices=('float', 'int8'), default='float',
+                    help="int8: also time the engine with its full-precision convs on int8 (fp_parts='int8', "
+                         'not bit-exact) and report its top-1 agreement')
     ap.add_argument('--no-memory', action='store_true', help='skip the peak-memory child processes')
+    ap.add_argument('--no-roofline', action='store_true', help='skip the roofline (micro-benchmarks + profiles)')
+    ap.add_argument('--calibration-images', type=int, default=64,
+                    help='training images that calibrate the onnxruntime int8 model')
+    ap.add_argument('--agreement-images', type=int, default=256,
+                    help='held-out images for the top-1 agreement with the float model')
     ap.add_argument('--quick', action='store_true', help='smoke check: BNAS-A, batch 1 and 4, 3 repeats')
     ap.add_argument('--json', help='also write all results to this file')
     for name in ('kind', 'path', 'isa'):
@@ -389,7 +643,7 @@ def main(argv=None) -> int:
           'after a warm-up, all in this process', flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix='bnas-inference-') as tmp:
-        for config in args.configs:
+        for config in args.configs + (['checkpoint'] if args.checkpoint else []):
             results.append(bench_config(config, args, Path(tmp)))
     check_targets(results)
     if args.json:
