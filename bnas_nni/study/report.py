@@ -27,7 +27,7 @@ from .arms import Cost, arm_costs
 from .config import StudyConfig, parse_study
 from .results import StudyFiles
 
-__all__ = ['budget_table', 'summarize_study', 'write_report', 'write_plots', 'redraw', 'PLOTS']
+__all__ = ['budget_table', 'measured_table', 'summarize_study', 'write_report', 'write_plots', 'redraw', 'PLOTS']
 
 PLOTS = ('accuracy_per_arm.png', 'accuracy_vs_cost.png')
 
@@ -39,6 +39,22 @@ def budget_table(costs: Sequence[Cost], study: StudyConfig) -> str:
     for cost, arm in zip(costs, study.arms):
         runs = f'x {len(arm.seeds)} search seeds' if not arm.is_random else 'baseline'
         lines.append(f'  {cost.arm:<{width}}  {cost.image_epochs:>12,}  {cost.detail}  [{runs}]')
+    return '\n'.join(lines)
+
+
+def measured_table(study: StudyConfig, files: StudyFiles, costs: Sequence[Cost]) -> str:
+    """Declared and measured cost of every arm's searches side by side (printed once the cells exist)."""
+    width = max(len(c.arm) for c in costs)
+    lines = ['search cost per arm, declared and measured (mean over its searches):']
+    for cost, arm in zip(costs, study.arms):
+        if arm.is_random:
+            lines.append(f'  {cost.arm:<{width}}  {0:>12,}  no search')
+            continue
+        runs = [m['search'] for m in (files.read_cell(f'{arm.name}-s{s}') for s in arm.seeds) if m is not None]
+        cpu = stats.mean([r['cpu_seconds'] for r in runs])
+        wall = stats.mean([r['wall_seconds'] for r in runs])
+        lines.append(f'  {cost.arm:<{width}}  {cost.image_epochs:>12,}  {cpu:8.1f} CPU s  {wall:8.1f} wall s  '
+                     f'({len(runs)} searches)')
     return '\n'.join(lines)
 
 

@@ -22,7 +22,7 @@ from .cells import ensure_cells, plan_jobs
 from .config import RESUME_FREE, StudyConfig, parse_study
 from .jobs import train_job
 from .nni_trials import run_experiment
-from .report import budget_table, write_report
+from .report import budget_table, measured_table, write_report
 from .results import StudyFiles
 
 __all__ = ['run_study', 'default_study_dir']
@@ -65,6 +65,7 @@ def run_study(study: StudyConfig, run_dir: Optional[str | Path] = None, *, local
         log(f'study {study.name}: {len(jobs)} trainings ({len(study.train_seeds)} seeds per cell), {done} done; '
             f'run directory {files.root}')
         ensure_cells(study, files, {c.arm: c for c in costs}, log)
+        log(measured_table(study, files, costs))
         pending = [j for j in jobs if files.read_result(j) is None]
         if pending and local:
             for job in pending:
