@@ -92,15 +92,15 @@ def main() -> int:
     m0 = rows[0]['fit']
     print(f"\nlatency prediction on the packed engine ({m0.get('calibration_genotypes', 0)} calibration genotypes, "
           f"{args.genotypes} test genotypes, {args.threads} threads, min of {args.repeats}+ runs)")
-    print(f"{'network':<14}{'batch':>6}{'median err':>12}{'worst err':>11}{'target':>8}   fit (scale normal / reduce, "
-          'offset; error on the calibration set before -> after)')
+    print(f"{'network':<14}{'batch':>6}{'median err':>12}{'worst err':>11}{'target':>8}   fit (kind: scale normal / "
+          'reduce, offset; median/worst error on the calibration set before -> after)')
     ok = True
     for r in rows:
         hit = r['median'] <= MEDIAN_TARGET and r['worst'] <= WORST_TARGET
         ok &= hit
         f = r['fit']
-        fit = (f"{f['scale']['normal']:.3f} / {f['scale']['reduce']:.3f}, {f['offset_ms']:+.3f} ms"
-               + ('' if f.get('applied') else f" (not applied: {f.get('not_applied_because', '')})"))
+        fit = (f"{f.get('kind', 'none')}: {f['scale']['normal']:.3f} / {f['scale']['reduce']:.3f}, "
+               f"{f['offset_ms']:+.3f} ms")
         if f.get('calibration_genotypes'):
             fit += (f"; {100 * f['rel_error_before']['median']:.1f}%/{100 * f['rel_error_before']['worst']:.1f}% -> "
                     f"{100 * f['rel_error_after']['median']:.1f}%/{100 * f['rel_error_after']['worst']:.1f}%")

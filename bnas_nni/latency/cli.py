@@ -60,7 +60,7 @@ def format_model(model) -> str:
     fit = meta.get('fit') or {}
     if fit.get('calibration_genotypes'):
         before, after = fit.get('rel_error_before', {}), fit.get('rel_error_after', {})
-        state = 'applied' if fit.get('applied') else f"not applied: {fit.get('not_applied_because', '')}"
+        state = f"{fit.get('kind', 'none')}, chosen by leave-one-out error"
         lines.append(f"fit on {fit['calibration_genotypes']} random genotypes: scale normal "
                      f"{fit['scale']['normal']:.3f}, reduce {fit['scale']['reduce']:.3f}, offset "
                      f"{fit['offset_ms']:+.3f} ms ({state}"

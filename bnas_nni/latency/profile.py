@@ -15,10 +15,11 @@ fed by an earlier node, stride 1) and zeroise everywhere else; the base network 
 where :math:`n_{t,c}` is the number of edges the probe changed (summed over every cell of type :math:`t`, as the
 model wants). The network's stem, preprocess convs, residual convs, concatenations, head and classifier are in
 :math:`T_{fixed}`. What is left out of an additive model (a node whose two ops are zeroise is zero-filled, cache
-reuse between ops of one program) is fitted on a few seeded random genotypes measured whole: one scale per cell
-type and one offset, :math:`\mathrm{ms}(g) \approx T_{fixed} + b + \sum_t a_t \sum_{e \in g} T^t_e`, weighted so
-that the *relative* error is minimised; the scales and the offset are folded into the tables and reported in
-``meta['fit']``.
+reuse between ops of one program) is fitted on a few seeded random genotypes measured whole,
+:math:`\mathrm{ms}(g) \approx T_{fixed} + b + \sum_t a_t \sum_{e \in g} T^t_e` by least squares on the relative
+error: no correction, one common scale (:math:`a_t = a`, :math:`b = 0`) or a scale per cell type plus an offset,
+whichever has the smallest leave-one-out error; the scales and the offset are folded into the tables and
+reported in ``meta['fit']``.
 
 Every network is timed ``repeats`` times, round-robin so that a burst of load from other processes hits all of
 them alike, and the minimum is kept. Models are cached per machine key (CPU model, instruction set, threads,
@@ -270,34 +271,62 @@ def _raw_sums(tables: Mapping[str, np.ndarray], ops: Sequence[str], num_nodes: i
                          enumerate(genotype.cell(t)))) for t in CELL_TYPES}
 
 
+def _solve(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.linalg.lstsq(X * w[:, None], y * w, rcond=None)[0]
+
+
 def _fit(base_ms: float, sums: List[Dict[str, float]], measured: List[float],
          present: Mapping[str, bool]) -> Dict[str, Any]:
-    """Per-cell-type scales and an offset minimising the relative error of the additive prediction; applied only
-    when there are at least two more genotypes than parameters and the result is plausible."""
+    """The correction of the additive prediction, chosen by leave-one-out error on the calibration genotypes among
+    none, one common scale of the edge costs, and a scale per cell type plus an offset (least squares on the
+    relative error); a fit with a scale outside [0.5, 2] or an offset over half the fixed part is not considered
+    (it would be chasing noise, not a systematic effect)."""
     types = [t for t in CELL_TYPES if present[t] and any(s[t] > 0 for s in sums)]
-    y = np.array(measured) - base_ms
-    X = np.column_stack([np.ones(len(measured))] + [[s[t] for s in sums] for t in types])
-    w = 1.0 / np.maximum(np.array(measured), 1e-9)
-    coef = np.linalg.lstsq(X * w[:, None], y * w, rcond=None)[0]
-    fitted = {'scale': {t: 1.0 for t in CELL_TYPES}, 'offset_ms': float(coef[0])}
-    for t, a in zip(types, coef[1:]):
-        fitted['scale'][t] = float(a)
-    if len(measured) < X.shape[1] + 2:
-        reason = f'too few genotypes for {X.shape[1]} parameters'
-    elif any(not 0.5 <= fitted['scale'][t] <= 2.0 for t in types) or abs(fitted['offset_ms']) > 0.5 * base_ms:
-        # a scale far from 1 says the fit chased noise, not a systematic effect: keep the measured tables
-        reason = 'implausible (a scale outside [0.5, 2] or an offset over half the fixed part)'
-    else:
-        reason = ''
-    scales = fitted['scale'] if not reason else {t: 1.0 for t in CELL_TYPES}
-    offset = fitted['offset_ms'] if not reason else 0.0
-    pred_raw = [base_ms + sum(s[t] for t in CELL_TYPES) for s in sums]
-    pred_fit = [base_ms + offset + sum(scales[t] * s[t] for t in CELL_TYPES) for s in sums]
-    err = lambda p: [abs(a - b) / b for a, b in zip(p, measured)]  # noqa: E731
-    return {'scale': scales, 'offset_ms': offset, 'applied': not reason, 'not_applied_because': reason,
-            'fitted': fitted, 'calibration_genotypes': len(measured),
-            'rel_error_before': {'median': float(np.median(err(pred_raw))), 'worst': float(max(err(pred_raw)))},
-            'rel_error_after': {'median': float(np.median(err(pred_fit))), 'worst': float(max(err(pred_fit)))}}
+    meas = np.array(measured, dtype=np.float64)
+    y = meas - base_ms
+    w = 1.0 / np.maximum(meas, 1e-9)
+    total = np.array([sum(s[t] for t in CELL_TYPES) for s in sums])
+    designs = {'common scale': total[:, None],
+               'scale per cell type + offset': np.column_stack([np.ones(len(meas))] + [[s[t] for s in sums]
+                                                                                      for t in types])}
+
+    def params(name: str, coef: np.ndarray) -> Tuple[Dict[str, float], float]:
+        if name == 'common scale':
+            return {t: float(coef[0]) for t in CELL_TYPES}, 0.0
+        scales = {t: 1.0 for t in CELL_TYPES}
+        scales.update({t: float(a) for t, a in zip(types, coef[1:])})
+        return scales, float(coef[0])
+
+    def plausible(scales: Mapping[str, float], offset: float) -> bool:
+        return all(0.5 <= scales[t] <= 2.0 for t in types) and abs(offset) <= 0.5 * base_ms
+
+    def errors(scales: Mapping[str, float], offset: float, rows) -> np.ndarray:
+        pred = np.array([base_ms + offset + sum(scales[t] * sums[i][t] for t in CELL_TYPES) for i in rows])
+        return np.abs(pred - meas[rows]) / meas[rows]
+
+    n = len(meas)
+    candidates: Dict[str, Any] = {'none': ({t: 1.0 for t in CELL_TYPES}, 0.0, float(np.median(errors(
+        {t: 1.0 for t in CELL_TYPES}, 0.0, list(range(n))))))}
+    for name, X in designs.items():
+        if n < X.shape[1] + 2 or not types:
+            continue
+        scales, offset = params(name, _solve(X, y, w))
+        if not plausible(scales, offset):
+            continue
+        loo = []
+        for i in range(n):
+            keep = [j for j in range(n) if j != i]
+            sc, off = params(name, _solve(X[keep], y[keep], w[keep]))
+            loo.append(float(errors(sc, off, [i])[0]))
+        candidates[name] = (scales, offset, float(np.median(loo)))
+    chosen = min(candidates, key=lambda k: candidates[k][2])
+    scales, offset, _ = candidates[chosen]
+    everyone = list(range(n))
+    before, after = errors({t: 1.0 for t in CELL_TYPES}, 0.0, everyone), errors(scales, offset, everyone)
+    return {'kind': chosen, 'scale': scales, 'offset_ms': offset, 'applied': chosen != 'none',
+            'loo_median_error': {k: v[2] for k, v in candidates.items()}, 'calibration_genotypes': n,
+            'rel_error_before': {'median': float(np.median(before)), 'worst': float(before.max())},
+            'rel_error_after': {'median': float(np.median(after)), 'worst': float(after.max())}}
 
 
 def measure_latency_model(*, ops: Sequence[str] = PRIMITIVES, num_nodes: int = 4, init_channels: int = 16,
