@@ -104,6 +104,8 @@ def test_cache_round_trip_without_measuring(tiny_model, cache, monkeypatch):
 def test_bad_measurement_arguments_are_one_line():
     with pytest.raises(ConfigError, match='batch'):
         measure_latency_model(**{**TINY, 'batch': 0})
+    with pytest.raises(ConfigError, match='calibration'):
+        measure_latency_model(**{**TINY, 'calibration': -1})
     with pytest.raises(ConfigError, match='unknown op'):
         measure_latency_model(**{**TINY, 'ops': ['zeroise', 'conv_9x9']})
 

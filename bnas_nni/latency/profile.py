@@ -343,6 +343,8 @@ def measure_latency_model(*, ops: Sequence[str] = PRIMITIVES, num_nodes: int = 4
     """
     ops = _check_args(ops, num_nodes, init_channels, layers, image_size, num_classes, family, batch, threads,
                       repeats)
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
+        raise ConfigError(f'latency model calibration is {calibration!r}; it must be an integer >= 0 (0: no fit)')
     block = dict(block or {})
     machine = machine_key(threads, batch)
     network = _network_key(ops=ops, num_nodes=num_nodes, init_channels=init_channels, layers=layers,
