@@ -21,7 +21,8 @@ of a node accumulate into it, in the float model's order of additions, and the r
 * **The react block** (RSign -> scaled-sign conv [+ shortcut] -> RPReLU): RSign's threshold is already in
   the unit's thresholds, so the conv is the same packed kernel (without the fused ReLU); the shortcut add and
   the (R)PReLU then run as the float model's elementwise PyTorch ops on the conv output (same order, same
-  bits), before the result goes into the node. Such cells run op by op, not as a cell program.
+  bits), before the result goes into the node. Such cells run op by op (a few images at a time, see
+  ``CACHE_BUDGET``), not as a cell program.
 
 The logits therefore equal the float model's up to the order in which it adds the ``±alpha`` terms of
 its binary convs (the engine computes the exact integer count and scales once); see the README's
@@ -51,6 +52,11 @@ CL = torch.channels_last
 #: tensors stay in cache from one op to the next
 #: instead of going through memory (BNAS-A at batch 32: the 32x32 cells run image by image)
 CACHE_BUDGET = 3 << 19
+
+#: images per pass through a run of all-binary cells at batch > 1 (see PackedNetwork._cells); 0: two per thread
+#: (BNAS-A at batch 32, 2 threads, OMP_WAIT_POLICY=PASSIVE: ~1.7x less wall time than cell by cell on a busy
+#: machine, the same CPU time; more images per pass let the states of the first fall out of cache)
+RUN_GROUP = 0
 
 #: run all-binary cells at batch > 1 as one C++ call each, image by image on each thread (csrc/cell.cpp);
 #: False runs them op by op from Python (the same kernels and bits; kept for tests and comparison)
@@ -294,6 +300,8 @@ class _Cell:
         # a cell whose ops are all packed kernels runs a few images at a time (see CACHE_BUDGET); one with
         # float convs inside runs the whole batch at once, as the float model does
         self.chunkable = all(u.packed and not u.epilogue for u in units)
+        #: op by op, a few images at a time: all-packed cells, react ones too (the cell program runs paper ops only)
+        self.groupable = all(u.packed for u in units)
         self._program = None
         self._program_units = units
 
@@ -316,19 +324,26 @@ class _Cell:
                 specs, 0, 1, ops, self.concat, self.C, 2 if self.reduction else 1, self.residual == 'identity')
         return self._program
 
-    def __call__(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer) -> torch.Tensor:
+    def residual_of(self, s1: torch.Tensor, isa: int, timer: _Timer) -> Optional[torch.Tensor]:
+        """The residual conv's output (None for none or identity): on the full batch, as the float model runs it."""
+        if isinstance(self.residual, _Unit):
+            return timer.run(f'{self.name}.residual', self.residual.kind, self.residual, s1, isa, layout='any')
+        return None
+
+    def __call__(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer,
+                 res: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The cell's output; ``res``: its residual conv's output, computed beforehand (see residual_of)."""
         N, _, H, W = s1.shape
         stride = 2 if self.reduction else 1
         C = self.C
         out = torch.empty((N, len(self.concat) * C, (H - 1) // stride + 1, (W - 1) // stride + 1), memory_format=CL)
-        res = None
-        if isinstance(self.residual, _Unit):   # full batch: the float ops exactly as the float model runs them
-            res = timer.run(f'{self.name}.residual', self.residual.kind, self.residual, s1, isa, layout='any')
+        if res is None:
+            res = self.residual_of(s1, isa, timer)
         if self.chunkable and N > 1 and CELL_PROGRAM:
             self._run_program(s0, s1, out, res, isa, timer)
             return out
         chunk = N
-        if self.chunkable:
+        if self.groupable:
             per_image = 4 * (s0[0].numel() + s1[0].numel() + out[0].numel() + 2 * C * H * W)
             chunk = max(1, min(N, torch.get_num_threads() * CACHE_BUDGET // per_image))
         for i in range(0, N, chunk):
@@ -462,12 +477,44 @@ class PackedNetwork(nn.Module):
         isa, timer = self._isa_id, self._timer
         try:
             s0, s1 = timer.run('stem', 'float stem', self._stem, x.contiguous(), isa)
-            for cell in self.cells:
-                s0, s1 = s1, cell(s0, s1, isa, timer)
+            s0, s1 = self._cells(s0, s1, isa, timer)
             return timer.run('head', 'float head', self._head, s1)
         except RuntimeError as exc:   # an argument check of a kernel or a torch op (e.g. images too small)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ConfigError(f'the packed model cannot run on images of shape {tuple(x.shape)}: {first}') from None
+
+    def _cells(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All cells. At batch > 1 a run of all-binary cells (cell programs) goes a few images at a time through
+        every cell of the run, so an image's states stay in cache from cell to cell instead of going through
+        memory once per cell; float residual convs still run on the whole batch (before the run they start),
+        and every image gets the same operations as cell by cell, so the same bits."""
+        N = s1.shape[0]
+        group = RUN_GROUP or 2 * torch.get_num_threads()
+        k = 0
+        while k < len(self.cells):
+            cell = self.cells[k]
+            if not (cell.chunkable and CELL_PROGRAM and N > group):
+                s0, s1 = s1, cell(s0, s1, isa, timer)
+                k += 1
+                continue
+            end = k + 1   # the run: this cell and the following all-binary cells without a residual conv
+            while end < len(self.cells) and self.cells[end].chunkable and not isinstance(self.cells[end].residual,
+                                                                                         _Unit):
+                end += 1
+            res = cell.residual_of(s1, isa, timer)
+            outs: List[Optional[torch.Tensor]] = [None, None]
+            for i in range(0, N, group):
+                j = min(N, i + group)
+                a, b = s0[i:j], s1[i:j]
+                for m in range(k, end):
+                    a, b = b, self.cells[m](a, b, isa, timer, res=res[i:j] if (m == k and res is not None) else None)
+                for slot, t in enumerate((a, b)):
+                    if outs[slot] is None:
+                        outs[slot] = torch.empty((N,) + tuple(t.shape[1:]), memory_format=CL)
+                    outs[slot][i:j] = t
+            s0, s1 = outs[0], outs[1]
+            k = end
+        return s0, s1
 
     def _stem(self, x: torch.Tensor, isa: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.family == 'imagenet':
