@@ -155,3 +155,28 @@ def test_peak_micro_benchmarks_refuse_what_they_cannot_measure(ext):
         ext.peak_macs('binary', kernels.isa_id('portable'), 10)
     with pytest.raises(RuntimeError, match='kind'):
         ext.peak_macs('int4', kernels.isa_id(ISAS[-1]), 10)
+
+
+def test_runs_of_binary_cells_a_few_images_at_a_time_give_the_cell_by_cell_bits(monkeypatch):
+    from bnas_nni.deploy import runtime
+
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    model = build_model('bnas-a', genotype='latest_cell', init_channels=8, layers=5).eval()
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.5)
+                bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    net = PackedNetwork(packed_description(describe_network(model)))
+    assert any(c.reduction and isinstance(c.residual, runtime._Unit) for c in net.cells)  # runs split there
+    x = torch.randn(7, 3, 16, 16, generator=g)
+    monkeypatch.setattr(runtime, 'RUN_GROUP', 10 ** 6)      # one group: cell by cell over the whole batch
+    whole = net(x)
+    for group in (0, 1, 3):                                  # default (two per thread), one, a partial last group
+        monkeypatch.setattr(runtime, 'RUN_GROUP', group)
+        for isa in ISAS:
+            net.set_isa(isa)
+            assert torch.equal(net(x), whole), (group, isa)
+    with torch.no_grad():
+        assert (net(x) - model(x)).abs().max() < 1e-3
