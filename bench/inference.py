@@ -272,7 +272,8 @@ def roofline(net, x, isa: str, isas, repeats: int) -> dict:
 def print_roofline(r: dict, batch: int) -> None:
     rates, threads = r['rates'], r['threads']
     print(f'{"":9}roofline, batch {batch} (medians of {r["runs"]} turns of micro-benchmark + profiled forward, '
-          f'packed {r["isa"]}; CPU seconds, so time switched out on the shared machine counts for neither side):',
+          f'packed {r["isa"]}; CPU seconds where they can be had -- ops inside cell programs are timed by their '
+          'thread\'s clock, which also counts time switched out on a shared machine):',
           flush=True)
     print(f'{"":11}peak per busy thread: ' + ', '.join(f'{k} {v / 1e9:,.1f} GMAC/s' for k, v in rates.items()) +
           f'; x {threads} threads: ' + ', '.join(f'{k} {threads * v / 1e9:,.0f}' for k, v in rates.items()),
