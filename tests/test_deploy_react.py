@@ -217,7 +217,8 @@ def test_react_network_bit_for_bit_on_every_isa(shortcut, monkeypatch):
     assert kinds == ({'NoneType', 'Identity', 'AvgPool2d'} if shortcut else {'NoneType'})
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     net = deploy.PackedNetwork(packed_description(describe_network(model)))
-    assert not any(c.chunkable for c in net.cells)          # react cells run op by op
+    assert all(c.groupable and not c.chunkable for c in net.cells)      # op by op, a few images at a time
+    monkeypatch.setattr(runtime, 'CACHE_BUDGET', 1)                      # here: image by image
     for batch in (x, x[:1]):          # the float model at the same batch size: its fp32 convs' bits depend on it
         want_cells, ref = cell_outputs_float(model, batch), float_logits(model, batch)
         for isa in ISAS:
