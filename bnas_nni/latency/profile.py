@@ -188,6 +188,10 @@ def _packed(genotype: Genotype, *, init_channels: int, layers: int, num_classes:
     depend on the values)."""
     net = BNASNetwork(genotype, init_channels=init_channels, layers=layers, num_classes=num_classes,
                       dataset=_DATASET[family], **dict(block)).eval()
+    with torch.no_grad():      # a weight of exactly 0 (rare in a random init, not in 50 networks) has no sign
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.masked_fill_(m.weight == 0, 1e-3)
     return PackedNetwork(packed_description(describe_network(net)), source='latency probe')
 
 
