@@ -90,14 +90,19 @@ def test_every_preset_resolves_to_what_it_says():
     from bnas_nni.search.run import resolve_search_config
     from bnas_nni.search.strategies import build_strategy
     from bnas_nni.space import load_space_config
+    from bnas_nni.study.config import load_study_config
     from bnas_nni.train.model import resolve_model_config
     from bnas_nni.train.recipes import get_recipe
     from bnas_nni.train.runner import resolve_train_config
 
     presets = sorted(experiments_dir().glob('*.yaml'))
-    assert {p.name.split('_')[0] for p in presets} == {'search', 'strategy', 'train'}
+    assert {p.name.split('_')[0] for p in presets} == {'search', 'strategy', 'study', 'train'}
     for path in presets:
         written = yaml.safe_load(path.read_text())
+        if path.name.startswith('study_'):
+            study = load_study_config(path)
+            assert study.to_dict()['dataset'] == written['dataset'] and study.name == written['name'], path.name
+            continue
         training = path.name.startswith('train_')
         cfg = (resolve_train_config if training else resolve_search_config)(path)
         for key, value in written.items():
