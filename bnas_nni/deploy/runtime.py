@@ -55,8 +55,9 @@ CL = torch.channels_last
 CACHE_BUDGET = 3 << 19
 
 #: images per pass through a run of all-binary cells at batch > 1 (see PackedNetwork._cells); 0: two per thread
-#: (BNAS-A at batch 32, 2 threads, OMP_WAIT_POLICY=PASSIVE: ~1.7x less wall time than cell by cell on a busy
-#: machine, the same CPU time; more images per pass let the states of the first fall out of cache)
+#: (BNAS-A at batch 32, 2 threads, OMP_WAIT_POLICY=PASSIVE, on a busy machine: the same CPU time as cell by
+#: cell, and from the same to ~1.7x less wall time; more images per pass let the first one's states fall out
+#: of cache)
 RUN_GROUP = 0
 
 #: run all-binary cells as one C++ call each, image by image on each thread (csrc/cell.cpp);
