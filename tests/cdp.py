@@ -85,17 +85,27 @@ class Chromium:
         raise CDPError(f'chromium did not open its DevTools port within {timeout:.0f} s')
 
     def _wait_page(self, port: int, timeout: float) -> Dict[str, Any]:
-        deadline = time.monotonic() + timeout
+        # On a loaded machine Chromium may open its DevTools port without ever listing the about:blank page
+        # of its command line; after a few seconds ask it for a new page (PUT /json/new) instead of waiting.
+        start = time.monotonic()
+        deadline, asked = start + timeout, False
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f'http://127.0.0.1:{port}/json/list', timeout=5) as resp:  # noqa: S310
                     pages = [t for t in json.loads(resp.read()) if t.get('type') == 'page']
                 if pages:
                     return pages[0]
+                if not asked and time.monotonic() - start > 5:
+                    asked = True
+                    new_page = urllib.request.Request(f'http://127.0.0.1:{port}/json/new?about:blank', method='PUT')
+                    with urllib.request.urlopen(new_page, timeout=5) as resp:  # noqa: S310
+                        target = json.loads(resp.read())
+                    if target.get('type') == 'page' and target.get('webSocketDebuggerUrl'):
+                        return target
             except OSError:
                 pass
             time.sleep(0.2)
-        raise CDPError('chromium has no page target')
+        raise CDPError(f'chromium has no page target; see {self.log_path}')
 
     # ----------------------------------------------------------------- protocol
 
