@@ -107,3 +107,14 @@ def test_library_never_imports_scripts_above_it(above):
                      else [node.module or ''] if isinstance(node, ast.ImportFrom) and not node.level else [])
             offenders += [f'{path.relative_to(PACKAGE.parent)}: {n}' for n in names if n.split('.')[0] == above]
     assert not offenders, offenders
+
+
+def test_every_package_is_listed_for_a_non_editable_install():
+    """pyproject.toml lists its packages by name (search_spaces ships from another folder), so a new
+    subpackage left out of that list imports in the editable checkout and is missing from a wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / 'pyproject.toml').read_text())['tool']['setuptools']['packages'])
+    found = {'.'.join(p.parent.relative_to(root).parts) for p in (root / 'bnas_nni').rglob('__init__.py')}
+    assert found - listed == set(), f'add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml'
