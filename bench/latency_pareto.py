@@ -27,7 +27,7 @@ quote. Defaults take about 20-30 minutes on 2 quiet cores.
 Examples::
 
     python bench/latency_pareto.py                                  # the sweep, runs/latency-pareto
-    python bench/latency_pareto.py --quick --run-dir /tmp/pareto    # a toy run that proves the pipeline
+    python bench/latency_pareto.py --quick --run-dir runs/pareto-toy  # a toy run that proves the pipeline
     python bench/latency_pareto.py --targets-ms 1.2 1.6 2.0 --random 8 --train-epochs 3
 """
 from __future__ import annotations
