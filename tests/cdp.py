@@ -55,7 +55,8 @@ class Chromium:
         self._log = open(self.log_path, 'wb')
         self.proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f'--user-data-dir={self.profile_dir}',
                                       f'--window-size={width},{height}', 'about:blank'],
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         self._ids = itertools.count(1)
         try:
             port = self._wait_port(timeout)

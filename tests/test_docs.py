@@ -32,7 +32,7 @@ from bnas_nni.paths import REPO_ROOT
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cdp import Chromium, find_chromium  # noqa: E402
+from cdp import CDPError, Chromium, find_chromium  # noqa: E402
 
 EXPERIMENTS = REPO_ROOT / 'experiments'
 #: reST that shows up verbatim in argparse output: double backticks and Sphinx roles
@@ -256,7 +256,11 @@ def test_site_in_a_browser(served_site, tmp_path):
     if find_chromium() is None:
         pytest.skip("chromium is not installed (bash .ci/setup.sh installs Debian's chromium)")
     shots = []
-    with Chromium(tmp_path / 'chromium-profile', width=1280, height=900) as browser:
+    try:
+        browser = Chromium(tmp_path / 'chromium-profile', width=1280, height=900)
+    except CDPError:       # seen in CI on a loaded machine: the port opens, no page ever shows; start it once more
+        browser = Chromium(tmp_path / 'chromium-profile-2', width=1280, height=900)
+    with browser:
         browser.navigate(served_site + '/')
         assert 'bnas-nni brings BNAS' in browser.text()
         nav = browser.evaluate('Array.from(document.querySelectorAll(".md-nav__link")).map(a => a.innerText)')
