@@ -175,20 +175,10 @@ def search(name: str, target: Optional[float], args: argparse.Namespace, run: Pa
 
 def random_cells(count: int, seed: int, ops: Sequence[str], num_nodes: int):
     """Seeded genotypes drawn uniformly from the space: per node two distinct inputs, each a uniform op."""
-    from bnas_nni.genotypes import CELL_TYPES, Genotype
+    from bnas_nni.latency.profile import random_genotype
 
     rng = random.Random(seed)
-    out = []
-    for k in range(count):
-        cells = {}
-        for t in CELL_TYPES:
-            entries = []
-            for i in range(num_nodes):
-                for j in sorted(rng.sample(range(i + 2), 2)):
-                    entries.append((rng.choice(list(ops)), j))
-            cells[t] = tuple(entries)
-        out.append(Genotype(normal=cells['normal'], reduce=cells['reduce'], name=f'random-{k}'))
-    return out
+    return [random_genotype(ops, num_nodes, rng, name=f'random-{k}') for k in range(count)]
 
 
 def train(name: str, genotype_path: Path, args: argparse.Namespace, run: Path) -> Dict[str, Any]:
