@@ -207,3 +207,20 @@ def tiny_search_copy(tiny_search_run, tmp_path) -> SimpleNamespace:
     shutil.copytree(tiny_search_run.run_dir, run_dir)
     shutil.copytree(tiny_search_run.out, out)
     return SimpleNamespace(run_dir=run_dir, out=out, stdout=tiny_search_run.stdout, argv=tiny_search_run.argv)
+
+
+@pytest.fixture(scope='module')
+def fashion_halves():
+    """Real Fashion-MNIST: 2 x 64 training images at 16x16 (weight half, architecture half) for the
+    search tests (BinaryDARTS with and without the latency term)."""
+    import torch.utils.data as tud
+
+    from bnas_nni.data import DatasetView, FashionMNIST32
+    from bnas_nni.errors import DatasetError
+
+    try:
+        ds = FashionMNIST32(train=True, subset=128, augment=False)
+    except DatasetError as exc:
+        pytest.skip(str(exc))
+    ds = DatasetView(ds, image_size=16)
+    return tud.Subset(ds, range(0, 64)), tud.Subset(ds, range(64, 128))

@@ -25,20 +25,6 @@ OPS = ('zeroise', 'max_pool_3x3', 'avg_pool_3x3', 'bin_dil_conv_3x3', 'bin_dil_c
        'bin_conv_5x5')
 
 
-@pytest.fixture(scope='module')
-def fashion_halves():
-    """Real Fashion-MNIST: 2 x 64 training images at 16x16 (weight half, architecture half)."""
-    from bnas_nni.data import FashionMNIST32
-    from bnas_nni.errors import DatasetError
-
-    try:
-        ds = FashionMNIST32(train=True, subset=128, augment=False)
-    except DatasetError as exc:
-        pytest.skip(str(exc))
-    ds = DatasetView(ds, image_size=16)
-    return tud.Subset(ds, range(0, 64)), tud.Subset(ds, range(64, 128))
-
-
 def _supernet(seed: int = 0, **space_kw):
     torch.manual_seed(seed)
     space = BNASSpace.from_config('bnas-tiny', **space_kw)

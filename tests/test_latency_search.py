@@ -14,7 +14,6 @@ import torch.utils.data as tud
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
 
 from bnas_nni.config import SEARCH, resolve  # noqa: E402
-from bnas_nni.data import DatasetView  # noqa: E402
 from bnas_nni.errors import ConfigError  # noqa: E402
 from bnas_nni.genotypes import Genotype  # noqa: E402
 from bnas_nni.io import load_yaml  # noqa: E402
@@ -200,20 +199,6 @@ def test_term_validates_its_settings():
 
 
 # --------------------------------------------------------------------------- BinaryDARTS with the term
-
-
-@pytest.fixture(scope='module')
-def fashion_halves():
-    """Real Fashion-MNIST: 2 x 64 training images at 16x16 (weight half, architecture half)."""
-    from bnas_nni.data import FashionMNIST32
-    from bnas_nni.errors import DatasetError
-
-    try:
-        ds = FashionMNIST32(train=True, subset=128, augment=False)
-    except DatasetError as exc:
-        pytest.skip(str(exc))
-    ds = DatasetView(ds, image_size=16)
-    return tud.Subset(ds, range(0, 64)), tud.Subset(ds, range(64, 128))
 
 
 def _driver(tmp_path, halves, latency=None, epochs=2, seed=0, **kw):
