@@ -119,16 +119,22 @@ def test_int8_conv_is_within_its_quantization_bound_on_every_path(geometry):
     assert torch.equal(conv(x[1:2], kernels.isa_id(ISAS[-1])), outs[0][1:2])
 
 
-def test_int8_fp_parts_keep_the_float_model_top1_and_switch_back_exactly():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
+def _small_bnas_a(seed: int):
+    """A small BNAS-A (C=8, 5 cells) with seeded random BN statistics, its packed network and the generator
+    (left where the statistics ended, for the test's images)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     model = build_model('bnas-a', genotype='latest_cell', init_channels=8, layers=5).eval()
     with torch.no_grad():
         for bn in model.modules():
             if isinstance(bn, nn.BatchNorm2d):
                 bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.5)
                 bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-    net = PackedNetwork(packed_description(describe_network(model)))
+    return model, PackedNetwork(packed_description(describe_network(model))), g
+
+
+def test_int8_fp_parts_keep_the_float_model_top1_and_switch_back_exactly():
+    model, net, g = _small_bnas_a(0)
     x = torch.randn(64, 3, 16, 16, generator=g)
     with torch.no_grad():
         ref = model(x)
@@ -160,15 +166,7 @@ def test_peak_micro_benchmarks_refuse_what_they_cannot_measure(ext):
 def test_runs_of_binary_cells_a_few_images_at_a_time_give_the_cell_by_cell_bits(monkeypatch):
     from bnas_nni.deploy import runtime
 
-    torch.manual_seed(1)
-    g = torch.Generator().manual_seed(1)
-    model = build_model('bnas-a', genotype='latest_cell', init_channels=8, layers=5).eval()
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.5)
-                bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-    net = PackedNetwork(packed_description(describe_network(model)))
+    model, net, g = _small_bnas_a(1)
     assert any(c.reduction and isinstance(c.residual, runtime._Unit) for c in net.cells)  # runs split there
     x = torch.randn(7, 3, 16, 16, generator=g)
     monkeypatch.setattr(runtime, 'RUN_GROUP', 10 ** 6)      # one group: cell by cell over the whole batch
