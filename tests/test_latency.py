@@ -101,6 +101,40 @@ def test_cache_round_trip_without_measuring(tiny_model, cache, monkeypatch):
     assert LatencyModel.load(files[0]).fixed_ms == remeasured.fixed_ms
 
 
+def test_holdout_genotypes_are_timed_with_the_probes_and_kept_out_of_the_fit(cache, monkeypatch):
+    rng = random.Random(7)
+    holdout = [lp.random_genotype(PRIMITIVES, 2, rng, name=f'h{i}') for i in range(3)]
+    seen = []
+    real = lp._time_all
+
+    def spy(nets, x, repeats):
+        seen.append(len(nets))
+        return real(nets, x, repeats)
+    monkeypatch.setattr(lp, '_time_all', spy)
+    with_fit = {**TINY, 'calibration': 4}
+    plain = measure_latency_model(**with_fit, cache=False)
+    model = measure_latency_model(**with_fit, cache=False, holdout=holdout)
+    assert seen[1] == seen[0] + 3                       # one round-robin: probes, calibration and hold-out alike
+    h = model.meta['holdout']
+    assert h['genotypes'] == [str(g) for g in holdout] and len(h['measured_ms']) == 3
+    assert h['predicted_ms'] == [model.predict(g) for g in holdout]
+    rel = [abs(p - m) / m for p, m in zip(h['predicted_ms'], h['measured_ms'])]
+    assert h['rel_error']['worst'] == pytest.approx(max(rel))
+    # the fit saw the same calibration networks only: the same kind of correction is considered for both
+    assert model.meta['fit']['calibration_genotypes'] == plain.meta['fit']['calibration_genotypes'] == 4
+    # the command line reports it
+    assert main(['latency', 'profile', '--space', 'bnas-tiny', '--init-channels', '4', '--layers', '3',
+                 '--image-size', '16', '--threads', '1', '--calibration', '2', '--holdout', '2', '--no-cache']) == 0
+
+
+def test_probe_networks_have_no_zero_signs_after_xnor_centring():
+    w = torch.tensor([[[[0.5]], [[0.5]]], [[[0.0]], [[0.3]]], [[[0.2]], [[-0.2]]]])   # [O=3, C=2, 1, 1]
+    assert bool(((w - w.mean(dim=1, keepdim=True)) == 0).any())
+    lp._no_zero_signs(w)
+    centred = w - w.mean(dim=1, keepdim=True)
+    assert not bool((w == 0).any()) and not bool((centred == 0).any())
+
+
 def test_bad_measurement_arguments_are_one_line():
     with pytest.raises(ConfigError, match='batch'):
         measure_latency_model(**{**TINY, 'batch': 0})

@@ -10,6 +10,7 @@ cached model of ``--space`` (measuring it first when there is none).
 from __future__ import annotations
 
 import argparse
+import random
 from typing import Any, Dict, Optional
 
 from ..cli import quiet_warnings
@@ -17,6 +18,9 @@ from ..errors import ConfigError
 from ..io import check_output_file
 
 __all__ = ['register', 'format_model']
+
+#: seed of the --holdout genotypes (the calibration genotypes come from seed 0)
+HOLDOUT_SEED = 1000
 
 
 def _space_network(args: argparse.Namespace) -> Dict[str, Any]:
@@ -66,9 +70,22 @@ def format_model(model) -> str:
                      f"{fit['offset_ms']:+.3f} ms ({state}"
                      f"); error median/worst {100 * before.get('median', 0):.1f}%/{100 * before.get('worst', 0):.1f}%"
                      f" -> {100 * after.get('median', 0):.1f}%/{100 * after.get('worst', 0):.1f}%")
+    held = meta.get('holdout')
+    if held:
+        err = held['rel_error']
+        lines.append(f"hold-out: {len(held['measured_ms'])} random genotypes timed with the probes, not fitted: "
+                     f"prediction error median {100 * err['median']:.1f}%, worst {100 * err['worst']:.1f}%")
     lines.append(f"uniform expectation: {model.uniform_ms():.3f} ms; measured in {meta.get('measured_s', '?')} s, "
                  f"min of {meta.get('repeats', '?')}+ runs")
     return '\n'.join(lines)
+
+
+def _holdout_genotypes(net: Dict[str, Any], count: int) -> list:
+    if count < 0:
+        raise ConfigError(f'--holdout is {count}; give the number of random genotypes to check the model on (>= 0)')
+    from .profile import random_genotype
+    rng = random.Random(HOLDOUT_SEED)
+    return [random_genotype(net['ops'], net['num_nodes'], rng, name=f'holdout-{i}') for i in range(count)]
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -79,6 +96,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from .profile import cache_dir, measure_latency_model
     model = measure_latency_model(**net, batch=args.batch, threads=args.threads, repeats=args.repeats,
                                   calibration=args.calibration, cache=not args.no_cache,
+                                  holdout=_holdout_genotypes(net, args.holdout),
                                   progress=lambda line: print(line, flush=True))
     print(format_model(model))
     if not args.no_cache:
@@ -159,6 +177,9 @@ def register(subparsers: Any) -> None:
     _network_flags(prof)
     prof.add_argument('--calibration', type=int, default=8,
                       help='random genotypes measured whole to fit the per-cell-type correction (default 8; 0: none)')
+    prof.add_argument('--holdout', type=int, default=0,
+                      help='also time N random genotypes with the probes, kept out of the fit, and print the '
+                           "model's error on them (default 0; the cache is then measured again)")
     prof.add_argument('--no-cache', action='store_true', help='measure again and leave the cache as it is')
     prof.add_argument('--out', help='also write the model to this JSON file')
     prof.set_defaults(func=_cmd_profile)

@@ -186,13 +186,27 @@ def _packed(genotype: Genotype, *, init_channels: int, layers: int, num_classes:
             block: Mapping[str, Any]):
     """The derived network of ``genotype`` on the packed engine (random weights: the kernels' time does not
     depend on the values)."""
-    net = BNASNetwork(genotype, init_channels=init_channels, layers=layers, num_classes=num_classes,
-                      dataset=_DATASET[family], **dict(block)).eval()
-    with torch.no_grad():      # a weight of exactly 0 (rare in a random init, not in 50 networks) has no sign
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.masked_fill_(m.weight == 0, 1e-3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = BNASNetwork(genotype, init_channels=init_channels, layers=layers, num_classes=num_classes,
+                          dataset=_DATASET[family], **dict(block)).eval()
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    _no_zero_signs(m.weight)
     return PackedNetwork(packed_description(describe_network(net)), source='latency probe')
+
+
+def _no_zero_signs(weight: torch.Tensor, tries: int = 8) -> None:
+    """Nudge the weights whose sign would be 0 -- exactly 0, or equal to their filter's mean over input
+    channels (XNOR centres the latent weights first; in fp32 that cancellation happens in about one network
+    of ten at C=16) -- so that every binarized filter is sign(W) times one scale, as the engine needs."""
+    for _ in range(tries):
+        centred = weight - weight.mean(dim=1, keepdim=True) if weight.dim() == 4 else weight
+        zero = (weight == 0) | (centred == 0)
+        if not bool(zero.any()):
+            return
+        weight.add_(zero.to(weight.dtype) * torch.rand_like(weight).add_(0.5) * 1e-3 * (1.0 + weight.abs().max()))
 
 
 def _time_all(nets: Sequence[Any], x: torch.Tensor, repeats: int) -> List[float]:
@@ -337,13 +351,17 @@ def measure_latency_model(*, ops: Sequence[str] = PRIMITIVES, num_nodes: int = 4
                           layers: int = 8, image_size: int = 32, num_classes: int = 10, family: str = 'cifar',
                           batch: int = 1, threads: int = 2, cache: bool = True, repeats: int = DEFAULT_REPEATS,
                           calibration: int = DEFAULT_CALIBRATION, block: Optional[Mapping[str, Any]] = None,
-                          seed: int = 0, progress=None) -> LatencyModel:
+                          seed: int = 0, holdout: Sequence[Genotype] = (), progress=None) -> LatencyModel:
     """Measure (or read from the cache) the latency model of the derived networks of a space on this machine.
 
     ``ops``/``num_nodes`` are the space's; ``init_channels``, ``layers``, ``image_size``, ``num_classes`` and
     ``family`` the derived network's; ``block`` the binary block options (``binarizer``, ``activation``,
     ``nonlinearity``, ``shortcut``) when not the paper's. ``calibration`` seeded random genotypes fit the
-    correction (0: none). ``progress`` (a callable taking a line) hears what is being measured.
+    correction (0: none). ``holdout`` genotypes are timed in the same round-robin but kept out of the fit: their
+    measured and predicted ms land in ``meta['holdout']``, the model's error on networks it has not seen, free of
+    the drift of the machine's speed between two timing sessions (on a shared VM, the same batch-32 networks
+    timed a minute apart differ by up to 15 %). ``progress`` (a callable taking a line) hears what is being
+    measured.
     """
     ops = _check_args(ops, num_nodes, init_channels, layers, image_size, num_classes, family, batch, threads,
                       repeats)
@@ -355,7 +373,8 @@ def measure_latency_model(*, ops: Sequence[str] = PRIMITIVES, num_nodes: int = 4
                            image_size=image_size, num_classes=num_classes, family=family, block=block)
     engine = engine_version()
     path = cache_path(machine, network, engine)
-    if cache and path.is_file():
+    holdout = list(holdout)
+    if cache and path.is_file() and not holdout:
         with contextlib.suppress(ConfigError):
             return LatencyModel.load(path)
     say = progress or (lambda line: None)
@@ -377,15 +396,17 @@ def measure_latency_model(*, ops: Sequence[str] = PRIMITIVES, num_nodes: int = 4
             probes.append((cls, op, changed))
     rng = random.Random(seed)
     calib = [random_genotype(ops, num_nodes, rng, name=f'calibration-{i}') for i in range(calibration)]
-    say(f'building {len(genotypes) + len(calib)} networks (C={init_channels}, {layers} cells, '
+    say(f'building {len(genotypes) + len(calib) + len(holdout)} networks (C={init_channels}, {layers} cells, '
         f'{image_size}x{image_size}, batch {batch}, {threads} threads)')
-    nets = [_packed(g, **build) for g in genotypes + calib]
+    nets = [_packed(g, **build) for g in genotypes + calib + holdout]
     x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     say(f'timing them {repeats} times each on the {machine["isa"]} path')
     with _threads(threads):
         times = _time_all(nets, x, repeats)
         fixed_parts = _fixed_parts(nets[min(range(BASE_COPIES), key=times.__getitem__)], x)
-    base_ms, probe_ms, calib_ms = min(times[:BASE_COPIES]), times[BASE_COPIES:len(genotypes)], times[len(genotypes):]
+    base_ms, probe_ms = min(times[:BASE_COPIES]), times[BASE_COPIES:len(genotypes)]
+    calib_ms = times[len(genotypes):len(genotypes) + len(calib)]
+    holdout_ms = times[len(genotypes) + len(calib):]
 
     per_slot: Dict[Tuple[str, str], float] = {}
     for (cls, op, changed), ms in zip(probes, probe_ms):
@@ -407,6 +428,12 @@ def measure_latency_model(*, ops: Sequence[str] = PRIMITIVES, num_nodes: int = 4
             'fixed_parts_ms': fixed_parts, 'fit': fit, 'measured_s': round(time.perf_counter() - started, 1),
             'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
     model = LatencyModel.from_tables(ops, num_nodes, edge_ms, base_ms + fit['offset_ms'], meta)
+    if holdout:
+        predicted = [model.predict(g) for g in holdout]
+        rel = [abs(p - m) / m for p, m in zip(predicted, holdout_ms)]
+        model.meta['holdout'] = {'genotypes': [str(g) for g in holdout], 'measured_ms': holdout_ms,
+                                 'predicted_ms': predicted,
+                                 'rel_error': {'median': float(np.median(rel)), 'worst': float(max(rel))}}
     if cache:
         model.save(path)
     return model
