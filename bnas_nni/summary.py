@@ -243,7 +243,14 @@ def format_summary(s: ModelSummary, title: str = '', verbose: bool = False) -> s
 
 # --------------------------------------------------------------------------- CLI
 
-_DEFAULT_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
+def _registered_classes(dataset: str) -> Optional[int]:
+    """The class count the dataset registry knows without reading data (ImageNet's 1000 from its family);
+    None for one that counts its folders (``folder``). An unknown name is one line listing the known ones."""
+    from .data import get_dataset_spec
+    spec = get_dataset_spec(dataset)
+    if spec.num_classes is not None:
+        return int(spec.num_classes)
+    return 1000 if spec.family == 'imagenet' else None
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -266,7 +273,7 @@ def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optio
     if model in configs:
         cfg = {**configs[model], **{k: v for k, v in overrides.items() if v is not None}}
         if dataset is not None and num_classes is None:
-            cfg['num_classes'] = _DEFAULT_CLASSES.get(dataset.lower(), cfg.get('num_classes', 10))
+            cfg['num_classes'] = _registered_classes(dataset) or cfg.get('num_classes', 10)
         label = model
     else:
         spec = genotype or model
@@ -285,7 +292,7 @@ def build_from_spec(model: str, *, genotype: Optional[str] = None, layers: Optio
                                   f'genotype name ({", ".join(list_genotypes())}) or genotype YAML file') from None
         ds = dataset or 'cifar10'
         cfg = {'genotype': g, 'dataset': ds, 'init_channels': init_channels or 36, 'layers': layers or 20,
-               'num_classes': num_classes or _DEFAULT_CLASSES.get(ds.lower(), 10)}
+               'num_classes': num_classes or _registered_classes(ds) or 10}
         if precision_rule is not None:
             cfg['precision_rule'] = precision_rule
         if binarizer is not None:

@@ -104,3 +104,21 @@ def test_sound_file_with_foreign_objects_keeps_the_re_save_fix(tmp_path):
     with pytest.raises(CheckpointError, match='re-save only its state_dict') as info:
         load_checkpoint_file(path)
     assert '_Custom' in str(info.value) and 'truncated' not in str(info.value)
+
+
+def test_summary_takes_class_counts_from_the_dataset_registry(capsys):
+    from bnas_nni.data import register_dataset
+    from bnas_nni.data.registry import DATASETS
+    assert main(['summary', 'bnas-a', '--dataset', 'cifar100']) == 0
+    assert '100 classes' in capsys.readouterr().out
+    assert main(['summary', 'latest_cell', '--dataset', 'imagenet', '--init-channels', '8', '--layers', '5']) == 0
+    assert '1000 classes' in capsys.readouterr().out
+    register_dataset('seven-classes', lambda options, split, augment, subset: None, num_classes=7)
+    try:
+        assert main(['summary', 'bnas-a', '--dataset', 'seven-classes']) == 0
+        assert '7 classes' in capsys.readouterr().out
+    finally:
+        DATASETS._items.pop('seven-classes', None)
+    assert main(['summary', 'bnas-a', '--dataset', 'cifar-1000']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and "unknown dataset 'cifar-1000'" in err and 'cifar100' in err
