@@ -208,3 +208,73 @@ def test_random_cells_are_uniform_draws_with_distinct_inputs():
     pairs = [tuple(j for _, j in c.normal[2:4]) for c in random_cells('bnas-tiny', 2000, seed=2)]
     counts = {p: pairs.count(p) for p in set(pairs)}
     assert set(counts) == {(0, 1), (0, 2), (1, 2)} and all(600 < n < 730 for n in counts.values()), counts
+
+
+def test_one_hot_alphas_select_exactly_the_cell():
+    import torch
+
+    from bnas_nni.genotypes import Genotype
+    from bnas_nni.ops import PRIMITIVES
+    from bnas_nni.study.ranking import one_hot_alphas
+
+    g = Genotype(normal=(('bin_conv_3x3', 0), ('max_pool_3x3', 1), ('zeroise', 0), ('bin_dil_conv_5x5', 2)),
+                 reduce=(('avg_pool_3x3', 1), ('bin_conv_5x5', 0), ('max_pool_3x3', 2), ('bin_conv_3x3', 1)))
+    alphas = one_hot_alphas(g, PRIMITIVES, 2)
+    rows = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    for t in ('normal', 'reduce'):
+        p = torch.softmax(alphas[t], dim=-1)
+        assert torch.allclose(p.max(dim=-1).values, torch.ones(5, dtype=p.dtype), atol=1e-20, rtol=0)
+        kept = {(k // 2, j): op for k, (op, j) in enumerate(g.cell(t))}
+        assert [PRIMITIVES[int(i)] for i in p.argmax(dim=-1)] == [kept.get(r, 'zeroise') for r in rows]
+    with pytest.raises(Exception, match='Zeroise'):
+        one_hot_alphas(g, [op for op in PRIMITIVES if op != 'zeroise'], 2)
+
+
+def test_supernet_ranks_the_study_cells_and_keeps_the_supernet_as_it_was(local_study, monkeypatch, capsys):
+    import torch
+
+    from bnas_nni.genotypes import load_genotype
+    from bnas_nni.study import ranking
+    from bnas_nni.study.arms import arm_costs
+    from bnas_nni.study.config import parse_study
+    from bnas_nni.study.report import write_report
+    from bnas_nni.study.results import StudyFiles
+
+    run_dir = local_study.root / 'ranked'
+    shutil.copytree(local_study.run_dir, run_dir)
+    study = parse_study({**TINY, 'supernet_ranking': {'images': 64, 'bn_batches': 2}})
+    assert study.supernet_ranking == {'arm': 'binary-darts', 'seed': 0, 'images': 64, 'bn_batches': 2}
+    files = StudyFiles(run_dir)
+    cells = ['binary-darts-s0', 'random-c00']
+
+    model, train, val_eval, batch = ranking._load_supernet(study, files, 'binary-darts', 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_batches = ranking._batches(train, 2, batch, seed=0)
+    eval_batches = ranking._batches(val_eval, 2, batch, seed=None)
+    results = [ranking.supernet_cell_accuracy(model, load_genotype(str(run_dir / 'cells' / f'{c}.yaml')),
+                                              train_batches=train_batches, eval_batches=eval_batches) for c in cells]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)        # alphas and BN statistics restored
+    assert results[0][1] != results[1][1]                               # the cells really differ inside it
+    again = ranking.supernet_cell_accuracy(model, load_genotype(str(run_dir / 'cells' / f'{cells[0]}.yaml')),
+                                           train_batches=train_batches, eval_batches=eval_batches)
+    assert again == results[0]
+
+    saved = ranking.rank_cells(study, files, cells, log=lambda line: None)
+    assert set(saved['cells']) == set(cells) and saved['key'] == study.supernet_ranking
+    assert all(0.0 <= v['top1'] <= 100.0 for v in saved['cells'].values())
+    assert saved['cells']['binary-darts-s0']['loss'] == pytest.approx(results[0][1], rel=1e-5)   # 64 images
+    monkeypatch.setattr(ranking, '_load_supernet', lambda *a: pytest.fail('the cached ranking must be reused'))
+    assert ranking.rank_cells(study, files, cells, log=lambda line: None) == saved
+    summary = write_report(study, files, files.read_csv(), arm_costs(study))
+    rank = summary['supernet_ranking']
+    assert rank['cells'] == 2 and abs(rank['tau']) == pytest.approx(1.0)
+    assert 'Supernet ranking: Kendall τ' in (run_dir / 'report.md').read_text()
+
+
+def test_supernet_ranking_needs_a_binary_darts_arm(tmp_path, capsys):
+    config = _write(tmp_path / 'bad.yaml', {**TINY, 'supernet_ranking': {'arm': 'random'}})
+    assert main(['study', '--config', str(config), '--run-dir', str(tmp_path / 'run'), '--local']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "supernet_ranking: arm 'random' is not a binary-darts arm" in err
+    assert not (tmp_path / 'run').exists()

@@ -25,7 +25,7 @@ from ..search.run import resolve_search_config
 from ..search.strategies import get_strategy_spec
 from ..train.runner import resolve_train_config
 
-__all__ = ['StudyConfig', 'Arm', 'STUDY_KEYS', 'ARM_KEYS', 'PROTOCOL_KEYS', 'load_study_config',
+__all__ = ['StudyConfig', 'Arm', 'STUDY_KEYS', 'ARM_KEYS', 'PROTOCOL_KEYS', 'RANKING_KEYS', 'load_study_config',
            'RANDOM_ARM_KIND', 'FIXED_SEARCH', 'FIXED_TRAIN']
 
 #: top-level keys of a study YAML and their help (the guide's reference table is this table)
@@ -46,6 +46,15 @@ STUDY_KEYS: Dict[str, str] = {
     'port': 'NNI manager / web UI port on 127.0.0.1; None: a free one',
     'max_duration': 'time budget of the NNI experiment, e.g. 3h',
     'latency_table': 'a bnas_nni.latency model (JSON) for a latency column; None: no latency',
+    'supernet_ranking': "rank every cell with the one-shot supernet of one search: {arm, seed, images, "
+                        "bn_batches}; Kendall tau against the cells' stand-alone top-1; None: off",
+}
+#: keys of supernet_ranking and their help
+RANKING_KEYS: Dict[str, str] = {
+    'arm': 'a binary-darts arm of the study whose supernet ranks the cells',
+    'seed': 'which of its search seeds (default: its first)',
+    'images': 'validation images of the one-shot top-1 (default 1024)',
+    'bn_batches': 'training batches the BN statistics are re-estimated on, per cell (default 8)',
 }
 ARM_KEYS: Dict[str, str] = {
     'name': 'arm name in tables and plots (default: the strategy, or random)',
@@ -114,6 +123,7 @@ class StudyConfig:
     port: Optional[int] = None
     max_duration: str = '24h'
     latency_table: Optional[str] = None
+    supernet_ranking: Optional[Dict[str, Any]] = None
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -153,11 +163,12 @@ class StudyConfig:
                 'protocol': {'config': self.train_config, 'train': dict(self.train), 'seeds': list(self.train_seeds)},
                 'budget_tolerance': self.budget_tolerance, 'bootstrap_samples': self.bootstrap_samples,
                 'stats_seed': self.stats_seed, 'trial_concurrency': self.trial_concurrency, 'port': self.port,
-                'max_duration': self.max_duration, 'latency_table': self.latency_table}
+                'max_duration': self.max_duration, 'latency_table': self.latency_table,
+                'supernet_ranking': None if self.supernet_ranking is None else dict(self.supernet_ranking)}
 
 
 #: keys that a continued study may change (how it runs, not what it computes)
-RESUME_FREE = ('description', 'trial_concurrency', 'port', 'max_duration')
+RESUME_FREE = ('description', 'trial_concurrency', 'port', 'max_duration', 'supernet_ranking')
 
 
 def _unknown(where: str, given: Mapping[str, Any], allowed: Mapping[str, str]) -> None:
@@ -257,6 +268,25 @@ def _number(raw: Mapping[str, Any], key: str, default: Any, kind: type, minimum:
     return number
 
 
+def _parse_ranking(raw: Any, arms: List[Arm]) -> Optional[Dict[str, Any]]:
+    if raw in (None, False):
+        return None
+    spec = _mapping(raw, 'supernet_ranking')
+    _unknown('supernet_ranking', spec, RANKING_KEYS)
+    one_shot = [a for a in arms if not a.is_random and get_strategy_spec(a.strategy).runner == 'driver']
+    name = spec.get('arm', one_shot[0].name if one_shot else None)
+    arm = next((a for a in one_shot if a.name == name), None)
+    if arm is None:
+        raise ConfigError(f'supernet_ranking: arm {name!r} is not a binary-darts arm of the study; choose one of '
+                          f'{", ".join(a.name for a in one_shot) or "(none: add a binary-darts arm)"}')
+    seed = spec.get('seed', arm.seeds[0])
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed not in arm.seeds:
+        raise ConfigError(f'supernet_ranking: seed {seed!r} is not a search seed of arm {arm.name!r} '
+                          f'({", ".join(map(str, arm.seeds))})')
+    return {'arm': arm.name, 'seed': int(seed), 'images': _number(spec, 'images', 1024, int, 1),
+            'bn_batches': _number(spec, 'bn_batches', 8, int, 0)}
+
+
 def parse_study(raw: Mapping[str, Any], *, source: str = 'study', base: Optional[Path] = None) -> StudyConfig:
     """Validate a study mapping (a loaded YAML); see the module docstring for what is checked."""
     if not isinstance(raw, Mapping):
@@ -301,7 +331,8 @@ def parse_study(raw: Mapping[str, Any], *, source: str = 'study', base: Optional
         bootstrap_samples=_number(raw, 'bootstrap_samples', 10000, int, 100),
         stats_seed=_number(raw, 'stats_seed', 0, int, 0), trial_concurrency=concurrency, port=port,
         max_duration=str(raw.get('max_duration') or '24h'),
-        latency_table=_find_file(raw.get('latency_table'), 'latency_table', base))
+        latency_table=_find_file(raw.get('latency_table'), 'latency_table', base),
+        supernet_ranking=_parse_ranking(raw.get('supernet_ranking'), arms))
     check_resolves(cfg)
     return cfg
 

@@ -16,7 +16,7 @@ import json
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from ..io import atomic_path, atomic_write_text, load_yaml
 from . import stats
 from .arms import Cost, arm_costs
 from .config import StudyConfig, parse_study
+from .ranking import RANKING_FILE
 from .results import StudyFiles
 
 __all__ = ['budget_table', 'measured_table', 'summarize_study', 'write_report', 'write_plots', 'redraw', 'PLOTS']
@@ -79,8 +80,10 @@ def _cell_means(rows: Sequence[Dict[str, Any]]) -> 'OrderedDict[str, Dict[str, A
 
 
 def summarize_study(study: StudyConfig, rows: Sequence[Dict[str, Any]], costs: Sequence[Cost],
-                    search_meta: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """The numbers of the report (see the module docstring); ``search_meta``: cell -> its cells/<cell>.json."""
+                    search_meta: Dict[str, Dict[str, Any]],
+                    ranking: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The numbers of the report (see the module docstring); ``search_meta``: cell -> its cells/<cell>.json;
+    ``ranking``: the one-shot accuracies of :func:`bnas_nni.study.ranking.rank_cells`, if any."""
     cells = _cell_means(rows)
     by_arm = {a.name: [c['mean'] for c in cells.values() if c['arm'] == a.name] for a in study.arms}
     base = by_arm.get(study.baseline) if study.baseline else None
@@ -128,6 +131,12 @@ def summarize_study(study: StudyConfig, rows: Sequence[Dict[str, Any]], costs: S
         both = [c for c in cells.values() if s0 in c['seeds'] and s1 in c['seeds']]
         tau, p = stats.kendall_tau([c['seeds'][s0] for c in both], [c['seeds'][s1] for c in both])
         summary['seed_rank_tau'] = {'seeds': [s0, s1], 'cells': len(both), 'tau': _num(tau), 'p': _num(p)}
+    if ranking and ranking.get('cells'):
+        ranked = [n for n in cells if n in ranking['cells']]
+        one_shot = [ranking['cells'][n]['top1'] for n in ranked]
+        tau, p = stats.kendall_tau(one_shot, [cells[n]['mean'] for n in ranked])
+        summary['supernet_ranking'] = {**ranking['key'], 'cells': len(ranked), 'tau': _num(tau), 'p': _num(p),
+                                       'one_shot_top1': {n: _num(v) for n, v in zip(ranked, one_shot)}}
     return summary
 
 
@@ -171,10 +180,20 @@ def report_markdown(study: StudyConfig, summary: Dict[str, Any]) -> str:
         lines.append(f"Protocol ranking stability: Kendall τ = {_fmt(tau['tau'], '.3f')} (p {_fmt(tau['p'], '.3f')}) "
                      f"between training seeds {tau['seeds'][0]} and {tau['seeds'][1]} over {tau['cells']} cells.")
         lines.append('')
+    rank = summary.get('supernet_ranking')
+    if rank:
+        lines.append(f"Supernet ranking: Kendall τ = {_fmt(rank['tau'], '.3f')} (p {_fmt(rank['p'], '.3f')}) between "
+                     f"the one-shot top-1 of {rank['cells']} cells in the supernet of {rank['arm']} seed "
+                     f"{rank['seed']} ({rank['images']} validation images, BN re-estimated on {rank['bn_batches']} "
+                     'batches) and their stand-alone top-1.')
+        lines.append('')
     lines.append('Per cell (mean top-1 over training seeds):')
     lines.append('')
+    one_shot = (rank or {}).get('one_shot_top1', {})
     for a in summary['arms']:
-        lines.append(f"- {a['arm']}: " + ', '.join(f'{c} {_fmt(v)}' for c, v in a['cell_top1'].items()))
+        lines.append(f"- {a['arm']}: " + ', '.join(
+            f'{c} {_fmt(v)}' + (f' (one-shot {_fmt(one_shot[c])})' if one_shot.get(c) is not None else '')
+            for c, v in a['cell_top1'].items()))
     lines += ['', '![accuracy per arm](accuracy_per_arm.png)', '', '![accuracy vs cost](accuracy_vs_cost.png)', '']
     return '\n'.join(lines)
 
@@ -250,10 +269,22 @@ def _search_meta(study: StudyConfig, files: StudyFiles, rows: Sequence[Dict[str,
     return meta
 
 
+def _saved_ranking(study: StudyConfig, files: StudyFiles) -> Optional[Dict[str, Any]]:
+    """``ranking.json`` when the study asks for a supernet ranking and the file holds that one."""
+    path = files.root / RANKING_FILE
+    if not study.supernet_ranking or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if saved.get('key') == dict(study.supernet_ranking) else None
+
+
 def write_report(study: StudyConfig, files: StudyFiles, rows: Sequence[Dict[str, Any]],
                  costs: Sequence[Cost]) -> Dict[str, Any]:
     """``summary.json``, ``report.md`` and the plots; returns the summary."""
-    summary = summarize_study(study, rows, costs, _search_meta(study, files, rows))
+    summary = summarize_study(study, rows, costs, _search_meta(study, files, rows), _saved_ranking(study, files))
     atomic_write_text(files.summary_path, json.dumps(summary, indent=1) + '\n')
     atomic_write_text(files.report_path, report_markdown(study, summary))
     if rows:

@@ -22,6 +22,7 @@ from .cells import ensure_cells, plan_jobs
 from .config import RESUME_FREE, StudyConfig, parse_study
 from .jobs import train_job
 from .nni_trials import run_experiment
+from .ranking import rank_cells
 from .report import budget_table, measured_table, write_report
 from .results import StudyFiles
 
@@ -81,6 +82,7 @@ def run_study(study: StudyConfig, run_dir: Optional[str | Path] = None, *, local
                                       'same command to continue')
         rows = files.rows(jobs)
         files.write_csv(rows)
+        rank_cells(study, files, list(dict.fromkeys(j.cell for j in jobs)), log)
         summary = write_report(study, files, rows, costs)
         log(f'study {study.name}: {len(rows)} trainings in results.csv; report {files.report_path} '
             f'({time.time() - t0:.0f} s this run)')
