@@ -6,6 +6,11 @@
 // per forward pass) the per-call overhead and the thread wake-ups between ops cost more than the
 // XNOR/popcount arithmetic. The kernels are the same ones (kernels_<isa>.cpp), called on one image at a
 // time, in the same order of float operations as the per-op path: the two give the same bits.
+//
+// A unit may have the react block's epilogue (set_epilogue): the conv output goes to a per-thread buffer,
+// then the real-valued shortcut (identity, or the 2x2 ceil-mode average pool without padding) is added and
+// (R)PReLU or ReLU applied, element by element with the float operations of the float model's PyTorch ops
+// in their order (no contraction: built with -ffp-contract=off), before the result goes into the node.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -21,6 +26,8 @@
 namespace bnas_deploy {
 namespace {
 
+enum Shortcut : int64_t { kNoShortcut = 0, kIdentityShortcut = 1, kPoolShortcut = 2 };
+
 // BN -> sign -> binary conv -> (ReLU), the BN folded into thresholds (see engine.cpp's binary_conv).
 struct Unit {
   torch::Tensor t_zero, t_pos, flip, words, alpha;
@@ -28,6 +35,11 @@ struct Unit {
   bool relu;
   bool columns = false;             // column-packed (kernels.h): KH x 1 columns of column_words words
   std::vector<uint64_t> wcols;      // the weights in that layout
+  // the react epilogue (set_epilogue): shortcut, then (y - gamma) -> prelu(slope) -> + zeta, else ReLU
+  int64_t shortcut = kNoShortcut;
+  bool prelu = false;
+  torch::Tensor gamma, slope, zeta;   // [out_ch] float32; gamma and zeta undefined when absent
+  bool epilogue() const { return prelu || shortcut != kNoShortcut; }
   int64_t out_size(int64_t n, int64_t k) const { return (n + 2 * pad - dil * (k - 1) - 1) / stride + 1; }
 };
 
@@ -114,6 +126,34 @@ class CellProgram {
     for (int64_t i = 0; i < nnodes; ++i) stored_[i] = stored_[i] || !zero_node[i];
   }
 
+  // The react block's epilogue of unit `unit`: shortcut 0 none, 1 identity (stride 1), 2 average pool 2x2
+  // (stride 2, ceil mode, padding not counted); then with `prelu`: y - gamma (if defined), prelu(slope),
+  // + zeta (if defined); without: the unit's ReLU flag applies after the shortcut. Undefined or empty
+  // tensors are absent.
+  void set_epilogue(int64_t unit, int64_t shortcut, bool prelu, const torch::Tensor& gamma,
+                    const torch::Tensor& slope, const torch::Tensor& zeta) {
+    TORCH_CHECK(unit >= 0 && unit < static_cast<int64_t>(units_.size()), "cell program: bad epilogue unit");
+    TORCH_CHECK(shortcut >= kNoShortcut && shortcut <= kPoolShortcut, "cell program: unknown shortcut ", shortcut);
+    Unit& u = units_[unit];
+    TORCH_CHECK(shortcut == kNoShortcut || (u.in_ch == u.out_ch && u.stride == (shortcut == kPoolShortcut ? 2 : 1)),
+                "cell program: a shortcut needs as many output as input channels and stride 1 (identity) or 2 "
+                "(average pool)");
+    auto vec = [&](const torch::Tensor& t, bool required, const char* what) {
+      if (!t.defined() || (!required && t.numel() == 0)) {
+        TORCH_CHECK(!required, "cell program: the epilogue needs ", what);
+        return torch::Tensor();
+      }
+      TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == u.out_ch,
+                  "cell program: ", what, " must be contiguous float32 with one entry per output channel");
+      return t;
+    };
+    u.shortcut = shortcut;
+    u.prelu = prelu;
+    u.gamma = prelu ? vec(gamma, false, "gamma") : torch::Tensor();
+    u.slope = prelu ? vec(slope, true, "a prelu slope") : torch::Tensor();
+    u.zeta = prelu ? vec(zeta, false, "zeta") : torch::Tensor();
+  }
+
   // Entries of the `times` vector of run(): preprocess0, preprocess1, each op, then concat + residual.
   int64_t timing_slots() const { return 3 + static_cast<int64_t>(ops_.size()); }
 
@@ -165,6 +205,22 @@ class CellProgram {
     };
     plane_size(u0, s0.size(2), s0.size(3));
     plane_size(u1, H, W);
+    // an epilogue's conv output goes to a per-thread buffer first; a shortcut needs the conv to keep the map
+    // (identity) or to give the 2x2 ceil-mode pool's map (average pool), as the float model's add does
+    int64_t epilogue_floats = 0, epilogue_ch = 0;
+    auto epilogue_size = [&](const Unit& u, int64_t ih, int64_t iw) {
+      if (!u.epilogue()) return;
+      const int64_t oh = u.out_size(ih, u.kh), ow = u.out_size(iw, u.kw);
+      epilogue_floats = std::max(epilogue_floats, oh * ow * u.out_ch);
+      epilogue_ch = std::max(epilogue_ch, u.out_ch);
+      if (u.shortcut == kIdentityShortcut)
+        TORCH_CHECK(oh == ih && ow == iw, "cell program: an identity shortcut needs the conv to keep the map size");
+      if (u.shortcut == kPoolShortcut)
+        TORCH_CHECK(oh == (ih + 1) / 2 && ow == (iw + 1) / 2,
+                    "cell program: a pooled shortcut needs the conv's output of the 2x2 average pool's size");
+    };
+    epilogue_size(u0, s0.size(2), s0.size(3));
+    epilogue_size(u1, H, W);
     const int64_t nnodes = static_cast<int64_t>(ops_.size() / 2);
     for (const Op& o : ops_) {
       const bool on_input = o.input < 2;
@@ -175,6 +231,7 @@ class CellProgram {
         TORCH_CHECK(u.in_ch == C_ && u.out_ch == C_ && u.out_size(ih, u.kh) == OH && u.out_size(iw, u.kw) == OW,
                     "cell program: an op's convolution does not map its input to the node's shape");
         plane_size(u, ih, iw);
+        epilogue_size(u, ih, iw);
       } else if (o.kind != kZeroise) {
         TORCH_CHECK((ih - 1) / o.stride + 1 == OH && (iw - 1) / o.stride + 1 == OW,
                     "cell program: a pool's stride does not map its input to the node's shape");
@@ -189,6 +246,7 @@ class CellProgram {
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       std::vector<uint64_t> planes(plane_words), cols(column_plane_words);
       std::vector<float> buf(2 * state + scratch_nodes * node);
+      std::vector<float> ybuf(epilogue_floats), vals(epilogue_ch), sums(epilogue_ch);
       std::vector<double> local(time_acc ? nslots : 0, 0.0);
       auto tick = [&](Clock::time_point& t0, int64_t slot) {
         if (!time_acc) return;
@@ -197,6 +255,51 @@ class CellProgram {
         t0 = t1;
       };
       // one unit on one image: pack the whole (padded) image, then convolve every output row
+      // the react epilogue of unit u on one image: yb holds the conv output [y.H][y.W][O] (see set_epilogue)
+      auto epilogue_on = [&](const Unit& u, const ConstView& x, const float* yb, const View& y, bool accumulate) {
+        const int64_t O = u.out_ch;
+        const float* gamma = u.gamma.defined() ? u.gamma.data_ptr<float>() : nullptr;
+        const float* slope = u.prelu ? u.slope.data_ptr<float>() : nullptr;
+        const float* zeta = u.zeta.defined() ? u.zeta.data_ptr<float>() : nullptr;
+        const bool relu = !u.prelu && u.relu;
+        float* v = vals.data();
+        float* s = sums.data();
+        for (int64_t h = 0; h < y.H; ++h)
+          for (int64_t w = 0; w < y.W; ++w) {
+            const float* yp = yb + (h * y.W + w) * O;
+            if (u.shortcut == kIdentityShortcut) {             // y + x
+              const float* xp = x.data + h * x.sH + w * x.sW;
+              for (int64_t c = 0; c < O; ++c) v[c] = yp[c] + xp[c];
+            } else if (u.shortcut == kPoolShortcut) {          // y + avg_pool2d(x, 2, 2, ceil_mode=True)
+              // as PyTorch's CPU kernel: a float sum from 0 over the valid window, row by row, / its size
+              const int64_t h0 = 2 * h, h1 = std::min(h0 + 2, x.H), w0 = 2 * w, w1 = std::min(w0 + 2, x.W);
+              for (int64_t c = 0; c < O; ++c) s[c] = 0.0f;
+              for (int64_t ih = h0; ih < h1; ++ih)
+                for (int64_t iw = w0; iw < w1; ++iw) {
+                  const float* xp = x.data + ih * x.sH + iw * x.sW;
+                  for (int64_t c = 0; c < O; ++c) s[c] += xp[c];
+                }
+              const float count = static_cast<float>((h1 - h0) * (w1 - w0));
+              for (int64_t c = 0; c < O; ++c) v[c] = yp[c] + s[c] / count;
+            } else {
+              for (int64_t c = 0; c < O; ++c) v[c] = yp[c];
+            }
+            if (u.prelu) {
+              if (gamma)
+                for (int64_t c = 0; c < O; ++c) v[c] = v[c] - gamma[c];
+              for (int64_t c = 0; c < O; ++c) v[c] = v[c] > 0.0f ? v[c] : slope[c] * v[c];
+              if (zeta)
+                for (int64_t c = 0; c < O; ++c) v[c] = v[c] + zeta[c];
+            } else if (relu) {
+              for (int64_t c = 0; c < O; ++c) v[c] = v[c] > 0.0f ? v[c] : 0.0f;
+            }
+            float* op = y.data + h * y.row + w * y.px;
+            if (accumulate)
+              for (int64_t c = 0; c < O; ++c) op[c] = op[c] + v[c];
+            else
+              for (int64_t c = 0; c < O; ++c) op[c] = v[c];
+          }
+      };
       auto unit_on = [&](const Unit& u, const ConstView& x, const View& y, bool accumulate) {
         const int64_t Kw = (u.in_ch + 63) / 64, Hp = x.H + 2 * u.pad, Wp = x.W + 2 * u.pad;
         if (u.pad > 0) std::memset(planes.data(), 0, sizeof(uint64_t) * Hp * Wp * Kw * 2);  // else all packed
@@ -204,9 +307,12 @@ class CellProgram {
                    u.t_pos.data_ptr<float>(), reinterpret_cast<const uint32_t*>(u.flip.data_ptr<int32_t>()),
                    planes.data(), Kw, Hp, Wp, u.pad};
         pack_fn(p, 0, x.H);
+        // with an epilogue: the plain conv output (no ReLU) into ybuf, [y.H][y.W][out_ch]
+        const bool epi = u.epilogue();
         ConvArgs c{planes.data(), 1, Hp, Wp, Kw, reinterpret_cast<const uint64_t*>(u.words.data_ptr<int64_t>()),
-                   u.alpha.data_ptr<float>(), u.out_ch, u.words.size(1), u.kh, u.kw, u.stride, u.dil, y.data,
-                   y.H, y.W, 0, y.row, y.px, u.relu ? 1 : 0, accumulate ? 1 : 0};
+                   u.alpha.data_ptr<float>(), u.out_ch, u.words.size(1), u.kh, u.kw, u.stride, u.dil,
+                   epi ? ybuf.data() : y.data, y.H, y.W, 0, epi ? y.W * u.out_ch : y.row, epi ? u.out_ch : y.px,
+                   (u.relu && !epi) ? 1 : 0, (accumulate && !epi) ? 1 : 0};
         if (u.columns) {
           column_rows(planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, cols.data(), 0, Hp);
           c.act = cols.data();
@@ -217,6 +323,7 @@ class CellProgram {
           c.wstride = 1;
         }
         conv_fn(c, 0, y.H);
+        if (epi) epilogue_on(u, x, ybuf.data(), y, accumulate);
       };
       auto as_input = [](const View& v) { return ConstView{v.data, v.C, v.H, v.W, 1, v.row, v.px}; };
       for (int64_t n = b; n < e; ++n) {
@@ -313,12 +420,14 @@ class CellProgram {
 };
 
 void bind_cell_program(pybind11::module& m) {
-  pybind11::class_<CellProgram>(m, "CellProgram", "an all-binary cell run image by image in one call")
+  pybind11::class_<CellProgram>(m, "CellProgram", "an all-binary cell (paper or react block) run image by image in one call")
       .def(pybind11::init<const std::vector<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                                                         torch::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t,
                                                         int64_t, int64_t, bool>>&,
                           int64_t, int64_t, const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>&,
                           std::vector<int64_t>, int64_t, int64_t, bool>())
+      .def("set_epilogue", &CellProgram::set_epilogue, pybind11::arg("unit"), pybind11::arg("shortcut"),
+           pybind11::arg("prelu"), pybind11::arg("gamma"), pybind11::arg("slope"), pybind11::arg("zeta"))
       .def("timing_slots", &CellProgram::timing_slots)
       .def("run", &CellProgram::run, pybind11::arg("s0"), pybind11::arg("s1"), pybind11::arg("out"),
            pybind11::arg("res"), pybind11::arg("isa"), pybind11::arg("times"));
