@@ -281,6 +281,11 @@ def _prim_fn(p: Dict[str, Any], where: str):
 _SHORTCUTS = {None: 0, 'identity': 1, 'avg_pool': 2}
 
 
+def _flat(t: Optional[torch.Tensor]) -> torch.Tensor:
+    """A per-channel vector as the cell program takes it (an empty tensor: absent)."""
+    return torch.empty(0) if t is None else t.reshape(-1).contiguous()
+
+
 class _Cell:
     def __init__(self, d: Dict[str, Any]) -> None:
         self.name = d['name']
@@ -330,13 +335,11 @@ class _Cell:
                     ops.append((2 if op.is_max else 3, -1, op.stride, idx))
             program = kernels.extension().CellProgram(
                 specs, 0, 1, ops, self.concat, self.C, 2 if self.reduction else 1, self.residual == 'identity')
-            none = torch.empty(0)
             for i, u in enumerate(units):
                 if u.epilogue:
                     p = u.prelu or {}
-                    flat = lambda t: none if t is None else t.reshape(-1).contiguous()  # noqa: E731
-                    program.set_epilogue(i, _SHORTCUTS[u.shortcut], u.prelu is not None, flat(p.get('gamma')),
-                                         flat(p.get('slope')), flat(p.get('zeta')))
+                    program.set_epilogue(i, _SHORTCUTS[u.shortcut], u.prelu is not None, _flat(p.get('gamma')),
+                                         _flat(p.get('slope')), _flat(p.get('zeta')))
             self._program = program
         return self._program
 
