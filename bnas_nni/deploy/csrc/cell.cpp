@@ -10,7 +10,8 @@
 // A unit may have the react block's epilogue (set_epilogue): the conv output goes to a per-thread buffer,
 // then the real-valued shortcut (identity, or the 2x2 ceil-mode average pool without padding) is added and
 // (R)PReLU or ReLU applied, element by element with the float operations of the float model's PyTorch ops
-// in their order (no contraction: built with -ffp-contract=off), before the result goes into the node.
+// in their order (no contraction: built with -ffp-contract=off), before the result goes into the node; the
+// elementwise part runs over whole rows, vectorised for the path's instruction set (EpilogueRow).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -39,6 +40,8 @@ struct Unit {
   int64_t shortcut = kNoShortcut;
   bool prelu = false;
   torch::Tensor gamma, slope, zeta;   // [out_ch] float32; gamma and zeta undefined when absent
+  std::vector<float> tiled_gamma, tiled_slope, tiled_zeta;   // tiled to `tile` entries (see EpilogueRow)
+  int64_t tile = 0;
   bool epilogue() const { return prelu || shortcut != kNoShortcut; }
   int64_t out_size(int64_t n, int64_t k) const { return (n + 2 * pad - dil * (k - 1) - 1) / stride + 1; }
 };
@@ -61,6 +64,63 @@ struct ConstView {
 };
 
 using Clock = std::chrono::steady_clock;
+
+// One row of the react epilogue: out[j] (+)= f(y[j] (+ add[j])) for j < n, n a whole number of pixels of O
+// channels, the per-channel vectors tiled to T = a multiple of O entries (pixel-aligned chunks of T).
+// f: v - gamma -> (v > 0 ? v : slope * v) -> + zeta, or ReLU. An absent gamma is tiled as +0 and an absent
+// zeta as -0, which leave every float unchanged (x - +0 = x and x + -0 = x, signed zeros included); no
+// (R)PReLU and no ReLU is slope 1 (1 * v = v). Each element gets the float model's operations in its order.
+struct EpilogueRow {
+  const float* y;
+  const float* add;           // the shortcut term, or nullptr
+  const float* gamma;         // [T] each
+  const float* slope;
+  const float* zeta;
+  float* out;
+  int64_t n, T;
+};
+
+template <bool kAdd, bool kRelu, bool kAccumulate>
+inline __attribute__((always_inline)) void epilogue_row_body(const EpilogueRow& a) {
+  for (int64_t i0 = 0; i0 < a.n; i0 += a.T) {
+    const int64_t m = a.n - i0 < a.T ? a.n - i0 : a.T;
+    const float* __restrict__ y = a.y + i0;
+    const float* __restrict__ add = kAdd ? a.add + i0 : nullptr;
+    float* __restrict__ out = a.out + i0;
+    const float* __restrict__ gamma = a.gamma;
+    const float* __restrict__ slope = a.slope;
+    const float* __restrict__ zeta = a.zeta;
+    for (int64_t j = 0; j < m; ++j) {
+      float v = y[j];
+      if (kAdd) v = v + add[j];
+      if (kRelu) {
+        v = v > 0.0f ? v : 0.0f;
+      } else {
+        v = v - gamma[j];
+        v = v > 0.0f ? v : slope[j] * v;
+        v = v + zeta[j];
+      }
+      out[j] = kAccumulate ? out[j] + v : v;
+    }
+  }
+}
+
+// the eight variants, compiled for the instruction set of the caller's path (plain loops only: no torch or
+// standard-library code is emitted with AVX2/AVX-512 instructions, see kernels.h)
+#define BNAS_EPILOGUE_ROW(attr, name)                                              \
+  attr static void name(const EpilogueRow& a, bool add, bool relu, bool acc) {    \
+    if (add) {                                                                     \
+      if (relu) acc ? epilogue_row_body<true, true, true>(a) : epilogue_row_body<true, true, false>(a);      \
+      else acc ? epilogue_row_body<true, false, true>(a) : epilogue_row_body<true, false, false>(a);         \
+    } else {                                                                       \
+      if (relu) acc ? epilogue_row_body<false, true, true>(a) : epilogue_row_body<false, true, false>(a);    \
+      else acc ? epilogue_row_body<false, false, true>(a) : epilogue_row_body<false, false, false>(a);       \
+    }                                                                              \
+  }
+BNAS_EPILOGUE_ROW(, epilogue_row_portable)
+BNAS_EPILOGUE_ROW(__attribute__((target("avx2"))), epilogue_row_avx2)
+BNAS_EPILOGUE_ROW(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))), epilogue_row_avx512)
+#undef BNAS_EPILOGUE_ROW
 
 }  // namespace
 
@@ -152,6 +212,17 @@ class CellProgram {
     u.gamma = prelu ? vec(gamma, false, "gamma") : torch::Tensor();
     u.slope = prelu ? vec(slope, true, "a prelu slope") : torch::Tensor();
     u.zeta = prelu ? vec(zeta, false, "zeta") : torch::Tensor();
+    // the vectors tiled over whole pixels (about 256 floats) for the flat rows of EpilogueRow
+    const int64_t O = u.out_ch;
+    u.tile = O * std::max<int64_t>(1, 256 / O);
+    u.tiled_gamma.assign(u.tile, 0.0f);
+    u.tiled_slope.assign(u.tile, 1.0f);
+    u.tiled_zeta.assign(u.tile, -0.0f);
+    for (int64_t i = 0; i < u.tile; ++i) {
+      if (u.gamma.defined()) u.tiled_gamma[i] = u.gamma.data_ptr<float>()[i % O];
+      if (prelu) u.tiled_slope[i] = u.slope.data_ptr<float>()[i % O];
+      if (u.zeta.defined()) u.tiled_zeta[i] = u.zeta.data_ptr<float>()[i % O];
+    }
   }
 
   // Entries of the `times` vector of run(): preprocess0, preprocess1, each op, then concat + residual.
@@ -193,6 +264,7 @@ class CellProgram {
     auto pack_fn = isa == 2 ? pack_rows_avx512 : isa == 1 ? pack_rows_avx2 : pack_rows_portable;
     auto conv_fn = isa == 2 ? conv_rows_avx512 : isa == 1 ? conv_rows_avx2 : conv_rows_portable;
     auto pool_fn = isa == 2 ? pool_rows_avx512 : isa == 1 ? pool_rows_avx2 : pool_rows_portable;
+    auto epilogue_fn = isa == 2 ? epilogue_row_avx512 : isa == 1 ? epilogue_row_avx2 : epilogue_row_portable;
 
     // scratch of one thread: the largest bit planes of any unit, the two preprocessed states, and the
     // nodes that are not written straight into the output
@@ -207,12 +279,11 @@ class CellProgram {
     plane_size(u1, H, W);
     // an epilogue's conv output goes to a per-thread buffer first; a shortcut needs the conv to keep the map
     // (identity) or to give the 2x2 ceil-mode pool's map (average pool), as the float model's add does
-    int64_t epilogue_floats = 0, epilogue_ch = 0;
+    int64_t epilogue_floats = 0;
     auto epilogue_size = [&](const Unit& u, int64_t ih, int64_t iw) {
       if (!u.epilogue()) return;
       const int64_t oh = u.out_size(ih, u.kh), ow = u.out_size(iw, u.kw);
       epilogue_floats = std::max(epilogue_floats, oh * ow * u.out_ch);
-      epilogue_ch = std::max(epilogue_ch, u.out_ch);
       if (u.shortcut == kIdentityShortcut)
         TORCH_CHECK(oh == ih && ow == iw, "cell program: an identity shortcut needs the conv to keep the map size");
       if (u.shortcut == kPoolShortcut)
@@ -246,7 +317,7 @@ class CellProgram {
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       std::vector<uint64_t> planes(plane_words), cols(column_plane_words);
       std::vector<float> buf(2 * state + scratch_nodes * node);
-      std::vector<float> ybuf(epilogue_floats), vals(epilogue_ch), sums(epilogue_ch);
+      std::vector<float> ybuf(epilogue_floats), abuf(epilogue_floats);
       std::vector<double> local(time_acc ? nslots : 0, 0.0);
       auto tick = [&](Clock::time_point& t0, int64_t slot) {
         if (!time_acc) return;
@@ -255,50 +326,44 @@ class CellProgram {
         t0 = t1;
       };
       // one unit on one image: pack the whole (padded) image, then convolve every output row
-      // the react epilogue of unit u on one image: yb holds the conv output [y.H][y.W][O] (see set_epilogue)
+      // the react epilogue of unit u on one image: yb holds the conv output [y.H][y.W][O] (see set_epilogue);
+      // the shortcut term goes to abuf (the pool) or is read in place (the identity on a dense input)
       auto epilogue_on = [&](const Unit& u, const ConstView& x, const float* yb, const View& y, bool accumulate) {
-        const int64_t O = u.out_ch;
-        const float* gamma = u.gamma.defined() ? u.gamma.data_ptr<float>() : nullptr;
-        const float* slope = u.prelu ? u.slope.data_ptr<float>() : nullptr;
-        const float* zeta = u.zeta.defined() ? u.zeta.data_ptr<float>() : nullptr;
-        const bool relu = !u.prelu && u.relu;
-        float* v = vals.data();
-        float* s = sums.data();
-        for (int64_t h = 0; h < y.H; ++h)
-          for (int64_t w = 0; w < y.W; ++w) {
-            const float* yp = yb + (h * y.W + w) * O;
-            if (u.shortcut == kIdentityShortcut) {             // y + x
-              const float* xp = x.data + h * x.sH + w * x.sW;
-              for (int64_t c = 0; c < O; ++c) v[c] = yp[c] + xp[c];
-            } else if (u.shortcut == kPoolShortcut) {          // y + avg_pool2d(x, 2, 2, ceil_mode=True)
-              // as PyTorch's CPU kernel: a float sum from 0 over the valid window, row by row, / its size
+        const int64_t O = u.out_ch, n = y.W * O;
+        const float* add = nullptr;
+        int64_t add_row = n;
+        if (u.shortcut == kIdentityShortcut && x.sW == O) {
+          add = x.data;
+          add_row = x.sH;
+        } else if (u.shortcut == kIdentityShortcut) {
+          for (int64_t h = 0; h < y.H; ++h)
+            for (int64_t w = 0; w < y.W; ++w)
+              for (int64_t c = 0; c < O; ++c) abuf[(h * y.W + w) * O + c] = x.data[h * x.sH + w * x.sW + c];
+          add = abuf.data();
+        } else if (u.shortcut == kPoolShortcut) {
+          // avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) as PyTorch's CPU kernel computes it:
+          // a float sum from 0 over the valid window, row by row, then divided by the window's size
+          for (int64_t h = 0; h < y.H; ++h)
+            for (int64_t w = 0; w < y.W; ++w) {
               const int64_t h0 = 2 * h, h1 = std::min(h0 + 2, x.H), w0 = 2 * w, w1 = std::min(w0 + 2, x.W);
-              for (int64_t c = 0; c < O; ++c) s[c] = 0.0f;
+              float* sp = abuf.data() + (h * y.W + w) * O;
+              for (int64_t c = 0; c < O; ++c) sp[c] = 0.0f;
               for (int64_t ih = h0; ih < h1; ++ih)
                 for (int64_t iw = w0; iw < w1; ++iw) {
                   const float* xp = x.data + ih * x.sH + iw * x.sW;
-                  for (int64_t c = 0; c < O; ++c) s[c] += xp[c];
+                  for (int64_t c = 0; c < O; ++c) sp[c] += xp[c];
                 }
               const float count = static_cast<float>((h1 - h0) * (w1 - w0));
-              for (int64_t c = 0; c < O; ++c) v[c] = yp[c] + s[c] / count;
-            } else {
-              for (int64_t c = 0; c < O; ++c) v[c] = yp[c];
+              for (int64_t c = 0; c < O; ++c) sp[c] = sp[c] / count;
             }
-            if (u.prelu) {
-              if (gamma)
-                for (int64_t c = 0; c < O; ++c) v[c] = v[c] - gamma[c];
-              for (int64_t c = 0; c < O; ++c) v[c] = v[c] > 0.0f ? v[c] : slope[c] * v[c];
-              if (zeta)
-                for (int64_t c = 0; c < O; ++c) v[c] = v[c] + zeta[c];
-            } else if (relu) {
-              for (int64_t c = 0; c < O; ++c) v[c] = v[c] > 0.0f ? v[c] : 0.0f;
-            }
-            float* op = y.data + h * y.row + w * y.px;
-            if (accumulate)
-              for (int64_t c = 0; c < O; ++c) op[c] = op[c] + v[c];
-            else
-              for (int64_t c = 0; c < O; ++c) op[c] = v[c];
-          }
+          add = abuf.data();
+        }
+        const bool relu = !u.prelu && u.relu;
+        for (int64_t h = 0; h < y.H; ++h) {
+          EpilogueRow r{yb + h * n, add ? add + h * add_row : nullptr, u.tiled_gamma.data(), u.tiled_slope.data(),
+                        u.tiled_zeta.data(), y.data + h * y.row, n, u.tile};
+          epilogue_fn(r, add != nullptr, relu, accumulate);
+        }
       };
       auto unit_on = [&](const Unit& u, const ConstView& x, const View& y, bool accumulate) {
         const int64_t Kw = (u.in_ch + 63) / 64, Hp = x.H + 2 * u.pad, Wp = x.W + 2 * u.pad;
