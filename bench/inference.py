@@ -17,8 +17,9 @@ ImageNet config, 224x224), with trained-looking random BN statistics, the bench
   engine's instruction mix on the VPOPCNTQ and AVX2 paths, measured between the profiled runs), the
   network's binary and full-precision MACs, the time those take at peak, and the achieved fraction per
   layer kind of the engine's profile;
-* times the binary conv layers alone (the float model's ``BN -> sign -> binary conv -> ReLU`` modules via
-  hooks vs the engine's binary layers) and prints a per-layer breakdown of the engine;
+* times the binary conv layers alone (the float model's ``BN -> sign -> binary conv -> ReLU`` modules, and
+  react blocks ``BN -> RSign -> binary conv [+ shortcut] -> (R)PReLU`` whole, via hooks vs the engine's
+  binary layers, epilogues included) and prints a per-layer breakdown of the engine;
 * measures peak memory in a fresh process per method (RSS high-water mark, and its growth over the
   loaded model) at the largest batch;
 * checks the issue's targets on BNAS-A (engine >= 5x fp32 at batch 1, >= 3x at batch 32, binary layers
@@ -383,15 +384,18 @@ def interleaved(methods: dict, repeats: int, budget: float) -> dict:
 
 
 class BinaryLayerHooks:
-    """Summed time of the float model's binary ops (BN -> sign -> binary conv -> ReLU) in one forward."""
+    """Summed time of the float model's binary ops in one forward: the modules the engine runs as packed binary
+    convs, ``BN -> sign -> binary conv -> ReLU`` and the react block ``BN -> RSign -> binary conv [+ shortcut]
+    -> (R)PReLU`` (timed whole, shortcut and nonlinearity included, as the engine's layer is)."""
 
     def __init__(self, model) -> None:
-        from bnas_nni.ops import BNConvReLU
-        from bnas_nni.quant import SteSign
+        from bnas_nni.deploy.export import SIGN_QUANTIZERS
+        from bnas_nni.ops import BNConvReLU, ReActConv
 
         self.model, self.total, self.cpu, self.starts = model, 0.0, 0.0, {}
-        self.modules = [m for m in model.modules() if type(m) is BNConvReLU and type(m.quantizer) is SteSign
-                        and m.op[0].weight_quantizer is not None]
+        self.modules = [m for m in model.modules() if type(m) in (BNConvReLU, ReActConv)
+                        and SIGN_QUANTIZERS.get(type(m.quantizer)) == 'sign'
+                        and getattr(m.op[0], 'weight_quantizer', None) is not None]
 
     def __call__(self, x) -> tuple:
         def pre(mod, inp):
@@ -537,7 +541,10 @@ def bench_config(config: str, args, workdir: Path) -> dict:
         c_eng_bin = statistics.median(r['binary_cpu'] for r in layer_runs)
         kinds = {k: statistics.median(r['kinds'][k] for r in layer_runs) for k in layer_runs[0]['kinds']}
         counts = layer_runs[0]['counts']
-        print(f'{"":9}binary conv layers alone ({len(hooks.modules)} layers, medians of {len(layer_runs)} interleaved '
+        react = sum(type(m).__name__ == 'ReActConv' for m in hooks.modules)
+        what = f'{len(hooks.modules)} layers' + (f', {react} react blocks with their shortcut and nonlinearity'
+                                                 if react else '')
+        print(f'{"":9}binary conv layers alone ({what}, medians of {len(layer_runs)} interleaved '
               f'runs): pytorch {t_torch_bin * 1e3:.2f} ms, packed {best} {t_eng_bin * 1e3:.2f} ms: '
               f'{t_torch_bin / t_eng_bin:.1f}x (CPU time {c_torch_bin * 1e3:.1f} vs {c_eng_bin * 1e3:.1f} ms: '
               f'{c_torch_bin / c_eng_bin:.1f}x)', flush=True)

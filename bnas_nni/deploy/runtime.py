@@ -21,9 +21,10 @@ of a node accumulate into it, in the float model's order of additions, and the r
 
 * **The react block** (RSign -> scaled-sign conv [+ shortcut] -> RPReLU): RSign's threshold is already in
   the unit's thresholds, so the conv is the same packed kernel (without the fused ReLU); the shortcut add and
-  the (R)PReLU then run as the float model's elementwise PyTorch ops on the conv output (same order, same
-  bits), before the result goes into the node. Such cells run op by op (a few images at a time, see
-  ``CACHE_BUDGET``), not as a cell program.
+  the (R)PReLU then compute the float model's elementwise ops on the conv output (same operations in the same
+  order, same bits), before the result goes into the node. A cell of such blocks runs as a cell program too
+  (``csrc/cell.cpp`` does the epilogue per image); op by op (``CELL_PROGRAM = False``) the epilogue runs as
+  the float model's PyTorch ops.
 
 The logits therefore equal the float model's up to the order in which it adds the ``±alpha`` terms of
 its binary convs (the engine computes the exact integer count and scales once); see the README's
@@ -276,6 +277,15 @@ def _prim_fn(p: Dict[str, Any], where: str):
     raise CheckpointError(f"packed model: {where}: unknown stem layer {p['type']!r}; re-export it")
 
 
+#: the cell program's shortcut codes (csrc/cell.cpp, CellProgram::set_epilogue)
+_SHORTCUTS = {None: 0, 'identity': 1, 'avg_pool': 2}
+
+
+def _flat(t: Optional[torch.Tensor]) -> torch.Tensor:
+    """A per-channel vector as the cell program takes it (an empty tensor: absent)."""
+    return torch.empty(0) if t is None else t.reshape(-1).contiguous()
+
+
 class _Cell:
     def __init__(self, d: Dict[str, Any]) -> None:
         self.name = d['name']
@@ -299,16 +309,17 @@ class _Cell:
         self.residual = _Unit(res) if isinstance(res, dict) else res
         self.C = self.pre1.out_ch
         units = [self.pre0, self.pre1] + [op for op in self.ops if isinstance(op, _Unit)]
-        # a cell whose ops are all packed kernels runs a few images at a time (see CACHE_BUDGET); one with
-        # float convs inside runs the whole batch at once, as the float model does
-        self.chunkable = all(u.packed and not u.epilogue for u in units)
-        #: op by op, a few images at a time: all-packed cells, react ones too (the cell program runs paper ops only)
-        self.groupable = all(u.packed for u in units)
+        # a cell whose ops are all packed kernels (paper or react blocks) runs as a cell program, or op by op a
+        # few images at a time (see CACHE_BUDGET); one with float convs inside runs the whole batch at once, as
+        # the float model does
+        self.chunkable = all(u.packed for u in units)
+        self.groupable = self.chunkable
         self._program = None
         self._program_units = units
 
     def program(self):
-        """The cell as one C++ call (csrc/cell.cpp), built on first use: for an all-binary cell only."""
+        """The cell as one C++ call (csrc/cell.cpp), built on first use: for an all-packed cell only (paper or
+        react blocks)."""
         if self._program is None:
             units = self._program_units
             index = {id(u): i for i, u in enumerate(units)}
@@ -322,8 +333,14 @@ class _Cell:
                     ops.append((1, index[id(op)], op.stride, idx))
                 else:
                     ops.append((2 if op.is_max else 3, -1, op.stride, idx))
-            self._program = kernels.extension().CellProgram(
+            program = kernels.extension().CellProgram(
                 specs, 0, 1, ops, self.concat, self.C, 2 if self.reduction else 1, self.residual == 'identity')
+            for i, u in enumerate(units):
+                if u.epilogue:
+                    p = u.prelu or {}
+                    program.set_epilogue(i, _SHORTCUTS[u.shortcut], u.prelu is not None, _flat(p.get('gamma')),
+                                         _flat(p.get('slope')), _flat(p.get('zeta')))
+            self._program = program
         return self._program
 
     def residual_of(self, s1: torch.Tensor, isa: int, timer: _Timer) -> Optional[torch.Tensor]:

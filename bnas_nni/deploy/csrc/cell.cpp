@@ -6,9 +6,16 @@
 // per forward pass) the per-call overhead and the thread wake-ups between ops cost more than the
 // XNOR/popcount arithmetic. The kernels are the same ones (kernels_<isa>.cpp), called on one image at a
 // time, in the same order of float operations as the per-op path: the two give the same bits.
+//
+// A unit may have the react block's epilogue (set_epilogue): the conv output goes to a per-thread buffer,
+// then the real-valued shortcut (identity, or the 2x2 ceil-mode average pool without padding) is added and
+// (R)PReLU or ReLU applied, element by element with the float operations of the float model's PyTorch ops
+// in their order (no contraction: built with -ffp-contract=off), before the result goes into the node; the
+// elementwise part runs over whole rows, vectorised for the path's instruction set (EpilogueRow).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <chrono>
@@ -21,6 +28,8 @@
 namespace bnas_deploy {
 namespace {
 
+enum Shortcut : int64_t { kNoShortcut = 0, kIdentityShortcut = 1, kPoolShortcut = 2 };
+
 // BN -> sign -> binary conv -> (ReLU), the BN folded into thresholds (see engine.cpp's binary_conv).
 struct Unit {
   torch::Tensor t_zero, t_pos, flip, words, alpha;
@@ -28,6 +37,13 @@ struct Unit {
   bool relu;
   bool columns = false;             // column-packed (kernels.h): KH x 1 columns of column_words words
   std::vector<uint64_t> wcols;      // the weights in that layout
+  // the react epilogue (set_epilogue): shortcut, then (y - gamma) -> prelu(slope) -> + zeta, else ReLU
+  int64_t shortcut = kNoShortcut;
+  bool prelu = false;
+  torch::Tensor gamma, slope, zeta;   // [out_ch] float32; gamma and zeta undefined when absent
+  std::vector<float> tiled_gamma, tiled_slope, tiled_zeta;   // tiled to `tile` entries (see EpilogueRow)
+  int64_t tile = 0;
+  bool epilogue() const { return prelu || shortcut != kNoShortcut; }
   int64_t out_size(int64_t n, int64_t k) const { return (n + 2 * pad - dil * (k - 1) - 1) / stride + 1; }
 };
 
@@ -49,6 +65,101 @@ struct ConstView {
 };
 
 using Clock = std::chrono::steady_clock;
+
+// One row of the react epilogue: out[j] (+)= f(y[j] (+ add[j])) for j < n, n a whole number of pixels of O
+// channels, the per-channel vectors tiled to T = a multiple of O entries (pixel-aligned chunks of T).
+// f: v - gamma -> (v > 0 ? v : slope * v) -> + zeta, or ReLU. An absent gamma is tiled as +0 and an absent
+// zeta as -0, which leave every float unchanged (x - +0 = x and x + -0 = x, signed zeros included); no
+// (R)PReLU and no ReLU is slope 1 (1 * v = v). Each element gets the float model's operations in its order.
+struct EpilogueRow {
+  const float* y;
+  const float* add;           // the shortcut term, or nullptr
+  const float* gamma;         // [T] each
+  const float* slope;
+  const float* zeta;
+  float* out;
+  int64_t n, T;
+};
+
+template <bool kAdd, bool kRelu, bool kAccumulate>
+inline __attribute__((always_inline)) void epilogue_row_body(const EpilogueRow& a) {
+  for (int64_t i0 = 0; i0 < a.n; i0 += a.T) {
+    const int64_t m = a.n - i0 < a.T ? a.n - i0 : a.T;
+    const float* __restrict__ y = a.y + i0;
+    const float* __restrict__ add = kAdd ? a.add + i0 : nullptr;
+    float* __restrict__ out = a.out + i0;
+    const float* __restrict__ gamma = a.gamma;
+    const float* __restrict__ slope = a.slope;
+    const float* __restrict__ zeta = a.zeta;
+    for (int64_t j = 0; j < m; ++j) {
+      float v = y[j];
+      if (kAdd) v = v + add[j];
+      if (kRelu) {
+        v = v > 0.0f ? v : 0.0f;
+      } else {
+        v = v - gamma[j];
+        v = v > 0.0f ? v : slope[j] * v;
+        v = v + zeta[j];
+      }
+      out[j] = kAccumulate ? out[j] + v : v;
+    }
+  }
+}
+
+// the eight variants, compiled for the instruction set of the caller's path (plain loops only: no torch or
+// standard-library code is emitted with AVX2/AVX-512 instructions, see kernels.h)
+#define BNAS_EPILOGUE_ROW(attr, name)                                              \
+  attr static void name(const EpilogueRow& a, bool add, bool relu, bool acc) {    \
+    if (add) {                                                                     \
+      if (relu) acc ? epilogue_row_body<true, true, true>(a) : epilogue_row_body<true, true, false>(a);      \
+      else acc ? epilogue_row_body<true, false, true>(a) : epilogue_row_body<true, false, false>(a);         \
+    } else {                                                                       \
+      if (relu) acc ? epilogue_row_body<false, true, true>(a) : epilogue_row_body<false, true, false>(a);    \
+      else acc ? epilogue_row_body<false, false, true>(a) : epilogue_row_body<false, false, false>(a);       \
+    }                                                                              \
+  }
+BNAS_EPILOGUE_ROW(, epilogue_row_portable)
+BNAS_EPILOGUE_ROW(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))), epilogue_row_avx512)
+#undef BNAS_EPILOGUE_ROW
+
+// AVX2 by hand (GCC 12 leaves most of the loops above scalar for AVX2): the same operations per element
+// (compare ordered > 0, so NaN takes the negative branch as `v > 0.0f` does), eight lanes at a time
+__attribute__((target("avx2"))) static void epilogue_row_avx2(const EpilogueRow& a, bool add, bool relu, bool acc) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t i0 = 0; i0 < a.n; i0 += a.T) {
+    const int64_t m = a.n - i0 < a.T ? a.n - i0 : a.T;
+    const float* y = a.y + i0;
+    const float* sc = add ? a.add + i0 : nullptr;
+    float* out = a.out + i0;
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+      __m256 v = _mm256_loadu_ps(y + j);
+      if (add) v = _mm256_add_ps(v, _mm256_loadu_ps(sc + j));
+      if (relu) {
+        v = _mm256_and_ps(v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+      } else {
+        v = _mm256_sub_ps(v, _mm256_loadu_ps(a.gamma + j));
+        const __m256 positive = _mm256_cmp_ps(v, zero, _CMP_GT_OQ);
+        v = _mm256_blendv_ps(_mm256_mul_ps(_mm256_loadu_ps(a.slope + j), v), v, positive);
+        v = _mm256_add_ps(v, _mm256_loadu_ps(a.zeta + j));
+      }
+      if (acc) v = _mm256_add_ps(_mm256_loadu_ps(out + j), v);
+      _mm256_storeu_ps(out + j, v);
+    }
+    for (; j < m; ++j) {
+      float v = y[j];
+      if (add) v = v + sc[j];
+      if (relu) {
+        v = v > 0.0f ? v : 0.0f;
+      } else {
+        v = v - a.gamma[j];
+        v = v > 0.0f ? v : a.slope[j] * v;
+        v = v + a.zeta[j];
+      }
+      out[j] = acc ? out[j] + v : v;
+    }
+  }
+}
 
 }  // namespace
 
@@ -114,6 +225,45 @@ class CellProgram {
     for (int64_t i = 0; i < nnodes; ++i) stored_[i] = stored_[i] || !zero_node[i];
   }
 
+  // The react block's epilogue of unit `unit`: shortcut 0 none, 1 identity (stride 1), 2 average pool 2x2
+  // (stride 2, ceil mode, padding not counted); then with `prelu`: y - gamma (if defined), prelu(slope),
+  // + zeta (if defined); without: the unit's ReLU flag applies after the shortcut. Undefined or empty
+  // tensors are absent.
+  void set_epilogue(int64_t unit, int64_t shortcut, bool prelu, const torch::Tensor& gamma,
+                    const torch::Tensor& slope, const torch::Tensor& zeta) {
+    TORCH_CHECK(unit >= 0 && unit < static_cast<int64_t>(units_.size()), "cell program: bad epilogue unit");
+    TORCH_CHECK(shortcut >= kNoShortcut && shortcut <= kPoolShortcut, "cell program: unknown shortcut ", shortcut);
+    Unit& u = units_[unit];
+    TORCH_CHECK(shortcut == kNoShortcut || (u.in_ch == u.out_ch && u.stride == (shortcut == kPoolShortcut ? 2 : 1)),
+                "cell program: a shortcut needs as many output as input channels and stride 1 (identity) or 2 "
+                "(average pool)");
+    auto vec = [&](const torch::Tensor& t, bool required, const char* what) {
+      if (!t.defined() || (!required && t.numel() == 0)) {
+        TORCH_CHECK(!required, "cell program: the epilogue needs ", what);
+        return torch::Tensor();
+      }
+      TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == u.out_ch,
+                  "cell program: ", what, " must be contiguous float32 with one entry per output channel");
+      return t;
+    };
+    u.shortcut = shortcut;
+    u.prelu = prelu;
+    u.gamma = prelu ? vec(gamma, false, "gamma") : torch::Tensor();
+    u.slope = prelu ? vec(slope, true, "a prelu slope") : torch::Tensor();
+    u.zeta = prelu ? vec(zeta, false, "zeta") : torch::Tensor();
+    // the vectors tiled over whole pixels (about 256 floats) for the flat rows of EpilogueRow
+    const int64_t O = u.out_ch;
+    u.tile = O * std::max<int64_t>(1, 256 / O);
+    u.tiled_gamma.assign(u.tile, 0.0f);
+    u.tiled_slope.assign(u.tile, 1.0f);
+    u.tiled_zeta.assign(u.tile, -0.0f);
+    for (int64_t i = 0; i < u.tile; ++i) {
+      if (u.gamma.defined()) u.tiled_gamma[i] = u.gamma.data_ptr<float>()[i % O];
+      if (prelu) u.tiled_slope[i] = u.slope.data_ptr<float>()[i % O];
+      if (u.zeta.defined()) u.tiled_zeta[i] = u.zeta.data_ptr<float>()[i % O];
+    }
+  }
+
   // Entries of the `times` vector of run(): preprocess0, preprocess1, each op, then concat + residual.
   int64_t timing_slots() const { return 3 + static_cast<int64_t>(ops_.size()); }
 
@@ -153,6 +303,7 @@ class CellProgram {
     auto pack_fn = isa == 2 ? pack_rows_avx512 : isa == 1 ? pack_rows_avx2 : pack_rows_portable;
     auto conv_fn = isa == 2 ? conv_rows_avx512 : isa == 1 ? conv_rows_avx2 : conv_rows_portable;
     auto pool_fn = isa == 2 ? pool_rows_avx512 : isa == 1 ? pool_rows_avx2 : pool_rows_portable;
+    auto epilogue_fn = isa == 2 ? epilogue_row_avx512 : isa == 1 ? epilogue_row_avx2 : epilogue_row_portable;
 
     // scratch of one thread: the largest bit planes of any unit, the two preprocessed states, and the
     // nodes that are not written straight into the output
@@ -165,6 +316,21 @@ class CellProgram {
     };
     plane_size(u0, s0.size(2), s0.size(3));
     plane_size(u1, H, W);
+    // an epilogue's conv output goes to a per-thread buffer first; a shortcut needs the conv to keep the map
+    // (identity) or to give the 2x2 ceil-mode pool's map (average pool), as the float model's add does
+    int64_t epilogue_floats = 0;
+    auto epilogue_size = [&](const Unit& u, int64_t ih, int64_t iw) {
+      if (!u.epilogue()) return;
+      const int64_t oh = u.out_size(ih, u.kh), ow = u.out_size(iw, u.kw);
+      epilogue_floats = std::max(epilogue_floats, oh * ow * u.out_ch);
+      if (u.shortcut == kIdentityShortcut)
+        TORCH_CHECK(oh == ih && ow == iw, "cell program: an identity shortcut needs the conv to keep the map size");
+      if (u.shortcut == kPoolShortcut)
+        TORCH_CHECK(oh == (ih + 1) / 2 && ow == (iw + 1) / 2,
+                    "cell program: a pooled shortcut needs the conv's output of the 2x2 average pool's size");
+    };
+    epilogue_size(u0, s0.size(2), s0.size(3));
+    epilogue_size(u1, H, W);
     const int64_t nnodes = static_cast<int64_t>(ops_.size() / 2);
     for (const Op& o : ops_) {
       const bool on_input = o.input < 2;
@@ -175,6 +341,7 @@ class CellProgram {
         TORCH_CHECK(u.in_ch == C_ && u.out_ch == C_ && u.out_size(ih, u.kh) == OH && u.out_size(iw, u.kw) == OW,
                     "cell program: an op's convolution does not map its input to the node's shape");
         plane_size(u, ih, iw);
+        epilogue_size(u, ih, iw);
       } else if (o.kind != kZeroise) {
         TORCH_CHECK((ih - 1) / o.stride + 1 == OH && (iw - 1) / o.stride + 1 == OW,
                     "cell program: a pool's stride does not map its input to the node's shape");
@@ -189,6 +356,7 @@ class CellProgram {
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       std::vector<uint64_t> planes(plane_words), cols(column_plane_words);
       std::vector<float> buf(2 * state + scratch_nodes * node);
+      std::vector<float> ybuf(epilogue_floats), abuf(epilogue_floats);
       std::vector<double> local(time_acc ? nslots : 0, 0.0);
       auto tick = [&](Clock::time_point& t0, int64_t slot) {
         if (!time_acc) return;
@@ -197,6 +365,45 @@ class CellProgram {
         t0 = t1;
       };
       // one unit on one image: pack the whole (padded) image, then convolve every output row
+      // the react epilogue of unit u on one image: yb holds the conv output [y.H][y.W][O] (see set_epilogue);
+      // the shortcut term goes to abuf (the pool) or is read in place (the identity on a dense input)
+      auto epilogue_on = [&](const Unit& u, const ConstView& x, const float* yb, const View& y, bool accumulate) {
+        const int64_t O = u.out_ch, n = y.W * O;
+        const float* add = nullptr;
+        int64_t add_row = n;
+        if (u.shortcut == kIdentityShortcut && x.sW == O) {
+          add = x.data;
+          add_row = x.sH;
+        } else if (u.shortcut == kIdentityShortcut) {
+          for (int64_t h = 0; h < y.H; ++h)
+            for (int64_t w = 0; w < y.W; ++w)
+              for (int64_t c = 0; c < O; ++c) abuf[(h * y.W + w) * O + c] = x.data[h * x.sH + w * x.sW + c];
+          add = abuf.data();
+        } else if (u.shortcut == kPoolShortcut) {
+          // avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) as PyTorch's CPU kernel computes it:
+          // a float sum from 0 over the valid window, row by row, then divided by the window's size
+          for (int64_t h = 0; h < y.H; ++h)
+            for (int64_t w = 0; w < y.W; ++w) {
+              const int64_t h0 = 2 * h, h1 = std::min(h0 + 2, x.H), w0 = 2 * w, w1 = std::min(w0 + 2, x.W);
+              float* sp = abuf.data() + (h * y.W + w) * O;
+              for (int64_t c = 0; c < O; ++c) sp[c] = 0.0f;
+              for (int64_t ih = h0; ih < h1; ++ih)
+                for (int64_t iw = w0; iw < w1; ++iw) {
+                  const float* xp = x.data + ih * x.sH + iw * x.sW;
+                  for (int64_t c = 0; c < O; ++c) sp[c] += xp[c];
+                }
+              const float count = static_cast<float>((h1 - h0) * (w1 - w0));
+              for (int64_t c = 0; c < O; ++c) sp[c] = sp[c] / count;
+            }
+          add = abuf.data();
+        }
+        const bool relu = !u.prelu && u.relu;
+        for (int64_t h = 0; h < y.H; ++h) {
+          EpilogueRow r{yb + h * n, add ? add + h * add_row : nullptr, u.tiled_gamma.data(), u.tiled_slope.data(),
+                        u.tiled_zeta.data(), y.data + h * y.row, n, u.tile};
+          epilogue_fn(r, add != nullptr, relu, accumulate);
+        }
+      };
       auto unit_on = [&](const Unit& u, const ConstView& x, const View& y, bool accumulate) {
         const int64_t Kw = (u.in_ch + 63) / 64, Hp = x.H + 2 * u.pad, Wp = x.W + 2 * u.pad;
         if (u.pad > 0) std::memset(planes.data(), 0, sizeof(uint64_t) * Hp * Wp * Kw * 2);  // else all packed
@@ -204,9 +411,12 @@ class CellProgram {
                    u.t_pos.data_ptr<float>(), reinterpret_cast<const uint32_t*>(u.flip.data_ptr<int32_t>()),
                    planes.data(), Kw, Hp, Wp, u.pad};
         pack_fn(p, 0, x.H);
+        // with an epilogue: the plain conv output (no ReLU) into ybuf, [y.H][y.W][out_ch]
+        const bool epi = u.epilogue();
         ConvArgs c{planes.data(), 1, Hp, Wp, Kw, reinterpret_cast<const uint64_t*>(u.words.data_ptr<int64_t>()),
-                   u.alpha.data_ptr<float>(), u.out_ch, u.words.size(1), u.kh, u.kw, u.stride, u.dil, y.data,
-                   y.H, y.W, 0, y.row, y.px, u.relu ? 1 : 0, accumulate ? 1 : 0};
+                   u.alpha.data_ptr<float>(), u.out_ch, u.words.size(1), u.kh, u.kw, u.stride, u.dil,
+                   epi ? ybuf.data() : y.data, y.H, y.W, 0, epi ? y.W * u.out_ch : y.row, epi ? u.out_ch : y.px,
+                   (u.relu && !epi) ? 1 : 0, (accumulate && !epi) ? 1 : 0};
         if (u.columns) {
           column_rows(planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, cols.data(), 0, Hp);
           c.act = cols.data();
@@ -217,6 +427,7 @@ class CellProgram {
           c.wstride = 1;
         }
         conv_fn(c, 0, y.H);
+        if (epi) epilogue_on(u, x, ybuf.data(), y, accumulate);
       };
       auto as_input = [](const View& v) { return ConstView{v.data, v.C, v.H, v.W, 1, v.row, v.px}; };
       for (int64_t n = b; n < e; ++n) {
@@ -313,12 +524,14 @@ class CellProgram {
 };
 
 void bind_cell_program(pybind11::module& m) {
-  pybind11::class_<CellProgram>(m, "CellProgram", "an all-binary cell run image by image in one call")
+  pybind11::class_<CellProgram>(m, "CellProgram", "an all-binary cell (paper or react block) run image by image in one call")
       .def(pybind11::init<const std::vector<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                                                         torch::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t,
                                                         int64_t, int64_t, bool>>&,
                           int64_t, int64_t, const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>&,
                           std::vector<int64_t>, int64_t, int64_t, bool>())
+      .def("set_epilogue", &CellProgram::set_epilogue, pybind11::arg("unit"), pybind11::arg("shortcut"),
+           pybind11::arg("prelu"), pybind11::arg("gamma"), pybind11::arg("slope"), pybind11::arg("zeta"))
       .def("timing_slots", &CellProgram::timing_slots)
       .def("run", &CellProgram::run, pybind11::arg("s0"), pybind11::arg("s1"), pybind11::arg("out"),
            pybind11::arg("res"), pybind11::arg("isa"), pybind11::arg("times"));
