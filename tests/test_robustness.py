@@ -127,6 +127,9 @@ def test_one_writer_per_run_directory_and_stale_locks(tmp_path, command):
         err = second.stderr.strip().splitlines()
         assert len(err) == 1 and f'in use by another run (PID {first.pid})' in err[0], err
         assert first.poll() is None                          # the first run was not disturbed
+        # the first run writes its config once its data is loaded (seconds on a loaded machine): kill it after that,
+        # so that the check below sees whether taking over the lock removes anything
+        assert _wait_for(lambda: (run / 'config.yaml').is_file() or first.poll() is not None)
         os.killpg(first.pid, signal.SIGKILL)                 # a real crash: the lock file stays behind
         first.wait(30)
         assert _holder(run) == str(first.pid)
