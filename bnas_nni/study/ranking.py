@@ -174,8 +174,7 @@ def rank_cells(study: StudyConfig, files: StudyFiles, cells: Sequence[str],
     spec = study.supernet_ranking
     if not spec:
         return None
-    key = {'arm': spec['arm'], 'seed': int(spec['seed']), 'images': int(spec['images']),
-           'bn_batches': int(spec['bn_batches'])}
+    key = dict(spec)                  # already normalised by the config (arm, seed, images, bn_batches)
     path = files.root / RANKING_FILE
     saved: Dict[str, Any] = {}
     if path.is_file():
