@@ -315,6 +315,51 @@ def test_react_cell_programs_give_the_op_by_op_bits(nonlinearity, monkeypatch):
     assert any(k.endswith(r) for k in kinds for r in react), kinds
 
 
+@pytest.mark.parametrize('op_set', ['paper', 'react'])
+def test_threads_sharing_an_image_give_the_same_bits(op_set):
+    """With fewer images than threads, a cell program's threads split each image by rows, with a barrier between
+    stages. Every all-packed cell of a network (normal and reduction, pools, dilated and 1x1 convs, react
+    shortcuts), on 20x20 and 9x9 maps: at 2 and 3 threads (3: rows that do not split evenly, and more threads
+    than this machine's cores) and batch 1 and 2, on every ISA, the cell's output is the one of a single thread
+    taking whole images, bit for bit, and the cell reports how many threads shared an image. (Whole networks
+    are not compared across thread counts: PyTorch's own float convs need not give the same bits at 3 threads.)"""
+    if op_set == 'react':
+        model = react_net_with(True, 'rprelu', exact=False, seed=14)
+    else:
+        torch.manual_seed(14)
+        model = build_model('bnas-a', genotype=GENOTYPE, init_channels=8, layers=5).eval()
+        randomize_(model, torch.Generator().manual_seed(14), exact=False)
+    net = deploy.PackedNetwork(packed_description(describe_network(model)))
+    cells = [c for c in net.cells if c.chunkable]
+    assert any(c.reduction for c in cells) and any(not c.reduction for c in cells)
+    g = torch.Generator().manual_seed(14)
+    try:
+        for cell in cells:
+            for H in (20, 9):
+                OH = (H - 1) // (2 if cell.reduction else 1) + 1
+                s0 = torch.randn(2, cell.pre0.in_ch, H * cell.pre0.stride, H * cell.pre0.stride, generator=g)
+                s1 = torch.randn(2, cell.pre1.in_ch, H, H, generator=g)
+                s0, s1 = (s.contiguous(memory_format=torch.channels_last) for s in (s0, s1))
+                res = None
+                if isinstance(cell.residual, runtime._Unit):
+                    res = torch.randn(2, len(cell.concat) * cell.C, OH, OH, generator=g)
+                for isa in ISAS:
+                    isa_id = kernels.isa_id(isa)
+                    for n in (1, 2):
+                        args = (s0[:n], s1[:n], isa_id, runtime._Timer())
+                        r = None if res is None else res[:n]
+                        torch.set_num_threads(1)
+                        want = cell(*args, res=r)
+                        assert cell.team == 1
+                        for threads in (2, 3):
+                            torch.set_num_threads(threads)
+                            got = cell(*args, res=r)
+                            assert torch.equal(bits(got), bits(want)), (cell.name, H, isa, threads, n)
+                            assert cell.team == (threads if n < threads else 1), (cell.name, threads, n)
+    finally:
+        torch.set_num_threads(2)
+
+
 def test_react_cell_program_pools_odd_maps_as_pytorch():
     """A reduction cell on 9x9 maps: its pooled shortcuts then average partial 2x2 windows (ceil mode, padding not
     counted); the cell program gives the bits of the op-by-op path, which runs PyTorch's avg_pool2d."""

@@ -316,6 +316,9 @@ class _Cell:
         self.groupable = self.chunkable
         self._program = None
         self._program_units = units
+        #: threads that shared each image in the last cell-program call (1: whole images per thread; more at
+        #: batch sizes below the thread count, see csrc/cell.cpp)
+        self.team = 0
 
     def program(self):
         """The cell as one C++ call (csrc/cell.cpp), built on first use: for an all-packed cell only (paper or
@@ -377,13 +380,13 @@ class _Cell:
         if res is not None and res.shape != out.shape:   # broadcast as out.add_(res) does (odd map sizes)
             res = res.expand_as(out)
         if timer.records is None:
-            program.run(s0, s1, out, res, isa, None)
+            self.team = program.run(s0, s1, out, res, isa, None)
             return
         # profiling: the program times each op per image on whichever thread ran it; a layer's entry is its
         # thread-seconds (the CPU column) and those divided by the threads at work (the wall-clock column)
         times = torch.zeros(program.timing_slots(), dtype=torch.float64)
         t0 = time.perf_counter()
-        program.run(s0, s1, out, res, isa, times)
+        self.team = program.run(s0, s1, out, res, isa, times)
         wall = time.perf_counter() - t0
         busy = max(float(times.sum()), 1e-12)
         names = [(f'{self.name}.preprocess0', self.pre0.kind), (f'{self.name}.preprocess1', self.pre1.kind)]

@@ -1,6 +1,7 @@
 // A whole all-binary cell in one call, image by image: each thread takes whole images and runs every op of
 // the cell on one image before the next, so an image's preprocessed states, node outputs and bit planes
-// stay in its core's L2 cache from op to op, and no thread waits for another between ops.
+// stay in its core's L2 cache from op to op, and no thread waits for another between ops. With fewer images
+// than threads (batch 1) the threads work on each image together instead, splitting every op by rows.
 //
 // Without it the engine calls one kernel per op from Python, and at batch 32 (BNAS-A: ~6,000 kernel calls
 // per forward pass) the per-call overhead and the thread wake-ups between ops cost more than the
@@ -18,9 +19,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "kernels.h"
@@ -161,6 +164,50 @@ __attribute__((target("avx2"))) static void epilogue_row_avx2(const EpilogueRow&
   }
 }
 
+// A barrier for the tasks of one parallel region that share an image: each task arrives with the number of
+// ranks it stands for (at::parallel_for may give one task several ranks, or run them all in one task), and
+// all are released once every rank has arrived. Spins briefly, then yields (a shared machine may have
+// switched a team member out).
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int64_t ranks) : ranks_(ranks) {}
+  void wait(int64_t weight) {
+    const int64_t phase = phase_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(weight, std::memory_order_acq_rel) + weight == ranks_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      phase_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
+      if (spins < 20000) _mm_pause();
+      else std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int64_t ranks_;
+  std::atomic<int64_t> arrived_{0}, phase_{0};
+};
+
+// A thread's scratch buffers, kept from call to call: a cell's planes, states and node outputs take up to a
+// few MB per image, and allocating them per call meant fresh zeroed pages (page faults and a memset) for every
+// cell of every forward pass. Every buffer is written before it is read, so it needs no clearing.
+struct Workspace {
+  std::vector<uint64_t> planes, cols;
+  std::vector<float> buf, ybuf, abuf;
+};
+
+Workspace& workspace() {
+  thread_local Workspace ws;
+  return ws;
+}
+
+template <typename T>
+std::vector<T>& grown(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v;
+}
+
 }  // namespace
 
 class CellProgram {
@@ -268,7 +315,8 @@ class CellProgram {
   int64_t timing_slots() const { return 3 + static_cast<int64_t>(ops_.size()); }
 
   // out = cell(s0, s1) (+ residual): s0, s1 and out channel stride 1; res (if defined) any strides.
-  void run(const torch::Tensor& s0, const torch::Tensor& s1, torch::Tensor out, const c10::optional<torch::Tensor>& res,
+  // Returns how many threads shared each image (1: each thread took whole images).
+  int64_t run(const torch::Tensor& s0, const torch::Tensor& s1, torch::Tensor out, const c10::optional<torch::Tensor>& res,
            int64_t isa, const c10::optional<torch::Tensor>& times) const {
     for (const torch::Tensor* t : {&s0, &s1, static_cast<const torch::Tensor*>(&out)})
       TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(1) == 1,
@@ -353,10 +401,40 @@ class CellProgram {
     const int64_t nslots = timing_slots();
     std::mutex time_mutex;
 
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      std::vector<uint64_t> planes(plane_words), cols(column_plane_words);
-      std::vector<float> buf(2 * state + scratch_nodes * node);
-      std::vector<float> ybuf(epilogue_floats), abuf(epilogue_floats);
+    // Fewer images than threads (batch 1): the threads share each image as a team, every stage split by rows
+    // with a barrier between stages; otherwise each thread takes whole images. Either way each row gets the
+    // same operations, so the same bits.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const bool team = N < threads && threads > 1;
+    auto grow_all = [&](Workspace& ws) {
+      grown(ws.planes, plane_words);
+      grown(ws.cols, column_plane_words);
+      grown(ws.buf, 2 * state + scratch_nodes * node);
+      grown(ws.ybuf, epilogue_floats);
+      grown(ws.abuf, epilogue_floats);
+    };
+    Workspace* shared = nullptr;
+    if (team) {
+      shared = &workspace();   // the calling thread's buffers, shared by the team
+      grow_all(*shared);
+    }
+    SpinBarrier barrier(threads);
+
+    // team: this task is ranks [b, e) of `threads`; otherwise images [b, e)
+    at::parallel_for(0, team ? threads : N, 1, [&](int64_t b, int64_t e) {
+      Workspace& ws = team ? *shared : workspace();
+      if (!team) grow_all(ws);
+      std::vector<uint64_t>& planes = ws.planes;
+      std::vector<uint64_t>& cols = ws.cols;
+      std::vector<float>& buf = ws.buf;
+      std::vector<float>& ybuf = ws.ybuf;
+      std::vector<float>& abuf = ws.abuf;
+      const int64_t rank_lo = team ? b : 0, rank_hi = team ? e : 1, ranks = team ? threads : 1;
+      // this task's share [lo, hi) of `n` rows
+      auto share = [&](int64_t n) { return std::make_pair(n * rank_lo / ranks, n * rank_hi / ranks); };
+      auto sync = [&]() {
+        if (team) barrier.wait(rank_hi - rank_lo);
+      };
       std::vector<double> local(time_acc ? nslots : 0, 0.0);
       auto tick = [&](Clock::time_point& t0, int64_t slot) {
         if (!time_acc) return;
@@ -364,10 +442,11 @@ class CellProgram {
         local[slot] += std::chrono::duration<double>(t1 - t0).count();
         t0 = t1;
       };
-      // one unit on one image: pack the whole (padded) image, then convolve every output row
-      // the react epilogue of unit u on one image: yb holds the conv output [y.H][y.W][O] (see set_epilogue);
-      // the shortcut term goes to abuf (the pool) or is read in place (the identity on a dense input)
-      auto epilogue_on = [&](const Unit& u, const ConstView& x, const float* yb, const View& y, bool accumulate) {
+      // the react epilogue of unit u on output rows [h0, h1) of one image: yb holds the conv output
+      // [y.H][y.W][O] (see set_epilogue); the shortcut term goes to abuf (the pool) or is read in place (the
+      // identity on a dense input)
+      auto epilogue_on = [&](const Unit& u, const ConstView& x, const float* yb, const View& y, bool accumulate,
+                             int64_t h0r, int64_t h1r) {
         const int64_t O = u.out_ch, n = y.W * O;
         const float* add = nullptr;
         int64_t add_row = n;
@@ -375,14 +454,14 @@ class CellProgram {
           add = x.data;
           add_row = x.sH;
         } else if (u.shortcut == kIdentityShortcut) {
-          for (int64_t h = 0; h < y.H; ++h)
+          for (int64_t h = h0r; h < h1r; ++h)
             for (int64_t w = 0; w < y.W; ++w)
               for (int64_t c = 0; c < O; ++c) abuf[(h * y.W + w) * O + c] = x.data[h * x.sH + w * x.sW + c];
           add = abuf.data();
         } else if (u.shortcut == kPoolShortcut) {
           // avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) as PyTorch's CPU kernel computes it:
           // a float sum from 0 over the valid window, row by row, then divided by the window's size
-          for (int64_t h = 0; h < y.H; ++h)
+          for (int64_t h = h0r; h < h1r; ++h)
             for (int64_t w = 0; w < y.W; ++w) {
               const int64_t h0 = 2 * h, h1 = std::min(h0 + 2, x.H), w0 = 2 * w, w1 = std::min(w0 + 2, x.W);
               float* sp = abuf.data() + (h * y.W + w) * O;
@@ -398,19 +477,29 @@ class CellProgram {
           add = abuf.data();
         }
         const bool relu = !u.prelu && u.relu;
-        for (int64_t h = 0; h < y.H; ++h) {
+        for (int64_t h = h0r; h < h1r; ++h) {
           EpilogueRow r{yb + h * n, add ? add + h * add_row : nullptr, u.tiled_gamma.data(), u.tiled_slope.data(),
                         u.tiled_zeta.data(), y.data + h * y.row, n, u.tile};
           epilogue_fn(r, add != nullptr, relu, accumulate);
         }
       };
+      // one unit on one image: pack the whole (padded) image, then convolve every output row (a team: each
+      // its share of the rows of every stage, with a barrier wherever a stage reads rows another wrote)
       auto unit_on = [&](const Unit& u, const ConstView& x, const View& y, bool accumulate) {
         const int64_t Kw = (u.in_ch + 63) / 64, Hp = x.H + 2 * u.pad, Wp = x.W + 2 * u.pad;
-        if (u.pad > 0) std::memset(planes.data(), 0, sizeof(uint64_t) * Hp * Wp * Kw * 2);  // else all packed
+        if (u.pad > 0) {   // else all packed
+          const auto [lo, hi] = share(Hp);
+          std::memset(planes.data() + lo * Wp * Kw * 2, 0, sizeof(uint64_t) * (hi - lo) * Wp * Kw * 2);
+          sync();
+        }
         PackArgs p{x.data, 1, u.in_ch, x.H, x.W, 0, x.sC, x.sH, x.sW, u.t_zero.data_ptr<float>(),
                    u.t_pos.data_ptr<float>(), reinterpret_cast<const uint32_t*>(u.flip.data_ptr<int32_t>()),
                    planes.data(), Kw, Hp, Wp, u.pad};
-        pack_fn(p, 0, x.H);
+        {
+          const auto [lo, hi] = share(x.H);
+          pack_fn(p, lo, hi);
+        }
+        sync();
         // with an epilogue: the plain conv output (no ReLU) into ybuf, [y.H][y.W][out_ch]
         const bool epi = u.epilogue();
         ConvArgs c{planes.data(), 1, Hp, Wp, Kw, reinterpret_cast<const uint64_t*>(u.words.data_ptr<int64_t>()),
@@ -418,7 +507,9 @@ class CellProgram {
                    epi ? ybuf.data() : y.data, y.H, y.W, 0, epi ? y.W * u.out_ch : y.row, epi ? u.out_ch : y.px,
                    (u.relu && !epi) ? 1 : 0, (accumulate && !epi) ? 1 : 0};
         if (u.columns) {
-          column_rows(planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, cols.data(), 0, Hp);
+          const auto [lo, hi] = share(Hp);
+          column_rows(planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, cols.data(), lo, hi);
+          sync();
           c.act = cols.data();
           c.Wp = y.W;
           c.Kw = column_words(u.in_ch, u.kw);
@@ -426,11 +517,14 @@ class CellProgram {
           c.KW = 1;
           c.wstride = 1;
         }
-        conv_fn(c, 0, y.H);
-        if (epi) epilogue_on(u, x, ybuf.data(), y, accumulate);
+        const auto [lo, hi] = share(y.H);
+        conv_fn(c, lo, hi);
+        if (epi) epilogue_on(u, x, ybuf.data(), y, accumulate, lo, hi);
+        sync();   // before the next stage reuses the planes or reads this node
       };
       auto as_input = [](const View& v) { return ConstView{v.data, v.C, v.H, v.W, 1, v.row, v.px}; };
-      for (int64_t n = b; n < e; ++n) {
+      const int64_t n_begin = team ? 0 : b, n_end = team ? N : e;
+      for (int64_t n = n_begin; n < n_end; ++n) {
         auto t0 = Clock::now();
         float* out_n = out.data_ptr<float>() + n * out.stride(0);
         const int64_t opx = out.stride(3), orow = out.stride(2);
@@ -465,12 +559,18 @@ class CellProgram {
             } else {
               PoolArgs a{x.data, 1, x.C, x.H, x.W, 0, x.row, x.px, target.data, OH, OW, 0, target.row, target.px,
                          3, o.stride, 1, o.kind == kMaxPool ? 1 : 0, written ? 1 : 0};
-              pool_fn(a, 0, OH);
+              const auto [lo, hi] = share(OH);
+              pool_fn(a, lo, hi);
+              sync();
             }
             written = true;
             tick(t0, 2 + k);
           }
-          if (!written) std::memset(target.data, 0, sizeof(float) * node);
+          if (!written) {
+            const auto [lo, hi] = share(OH);
+            std::memset(target.data + lo * target.row, 0, sizeof(float) * (hi - lo) * target.row);
+            sync();
+          }
           states.push_back(target);
         }
         // the output in one pass: concat of the states (all-Zeroise nodes are 0), plus the residual; the
@@ -484,7 +584,8 @@ class CellProgram {
           r = res->data_ptr<float>() + n * res->stride(0);
           rc = res->stride(1), rh = res->stride(2), rw = res->stride(3);
         }
-        for (int64_t h = 0; h < OH; ++h)
+        const auto [h_lo, h_hi] = share(OH);
+        for (int64_t h = h_lo; h < h_hi; ++h)
           for (int64_t w = 0; w < OW; ++w) {
             float* o = out_n + h * orow + w * opx;
             const float* rp = r ? r + h * rh + w * rw : nullptr;
@@ -505,12 +606,14 @@ class CellProgram {
             }
           }
         tick(t0, nslots - 1);
+        sync();   // the next image reuses the buffers
       }
       if (time_acc) {
         std::lock_guard<std::mutex> lock(time_mutex);
         for (int64_t s = 0; s < nslots; ++s) time_acc[s] += local[s];
       }
     });
+    return team ? threads : 1;
   }
 
  private:
