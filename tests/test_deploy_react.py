@@ -206,6 +206,7 @@ def cell_outputs_engine(net: deploy.PackedNetwork, x: torch.Tensor, monkeypatch)
 
     with monkeypatch.context() as m:
         m.setattr(runtime._Cell, '__call__', spy)
+        m.setattr(runtime, 'CELL_CHAINS', False)     # each cell on its own, so that its output can be seen
         logits = net(x)
     return outs, logits
 
@@ -224,15 +225,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 class PathSpy:
-    """Counts the cells run as cell programs and op by op (``_Cell._run_program`` / ``_Cell._run``)."""
+    """Counts the cells run as cell programs (``_Cell._run_program``, or in a chain, ``PackedNetwork._chain``) and
+    op by op (``_Cell._run``)."""
 
     def __init__(self, monkeypatch) -> None:
         self.program = self.op_by_op = 0
-        run_program, run = runtime._Cell._run_program, runtime._Cell._run
+        run_program, run, chain = runtime._Cell._run_program, runtime._Cell._run, runtime.PackedNetwork._chain
 
         def spy_program(cell, *args):
             self.program += 1
             return run_program(cell, *args)
+
+        def spy_chain(net, cells, *args):
+            self.program += len(cells)
+            return chain(net, cells, *args)
 
         def spy_run(cell, *args):
             self.op_by_op += 1
@@ -240,6 +246,7 @@ class PathSpy:
 
         monkeypatch.setattr(runtime._Cell, '_run_program', spy_program)
         monkeypatch.setattr(runtime._Cell, '_run', spy_run)
+        monkeypatch.setattr(runtime.PackedNetwork, '_chain', spy_chain)
 
     def reset(self) -> None:
         self.program = self.op_by_op = 0
@@ -284,6 +291,10 @@ def test_react_network_bit_for_bit_on_every_isa(shortcut, nonlinearity, monkeypa
                     else:                                                # the two paths: bits, zeros' signs too
                         assert torch.equal(bits(got), bits(prog_cells[k])), (isa, len(batch), k)
                 assert (logits - ref).abs().max().item() <= 1e-5, (isa, program)
+                if program:                                              # chains of cells: the same bits
+                    paths.reset()
+                    assert torch.equal(bits(net(batch)), bits(logits)), (isa, len(batch))
+                    assert paths.program >= len(net.cells) and paths.op_by_op == 0
 
 
 @pytest.mark.parametrize('nonlinearity', ['rprelu', 'prelu', 'relu', 'identity'])

@@ -119,12 +119,12 @@ def test_int8_conv_is_within_its_quantization_bound_on_every_path(geometry):
     assert torch.equal(conv(x[1:2], kernels.isa_id(ISAS[-1])), outs[0][1:2])
 
 
-def _small_bnas_a(seed: int):
+def _small_bnas_a(seed: int, layers: int = 5):
     """A small BNAS-A (C=8, 5 cells) with seeded random BN statistics, its packed network and the generator
     (left where the statistics ended, for the test's images)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = build_model('bnas-a', genotype='latest_cell', init_channels=8, layers=5).eval()
+    model = build_model('bnas-a', genotype='latest_cell', init_channels=8, layers=layers).eval()
     with torch.no_grad():
         for bn in model.modules():
             if isinstance(bn, nn.BatchNorm2d):
@@ -163,18 +163,36 @@ def test_peak_micro_benchmarks_refuse_what_they_cannot_measure(ext):
         ext.peak_macs('int4', kernels.isa_id(ISAS[-1]), 10)
 
 
-def test_runs_of_binary_cells_a_few_images_at_a_time_give_the_cell_by_cell_bits(monkeypatch):
+def test_chains_of_binary_cells_give_the_cell_by_cell_bits(monkeypatch):
+    """Consecutive all-binary cells run as one C++ call (each image through the whole chain; at batch sizes below
+    the thread count the threads share each image): on every ISA, at batch 1, 2 and 7 and 2 or 3 threads, the
+    logits are those of the cell programs called one by one, bit for bit, and the chains really ran (14 cells:
+    chains of 4, 5 and 5, so inner cells' outputs go round the three scratch slots)."""
     from bnas_nni.deploy import runtime
 
-    model, net, g = _small_bnas_a(1)
-    assert any(c.reduction and isinstance(c.residual, runtime._Unit) for c in net.cells)  # runs split there
+    model, net, g = _small_bnas_a(1, layers=14)
+    assert any(c.reduction and isinstance(c.residual, runtime._Unit) for c in net.cells)  # chains split there
     x = torch.randn(7, 3, 16, 16, generator=g)
-    monkeypatch.setattr(runtime, 'RUN_GROUP', 10 ** 6)      # one group: cell by cell over the whole batch
-    whole = net(x)
-    for group in (0, 1, 3):                                  # default (two per thread), one, a partial last group
-        monkeypatch.setattr(runtime, 'RUN_GROUP', group)
-        for isa in ISAS:
-            net.set_isa(isa)
-            assert torch.equal(net(x), whole), (group, isa)
+    chains = []
+    chain = runtime.PackedNetwork._chain
+    monkeypatch.setattr(runtime.PackedNetwork, '_chain', lambda self, cells, *a: (chains.append(len(cells)),
+                                                                                   chain(self, cells, *a))[1])
+    try:
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            for isa in ISAS:
+                net.set_isa(isa)
+                for batch in (x[:1], x[:2], x):
+                    monkeypatch.setattr(runtime, 'CELL_CHAINS', False)
+                    want = net(batch)
+                    monkeypatch.setattr(runtime, 'CELL_CHAINS', True)
+                    chains.clear()
+                    got = net(batch)
+                    assert chains == [4, 5, 5], chains
+                    assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (threads, isa, len(batch))
+                    team = threads if len(batch) < threads else 1
+                    assert all(c.team == team for c in net.cells if c.chunkable), (threads, len(batch))
+    finally:
+        torch.set_num_threads(2)
     with torch.no_grad():
         assert (net(x) - model(x)).abs().max() < 1e-3

@@ -55,15 +55,14 @@ CL = torch.channels_last
 #: instead of going through memory (BNAS-A at batch 32: the 32x32 cells run image by image)
 CACHE_BUDGET = 3 << 19
 
-#: images per pass through a run of all-binary cells at batch > 1 (see PackedNetwork._cells); 0: two per thread
-#: (BNAS-A at batch 32, 2 threads, OMP_WAIT_POLICY=PASSIVE, on a busy machine: the same CPU time as cell by
-#: cell, and from the same to ~1.7x less wall time; more images per pass let the first one's states fall out
-#: of cache)
-RUN_GROUP = 0
-
 #: run all-binary cells as one C++ call each, image by image on each thread (csrc/cell.cpp);
 #: False runs them op by op from Python (the same kernels and bits; kept for tests and comparison)
 CELL_PROGRAM = True
+
+#: run consecutive all-binary cells as one C++ call (csrc/cell.cpp, run_chain): each image goes through the
+#: whole chain on one thread (or, at batch 1, the team), and the threads are woken once per chain instead of
+#: once per cell; False runs the cell programs one by one (the same bits; kept for tests and comparison)
+CELL_CHAINS = True
 
 
 def _cl(x: torch.Tensor) -> torch.Tensor:
@@ -506,37 +505,45 @@ class PackedNetwork(nn.Module):
             raise ConfigError(f'the packed model cannot run on images of shape {tuple(x.shape)}: {first}') from None
 
     def _cells(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer) -> Tuple[torch.Tensor, torch.Tensor]:
-        """All cells. At batch > 1 a run of all-binary cells (cell programs) goes a few images at a time through
-        every cell of the run, so an image's states stay in cache from cell to cell instead of going through
-        memory once per cell; float residual convs still run on the whole batch (before the run they start),
-        and every image gets the same operations as cell by cell, so the same bits."""
-        N = s1.shape[0]
-        group = RUN_GROUP or 2 * torch.get_num_threads()
+        """All cells. A chain of all-binary cells (one that may have a float residual conv, and the following ones
+        without) runs as one C++ call, image by image through every cell of the chain, its float residual conv
+        computed beforehand on the whole batch, as the float model does; profiling runs cell by cell (each cell
+        program times its ops). Every image gets the same operations either way, so the same bits."""
         k = 0
         while k < len(self.cells):
             cell = self.cells[k]
-            if not (cell.chunkable and CELL_PROGRAM and N > group):
+            if not (cell.chunkable and CELL_PROGRAM and CELL_CHAINS) or timer.records is not None:
                 s0, s1 = s1, cell(s0, s1, isa, timer)
                 k += 1
                 continue
-            end = k + 1   # the run: this cell and the following all-binary cells without a residual conv
+            end = k + 1
             while end < len(self.cells) and self.cells[end].chunkable and not isinstance(self.cells[end].residual,
                                                                                          _Unit):
                 end += 1
-            res = cell.residual_of(s1, isa, timer)
-            outs: List[Optional[torch.Tensor]] = [None, None]
-            for i in range(0, N, group):
-                j = min(N, i + group)
-                a, b = s0[i:j], s1[i:j]
-                for m in range(k, end):
-                    a, b = b, self.cells[m](a, b, isa, timer, res=res[i:j] if (m == k and res is not None) else None)
-                for slot, t in enumerate((a, b)):
-                    if outs[slot] is None:
-                        outs[slot] = torch.empty((N,) + tuple(t.shape[1:]), memory_format=CL)
-                    outs[slot][i:j] = t
-            s0, s1 = outs[0], outs[1]
+            s0, s1 = self._chain(self.cells[k:end], s0, s1, isa, timer)
             k = end
         return s0, s1
+
+    def _chain(self, cells: List[_Cell], s0: torch.Tensor, s1: torch.Tensor, isa: int,
+               timer: _Timer) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The chain's last two outputs (the next cells' inputs), from one ``run_chain`` call."""
+        s0, s1 = (s if s.stride(1) == 1 else _cl(s) for s in (s0, s1))
+        N = s1.shape[0]
+        shapes = []   # each cell's output: (channels, H, W); a cell's map follows its s1 input's
+        H, W = s1.shape[2], s1.shape[3]
+        for cell in cells:
+            stride = 2 if cell.reduction else 1
+            H, W = (H - 1) // stride + 1, (W - 1) // stride + 1
+            shapes.append((len(cell.concat) * cell.C, H, W))
+        res = cells[0].residual_of(s1, isa, timer)
+        if res is not None and tuple(res.shape[1:]) != shapes[0]:   # broadcast as out.add_(res) does (odd maps)
+            res = res.expand((N,) + shapes[0])
+        out_last = torch.empty((N,) + shapes[-1], memory_format=CL)
+        out_prev = torch.empty((N,) + shapes[-2], memory_format=CL) if len(cells) > 1 else None
+        team = kernels.extension().run_chain([c.program() for c in cells], s0, s1, res, out_prev, out_last, isa)
+        for cell in cells:
+            cell.team = team
+        return (s1 if out_prev is None else out_prev), out_last
 
     def _stem(self, x: torch.Tensor, isa: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.family == 'imagenet':

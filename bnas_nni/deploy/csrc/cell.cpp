@@ -22,6 +22,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -195,6 +196,7 @@ class SpinBarrier {
 struct Workspace {
   std::vector<uint64_t> planes, cols;
   std::vector<float> buf, ybuf, abuf;
+  std::vector<float> ring;   // run_chain: the outputs of a chain's inner cells, three per image
 };
 
 Workspace& workspace() {
@@ -206,6 +208,46 @@ template <typename T>
 std::vector<T>& grown(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v;
+}
+
+// One task's part of a parallel region over a cell's images: a team's ranks [lo, hi) of `ranks` (sharing
+// each image, split by rows, synchronising at `barrier`), or a thread on whole images (ranks 1, no barrier).
+struct Team {
+  int64_t lo, hi, ranks;
+  SpinBarrier* barrier;
+  std::pair<int64_t, int64_t> share(int64_t n) const { return {n * lo / ranks, n * hi / ranks}; }
+  void sync() const {
+    if (barrier) barrier->wait(hi - lo);
+  }
+};
+
+// Fewer images than threads (batch 1): the threads share each image as a team, every stage split by rows with
+// a barrier between stages, in the calling thread's scratch; otherwise each thread takes whole images in its
+// own. Either way each row gets the same operations, so the same bits.
+struct TeamPlan {
+  int64_t ranks = 1, tasks = 0;
+  Workspace* shared = nullptr;
+  std::unique_ptr<SpinBarrier> barrier;
+  Team team(int64_t b, int64_t e) const {
+    return shared ? Team{b, e, ranks, barrier.get()} : Team{0, 1, 1, nullptr};
+  }
+  int64_t first_image(int64_t b) const { return shared ? 0 : b; }
+  int64_t end_image(int64_t e, int64_t N) const { return shared ? N : e; }
+};
+
+template <typename Grow>
+TeamPlan team_plan(int64_t N, Grow grow) {
+  TeamPlan tp;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (N < threads && threads > 1) {
+    tp.ranks = tp.tasks = threads;
+    tp.shared = &workspace();
+    grow(*tp.shared);
+    tp.barrier = std::make_unique<SpinBarrier>(threads);
+  } else {
+    tp.tasks = N;
+  }
+  return tp;
 }
 
 }  // namespace
@@ -316,70 +358,50 @@ class CellProgram {
 
   // out = cell(s0, s1) (+ residual): s0, s1 and out channel stride 1; res (if defined) any strides.
   // Returns how many threads shared each image (1: each thread took whole images).
-  int64_t run(const torch::Tensor& s0, const torch::Tensor& s1, torch::Tensor out, const c10::optional<torch::Tensor>& res,
-           int64_t isa, const c10::optional<torch::Tensor>& times) const {
-    for (const torch::Tensor* t : {&s0, &s1, static_cast<const torch::Tensor*>(&out)})
-      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(1) == 1,
-                  "cell program: inputs and output must be float32 N x C x H x W with channel stride 1");
-    const int64_t N = s1.size(0), H = s1.size(2), W = s1.size(3);
+  // The geometry of a call whose s0 is c0 x H0 x W0 and s1 c1 x H x W, checked against the cell, and the
+  // scratch it needs per image (see Workspace).
+  struct Plan {
+    int64_t H0, W0, H, W, OH, OW, out_ch;
+    int64_t plane_words = 0, column_plane_words = 0, epilogue_floats = 0, state = 0, node = 0, scratch_nodes = 0;
+  };
+
+  Plan plan(int64_t c0, int64_t H0, int64_t W0, int64_t c1, int64_t H, int64_t W) const {
     const Unit& u0 = units_[pre0_];
     const Unit& u1 = units_[pre1_];
-    TORCH_CHECK(s0.size(0) == N && out.size(0) == N, "cell program: batch sizes differ");
-    TORCH_CHECK(s0.size(1) == u0.in_ch && s1.size(1) == u1.in_ch, "cell program: input channels do not match");
-    check_conv_window(s0.size(2), s0.size(3), u0.kh, u0.kw, u0.pad, u0.dil);
+    TORCH_CHECK(c0 == u0.in_ch && c1 == u1.in_ch, "cell program: input channels do not match");
+    check_conv_window(H0, W0, u0.kh, u0.kw, u0.pad, u0.dil);
     check_conv_window(H, W, u1.kh, u1.kw, u1.pad, u1.dil);
-    TORCH_CHECK(W <= kMaxRow, "cell program: rows longer than ", kMaxRow, " pixels are not supported");
-    TORCH_CHECK(u0.out_size(s0.size(2), u0.kh) == H && u0.out_size(s0.size(3), u0.kw) == W &&
+    TORCH_CHECK(W <= kMaxRow && W0 <= kMaxRow, "cell program: rows longer than ", kMaxRow, " pixels are not supported");
+    TORCH_CHECK(u0.out_size(H0, u0.kh) == H && u0.out_size(W0, u0.kw) == W &&
                     u1.out_size(H, u1.kh) == H && u1.out_size(W, u1.kw) == W && u0.out_ch == C_ && u1.out_ch == C_,
                 "cell program: preprocess geometry does not match the inputs");
-    const int64_t OH = (H - 1) / stride_ + 1, OW = (W - 1) / stride_ + 1;
-    TORCH_CHECK(out.size(1) == static_cast<int64_t>(concat_.size()) * C_ && out.size(2) == OH && out.size(3) == OW,
-                "cell program: output shape does not match the cell");
-    TORCH_CHECK(!identity_residual_ || (s1.size(1) == out.size(1) && H == OH && W == OW),
+    Plan g{H0, W0, H, W, (H - 1) / stride_ + 1, (W - 1) / stride_ + 1, static_cast<int64_t>(concat_.size()) * C_};
+    const int64_t OH = g.OH, OW = g.OW;
+    TORCH_CHECK(!identity_residual_ || (c1 == g.out_ch && H == OH && W == OW),
                 "cell program: identity residual needs the input shape of the output");
-    if (res.has_value())
-      TORCH_CHECK(res->device().is_cpu() && res->scalar_type() == torch::kFloat32 && res->dim() == 4 &&
-                      res->size(0) == N && res->size(1) == out.size(1) && res->size(2) == OH && res->size(3) == OW,
-                  "cell program: residual shape does not match the output");
-    TORCH_CHECK(cpu_supports_isa(isa), "this CPU does not support the requested instruction set (id ", isa, ")");
-    double* time_acc = nullptr;
-    if (times.has_value()) {
-      TORCH_CHECK(times->scalar_type() == torch::kFloat64 && times->is_contiguous() && times->numel() >= timing_slots(),
-                  "cell program: times must be a float64 vector of timing_slots() entries");
-      time_acc = times->data_ptr<double>();
-    }
-    auto pack_fn = isa == 2 ? pack_rows_avx512 : isa == 1 ? pack_rows_avx2 : pack_rows_portable;
-    auto conv_fn = isa == 2 ? conv_rows_avx512 : isa == 1 ? conv_rows_avx2 : conv_rows_portable;
-    auto pool_fn = isa == 2 ? pool_rows_avx512 : isa == 1 ? pool_rows_avx2 : pool_rows_portable;
-    auto epilogue_fn = isa == 2 ? epilogue_row_avx512 : isa == 1 ? epilogue_row_avx2 : epilogue_row_portable;
-
-    // scratch of one thread: the largest bit planes of any unit, the two preprocessed states, and the
-    // nodes that are not written straight into the output
-    int64_t plane_words = 0, column_plane_words = 0;
+    // the largest bit planes of any unit, the two preprocessed states, and the nodes kept in scratch
     auto plane_size = [&](const Unit& u, int64_t h, int64_t w) {
-      plane_words = std::max(plane_words, (h + 2 * u.pad) * (w + 2 * u.pad) * ((u.in_ch + 63) / 64) * 2);
+      g.plane_words = std::max(g.plane_words, (h + 2 * u.pad) * (w + 2 * u.pad) * ((u.in_ch + 63) / 64) * 2);
       if (u.columns)
-        column_plane_words = std::max(column_plane_words,
-                                      (h + 2 * u.pad) * u.out_size(w, u.kw) * column_words(u.in_ch, u.kw) * 2);
+        g.column_plane_words = std::max(g.column_plane_words,
+                                        (h + 2 * u.pad) * u.out_size(w, u.kw) * column_words(u.in_ch, u.kw) * 2);
     };
-    plane_size(u0, s0.size(2), s0.size(3));
+    plane_size(u0, H0, W0);
     plane_size(u1, H, W);
-    // an epilogue's conv output goes to a per-thread buffer first; a shortcut needs the conv to keep the map
+    // an epilogue's conv output goes to a scratch buffer first; a shortcut needs the conv to keep the map
     // (identity) or to give the 2x2 ceil-mode pool's map (average pool), as the float model's add does
-    int64_t epilogue_floats = 0;
     auto epilogue_size = [&](const Unit& u, int64_t ih, int64_t iw) {
       if (!u.epilogue()) return;
       const int64_t oh = u.out_size(ih, u.kh), ow = u.out_size(iw, u.kw);
-      epilogue_floats = std::max(epilogue_floats, oh * ow * u.out_ch);
+      g.epilogue_floats = std::max(g.epilogue_floats, oh * ow * u.out_ch);
       if (u.shortcut == kIdentityShortcut)
         TORCH_CHECK(oh == ih && ow == iw, "cell program: an identity shortcut needs the conv to keep the map size");
       if (u.shortcut == kPoolShortcut)
         TORCH_CHECK(oh == (ih + 1) / 2 && ow == (iw + 1) / 2,
                     "cell program: a pooled shortcut needs the conv's output of the 2x2 average pool's size");
     };
-    epilogue_size(u0, s0.size(2), s0.size(3));
+    epilogue_size(u0, H0, W0);
     epilogue_size(u1, H, W);
-    const int64_t nnodes = static_cast<int64_t>(ops_.size() / 2);
     for (const Op& o : ops_) {
       const bool on_input = o.input < 2;
       const int64_t ih = on_input ? H : OH, iw = on_input ? W : OW;
@@ -395,226 +417,279 @@ class CellProgram {
                     "cell program: a pool's stride does not map its input to the node's shape");
       }
     }
-    int64_t scratch_nodes = 0;
-    for (int64_t i = 0; i < nnodes; ++i) scratch_nodes += stored_[i];
-    const int64_t state = C_ * H * W, node = C_ * OH * OW;
+    for (bool stored : stored_) g.scratch_nodes += stored;
+    g.state = C_ * H * W;
+    g.node = C_ * OH * OW;
+    return g;
+  }
+
+  // One image's inputs and output: channel stride 1, row and pixel strides; the residual (if any) with any
+  // strides (the identity residual is s1 itself).
+  struct ImageIO {
+    const float* s0;
+    int64_t s0_row, s0_px;
+    const float* s1;
+    int64_t s1_row, s1_px;
+    float* out;
+    int64_t out_row, out_px;
+    const float* res;
+    int64_t res_c, res_row, res_px;
+  };
+
+  // The kernels of one instruction-set path.
+  struct Paths {
+    void (*pack)(const PackArgs&, int64_t, int64_t);
+    void (*conv)(const ConvArgs&, int64_t, int64_t);
+    void (*pool)(const PoolArgs&, int64_t, int64_t);
+    void (*epilogue)(const EpilogueRow&, bool, bool, bool);
+  };
+
+  static Paths paths_for(int64_t isa) {
+    TORCH_CHECK(cpu_supports_isa(isa), "this CPU does not support the requested instruction set (id ", isa, ")");
+    if (isa == 2) return {pack_rows_avx512, conv_rows_avx512, pool_rows_avx512, epilogue_row_avx512};
+    if (isa == 1) return {pack_rows_avx2, conv_rows_avx2, pool_rows_avx2, epilogue_row_avx2};
+    return {pack_rows_portable, conv_rows_portable, pool_rows_portable, epilogue_row_portable};
+  }
+
+  static void grow(Workspace& ws, const Plan& g) {
+    grown(ws.planes, g.plane_words);
+    grown(ws.cols, g.column_plane_words);
+    grown(ws.buf, 2 * g.state + g.scratch_nodes * g.node);
+    grown(ws.ybuf, g.epilogue_floats);
+    grown(ws.abuf, g.epilogue_floats);
+  }
+
+  // The whole cell on one image, by one thread or by a team (each its share of the rows of every stage, with
+  // a barrier wherever a stage reads rows another wrote); `local` (or null) gathers per-op thread-seconds.
+  void image(const Plan& g, const Paths& paths, Workspace& ws, const Team& t, const ImageIO& io, double* local) const {
+    const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW, state = g.state, node = g.node;
+    const int64_t nnodes = static_cast<int64_t>(ops_.size() / 2), nslots = timing_slots();
+    const Unit& u0 = units_[pre0_];
+    const Unit& u1 = units_[pre1_];
+    auto tick = [&](Clock::time_point& t0, int64_t slot) {
+      if (!local) return;
+      const auto t1 = Clock::now();
+      local[slot] += std::chrono::duration<double>(t1 - t0).count();
+      t0 = t1;
+    };
+    // the react epilogue of unit u on output rows [h0, h1) of one image: yb holds the conv output
+    // [y.H][y.W][O] (see set_epilogue); the shortcut term goes to abuf (the pool) or is read in place (the
+    // identity on a dense input)
+    auto epilogue_on = [&](const Unit& u, const ConstView& x, const float* yb, const View& y, bool accumulate,
+                           int64_t h0r, int64_t h1r) {
+      const int64_t O = u.out_ch, n = y.W * O;
+      const float* add = nullptr;
+      int64_t add_row = n;
+      if (u.shortcut == kIdentityShortcut && x.sW == O) {
+        add = x.data;
+        add_row = x.sH;
+      } else if (u.shortcut == kIdentityShortcut) {
+        for (int64_t h = h0r; h < h1r; ++h)
+          for (int64_t w = 0; w < y.W; ++w)
+            for (int64_t c = 0; c < O; ++c) ws.abuf[(h * y.W + w) * O + c] = x.data[h * x.sH + w * x.sW + c];
+        add = ws.abuf.data();
+      } else if (u.shortcut == kPoolShortcut) {
+        // avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) as PyTorch's CPU kernel computes it:
+        // a float sum from 0 over the valid window, row by row, then divided by the window's size
+        for (int64_t h = h0r; h < h1r; ++h)
+          for (int64_t w = 0; w < y.W; ++w) {
+            const int64_t h0 = 2 * h, h1 = std::min(h0 + 2, x.H), w0 = 2 * w, w1 = std::min(w0 + 2, x.W);
+            float* sp = ws.abuf.data() + (h * y.W + w) * O;
+            for (int64_t c = 0; c < O; ++c) sp[c] = 0.0f;
+            for (int64_t ih = h0; ih < h1; ++ih)
+              for (int64_t iw = w0; iw < w1; ++iw) {
+                const float* xp = x.data + ih * x.sH + iw * x.sW;
+                for (int64_t c = 0; c < O; ++c) sp[c] += xp[c];
+              }
+            const float count = static_cast<float>((h1 - h0) * (w1 - w0));
+            for (int64_t c = 0; c < O; ++c) sp[c] = sp[c] / count;
+          }
+        add = ws.abuf.data();
+      }
+      const bool relu = !u.prelu && u.relu;
+      for (int64_t h = h0r; h < h1r; ++h) {
+        EpilogueRow r{yb + h * n, add ? add + h * add_row : nullptr, u.tiled_gamma.data(), u.tiled_slope.data(),
+                      u.tiled_zeta.data(), y.data + h * y.row, n, u.tile};
+        paths.epilogue(r, add != nullptr, relu, accumulate);
+      }
+    };
+    // one unit on one image: pack the whole (padded) image, then convolve every output row (a team: each
+    // its share of the rows of every stage, with a barrier wherever a stage reads rows another wrote)
+    auto unit_on = [&](const Unit& u, const ConstView& x, const View& y, bool accumulate) {
+      const int64_t Kw = (u.in_ch + 63) / 64, Hp = x.H + 2 * u.pad, Wp = x.W + 2 * u.pad;
+      if (u.pad > 0) {   // else all packed
+        const auto [lo, hi] = t.share(Hp);
+        std::memset(ws.planes.data() + lo * Wp * Kw * 2, 0, sizeof(uint64_t) * (hi - lo) * Wp * Kw * 2);
+        t.sync();
+      }
+      PackArgs p{x.data, 1, u.in_ch, x.H, x.W, 0, x.sC, x.sH, x.sW, u.t_zero.data_ptr<float>(),
+                 u.t_pos.data_ptr<float>(), reinterpret_cast<const uint32_t*>(u.flip.data_ptr<int32_t>()),
+                 ws.planes.data(), Kw, Hp, Wp, u.pad};
+      {
+        const auto [lo, hi] = t.share(x.H);
+        paths.pack(p, lo, hi);
+      }
+      t.sync();
+      // with an epilogue: the plain conv output (no ReLU) into ybuf, [y.H][y.W][out_ch]
+      const bool epi = u.epilogue();
+      ConvArgs c{ws.planes.data(), 1, Hp, Wp, Kw, reinterpret_cast<const uint64_t*>(u.words.data_ptr<int64_t>()),
+                 u.alpha.data_ptr<float>(), u.out_ch, u.words.size(1), u.kh, u.kw, u.stride, u.dil,
+                 epi ? ws.ybuf.data() : y.data, y.H, y.W, 0, epi ? y.W * u.out_ch : y.row, epi ? u.out_ch : y.px,
+                 (u.relu && !epi) ? 1 : 0, (accumulate && !epi) ? 1 : 0};
+      if (u.columns) {
+        const auto [lo, hi] = t.share(Hp);
+        column_rows(ws.planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, ws.cols.data(), lo, hi);
+        t.sync();
+        c.act = ws.cols.data();
+        c.Wp = y.W;
+        c.Kw = column_words(u.in_ch, u.kw);
+        c.w = u.wcols.data();
+        c.KW = 1;
+        c.wstride = 1;
+      }
+      const auto [lo, hi] = t.share(y.H);
+      paths.conv(c, lo, hi);
+      if (epi) epilogue_on(u, x, ws.ybuf.data(), y, accumulate, lo, hi);
+      t.sync();   // before the next stage reuses the planes or reads this node
+    };
+    auto as_input = [](const View& v) { return ConstView{v.data, v.C, v.H, v.W, 1, v.row, v.px}; };
+    auto t0 = Clock::now();
+    float* out_n = io.out;
+    const int64_t opx = io.out_px, orow = io.out_row;
+    std::vector<View> states;
+    states.reserve(2 + nnodes);
+    View p0{ws.buf.data(), C_, H, W, C_, C_ * W}, p1{ws.buf.data() + state, C_, H, W, C_, C_ * W};
+    unit_on(u0, ConstView{io.s0, u0.in_ch, g.H0, g.W0, 1, io.s0_row, io.s0_px}, p0, false);
+    tick(t0, 0);
+    unit_on(u1, ConstView{io.s1, u1.in_ch, H, W, 1, io.s1_row, io.s1_px}, p1, false);
+    tick(t0, 1);
+    states.push_back(p0);
+    states.push_back(p1);
+    // nodes go to per-image buffers (cache-resident; the output is written once, in the final pass)
+    float* scratch = ws.buf.data() + 2 * state;
+    for (int64_t i = 0; i < nnodes; ++i) {
+      if (!stored_[i]) {
+        states.push_back(View{nullptr, C_, OH, OW, C_, C_ * OW});
+        continue;
+      }
+      const View target{scratch, C_, OH, OW, C_, C_ * OW};
+      scratch += node;
+      bool written = false;
+      for (int64_t k = 2 * i; k < 2 * i + 2; ++k) {
+        const Op& o = ops_[k];
+        if (o.kind == kZeroise) continue;
+        const View& x = states[o.input];
+        if (o.kind == kUnit) {
+          unit_on(units_[o.unit], as_input(x), target, written);
+        } else {
+          PoolArgs a{x.data, 1, x.C, x.H, x.W, 0, x.row, x.px, target.data, OH, OW, 0, target.row, target.px,
+                     3, o.stride, 1, o.kind == kMaxPool ? 1 : 0, written ? 1 : 0};
+          const auto [lo, hi] = t.share(OH);
+          paths.pool(a, lo, hi);
+          t.sync();
+        }
+        written = true;
+        tick(t0, 2 + k);
+      }
+      if (!written) {
+        const auto [lo, hi] = t.share(OH);
+        std::memset(target.data + lo * target.row, 0, sizeof(float) * (hi - lo) * target.row);
+        t.sync();
+      }
+      states.push_back(target);
+    }
+    // the output in one pass: concat of the states (all-Zeroise nodes are 0), plus the residual; the
+    // same float additions as the op-by-op path's copy followed by out += residual
+    const float* r = io.res;
+    const int64_t rc = io.res_c, rh = io.res_row, rw = io.res_px;
+    const auto [h_lo, h_hi] = t.share(OH);
+    for (int64_t h = h_lo; h < h_hi; ++h)
+      for (int64_t w = 0; w < OW; ++w) {
+        float* o = out_n + h * orow + w * opx;
+        const float* rp = r ? r + h * rh + w * rw : nullptr;
+        for (size_t sl = 0; sl < concat_.size(); ++sl) {
+          const View& v = states[concat_[sl]];
+          float* oc = o + sl * C_;
+          const float* rs = rp ? rp + static_cast<int64_t>(sl) * C_ * rc : nullptr;
+          if (v.data == nullptr) {
+            if (!rs) std::memset(oc, 0, sizeof(float) * C_);
+            else if (rc == 1) for (int64_t c = 0; c < C_; ++c) oc[c] = 0.0f + rs[c];
+            else for (int64_t c = 0; c < C_; ++c) oc[c] = 0.0f + rs[c * rc];
+          } else {
+            const float* x = v.data + h * v.row + w * v.px;
+            if (!rs) std::memcpy(oc, x, sizeof(float) * C_);
+            else if (rc == 1) for (int64_t c = 0; c < C_; ++c) oc[c] = x[c] + rs[c];
+            else for (int64_t c = 0; c < C_; ++c) oc[c] = x[c] + rs[c * rc];
+          }
+        }
+      }
+    tick(t0, nslots - 1);
+    t.sync();   // the next image (or cell) reuses the buffers
+  }
+
+  // out = cell(s0, s1) (+ residual): s0, s1 and out channel stride 1; res (if defined) any strides.
+  // Returns how many threads shared each image (1: each thread took whole images).
+  int64_t run(const torch::Tensor& s0, const torch::Tensor& s1, torch::Tensor out, const c10::optional<torch::Tensor>& res,
+              int64_t isa, const c10::optional<torch::Tensor>& times) const {
+    for (const torch::Tensor* t : {&s0, &s1, static_cast<const torch::Tensor*>(&out)})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(1) == 1,
+                  "cell program: inputs and output must be float32 N x C x H x W with channel stride 1");
+    const int64_t N = s1.size(0);
+    TORCH_CHECK(s0.size(0) == N && out.size(0) == N, "cell program: batch sizes differ");
+    const Plan g = plan(s0.size(1), s0.size(2), s0.size(3), s1.size(1), s1.size(2), s1.size(3));
+    TORCH_CHECK(out.size(1) == g.out_ch && out.size(2) == g.OH && out.size(3) == g.OW,
+                "cell program: output shape does not match the cell");
+    check_residual(res, N, g);
+    const Paths paths = paths_for(isa);
+    double* time_acc = nullptr;
+    if (times.has_value()) {
+      TORCH_CHECK(times->scalar_type() == torch::kFloat64 && times->is_contiguous() && times->numel() >= timing_slots(),
+                  "cell program: times must be a float64 vector of timing_slots() entries");
+      time_acc = times->data_ptr<double>();
+    }
     const int64_t nslots = timing_slots();
     std::mutex time_mutex;
-
-    // Fewer images than threads (batch 1): the threads share each image as a team, every stage split by rows
-    // with a barrier between stages; otherwise each thread takes whole images. Either way each row gets the
-    // same operations, so the same bits.
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const bool team = N < threads && threads > 1;
-    auto grow_all = [&](Workspace& ws) {
-      grown(ws.planes, plane_words);
-      grown(ws.cols, column_plane_words);
-      grown(ws.buf, 2 * state + scratch_nodes * node);
-      grown(ws.ybuf, epilogue_floats);
-      grown(ws.abuf, epilogue_floats);
-    };
-    Workspace* shared = nullptr;
-    if (team) {
-      shared = &workspace();   // the calling thread's buffers, shared by the team
-      grow_all(*shared);
-    }
-    SpinBarrier barrier(threads);
-
-    // team: this task is ranks [b, e) of `threads`; otherwise images [b, e)
-    at::parallel_for(0, team ? threads : N, 1, [&](int64_t b, int64_t e) {
-      Workspace& ws = team ? *shared : workspace();
-      if (!team) grow_all(ws);
-      std::vector<uint64_t>& planes = ws.planes;
-      std::vector<uint64_t>& cols = ws.cols;
-      std::vector<float>& buf = ws.buf;
-      std::vector<float>& ybuf = ws.ybuf;
-      std::vector<float>& abuf = ws.abuf;
-      const int64_t rank_lo = team ? b : 0, rank_hi = team ? e : 1, ranks = team ? threads : 1;
-      // this task's share [lo, hi) of `n` rows
-      auto share = [&](int64_t n) { return std::make_pair(n * rank_lo / ranks, n * rank_hi / ranks); };
-      auto sync = [&]() {
-        if (team) barrier.wait(rank_hi - rank_lo);
-      };
+    const TeamPlan tp = team_plan(N, [&](Workspace& ws) { grow(ws, g); });
+    at::parallel_for(0, tp.tasks, 1, [&](int64_t b, int64_t e) {
+      Workspace& ws = tp.shared ? *tp.shared : workspace();
+      if (!tp.shared) grow(ws, g);
+      const Team t = tp.team(b, e);
       std::vector<double> local(time_acc ? nslots : 0, 0.0);
-      auto tick = [&](Clock::time_point& t0, int64_t slot) {
-        if (!time_acc) return;
-        const auto t1 = Clock::now();
-        local[slot] += std::chrono::duration<double>(t1 - t0).count();
-        t0 = t1;
-      };
-      // the react epilogue of unit u on output rows [h0, h1) of one image: yb holds the conv output
-      // [y.H][y.W][O] (see set_epilogue); the shortcut term goes to abuf (the pool) or is read in place (the
-      // identity on a dense input)
-      auto epilogue_on = [&](const Unit& u, const ConstView& x, const float* yb, const View& y, bool accumulate,
-                             int64_t h0r, int64_t h1r) {
-        const int64_t O = u.out_ch, n = y.W * O;
-        const float* add = nullptr;
-        int64_t add_row = n;
-        if (u.shortcut == kIdentityShortcut && x.sW == O) {
-          add = x.data;
-          add_row = x.sH;
-        } else if (u.shortcut == kIdentityShortcut) {
-          for (int64_t h = h0r; h < h1r; ++h)
-            for (int64_t w = 0; w < y.W; ++w)
-              for (int64_t c = 0; c < O; ++c) abuf[(h * y.W + w) * O + c] = x.data[h * x.sH + w * x.sW + c];
-          add = abuf.data();
-        } else if (u.shortcut == kPoolShortcut) {
-          // avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) as PyTorch's CPU kernel computes it:
-          // a float sum from 0 over the valid window, row by row, then divided by the window's size
-          for (int64_t h = h0r; h < h1r; ++h)
-            for (int64_t w = 0; w < y.W; ++w) {
-              const int64_t h0 = 2 * h, h1 = std::min(h0 + 2, x.H), w0 = 2 * w, w1 = std::min(w0 + 2, x.W);
-              float* sp = abuf.data() + (h * y.W + w) * O;
-              for (int64_t c = 0; c < O; ++c) sp[c] = 0.0f;
-              for (int64_t ih = h0; ih < h1; ++ih)
-                for (int64_t iw = w0; iw < w1; ++iw) {
-                  const float* xp = x.data + ih * x.sH + iw * x.sW;
-                  for (int64_t c = 0; c < O; ++c) sp[c] += xp[c];
-                }
-              const float count = static_cast<float>((h1 - h0) * (w1 - w0));
-              for (int64_t c = 0; c < O; ++c) sp[c] = sp[c] / count;
-            }
-          add = abuf.data();
-        }
-        const bool relu = !u.prelu && u.relu;
-        for (int64_t h = h0r; h < h1r; ++h) {
-          EpilogueRow r{yb + h * n, add ? add + h * add_row : nullptr, u.tiled_gamma.data(), u.tiled_slope.data(),
-                        u.tiled_zeta.data(), y.data + h * y.row, n, u.tile};
-          epilogue_fn(r, add != nullptr, relu, accumulate);
-        }
-      };
-      // one unit on one image: pack the whole (padded) image, then convolve every output row (a team: each
-      // its share of the rows of every stage, with a barrier wherever a stage reads rows another wrote)
-      auto unit_on = [&](const Unit& u, const ConstView& x, const View& y, bool accumulate) {
-        const int64_t Kw = (u.in_ch + 63) / 64, Hp = x.H + 2 * u.pad, Wp = x.W + 2 * u.pad;
-        if (u.pad > 0) {   // else all packed
-          const auto [lo, hi] = share(Hp);
-          std::memset(planes.data() + lo * Wp * Kw * 2, 0, sizeof(uint64_t) * (hi - lo) * Wp * Kw * 2);
-          sync();
-        }
-        PackArgs p{x.data, 1, u.in_ch, x.H, x.W, 0, x.sC, x.sH, x.sW, u.t_zero.data_ptr<float>(),
-                   u.t_pos.data_ptr<float>(), reinterpret_cast<const uint32_t*>(u.flip.data_ptr<int32_t>()),
-                   planes.data(), Kw, Hp, Wp, u.pad};
-        {
-          const auto [lo, hi] = share(x.H);
-          pack_fn(p, lo, hi);
-        }
-        sync();
-        // with an epilogue: the plain conv output (no ReLU) into ybuf, [y.H][y.W][out_ch]
-        const bool epi = u.epilogue();
-        ConvArgs c{planes.data(), 1, Hp, Wp, Kw, reinterpret_cast<const uint64_t*>(u.words.data_ptr<int64_t>()),
-                   u.alpha.data_ptr<float>(), u.out_ch, u.words.size(1), u.kh, u.kw, u.stride, u.dil,
-                   epi ? ybuf.data() : y.data, y.H, y.W, 0, epi ? y.W * u.out_ch : y.row, epi ? u.out_ch : y.px,
-                   (u.relu && !epi) ? 1 : 0, (accumulate && !epi) ? 1 : 0};
-        if (u.columns) {
-          const auto [lo, hi] = share(Hp);
-          column_rows(planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, cols.data(), lo, hi);
-          sync();
-          c.act = cols.data();
-          c.Wp = y.W;
-          c.Kw = column_words(u.in_ch, u.kw);
-          c.w = u.wcols.data();
-          c.KW = 1;
-          c.wstride = 1;
-        }
-        const auto [lo, hi] = share(y.H);
-        conv_fn(c, lo, hi);
-        if (epi) epilogue_on(u, x, ybuf.data(), y, accumulate, lo, hi);
-        sync();   // before the next stage reuses the planes or reads this node
-      };
-      auto as_input = [](const View& v) { return ConstView{v.data, v.C, v.H, v.W, 1, v.row, v.px}; };
-      const int64_t n_begin = team ? 0 : b, n_end = team ? N : e;
-      for (int64_t n = n_begin; n < n_end; ++n) {
-        auto t0 = Clock::now();
-        float* out_n = out.data_ptr<float>() + n * out.stride(0);
-        const int64_t opx = out.stride(3), orow = out.stride(2);
-        std::vector<View> states;
-        states.reserve(2 + nnodes);
-        View p0{buf.data(), C_, H, W, C_, C_ * W}, p1{buf.data() + state, C_, H, W, C_, C_ * W};
-        unit_on(u0, ConstView{s0.data_ptr<float>() + n * s0.stride(0), u0.in_ch, s0.size(2), s0.size(3), 1,
-                              s0.stride(2), s0.stride(3)},
-                p0, false);
-        tick(t0, 0);
-        unit_on(u1, ConstView{s1.data_ptr<float>() + n * s1.stride(0), u1.in_ch, H, W, 1, s1.stride(2), s1.stride(3)},
-                p1, false);
-        tick(t0, 1);
-        states.push_back(p0);
-        states.push_back(p1);
-        // nodes go to per-image buffers (cache-resident; the output is written once, in the final pass)
-        float* scratch = buf.data() + 2 * state;
-        for (int64_t i = 0; i < nnodes; ++i) {
-          if (!stored_[i]) {
-            states.push_back(View{nullptr, C_, OH, OW, C_, C_ * OW});
-            continue;
-          }
-          const View target{scratch, C_, OH, OW, C_, C_ * OW};
-          scratch += node;
-          bool written = false;
-          for (int64_t k = 2 * i; k < 2 * i + 2; ++k) {
-            const Op& o = ops_[k];
-            if (o.kind == kZeroise) continue;
-            const View& x = states[o.input];
-            if (o.kind == kUnit) {
-              unit_on(units_[o.unit], as_input(x), target, written);
-            } else {
-              PoolArgs a{x.data, 1, x.C, x.H, x.W, 0, x.row, x.px, target.data, OH, OW, 0, target.row, target.px,
-                         3, o.stride, 1, o.kind == kMaxPool ? 1 : 0, written ? 1 : 0};
-              const auto [lo, hi] = share(OH);
-              pool_fn(a, lo, hi);
-              sync();
-            }
-            written = true;
-            tick(t0, 2 + k);
-          }
-          if (!written) {
-            const auto [lo, hi] = share(OH);
-            std::memset(target.data + lo * target.row, 0, sizeof(float) * (hi - lo) * target.row);
-            sync();
-          }
-          states.push_back(target);
-        }
-        // the output in one pass: concat of the states (all-Zeroise nodes are 0), plus the residual; the
-        // same float additions as the op-by-op path's copy followed by out += residual
-        const float* r = nullptr;
-        int64_t rc = 0, rh = 0, rw = 0;
-        if (identity_residual_) {
-          r = s1.data_ptr<float>() + n * s1.stride(0);
-          rc = 1, rh = s1.stride(2), rw = s1.stride(3);
-        } else if (res.has_value()) {
-          r = res->data_ptr<float>() + n * res->stride(0);
-          rc = res->stride(1), rh = res->stride(2), rw = res->stride(3);
-        }
-        const auto [h_lo, h_hi] = share(OH);
-        for (int64_t h = h_lo; h < h_hi; ++h)
-          for (int64_t w = 0; w < OW; ++w) {
-            float* o = out_n + h * orow + w * opx;
-            const float* rp = r ? r + h * rh + w * rw : nullptr;
-            for (size_t sl = 0; sl < concat_.size(); ++sl) {
-              const View& v = states[concat_[sl]];
-              float* oc = o + sl * C_;
-              const float* rs = rp ? rp + static_cast<int64_t>(sl) * C_ * rc : nullptr;
-              if (v.data == nullptr) {
-                if (!rs) std::memset(oc, 0, sizeof(float) * C_);
-                else if (rc == 1) for (int64_t c = 0; c < C_; ++c) oc[c] = 0.0f + rs[c];
-                else for (int64_t c = 0; c < C_; ++c) oc[c] = 0.0f + rs[c * rc];
-              } else {
-                const float* x = v.data + h * v.row + w * v.px;
-                if (!rs) std::memcpy(oc, x, sizeof(float) * C_);
-                else if (rc == 1) for (int64_t c = 0; c < C_; ++c) oc[c] = x[c] + rs[c];
-                else for (int64_t c = 0; c < C_; ++c) oc[c] = x[c] + rs[c * rc];
-              }
-            }
-          }
-        tick(t0, nslots - 1);
-        sync();   // the next image reuses the buffers
+      for (int64_t n = tp.first_image(b); n < tp.end_image(e, N); ++n) {
+        ImageIO io{s0.data_ptr<float>() + n * s0.stride(0), s0.stride(2), s0.stride(3),
+                   s1.data_ptr<float>() + n * s1.stride(0), s1.stride(2), s1.stride(3),
+                   out.data_ptr<float>() + n * out.stride(0), out.stride(2), out.stride(3), nullptr, 0, 0, 0};
+        residual_io(io, res, n);
+        image(g, paths, ws, t, io, time_acc ? local.data() : nullptr);
       }
       if (time_acc) {
         std::lock_guard<std::mutex> lock(time_mutex);
         for (int64_t s = 0; s < nslots; ++s) time_acc[s] += local[s];
       }
     });
-    return team ? threads : 1;
+    return tp.shared ? tp.ranks : 1;
   }
+
+  void check_residual(const c10::optional<torch::Tensor>& res, int64_t N, const Plan& g) const {
+    if (res.has_value())
+      TORCH_CHECK(res->device().is_cpu() && res->scalar_type() == torch::kFloat32 && res->dim() == 4 &&
+                      res->size(0) == N && res->size(1) == g.out_ch && res->size(2) == g.OH && res->size(3) == g.OW,
+                  "cell program: residual shape does not match the output");
+  }
+
+  // the residual of image n: the identity (s1 itself) or `res`
+  void residual_io(ImageIO& io, const c10::optional<torch::Tensor>& res, int64_t n) const {
+    if (identity_residual_) {
+      io.res = io.s1;
+      io.res_c = 1, io.res_row = io.s1_row, io.res_px = io.s1_px;
+    } else if (res.has_value()) {
+      io.res = res->data_ptr<float>() + n * res->stride(0);
+      io.res_c = res->stride(1), io.res_row = res->stride(2), io.res_px = res->stride(3);
+    }
+  }
+
+  int64_t out_channels() const { return static_cast<int64_t>(concat_.size()) * C_; }
+  int64_t stride() const { return stride_; }
 
  private:
   std::vector<Unit> units_;
@@ -625,6 +700,89 @@ class CellProgram {
   int64_t C_, stride_;
   bool identity_residual_;
 };
+
+// Consecutive cells in one parallel region: each thread (or, below as many images as threads, the team) takes
+// an image through every cell of the chain before the next image, so the image's states go from cell to cell
+// in cache and the threads are woken once per chain instead of once per cell. The inner cells' outputs stay in
+// per-image scratch; the last two cells' outputs (the next cells' inputs) go to `out_prev` and `out_last`.
+// `res`: the first cell's residual (computed beforehand); the other cells have none or the identity. The same
+// per-image code as CellProgram::run, so the same bits. Returns how many threads shared each image.
+int64_t run_chain(const std::vector<const CellProgram*>& cells, const torch::Tensor& s0, const torch::Tensor& s1,
+                  const c10::optional<torch::Tensor>& res, const c10::optional<torch::Tensor>& out_prev,
+                  torch::Tensor out_last, int64_t isa) {
+  const int64_t m = static_cast<int64_t>(cells.size());
+  TORCH_CHECK(m >= 1, "run_chain: no cells");
+  TORCH_CHECK(out_prev.has_value() == (m >= 2), "run_chain: out_prev is the output of the next-to-last cell");
+  std::vector<const torch::Tensor*> tensors{&s0, &s1, &out_last};
+  if (out_prev.has_value()) tensors.push_back(&*out_prev);
+  for (const torch::Tensor* t : tensors)
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(1) == 1,
+                "run_chain: inputs and outputs must be float32 N x C x H x W with channel stride 1");
+  const int64_t N = s1.size(0);
+  for (const torch::Tensor* t : tensors) TORCH_CHECK(t->size(0) == N, "run_chain: batch sizes differ");
+  // every cell's plan: cell k reads the outputs of cells k - 2 and k - 1 (s0 and s1 for the first two)
+  struct Shape {
+    int64_t C, H, W;
+  };
+  std::vector<CellProgram::Plan> plans;
+  std::vector<Shape> outs;
+  int64_t ring_floats = 0;
+  auto shape_of = [&](int64_t j) {   // the input of index j: -2 s0, -1 s1, else cell j's output
+    if (j == -2) return Shape{s0.size(1), s0.size(2), s0.size(3)};
+    if (j == -1) return Shape{s1.size(1), s1.size(2), s1.size(3)};
+    return outs[j];
+  };
+  for (int64_t k = 0; k < m; ++k) {
+    const Shape a = shape_of(k - 2), b = shape_of(k - 1);
+    plans.push_back(cells[k]->plan(a.C, a.H, a.W, b.C, b.H, b.W));
+    const CellProgram::Plan& g = plans.back();
+    outs.push_back({g.out_ch, g.OH, g.OW});
+    if (k < m - 2) ring_floats = std::max(ring_floats, g.out_ch * g.OH * g.OW);
+  }
+  const Shape last = outs[m - 1];
+  TORCH_CHECK(out_last.size(1) == last.C && out_last.size(2) == last.H && out_last.size(3) == last.W,
+              "run_chain: out_last does not match the last cell's output");
+  if (m >= 2) {
+    const Shape prev = outs[m - 2];
+    TORCH_CHECK(out_prev->size(1) == prev.C && out_prev->size(2) == prev.H && out_prev->size(3) == prev.W,
+                "run_chain: out_prev does not match the next-to-last cell's output");
+  }
+  cells[0]->check_residual(res, N, plans[0]);
+  const CellProgram::Paths paths = CellProgram::paths_for(isa);
+  auto grow_all = [&](Workspace& ws) {
+    for (const CellProgram::Plan& g : plans) CellProgram::grow(ws, g);
+    grown(ws.ring, 3 * ring_floats);
+  };
+  const TeamPlan tp = team_plan(N, grow_all);
+  at::parallel_for(0, tp.tasks, 1, [&](int64_t b, int64_t e) {
+    Workspace& ws = tp.shared ? *tp.shared : workspace();
+    if (!tp.shared) grow_all(ws);
+    const Team t = tp.team(b, e);
+    for (int64_t n = tp.first_image(b); n < tp.end_image(e, N); ++n) {
+      struct Ref {
+        float* data;
+        int64_t row, px;
+      };
+      // where image n's input j lives: s0 / s1, a ring slot, or the chain's two outputs
+      auto ref = [&](int64_t j) -> Ref {
+        if (j == -2) return {s0.data_ptr<float>() + n * s0.stride(0), s0.stride(2), s0.stride(3)};
+        if (j == -1) return {s1.data_ptr<float>() + n * s1.stride(0), s1.stride(2), s1.stride(3)};
+        if (j == m - 1) return {out_last.data_ptr<float>() + n * out_last.stride(0), out_last.stride(2),
+                                out_last.stride(3)};
+        if (j == m - 2) return {out_prev->data_ptr<float>() + n * out_prev->stride(0), out_prev->stride(2),
+                                out_prev->stride(3)};
+        return {ws.ring.data() + (j % 3) * ring_floats, outs[j].W * outs[j].C, outs[j].C};
+      };
+      for (int64_t k = 0; k < m; ++k) {
+        const Ref a = ref(k - 2), c = ref(k - 1), o = ref(k);
+        CellProgram::ImageIO io{a.data, a.row, a.px, c.data, c.row, c.px, o.data, o.row, o.px, nullptr, 0, 0, 0};
+        cells[k]->residual_io(io, k == 0 ? res : c10::nullopt, n);
+        cells[k]->image(plans[k], paths, ws, t, io, nullptr);
+      }
+    }
+  });
+  return tp.shared ? tp.ranks : 1;
+}
 
 void bind_cell_program(pybind11::module& m) {
   pybind11::class_<CellProgram>(m, "CellProgram", "an all-binary cell (paper or react block) run image by image in one call")
@@ -638,6 +796,9 @@ void bind_cell_program(pybind11::module& m) {
       .def("timing_slots", &CellProgram::timing_slots)
       .def("run", &CellProgram::run, pybind11::arg("s0"), pybind11::arg("s1"), pybind11::arg("out"),
            pybind11::arg("res"), pybind11::arg("isa"), pybind11::arg("times"));
+  m.def("run_chain", &run_chain, "consecutive cell programs, each image through all of them in one parallel region",
+        pybind11::arg("cells"), pybind11::arg("s0"), pybind11::arg("s1"), pybind11::arg("res"),
+        pybind11::arg("out_prev"), pybind11::arg("out_last"), pybind11::arg("isa"));
 }
 
 }  // namespace bnas_deploy
