@@ -329,11 +329,12 @@ def test_react_cell_programs_give_the_op_by_op_bits(nonlinearity, monkeypatch):
 @pytest.mark.parametrize('op_set', ['paper', 'react'])
 def test_threads_sharing_an_image_give_the_same_bits(op_set):
     """With fewer images than threads, a cell program's threads split each image by rows, with a barrier between
-    stages. Every all-packed cell of a network (normal and reduction, pools, dilated and 1x1 convs, react
-    shortcuts), on 20x20 and 9x9 maps: at 2 and 3 threads (3: rows that do not split evenly, and more threads
-    than this machine's cores) and batch 1 and 2, on every ISA, the cell's output is the one of a single thread
-    taking whole images, bit for bit, and the cell reports how many threads shared an image. (Whole networks
-    are not compared across thread counts: PyTorch's own float convs need not give the same bits at 3 threads.)"""
+    stages (when the image holds enough work: tiny cells stay on one thread). Every all-packed cell of a network
+    (normal and reduction, pools, dilated and 1x1 convs, react shortcuts), on 20x20 and 9x9 maps: at 2 and 3
+    threads (3: rows that do not split evenly, and more threads than this machine's cores) and batch 1 and 2, on
+    every ISA, the cell's output is the one of a single thread taking whole images, bit for bit, and the cell
+    reports how many threads shared an image. (Whole networks are not compared across thread counts: PyTorch's
+    own float convs need not give the same bits at 3 threads.)"""
     if op_set == 'react':
         model = react_net_with(True, 'rprelu', exact=False, seed=14)
     else:
@@ -344,6 +345,15 @@ def test_threads_sharing_an_image_give_the_same_bits(op_set):
     cells = [c for c in net.cells if c.chunkable]
     assert any(c.reduction for c in cells) and any(not c.reduction for c in cells)
     g = torch.Generator().manual_seed(14)
+    ext = kernels.extension()
+    threshold = ext.team_min_macs()
+    # cells this small stay on one thread by default (waking a second costs more than it saves) ...
+    torch.set_num_threads(2)
+    s0 = torch.randn(1, cells[0].pre0.in_ch, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    s1 = torch.randn(1, cells[0].pre1.in_ch, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    cells[0](s0, s1, kernels.isa_id(ISAS[-1]), runtime._Timer())
+    assert cells[0].team == 1
+    ext.team_min_macs(0)          # ... so the test makes every cell share its images
     try:
         for cell in cells:
             for H in (20, 9):
@@ -369,6 +379,7 @@ def test_threads_sharing_an_image_give_the_same_bits(op_set):
                             assert cell.team == (threads if n < threads else 1), (cell.name, threads, n)
     finally:
         torch.set_num_threads(2)
+        ext.team_min_macs(threshold)
 
 
 def test_react_cell_program_pools_odd_maps_as_pytorch():

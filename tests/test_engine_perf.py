@@ -163,7 +163,7 @@ def test_peak_micro_benchmarks_refuse_what_they_cannot_measure(ext):
         ext.peak_macs('int4', kernels.isa_id(ISAS[-1]), 10)
 
 
-def test_chains_of_binary_cells_give_the_cell_by_cell_bits(monkeypatch):
+def test_chains_of_binary_cells_give_the_cell_by_cell_bits(monkeypatch, ext):
     """Consecutive all-binary cells run as one C++ call (each image through the whole chain; at batch sizes below
     the thread count the threads share each image): on every ISA, at batch 1, 2 and 7 and 2 or 3 threads, the
     logits are those of the cell programs called one by one, bit for bit, and the chains really ran (14 cells:
@@ -175,6 +175,7 @@ def test_chains_of_binary_cells_give_the_cell_by_cell_bits(monkeypatch):
     x = torch.randn(7, 3, 16, 16, generator=g)
     chains = []
     chain = runtime.PackedNetwork._chain
+    threshold = ext.team_min_macs(0)                        # a network this small shares images only when told
     monkeypatch.setattr(runtime.PackedNetwork, '_chain', lambda self, cells, *a: (chains.append(len(cells)),
                                                                                    chain(self, cells, *a))[1])
     try:
@@ -194,5 +195,6 @@ def test_chains_of_binary_cells_give_the_cell_by_cell_bits(monkeypatch):
                     assert all(c.team == team for c in net.cells if c.chunkable), (threads, len(batch))
     finally:
         torch.set_num_threads(2)
+        ext.team_min_macs(threshold)
     with torch.no_grad():
         assert (net(x) - model(x)).abs().max() < 1e-3

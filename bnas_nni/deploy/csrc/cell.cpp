@@ -235,11 +235,16 @@ struct TeamPlan {
   int64_t end_image(int64_t e, int64_t N) const { return shared ? N : e; }
 };
 
+// Below this many binary MACs per image (the whole call) a team costs more than it saves: waking the other
+// threads takes 10-100 us on a VM with OMP_WAIT_POLICY=PASSIVE, while the binary kernels do ~250 G MAC/s per
+// thread (so ~25 us of work per thread at the threshold).
+std::atomic<int64_t> team_min_macs{12'000'000};
+
 template <typename Grow>
-TeamPlan team_plan(int64_t N, Grow grow) {
+TeamPlan team_plan(int64_t N, int64_t macs_per_image, Grow grow) {
   TeamPlan tp;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  if (N < threads && threads > 1) {
+  if (N < threads && threads > 1 && macs_per_image >= team_min_macs.load(std::memory_order_relaxed)) {
     tp.ranks = tp.tasks = threads;
     tp.shared = &workspace();
     grow(*tp.shared);
@@ -363,6 +368,7 @@ class CellProgram {
   struct Plan {
     int64_t H0, W0, H, W, OH, OW, out_ch;
     int64_t plane_words = 0, column_plane_words = 0, epilogue_floats = 0, state = 0, node = 0, scratch_nodes = 0;
+    int64_t macs = 0;   // binary multiply-accumulates per image
   };
 
   Plan plan(int64_t c0, int64_t H0, int64_t W0, int64_t c1, int64_t H, int64_t W) const {
@@ -388,6 +394,7 @@ class CellProgram {
     };
     plane_size(u0, H0, W0);
     plane_size(u1, H, W);
+    g.macs = (u0.in_ch * u0.kh * u0.kw + u1.in_ch * u1.kh * u1.kw) * C_ * H * W;   // the preprocess units
     // an epilogue's conv output goes to a scratch buffer first; a shortcut needs the conv to keep the map
     // (identity) or to give the 2x2 ceil-mode pool's map (average pool), as the float model's add does
     auto epilogue_size = [&](const Unit& u, int64_t ih, int64_t iw) {
@@ -412,6 +419,7 @@ class CellProgram {
                     "cell program: an op's convolution does not map its input to the node's shape");
         plane_size(u, ih, iw);
         epilogue_size(u, ih, iw);
+        g.macs += C_ * C_ * u.kh * u.kw * OH * OW;
       } else if (o.kind != kZeroise) {
         TORCH_CHECK((ih - 1) / o.stride + 1 == OH && (iw - 1) / o.stride + 1 == OW,
                     "cell program: a pool's stride does not map its input to the node's shape");
@@ -649,7 +657,7 @@ class CellProgram {
     }
     const int64_t nslots = timing_slots();
     std::mutex time_mutex;
-    const TeamPlan tp = team_plan(N, [&](Workspace& ws) { grow(ws, g); });
+    const TeamPlan tp = team_plan(N, g.macs, [&](Workspace& ws) { grow(ws, g); });
     at::parallel_for(0, tp.tasks, 1, [&](int64_t b, int64_t e) {
       Workspace& ws = tp.shared ? *tp.shared : workspace();
       if (!tp.shared) grow(ws, g);
@@ -753,7 +761,9 @@ int64_t run_chain(const std::vector<const CellProgram*>& cells, const torch::Ten
     for (const CellProgram::Plan& g : plans) CellProgram::grow(ws, g);
     grown(ws.ring, 3 * ring_floats);
   };
-  const TeamPlan tp = team_plan(N, grow_all);
+  int64_t macs = 0;
+  for (const CellProgram::Plan& g : plans) macs += g.macs;
+  const TeamPlan tp = team_plan(N, macs, grow_all);
   at::parallel_for(0, tp.tasks, 1, [&](int64_t b, int64_t e) {
     Workspace& ws = tp.shared ? *tp.shared : workspace();
     if (!tp.shared) grow_all(ws);
@@ -784,6 +794,11 @@ int64_t run_chain(const std::vector<const CellProgram*>& cells, const torch::Ten
   return tp.shared ? tp.ranks : 1;
 }
 
+// The team threshold (binary MACs per image; see team_min_macs), set when `value` >= 0; returns the old one.
+int64_t set_team_min_macs(int64_t value) {
+  return value >= 0 ? team_min_macs.exchange(value) : team_min_macs.load();
+}
+
 void bind_cell_program(pybind11::module& m) {
   pybind11::class_<CellProgram>(m, "CellProgram", "an all-binary cell (paper or react block) run image by image in one call")
       .def(pybind11::init<const std::vector<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
@@ -796,6 +811,8 @@ void bind_cell_program(pybind11::module& m) {
       .def("timing_slots", &CellProgram::timing_slots)
       .def("run", &CellProgram::run, pybind11::arg("s0"), pybind11::arg("s1"), pybind11::arg("out"),
            pybind11::arg("res"), pybind11::arg("isa"), pybind11::arg("times"));
+  m.def("team_min_macs", &set_team_min_macs, "binary MACs per image from which threads share an image (set if >= 0)",
+        pybind11::arg("value") = -1);
   m.def("run_chain", &run_chain, "consecutive cell programs, each image through all of them in one parallel region",
         pybind11::arg("cells"), pybind11::arg("s0"), pybind11::arg("s1"), pybind11::arg("res"),
         pybind11::arg("out_prev"), pybind11::arg("out_last"), pybind11::arg("isa"));
