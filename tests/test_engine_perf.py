@@ -198,3 +198,24 @@ def test_chains_of_binary_cells_give_the_cell_by_cell_bits(monkeypatch, ext):
         ext.team_min_macs(threshold)
     with torch.no_grad():
         assert (net(x) - model(x)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize('shape', [(1, 108, 32, 32), (2, 13, 5, 7), (3, 9, 3, 1), (1, 1, 1, 1), (2, 40, 8, 8)])
+def test_relayout_is_pytorchs_layout_change_on_every_path(ext, shape):
+    """The engine's NCHW <-> channels-last copy (8 x 8 register blocks on AVX2/AVX-512, tiles on the portable
+    path): the same tensor as PyTorch's ``contiguous``, bits included, for shapes whose rows and columns do not
+    fill whole blocks; anything but those two layouts is refused with one line."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    x.view(-1)[::7] = -0.0
+    xc = x.contiguous(memory_format=torch.channels_last)
+    for isa in ISAS:
+        to_cl = torch.empty(shape, memory_format=torch.channels_last)
+        ext.relayout(x, to_cl, kernels.isa_id(isa))
+        to_nchw = torch.empty(shape)
+        ext.relayout(xc, to_nchw, kernels.isa_id(isa))
+        assert to_cl.is_contiguous(memory_format=torch.channels_last) and to_nchw.is_contiguous()
+        for got in (to_cl, to_nchw):
+            assert torch.equal(got.contiguous().view(torch.int32), x.view(torch.int32)), isa
+    if shape[1] > 1 and shape[2] * shape[3] > 1:
+        with pytest.raises(RuntimeError, match='one tensor must be NCHW-contiguous'):
+            ext.relayout(x, torch.empty(shape), kernels.isa_id(ISAS[0]))

@@ -65,8 +65,21 @@ CELL_PROGRAM = True
 CELL_CHAINS = True
 
 
-def _cl(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=CL)
+def _relayout(x: torch.Tensor, memory_format: torch.memory_format, isa: int) -> torch.Tensor:
+    """``x.contiguous(memory_format=...)``: between NCHW and channels-last by the engine's transpose (a copy,
+    several times faster than PyTorch's on these shapes), anything else by PyTorch."""
+    if x.is_contiguous(memory_format=memory_format):
+        return x
+    src = CL if memory_format == torch.contiguous_format else torch.contiguous_format
+    if x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous(memory_format=src):
+        out = torch.empty(x.shape, memory_format=memory_format)
+        kernels.extension().relayout(x, out, isa)
+        return out
+    return x.contiguous(memory_format=memory_format)
+
+
+def _cl(x: torch.Tensor, isa: int) -> torch.Tensor:
+    return _relayout(x, CL, isa)
 
 
 def _check(cond: bool, where: str, what: str) -> None:
@@ -215,7 +228,7 @@ class _Unit:
                                             False, False, isa)
             y = self._finish(y, x)
             if out is None:
-                return _cl(y)
+                return _cl(y, isa)
             if accumulate:
                 out.add_(y)
             else:
@@ -226,7 +239,7 @@ class _Unit:
             if out is None:
                 return y
             return out.add_(y) if accumulate else out.copy_(y)
-        x = x.contiguous()
+        x = _relayout(x, torch.contiguous_format, isa)
         if self.sign:
             h = threshold_signs(x, self.thresholds, self.negate)
         else:
@@ -238,7 +251,7 @@ class _Unit:
         elif self.relu:
             y = F.relu(y)
         if out is None:
-            return _cl(y) if layout == 'cl' else y
+            return _cl(y, isa) if layout == 'cl' else y
         if accumulate:
             out.add_(y)
         else:
@@ -253,7 +266,7 @@ class _Pool:
 
     def __call__(self, x: torch.Tensor, isa: int, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
         if x.stride(1) != 1:
-            x = _cl(x)
+            x = _cl(x, isa)
         kernels.extension().pool2d(x, out, 3, self.stride, 1, self.is_max, accumulate, isa)
         return out
 
@@ -375,7 +388,7 @@ class _Cell:
     def _run_program(self, s0: torch.Tensor, s1: torch.Tensor, out: torch.Tensor, res: Optional[torch.Tensor],
                      isa: int, timer: _Timer) -> None:
         program = self.program()
-        s0, s1 = (s if s.stride(1) == 1 else _cl(s) for s in (s0, s1))
+        s0, s1 = (s if s.stride(1) == 1 else _cl(s, isa) for s in (s0, s1))
         if res is not None and res.shape != out.shape:   # broadcast as out.add_(res) does (odd map sizes)
             res = res.expand_as(out)
         if timer.records is None:
@@ -499,7 +512,7 @@ class PackedNetwork(nn.Module):
         try:
             s0, s1 = timer.run('stem', 'float stem', self._stem, x.contiguous(), isa)
             s0, s1 = self._cells(s0, s1, isa, timer)
-            return timer.run('head', 'float head', self._head, s1)
+            return timer.run('head', 'float head', self._head, s1, isa)
         except RuntimeError as exc:   # an argument check of a kernel or a torch op (e.g. images too small)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ConfigError(f'the packed model cannot run on images of shape {tuple(x.shape)}: {first}') from None
@@ -527,7 +540,7 @@ class PackedNetwork(nn.Module):
     def _chain(self, cells: List[_Cell], s0: torch.Tensor, s1: torch.Tensor, isa: int,
                timer: _Timer) -> Tuple[torch.Tensor, torch.Tensor]:
         """The chain's last two outputs (the next cells' inputs), from one ``run_chain`` call."""
-        s0, s1 = (s if s.stride(1) == 1 else _cl(s) for s in (s0, s1))
+        s0, s1 = (s if s.stride(1) == 1 else _cl(s, isa) for s in (s0, s1))
         N = s1.shape[0]
         shapes = []   # each cell's output: (channels, H, W); a cell's map follows its s1 input's
         H, W = s1.shape[2], s1.shape[3]
@@ -553,12 +566,12 @@ class PackedNetwork(nn.Module):
             s1 = s0
             for f in self.stem1:
                 s1 = f(s1)
-            return _cl(s0), _cl(s1)
+            return _cl(s0, isa), _cl(s1, isa)
         s = self.stem(x, isa)
         return s, s
 
-    def _head(self, s: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(s.contiguous(), 1).flatten(1)
+    def _head(self, s: torch.Tensor, isa: int) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(_relayout(s, torch.contiguous_format, isa), 1).flatten(1)
         return F.linear(pooled, self.fc_weight, self.fc_bias)
 
     def profile(self, x: torch.Tensor, cpu: bool = False) -> Tuple[torch.Tensor, List[Tuple]]:

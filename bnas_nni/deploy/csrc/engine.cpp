@@ -268,10 +268,10 @@ void pool2d(const torch::Tensor& x, torch::Tensor out, int64_t kernel, int64_t s
 }
 
 // dst = src between the two dense layouts of an N x C x H x W float tensor, NCHW-contiguous and channels-last
-// (either way): per image a C x (H*W) matrix transposed in 16 x 16 tiles, so both sides are read and written
-// in cache lines. A plain copy: the same bits. PyTorch's strided copy_ takes several times longer on the
-// engine's shapes (the stem's output, the float residual convs' input and output).
-void relayout(const torch::Tensor& src, torch::Tensor dst) {
+// (either way): per image a C x (H*W) matrix transposed (kernels.h). A plain copy: the same bits. PyTorch's
+// strided copy_ takes longer on the engine's shapes (the stem's output, the float residual convs' input).
+void relayout(const torch::Tensor& src, torch::Tensor dst, int64_t isa) {
+  check_isa(isa);
   check_float_cpu(src, "source");
   check_float_cpu(dst, "destination");
   TORCH_CHECK(src.dim() == 4 && src.sizes() == dst.sizes(), "relayout: source and destination must be N x C x H x W "
@@ -280,22 +280,17 @@ void relayout(const torch::Tensor& src, torch::Tensor dst) {
   const bool to_nchw = src.is_contiguous(at::MemoryFormat::ChannelsLast) && dst.is_contiguous();
   TORCH_CHECK(to_cl || to_nchw, "relayout: one tensor must be NCHW-contiguous and the other channels-last");
   const int64_t N = src.size(0), C = src.size(1), P = src.size(2) * src.size(3);
-  // per image: source rows of length `cols` with row stride `cols`, destination transposed
+  // per image: a rows x cols matrix transposed
   const int64_t rows = to_cl ? C : P, cols = to_cl ? P : C;
   const float* sp = src.data_ptr<float>();
   float* dp = dst.data_ptr<float>();
+  auto fn = isa == kPortable ? transpose_rows_portable : transpose_rows_avx2;
   constexpr int64_t kTile = 16;
-  const int64_t row_tiles = (rows + kTile - 1) / kTile;
-  at::parallel_for(0, N * row_tiles, grain_for(kTile * cols), [&](int64_t b, int64_t e) {
+  const int64_t tiles = (rows + kTile - 1) / kTile;
+  at::parallel_for(0, N * tiles, grain_for(kTile * cols), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / row_tiles, r0 = (t % row_tiles) * kTile, r1 = std::min(rows, r0 + kTile);
-      const float* s = sp + n * rows * cols;
-      float* d = dp + n * rows * cols;
-      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-        const int64_t c1 = std::min(cols, c0 + kTile);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) d[c * rows + r] = s[r * cols + c];
-      }
+      const int64_t n = t / tiles, r0 = (t % tiles) * kTile;
+      fn(sp + n * rows * cols, dp + n * rows * cols, rows, cols, r0, std::min(rows, r0 + kTile));
     }
   });
 }

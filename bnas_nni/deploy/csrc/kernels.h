@@ -118,6 +118,11 @@ int64_t peak_fma_avx512(int64_t iters);
 int64_t peak_binary_avx2(int64_t iters);
 int64_t peak_fma_avx2(int64_t iters);
 
+// Matrix transpose of one image, dst[c][r] = src[r][c] for src rows [r0, r1) of `cols` floats (row strides
+// `cols` and `rows`): the layout change NCHW <-> channels-last of the engine's float parts (a copy, so exact).
+void transpose_rows_portable(const float* src, float* dst, int64_t rows, int64_t cols, int64_t r0, int64_t r1);
+void transpose_rows_avx2(const float* src, float* dst, int64_t rows, int64_t cols, int64_t r0, int64_t r1);
+
 // rows are n * H + h (pack) or n * OH + oh (conv, pool)
 void pack_rows_portable(const PackArgs& a, int64_t r0, int64_t r1);
 void conv_rows_portable(const ConvArgs& a, int64_t r0, int64_t r1);

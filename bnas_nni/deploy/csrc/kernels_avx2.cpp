@@ -172,4 +172,33 @@ int64_t peak_fma_avx2(int64_t iters) {
   return iters * kChains * 8;
 }
 
+// 8 x 8 blocks in registers (the standard unpack / shuffle / 128-bit permute sequence), the edges as scalars
+void transpose_rows_avx2(const float* src, float* dst, int64_t rows, int64_t cols, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 8 <= r1; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      __m256 x[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src + (r + i) * cols + c);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(dst + (c + i) * rows + r, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (c + i + 4) * rows + r, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+      }
+    }
+    for (; c < cols; ++c)
+      for (int64_t i = r; i < r + 8; ++i) dst[c * rows + i] = src[i * cols + c];
+  }
+  if (r < r1) transpose_rows_generic(src, dst, rows, cols, r, r1);
+}
+
 }  // namespace bnas_deploy

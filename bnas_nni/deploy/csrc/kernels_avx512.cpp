@@ -83,28 +83,31 @@ void pack_rows_avx512(const PackArgs& a, int64_t r0, int64_t r1) {
     pack_rows_generic(a, r0, r1);
     return;
   }
+  // per 64-channel word: four 16-channel compares whose masks are joined in mask registers (KUNPCK) and moved
+  // to the words once; a partial last group compares only its valid lanes (the others' bits stay 0)
   pack_rows_with(a, r0, r1, [&a](const float* src, int64_t k, uint64_t& s, uint64_t& m) {
+    __mmask16 neg[4], pos[4];
     for (int j = 0; j < 4; ++j) {
       const int64_t c = k * 64 + j * 16;
-      if (c >= a.C) break;
       const int64_t left = a.C - c;
-      __mmask16 not_neg, pos, valid;
       if (left >= 16) {
-        valid = static_cast<__mmask16>(0xffff);
         const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_loadu_si512(src + c), _mm512_loadu_si512(a.flip + c)));
-        not_neg = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_zero + c), _CMP_GE_OQ);
-        pos = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_pos + c), _CMP_GE_OQ);
-      } else {
-        valid = static_cast<__mmask16>((1u << left) - 1u);
+        neg[j] = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_zero + c), _CMP_NGE_UQ);
+        pos[j] = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_pos + c), _CMP_GE_OQ);
+      } else if (left > 0) {
+        const __mmask16 valid = static_cast<__mmask16>((1u << left) - 1u);
         const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_maskz_loadu_epi32(valid, src + c),
                                                               _mm512_maskz_loadu_epi32(valid, a.flip + c)));
-        not_neg = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_zero + c), _CMP_GE_OQ);
-        pos = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_pos + c), _CMP_GE_OQ);
+        neg[j] = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_zero + c), _CMP_NGE_UQ);
+        pos[j] = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_pos + c), _CMP_GE_OQ);
+      } else {
+        neg[j] = pos[j] = 0;
       }
-      const uint64_t neg = static_cast<uint64_t>(valid & static_cast<__mmask16>(~not_neg));
-      s |= neg << (16 * j);
-      m |= (neg | static_cast<uint64_t>(pos)) << (16 * j);
     }
+    const __mmask64 n64 = _mm512_kunpackd(_mm512_kunpackw(neg[3], neg[2]), _mm512_kunpackw(neg[1], neg[0]));
+    const __mmask64 p64 = _mm512_kunpackd(_mm512_kunpackw(pos[3], pos[2]), _mm512_kunpackw(pos[1], pos[0]));
+    s = _cvtmask64_u64(n64);
+    m = _cvtmask64_u64(_kor_mask64(n64, p64));
   });
 }
 

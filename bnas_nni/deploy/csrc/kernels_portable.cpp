@@ -9,6 +9,9 @@ namespace bnas_deploy {
 void pack_rows_portable(const PackArgs& a, int64_t r0, int64_t r1) { pack_rows_generic(a, r0, r1); }
 void conv_rows_portable(const ConvArgs& a, int64_t r0, int64_t r1) { conv_rows_generic(a, r0, r1); }
 void pool_rows_portable(const PoolArgs& a, int64_t r0, int64_t r1) { pool_rows_generic(a, r0, r1); }
+void transpose_rows_portable(const float* src, float* dst, int64_t rows, int64_t cols, int64_t r0, int64_t r1) {
+  transpose_rows_generic(src, dst, rows, cols, r0, r1);
+}
 
 void int8_conv_rows_portable(const Int8ConvArgs& a, int64_t r0, int64_t r1) {
   for (int64_t oh = r0; oh < r1; ++oh)
