@@ -394,19 +394,10 @@ class _Cell:
         if timer.records is None:
             self.team = program.run(s0, s1, out, res, isa, None)
             return
-        # profiling: the program times each op per image on whichever thread ran it; a layer's entry is its
-        # thread-seconds (the CPU column) and those divided by the threads at work (the wall-clock column)
         times = torch.zeros(program.timing_slots(), dtype=torch.float64)
         t0 = time.perf_counter()
         self.team = program.run(s0, s1, out, res, isa, times)
-        wall = time.perf_counter() - t0
-        busy = max(float(times.sum()), 1e-12)
-        names = [(f'{self.name}.preprocess0', self.pre0.kind), (f'{self.name}.preprocess1', self.pre1.kind)]
-        names += [(f'{self.name}.ops.{k}', op.kind if op is not None else 'zeroise') for k, op in enumerate(self.ops)]
-        names.append((f'{self.name}.residual', 'concat + residual add'))
-        for (name, kind), t in zip(names, times.tolist()):
-            if t > 0:
-                timer.records.append((name, kind, wall * t / busy, t))
+        _program_records(timer, [self], [times], time.perf_counter() - t0)
 
     def _run(self, s0: torch.Tensor, s1: torch.Tensor, out: torch.Tensor, res: Optional[torch.Tensor], isa: int,
              timer: _Timer) -> None:
@@ -443,6 +434,20 @@ class _Cell:
             timer.run(f'{self.name}.residual', 'residual add', out.add_, s1)
         elif res is not None:
             timer.run(f'{self.name}.residual', 'residual add', out.add_, res)
+
+
+def _program_records(timer: _Timer, cells: List[_Cell], times: List[torch.Tensor], wall: float) -> None:
+    """Profile entries of cell programs (one call, or one chain): each program timed its ops per image on
+    whichever thread ran them; a layer's entry is its thread-seconds (the CPU column) and its share of the call's
+    wall time by those seconds (the wall-clock column)."""
+    busy = max(sum(float(t.sum()) for t in times), 1e-12)
+    for cell, ts in zip(cells, times):
+        names = [(f'{cell.name}.preprocess0', cell.pre0.kind), (f'{cell.name}.preprocess1', cell.pre1.kind)]
+        names += [(f'{cell.name}.ops.{k}', op.kind if op is not None else 'zeroise') for k, op in enumerate(cell.ops)]
+        names.append((f'{cell.name}.residual', 'concat + residual add'))
+        for (name, kind), t in zip(names, ts.tolist()):
+            if t > 0:
+                timer.records.append((name, kind, wall * t / busy, t))
 
 
 class PackedNetwork(nn.Module):
@@ -520,12 +525,12 @@ class PackedNetwork(nn.Module):
     def _cells(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer) -> Tuple[torch.Tensor, torch.Tensor]:
         """All cells. A chain of all-binary cells (one that may have a float residual conv, and the following ones
         without) runs as one C++ call, image by image through every cell of the chain, its float residual conv
-        computed beforehand on the whole batch, as the float model does; profiling runs cell by cell (each cell
-        program times its ops). Every image gets the same operations either way, so the same bits."""
+        computed beforehand on the whole batch, as the float model does. Every image gets the same operations
+        as cell by cell, so the same bits."""
         k = 0
         while k < len(self.cells):
             cell = self.cells[k]
-            if not (cell.chunkable and CELL_PROGRAM and CELL_CHAINS) or timer.records is not None:
+            if not (cell.chunkable and CELL_PROGRAM and CELL_CHAINS):
                 s0, s1 = s1, cell(s0, s1, isa, timer)
                 k += 1
                 continue
@@ -553,7 +558,13 @@ class PackedNetwork(nn.Module):
             res = res.expand((N,) + shapes[0])
         out_last = torch.empty((N,) + shapes[-1], memory_format=CL)
         out_prev = torch.empty((N,) + shapes[-2], memory_format=CL) if len(cells) > 1 else None
-        team = kernels.extension().run_chain([c.program() for c in cells], s0, s1, res, out_prev, out_last, isa)
+        programs = [c.program() for c in cells]
+        times = None if timer.records is None else [torch.zeros(p.timing_slots(), dtype=torch.float64)
+                                                    for p in programs]
+        t0 = time.perf_counter()
+        team = kernels.extension().run_chain(programs, s0, s1, res, out_prev, out_last, isa, times)
+        if times is not None:
+            _program_records(timer, cells, times, time.perf_counter() - t0)
         for cell in cells:
             cell.team = team
         return (s1 if out_prev is None else out_prev), out_last

@@ -717,7 +717,7 @@ class CellProgram {
 // per-image code as CellProgram::run, so the same bits. Returns how many threads shared each image.
 int64_t run_chain(const std::vector<const CellProgram*>& cells, const torch::Tensor& s0, const torch::Tensor& s1,
                   const c10::optional<torch::Tensor>& res, const c10::optional<torch::Tensor>& out_prev,
-                  torch::Tensor out_last, int64_t isa) {
+                  torch::Tensor out_last, int64_t isa, const c10::optional<std::vector<torch::Tensor>>& times) {
   const int64_t m = static_cast<int64_t>(cells.size());
   TORCH_CHECK(m >= 1, "run_chain: no cells");
   TORCH_CHECK(out_prev.has_value() == (m >= 2), "run_chain: out_prev is the output of the next-to-last cell");
@@ -756,6 +756,18 @@ int64_t run_chain(const std::vector<const CellProgram*>& cells, const torch::Ten
                 "run_chain: out_prev does not match the next-to-last cell's output");
   }
   cells[0]->check_residual(res, N, plans[0]);
+  // profiling: per cell, the thread-seconds of each op (CellProgram::timing_slots entries)
+  std::vector<double*> time_acc(m, nullptr);
+  if (times.has_value()) {
+    TORCH_CHECK(static_cast<int64_t>(times->size()) == m, "run_chain: one times vector per cell");
+    for (int64_t k = 0; k < m; ++k) {
+      const torch::Tensor& t = (*times)[k];
+      TORCH_CHECK(t.scalar_type() == torch::kFloat64 && t.is_contiguous() && t.numel() >= cells[k]->timing_slots(),
+                  "run_chain: times must be float64 vectors of each cell's timing_slots() entries");
+      time_acc[k] = t.data_ptr<double>();
+    }
+  }
+  std::mutex time_mutex;
   const CellProgram::Paths paths = CellProgram::paths_for(isa);
   auto grow_all = [&](Workspace& ws) {
     for (const CellProgram::Plan& g : plans) CellProgram::grow(ws, g);
@@ -768,6 +780,9 @@ int64_t run_chain(const std::vector<const CellProgram*>& cells, const torch::Ten
     Workspace& ws = tp.shared ? *tp.shared : workspace();
     if (!tp.shared) grow_all(ws);
     const Team t = tp.team(b, e);
+    std::vector<std::vector<double>> local(m);
+    if (times.has_value())
+      for (int64_t k = 0; k < m; ++k) local[k].assign(cells[k]->timing_slots(), 0.0);
     for (int64_t n = tp.first_image(b); n < tp.end_image(e, N); ++n) {
       struct Ref {
         float* data;
@@ -787,8 +802,13 @@ int64_t run_chain(const std::vector<const CellProgram*>& cells, const torch::Ten
         const Ref a = ref(k - 2), c = ref(k - 1), o = ref(k);
         CellProgram::ImageIO io{a.data, a.row, a.px, c.data, c.row, c.px, o.data, o.row, o.px, nullptr, 0, 0, 0};
         cells[k]->residual_io(io, k == 0 ? res : c10::nullopt, n);
-        cells[k]->image(plans[k], paths, ws, t, io, nullptr);
+        cells[k]->image(plans[k], paths, ws, t, io, times.has_value() ? local[k].data() : nullptr);
       }
+    }
+    if (times.has_value()) {
+      std::lock_guard<std::mutex> lock(time_mutex);
+      for (int64_t k = 0; k < m; ++k)
+        for (size_t j = 0; j < local[k].size(); ++j) time_acc[k][j] += local[k][j];
     }
   });
   return tp.shared ? tp.ranks : 1;
@@ -815,7 +835,7 @@ void bind_cell_program(pybind11::module& m) {
         pybind11::arg("value") = -1);
   m.def("run_chain", &run_chain, "consecutive cell programs, each image through all of them in one parallel region",
         pybind11::arg("cells"), pybind11::arg("s0"), pybind11::arg("s1"), pybind11::arg("res"),
-        pybind11::arg("out_prev"), pybind11::arg("out_last"), pybind11::arg("isa"));
+        pybind11::arg("out_prev"), pybind11::arg("out_last"), pybind11::arg("isa"), pybind11::arg("times") = pybind11::none());
 }
 
 }  // namespace bnas_deploy
