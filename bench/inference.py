@@ -51,7 +51,17 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # see README, Development: spinning OpenMP threads on a busy box
+# Thread waiting, the same policy on both sides: by default no runtime's threads spin between parallel regions
+# (OMP_WAIT_POLICY=PASSIVE for PyTorch and the engine, allow_spinning=0 for onnxruntime), as a shared machine
+# needs, and methods alternate run by run; --spin gives each runtime its own default (libgomp spins briefly
+# then sleeps; onnxruntime's workers spin), what an application on a quiet machine gets, and methods
+# alternate in turns of 4 consecutive runs, the first untimed, so that one runtime's spinning threads do not
+# land in another's timed runs. Set before any OpenMP runtime starts.
+SPIN = '--spin' in sys.argv[1:]
+if SPIN:
+    os.environ.pop('OMP_WAIT_POLICY', None)
+else:
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -109,8 +119,8 @@ def ort_session(path: str, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # onnxruntime's workers spin after each run by default, which would steal the cores from the next method
-    so.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    if not SPIN:   # onnxruntime's workers spin after each run by default (see SPIN)
+        so.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
 
 
@@ -355,11 +365,14 @@ def peak_memory(kind: str, path: str, batch: int, size: int, threads: int, isa: 
 # --------------------------------------------------------------------------- timing
 
 
-def interleaved(methods: dict, repeats: int, budget: float) -> dict:
+def interleaved(methods: dict, repeats: int, budget: float, block: int = 1) -> dict:
     """Per method: median wall seconds, median process CPU seconds, best wall seconds and what the runs returned.
 
     Methods take turns run by run, so that load on the (shared) machine hits them alike; a method whose
-    warm-up takes longer than ``budget`` seconds is timed by that one run.
+    warm-up takes longer than ``budget`` seconds is timed by that one run. With ``block`` > 1 each turn is
+    ``block`` consecutive runs of which the first is not timed: with spinning thread pools (``--spin``) the
+    previous method's threads still spin at the start of a turn, and a method's steady state is what an
+    application running it in a loop gets.
     """
     runs = {k: [] for k in methods}
     single = set()
@@ -378,7 +391,10 @@ def interleaved(methods: dict, repeats: int, budget: float) -> dict:
     for _ in range(repeats):
         for k, f in methods.items():
             if k not in single:
-                once(k, f)
+                if block > 1:
+                    f()
+                for _ in range(max(1, block - 1)):
+                    once(k, f)
     return {k: {'median_s': statistics.median(r[0] for r in v), 'cpu_s': statistics.median(r[1] for r in v),
                 'best_s': min(r[0] for r in v), 'runs': len(v), 'values': [r[2] for r in v]} for k, v in runs.items()}
 
@@ -515,7 +531,7 @@ def bench_config(config: str, args, workdir: Path) -> dict:
                   f'packed {best} layers': lambda: (net.set_isa(best), engine_layers(net, x))[1]}
         repeats = args.repeats if args.repeats is not None else (15 if batch == 1 else 5)
         with torch.no_grad():
-            timing = interleaved({**methods, **probes}, repeats, args.budget)
+            timing = interleaved({**methods, **probes}, repeats, args.budget, block=4 if SPIN else 1)
         probe_runs = {k: timing.pop(k) for k in probes}
         base, int8 = timing['pytorch fp32'], timing['onnxruntime int8']
         print(f'\nbatch {batch}: {"method":<26}{"median ms":>11}{"min ms":>9}{"img/s":>9}{"vs fp32":>9}'
@@ -622,6 +638,10 @@ def main(argv=None) -> int:
     ap.add_argument('--fp-parts', choices=('float', 'int8'), default='float',
                     help="int8: also time the engine with its full-precision convs on int8 (fp_parts='int8', "
                          'not bit-exact) and report its top-1 agreement')
+    ap.add_argument('--spin', action='store_true',
+                    help="each runtime's default thread waiting (libgomp spins briefly, onnxruntime's workers spin) "
+                         'instead of none spinning (OMP_WAIT_POLICY=PASSIVE, allow_spinning=0), methods in turns '
+                         'of 4 runs; for a quiet machine')
     ap.add_argument('--no-memory', action='store_true', help='skip the peak-memory child processes')
     ap.add_argument('--no-roofline', action='store_true', help='skip the roofline (micro-benchmarks + profiles)')
     ap.add_argument('--calibration-images', type=int, default=64,
@@ -649,11 +669,14 @@ def main(argv=None) -> int:
 
     print(f'# inference bench: {args.threads} threads (torch.get_num_threads()={torch.get_num_threads()}), '
           f'torch {torch.__version__}, engine paths {", ".join(supported_isas())}; medians of interleaved runs '
-          'after a warm-up, all in this process', flush=True)
+          'after a warm-up, all in this process; thread waiting: ' +
+          ("each runtime's default (--spin)" if SPIN else
+           f"none spins (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, onnxruntime allow_spinning=0)"),
+          flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix='bnas-inference-') as tmp:
         for config in args.configs + (['checkpoint'] if args.checkpoint else []):
-            results.append(bench_config(config, args, Path(tmp)))
+            results.append({**bench_config(config, args, Path(tmp)), 'spin': SPIN})
     check_targets(results)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
