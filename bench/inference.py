@@ -6,7 +6,8 @@ ImageNet config, 224x224), with trained-looking random BN statistics, the bench
 
 * exports it once as a packed file and as ONNX and prints the model sizes (fp32 state dict, packed file
   and its binary part, ONNX);
-* times, **in one process and interleaved run by run**, at batch 1 and 32 with 2 threads:
+* times, **in one process and interleaved run by run** (``--spin``: in turns of 4 runs, see SPIN), at batch 1
+  and 32 with 2 threads:
   (a) PyTorch fp32 eval of the float-simulated network, (b) the packed engine on each instruction-set
   path (``avx512``, ``avx2``, ``portable``), (c) onnxruntime fp32 and (d) onnxruntime int8 (static QDQ
   quantization, per-channel weights, activations calibrated on Fashion-MNIST-32x3 training images; 2
@@ -35,6 +36,8 @@ Examples::
     python bench/inference.py --quick               # smoke check: BNAS-A only, batch 1 and 4, few repeats
     python bench/inference.py --configs bnas-a --batch 1 32 --json runs/inference.json
     python bench/inference.py --configs bnas-a --batch 1 32 --no-memory --repeats 11   # the engine-speed table
+    python bench/inference.py --configs bnas-a --batch 1 32 --no-memory --repeats 6 --spin
+        # the same with each runtime's default thread waiting (a quiet machine), methods in turns of 4 runs
     python bench/inference.py --configs bnas-a --checkpoint runs/quick --fp-parts int8 --no-memory
         # also a trained network, and the engine with fp_parts='int8' beside the bit-exact default
 """
