@@ -325,7 +325,6 @@ class _Cell:
         # few images at a time (see CACHE_BUDGET); one with float convs inside runs the whole batch at once, as
         # the float model does
         self.chunkable = all(u.packed for u in units)
-        self.groupable = self.chunkable
         self._program = None
         self._program_units = units
         #: threads that shared each image in the last cell-program call (1: whole images per thread; more at
@@ -377,7 +376,7 @@ class _Cell:
             self._run_program(s0, s1, out, res, isa, timer)
             return out
         chunk = N
-        if self.groupable:
+        if self.chunkable:
             per_image = 4 * (s0[0].numel() + s1[0].numel() + out[0].numel() + 2 * C * H * W)
             chunk = max(1, min(N, torch.get_num_threads() * CACHE_BUDGET // per_image))
         for i in range(0, N, chunk):

@@ -361,8 +361,6 @@ class CellProgram {
   // Entries of the `times` vector of run(): preprocess0, preprocess1, each op, then concat + residual.
   int64_t timing_slots() const { return 3 + static_cast<int64_t>(ops_.size()); }
 
-  // out = cell(s0, s1) (+ residual): s0, s1 and out channel stride 1; res (if defined) any strides.
-  // Returns how many threads shared each image (1: each thread took whole images).
   // The geometry of a call whose s0 is c0 x H0 x W0 and s1 c1 x H x W, checked against the cell, and the
   // scratch it needs per image (see Workspace).
   struct Plan {
@@ -635,48 +633,11 @@ class CellProgram {
     t.sync();   // the next image (or cell) reuses the buffers
   }
 
-  // out = cell(s0, s1) (+ residual): s0, s1 and out channel stride 1; res (if defined) any strides.
-  // Returns how many threads shared each image (1: each thread took whole images).
+  // out = cell(s0, s1) (+ residual): s0, s1 and out channel stride 1; res (if defined) any strides; times
+  // (if defined) gathers each op's thread-seconds. A chain of one cell (run_chain, below). Returns how many
+  // threads shared each image (1: each thread took whole images).
   int64_t run(const torch::Tensor& s0, const torch::Tensor& s1, torch::Tensor out, const c10::optional<torch::Tensor>& res,
-              int64_t isa, const c10::optional<torch::Tensor>& times) const {
-    for (const torch::Tensor* t : {&s0, &s1, static_cast<const torch::Tensor*>(&out)})
-      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(1) == 1,
-                  "cell program: inputs and output must be float32 N x C x H x W with channel stride 1");
-    const int64_t N = s1.size(0);
-    TORCH_CHECK(s0.size(0) == N && out.size(0) == N, "cell program: batch sizes differ");
-    const Plan g = plan(s0.size(1), s0.size(2), s0.size(3), s1.size(1), s1.size(2), s1.size(3));
-    TORCH_CHECK(out.size(1) == g.out_ch && out.size(2) == g.OH && out.size(3) == g.OW,
-                "cell program: output shape does not match the cell");
-    check_residual(res, N, g);
-    const Paths paths = paths_for(isa);
-    double* time_acc = nullptr;
-    if (times.has_value()) {
-      TORCH_CHECK(times->scalar_type() == torch::kFloat64 && times->is_contiguous() && times->numel() >= timing_slots(),
-                  "cell program: times must be a float64 vector of timing_slots() entries");
-      time_acc = times->data_ptr<double>();
-    }
-    const int64_t nslots = timing_slots();
-    std::mutex time_mutex;
-    const TeamPlan tp = team_plan(N, g.macs, [&](Workspace& ws) { grow(ws, g); });
-    at::parallel_for(0, tp.tasks, 1, [&](int64_t b, int64_t e) {
-      Workspace& ws = tp.shared ? *tp.shared : workspace();
-      if (!tp.shared) grow(ws, g);
-      const Team t = tp.team(b, e);
-      std::vector<double> local(time_acc ? nslots : 0, 0.0);
-      for (int64_t n = tp.first_image(b); n < tp.end_image(e, N); ++n) {
-        ImageIO io{s0.data_ptr<float>() + n * s0.stride(0), s0.stride(2), s0.stride(3),
-                   s1.data_ptr<float>() + n * s1.stride(0), s1.stride(2), s1.stride(3),
-                   out.data_ptr<float>() + n * out.stride(0), out.stride(2), out.stride(3), nullptr, 0, 0, 0};
-        residual_io(io, res, n);
-        image(g, paths, ws, t, io, time_acc ? local.data() : nullptr);
-      }
-      if (time_acc) {
-        std::lock_guard<std::mutex> lock(time_mutex);
-        for (int64_t s = 0; s < nslots; ++s) time_acc[s] += local[s];
-      }
-    });
-    return tp.shared ? tp.ranks : 1;
-  }
+              int64_t isa, const c10::optional<torch::Tensor>& times) const;
 
   void check_residual(const c10::optional<torch::Tensor>& res, int64_t N, const Plan& g) const {
     if (res.has_value())
@@ -696,8 +657,6 @@ class CellProgram {
     }
   }
 
-  int64_t out_channels() const { return static_cast<int64_t>(concat_.size()) * C_; }
-  int64_t stride() const { return stride_; }
 
  private:
   std::vector<Unit> units_;
@@ -713,8 +672,9 @@ class CellProgram {
 // an image through every cell of the chain before the next image, so the image's states go from cell to cell
 // in cache and the threads are woken once per chain instead of once per cell. The inner cells' outputs stay in
 // per-image scratch; the last two cells' outputs (the next cells' inputs) go to `out_prev` and `out_last`.
-// `res`: the first cell's residual (computed beforehand); the other cells have none or the identity. The same
-// per-image code as CellProgram::run, so the same bits. Returns how many threads shared each image.
+// `res`: the first cell's residual (computed beforehand); the other cells have none or the identity. Each
+// image gets CellProgram::image of each cell in turn, so a chain gives the bits of its cells run one by one
+// (CellProgram::run is a chain of one cell). Returns how many threads shared each image.
 int64_t run_chain(const std::vector<const CellProgram*>& cells, const torch::Tensor& s0, const torch::Tensor& s1,
                   const c10::optional<torch::Tensor>& res, const c10::optional<torch::Tensor>& out_prev,
                   torch::Tensor out_last, int64_t isa, const c10::optional<std::vector<torch::Tensor>>& times) {
@@ -812,6 +772,14 @@ int64_t run_chain(const std::vector<const CellProgram*>& cells, const torch::Ten
     }
   });
   return tp.shared ? tp.ranks : 1;
+}
+
+int64_t CellProgram::run(const torch::Tensor& s0, const torch::Tensor& s1, torch::Tensor out,
+                         const c10::optional<torch::Tensor>& res, int64_t isa,
+                         const c10::optional<torch::Tensor>& times) const {
+  c10::optional<std::vector<torch::Tensor>> chain_times;
+  if (times.has_value()) chain_times = std::vector<torch::Tensor>{*times};
+  return run_chain({this}, s0, s1, res, c10::nullopt, out, isa, chain_times);
 }
 
 // The team threshold (binary MACs per image; see team_min_macs), set when `value` >= 0; returns the old one.
