@@ -658,6 +658,8 @@ def main(argv=None) -> int:
     for name in ('batch', 'size'):
         ap.add_argument(f'--child-{name}', type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.spin != SPIN:   # the thread policy is set at import, from the process's own command line
+        ap.error('--spin must be on the command line of the process (it is read before any OpenMP runtime starts)')
     if args.child_kind:
         _child(args)
         return 0
