@@ -120,7 +120,7 @@ def test_int8_conv_is_within_its_quantization_bound_on_every_path(geometry):
 
 
 def _small_bnas_a(seed: int, layers: int = 5):
-    """A small BNAS-A (C=8, 5 cells) with seeded random BN statistics, its packed network and the generator
+    """A small BNAS-A (C=8, `layers` cells) with seeded random BN statistics, its packed network and the generator
     (left where the statistics ended, for the test's images)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
