@@ -199,8 +199,8 @@ def cell_outputs_engine(net: deploy.PackedNetwork, x: torch.Tensor, monkeypatch)
     outs = []
     call = runtime._Cell.__call__
 
-    def spy(self, *args):
-        out = call(self, *args)
+    def spy(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
         outs.append(out.contiguous())
         return out
 

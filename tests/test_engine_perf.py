@@ -219,3 +219,51 @@ def test_relayout_is_pytorchs_layout_change_on_every_path(ext, shape):
     if shape[1] > 1 and shape[2] * shape[3] > 1:
         with pytest.raises(RuntimeError, match='one tensor must be NCHW-contiguous'):
             ext.relayout(x, torch.empty(shape), kernels.isa_id(ISAS[0]))
+
+
+@pytest.mark.parametrize('chains', [True, False])
+def test_forward_passes_reuse_their_buffers_and_keep_the_bits(monkeypatch, chains):
+    """The engine lends its intermediate maps from a workspace kept between passes (one per calling thread):
+    passes at alternating batch sizes give a fresh network's bits, every lent buffer is given back, a repeated
+    pass takes all of its buffers from the pool (no new ones), and threads calling at once get their own; with
+    chains of cells and cell by cell."""
+    import threading
+
+    from bnas_nni.deploy import runtime
+
+    monkeypatch.setattr(runtime, 'CELL_CHAINS', chains)
+    model, net, g = _small_bnas_a(2)
+    xa, xb = torch.randn(5, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+
+    def fresh(x):
+        return PackedNetwork(packed_description(describe_network(model)))(x).view(torch.int32)
+
+    want = {5: fresh(xa), 2: fresh(xb)}
+    for x in (xa, xb, xa, xb):
+        assert torch.equal(net(x).view(torch.int32), want[len(x)])
+    ws = net._workspace
+    assert not ws.lent and ws.free
+    pool = sorted(t.data_ptr() for stack in ws.free.values() for t in stack)
+    net(xa)
+    net(xb)
+    assert sorted(t.data_ptr() for stack in ws.free.values() for t in stack) == pool
+
+    got, errors = {}, []
+
+    def caller(i: int, x: torch.Tensor) -> None:
+        try:
+            for _ in range(4):
+                got[i] = net(x).view(torch.int32)
+                assert torch.equal(got[i], want[len(x)])
+        except AssertionError as exc:   # pragma: no cover - reported below
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=caller, args=(i, x)) for i, x in enumerate((xa, xb, xa))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 3
+    net.release_buffers()
+    assert not ws.free
+    assert torch.equal(net(xb).view(torch.int32), want[2])

@@ -32,6 +32,7 @@ Deploy section for when that can move a value across a sign threshold.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -48,6 +49,7 @@ from .validate import validate_packed
 __all__ = ['PackedNetwork']
 
 CL = torch.channels_last
+_EMPTY = torch.empty(0)   # native_batch_norm.out's unused statistics outputs (eval mode leaves them empty)
 
 #: op-by-op path (batch 1, or ``CELL_PROGRAM = False``): bytes of a cell's inputs, preprocessed states and
 #: output per thread that a group of images should fit in: a cell then runs group by group and its intermediate
@@ -65,21 +67,63 @@ CELL_PROGRAM = True
 CELL_CHAINS = True
 
 
-def _relayout(x: torch.Tensor, memory_format: torch.memory_format, isa: int) -> torch.Tensor:
+class _Workspace(threading.local):
+    """Float32 buffers that the engine's forward passes lend and give back, kept from one pass to the next
+    (one set per calling thread, so concurrent callers never share one).
+
+    Why: a fresh tensor of a few MB comes from fresh pages, and the kernel maps each 4 KiB page on its first
+    write (about a microsecond each): BNAS-A at batch 32 asks for ~100 MB of intermediate maps per pass, which
+    cost ~15 % of the pass in page faults. A buffer is lent by :meth:`take` and given back by :meth:`give` once
+    nothing reads it any more; a given-back buffer serves the next request of the same number of elements, in
+    any shape. Tensors that were not lent here are ignored by :meth:`give`.
+    """
+
+    def __init__(self) -> None:
+        self.free: Dict[int, List[torch.Tensor]] = {}
+        self.lent: Dict[int, torch.Tensor] = {}   # data_ptr -> the flat buffer
+
+    def take(self, shape: Tuple[int, ...], memory_format: torch.memory_format = torch.contiguous_format
+             ) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        stack = self.free.get(numel)
+        flat = stack.pop() if stack else torch.empty(numel)
+        self.lent[flat.data_ptr()] = flat
+        if memory_format == CL and len(shape) == 4:
+            N, C, H, W = shape
+            return flat.view(N, H, W, C).permute(0, 3, 1, 2)
+        return flat.view(shape)
+
+    def give(self, *tensors: Optional[torch.Tensor]) -> None:
+        for t in tensors:
+            flat = None if t is None else self.lent.pop(t.data_ptr(), None)
+            if flat is not None:
+                self.free.setdefault(flat.numel(), []).append(flat)
+
+    def clear(self) -> None:
+        self.free.clear()
+        self.lent.clear()
+
+
+def _relayout(x: torch.Tensor, memory_format: torch.memory_format, isa: int,
+              workspace: Optional[_Workspace] = None) -> torch.Tensor:
     """``x.contiguous(memory_format=...)``: between NCHW and channels-last by the engine's transpose (a copy,
-    several times faster than PyTorch's on these shapes), anything else by PyTorch."""
+    several times faster than PyTorch's on these shapes; into a buffer lent by ``workspace`` when given),
+    anything else by PyTorch."""
     if x.is_contiguous(memory_format=memory_format):
         return x
     src = CL if memory_format == torch.contiguous_format else torch.contiguous_format
     if x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous(memory_format=src):
-        out = torch.empty(x.shape, memory_format=memory_format)
+        out = (torch.empty(x.shape, memory_format=memory_format) if workspace is None else
+               workspace.take(tuple(x.shape), memory_format))
         kernels.extension().relayout(x, out, isa)
         return out
     return x.contiguous(memory_format=memory_format)
 
 
-def _cl(x: torch.Tensor, isa: int) -> torch.Tensor:
-    return _relayout(x, CL, isa)
+def _cl(x: torch.Tensor, isa: int, workspace: Optional[_Workspace] = None) -> torch.Tensor:
+    return _relayout(x, CL, isa, workspace)
 
 
 def _check(cond: bool, where: str, what: str) -> None:
@@ -209,7 +253,9 @@ class _Unit:
         return f(h, KH), f(w, KW)
 
     def __call__(self, x: torch.Tensor, isa: int, out: Optional[torch.Tensor] = None, accumulate: bool = False,
-                 layout: str = 'cl') -> torch.Tensor:
+                 layout: str = 'cl', workspace: Optional[_Workspace] = None) -> torch.Tensor:
+        """The unit's output (into ``out`` when given). ``workspace``: where the float path's temporaries come from
+        (the input's NCHW copy and the BN output, given back before returning) and its channels-last output."""
         if x.shape[1] != self.in_ch:
             raise ConfigError(f'{self.name}: input has {x.shape[1]} channels, the layer expects {self.in_ch}')
         if self.packed and not self.epilogue:
@@ -239,19 +285,28 @@ class _Unit:
             if out is None:
                 return y
             return out.add_(y) if accumulate else out.copy_(y)
-        x = _relayout(x, torch.contiguous_format, isa)
+        xn = _relayout(x, torch.contiguous_format, isa, workspace)
         if self.sign:
-            h = threshold_signs(x, self.thresholds, self.negate)
-        else:
+            h = threshold_signs(xn, self.thresholds, self.negate)
+        elif workspace is None:
             b = self.bn
-            h = F.batch_norm(x, b['mean'], b['var'], b['weight'], b['bias'], False, 0.0, self.eps)
+            h = F.batch_norm(xn, b['mean'], b['var'], b['weight'], b['bias'], False, 0.0, self.eps)
+        else:   # the same kernel as F.batch_norm in eval mode (the same bits), into a lent buffer
+            b = self.bn
+            h = workspace.take(tuple(xn.shape))
+            torch.ops.aten.native_batch_norm.out(xn, b['weight'], b['bias'], b['mean'], b['var'], False, 0.0,
+                                                 self.eps, out=h, save_mean=_EMPTY, save_invstd=_EMPTY)
         y = F.conv2d(h, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if workspace is not None:
+            workspace.give(h)
         if self.epilogue:
-            y = self._finish(y, x)
+            y = self._finish(y, xn)
         elif self.relu:
             y = F.relu(y)
+        if workspace is not None and xn is not x:
+            workspace.give(xn)
         if out is None:
-            return _cl(y, isa) if layout == 'cl' else y
+            return _cl(y, isa, workspace) if layout == 'cl' else y
         if accumulate:
             out.add_(y)
         else:
@@ -357,21 +412,25 @@ class _Cell:
             self._program = program
         return self._program
 
-    def residual_of(self, s1: torch.Tensor, isa: int, timer: _Timer) -> Optional[torch.Tensor]:
+    def residual_of(self, s1: torch.Tensor, isa: int, timer: _Timer,
+                    workspace: Optional[_Workspace] = None) -> Optional[torch.Tensor]:
         """The residual conv's output (None for none or identity): on the full batch, as the float model runs it."""
         if isinstance(self.residual, _Unit):
-            return timer.run(f'{self.name}.residual', self.residual.kind, self.residual, s1, isa, layout='any')
+            return timer.run(f'{self.name}.residual', self.residual.kind, self.residual, s1, isa, layout='any',
+                             workspace=workspace)
         return None
 
     def __call__(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer,
-                 res: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The cell's output; ``res``: its residual conv's output, computed beforehand (see residual_of)."""
+                 res: Optional[torch.Tensor] = None, workspace: Optional[_Workspace] = None) -> torch.Tensor:
+        """The cell's output (lent by ``workspace`` when given); ``res``: its residual conv's output, computed
+        beforehand (see residual_of)."""
         N, _, H, W = s1.shape
         stride = 2 if self.reduction else 1
         C = self.C
-        out = torch.empty((N, len(self.concat) * C, (H - 1) // stride + 1, (W - 1) // stride + 1), memory_format=CL)
+        shape = (N, len(self.concat) * C, (H - 1) // stride + 1, (W - 1) // stride + 1)
+        out = torch.empty(shape, memory_format=CL) if workspace is None else workspace.take(shape, CL)
         if res is None:
-            res = self.residual_of(s1, isa, timer)
+            res = self.residual_of(s1, isa, timer, workspace)
         if self.chunkable and CELL_PROGRAM:
             self._run_program(s0, s1, out, res, isa, timer)
             return out
@@ -479,7 +538,13 @@ class PackedNetwork(nn.Module):
             raise CheckpointError(f'packed model: malformed network description ({type(exc).__name__}: {exc}); '
                                   're-export it') from None
         self._timer = _Timer()
+        self._workspace = _Workspace()
         self.set_isa(isa)
+
+    def release_buffers(self) -> None:
+        """Free the intermediate buffers this thread's forward passes keep for the next pass (see ``_Workspace``);
+        the next pass allocates them again."""
+        self._workspace.clear()
 
     def set_isa(self, isa: Optional[str] = None) -> None:
         """Switch the kernel path (see :func:`bnas_nni.deploy.kernels.resolve_isa`)."""
@@ -512,39 +577,48 @@ class PackedNetwork(nn.Module):
         if x.device.type != 'cpu':
             raise ConfigError('the packed engine runs on the CPU; move the images there first (x.cpu())')
         x = x.float()
-        isa, timer = self._isa_id, self._timer
+        isa, timer, workspace = self._isa_id, self._timer, self._workspace
+        workspace.lent.clear()   # anything a failed pass left lent is dropped, not reused
         try:
-            s0, s1 = timer.run('stem', 'float stem', self._stem, x.contiguous(), isa)
-            s0, s1 = self._cells(s0, s1, isa, timer)
-            return timer.run('head', 'float head', self._head, s1, isa)
+            s0, s1 = timer.run('stem', 'float stem', self._stem, x.contiguous(), isa, workspace)
+            s0, s1 = self._cells(s0, s1, isa, timer, workspace)
+            logits = timer.run('head', 'float head', self._head, s1, isa, workspace)
+            workspace.give(s0, s1)
+            return logits
         except RuntimeError as exc:   # an argument check of a kernel or a torch op (e.g. images too small)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ConfigError(f'the packed model cannot run on images of shape {tuple(x.shape)}: {first}') from None
 
-    def _cells(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _cells(self, s0: torch.Tensor, s1: torch.Tensor, isa: int, timer: _Timer,
+               workspace: _Workspace) -> Tuple[torch.Tensor, torch.Tensor]:
         """All cells. A chain of all-binary cells (one that may have a float residual conv, and the following ones
         without) runs as one C++ call, image by image through every cell of the chain, its float residual conv
         computed beforehand on the whole batch, as the float model does. Every image gets the same operations
-        as cell by cell, so the same bits."""
+        as cell by cell, so the same bits. Cell outputs are lent by ``workspace`` and given back once no later
+        cell reads them."""
         k = 0
         while k < len(self.cells):
             cell = self.cells[k]
             if not (cell.chunkable and CELL_PROGRAM and CELL_CHAINS):
-                s0, s1 = s1, cell(s0, s1, isa, timer)
+                new = (s1, cell(s0, s1, isa, timer, workspace=workspace))
                 k += 1
-                continue
-            end = k + 1
-            while end < len(self.cells) and self.cells[end].chunkable and not isinstance(self.cells[end].residual,
-                                                                                         _Unit):
-                end += 1
-            s0, s1 = self._chain(self.cells[k:end], s0, s1, isa, timer)
-            k = end
+            else:
+                end = k + 1
+                while end < len(self.cells) and self.cells[end].chunkable and not isinstance(self.cells[end].residual,
+                                                                                             _Unit):
+                    end += 1
+                new = self._chain(self.cells[k:end], s0, s1, isa, timer, workspace)
+                k = end
+            kept = {t.data_ptr() for t in new}
+            workspace.give(*(t for t in (s0, s1) if t.data_ptr() not in kept))
+            s0, s1 = new
         return s0, s1
 
     def _chain(self, cells: List[_Cell], s0: torch.Tensor, s1: torch.Tensor, isa: int,
-               timer: _Timer) -> Tuple[torch.Tensor, torch.Tensor]:
+               timer: _Timer, workspace: _Workspace) -> Tuple[torch.Tensor, torch.Tensor]:
         """The chain's last two outputs (the next cells' inputs), from one ``run_chain`` call."""
-        s0, s1 = (s if s.stride(1) == 1 else _cl(s, isa) for s in (s0, s1))
+        given_s0 = s0
+        s0, s1 = (s if s.stride(1) == 1 else _cl(s, isa, workspace) for s in (s0, s1))
         N = s1.shape[0]
         shapes = []   # each cell's output: (channels, H, W); a cell's map follows its s1 input's
         H, W = s1.shape[2], s1.shape[3]
@@ -552,23 +626,25 @@ class PackedNetwork(nn.Module):
             stride = 2 if cell.reduction else 1
             H, W = (H - 1) // stride + 1, (W - 1) // stride + 1
             shapes.append((len(cell.concat) * cell.C, H, W))
-        res = cells[0].residual_of(s1, isa, timer)
+        res = cells[0].residual_of(s1, isa, timer, workspace)
         if res is not None and tuple(res.shape[1:]) != shapes[0]:   # broadcast as out.add_(res) does (odd maps)
             res = res.expand((N,) + shapes[0])
-        out_last = torch.empty((N,) + shapes[-1], memory_format=CL)
-        out_prev = torch.empty((N,) + shapes[-2], memory_format=CL) if len(cells) > 1 else None
+        out_last = workspace.take((N,) + shapes[-1], CL)
+        out_prev = workspace.take((N,) + shapes[-2], CL) if len(cells) > 1 else None
         programs = [c.program() for c in cells]
         times = None if timer.records is None else [torch.zeros(p.timing_slots(), dtype=torch.float64)
                                                     for p in programs]
         t0 = time.perf_counter()
         team = kernels.extension().run_chain(programs, s0, s1, res, out_prev, out_last, isa, times)
+        if s0 is not given_s0:   # its channels-last copy: read by the chain only
+            workspace.give(s0)
         if times is not None:
             _program_records(timer, cells, times, time.perf_counter() - t0)
         for cell in cells:
             cell.team = team
         return (s1 if out_prev is None else out_prev), out_last
 
-    def _stem(self, x: torch.Tensor, isa: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _stem(self, x: torch.Tensor, isa: int, workspace: _Workspace) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.family == 'imagenet':
             s0 = x
             for f in self.stem0:
@@ -576,12 +652,15 @@ class PackedNetwork(nn.Module):
             s1 = s0
             for f in self.stem1:
                 s1 = f(s1)
-            return _cl(s0, isa), _cl(s1, isa)
-        s = self.stem(x, isa)
+            return _cl(s0, isa, workspace), _cl(s1, isa, workspace)
+        s = self.stem(x, isa, workspace=workspace)
         return s, s
 
-    def _head(self, s: torch.Tensor, isa: int) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(_relayout(s, torch.contiguous_format, isa), 1).flatten(1)
+    def _head(self, s: torch.Tensor, isa: int, workspace: _Workspace) -> torch.Tensor:
+        nchw = _relayout(s, torch.contiguous_format, isa, workspace)
+        pooled = F.adaptive_avg_pool2d(nchw, 1).flatten(1)
+        if nchw is not s:
+            workspace.give(nchw)
         return F.linear(pooled, self.fc_weight, self.fc_bias)
 
     def profile(self, x: torch.Tensor, cpu: bool = False) -> Tuple[torch.Tensor, List[Tuple]]:
