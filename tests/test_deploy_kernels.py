@@ -77,10 +77,11 @@ def test_thresholds_reproduce_torch_sign_of_batch_norm_bit_for_bit():
     assert (expected == 0).any() and (expected == 1).any() and (expected == -1).any()
 
 
+@pytest.mark.parametrize('C', [70, 8, 144, 330])   # a partial word; a lone group; 9 groups; 3 spans of 8 groups
 @pytest.mark.parametrize('isa', ISAS)
-def test_bit_planes_hold_signs_zeros_and_a_zero_border(ext, isa):
+def test_bit_planes_hold_signs_zeros_and_a_zero_border(ext, isa, C):
     g = torch.Generator().manual_seed(2)
-    C, pad = 70, 2
+    pad = 2
     bn = torch.nn.BatchNorm2d(C).eval()
     random_bn_(bn, g)
     x = inputs_with_zeros((2, C, 5, 7), g)
@@ -88,11 +89,11 @@ def test_bit_planes_hold_signs_zeros_and_a_zero_border(ext, isa):
     t_zero, t_pos, flip = fold.kernel_thresholds(th, negate)
     for layout in (torch.contiguous_format, torch.channels_last):
         packed = ext.pack_signs(x.contiguous(memory_format=layout), t_zero, t_pos, flip, pad, kernels.isa_id(isa))
-        assert packed.shape == (2, 5 + 2 * pad, 7 + 2 * pad, 2, 2)
+        assert packed.shape == (2, 5 + 2 * pad, 7 + 2 * pad, (C + 63) // 64, 2)
         words = packed.numpy().view(np.uint64)
         bits = lambda plane: np.unpackbits(words[..., plane].copy().view(np.uint8), axis=-1, bitorder='little')  # noqa: E731
         neg, nonzero = bits(0).astype(np.int64), bits(1).astype(np.int64)
-        values = nonzero * (1 - 2 * neg)                               # N, Hp, Wp, 128
+        values = nonzero * (1 - 2 * neg)                               # N, Hp, Wp, 64 * words
         with torch.no_grad():
             expected = torch.sign(bn(x)).permute(0, 2, 3, 1).numpy()    # N, H, W, C
         assert np.array_equal(values[:, pad:-pad, pad:-pad, :C], expected)

@@ -74,6 +74,51 @@ inline void conv_row_chunk(const ConvArgs& a, const uint64_t* act_n, int64_t oh,
   }
 }
 
+// Packing of channel-contiguous input, one row at a time in spans of up to 8 16-channel groups (two 64-channel
+// words): a span's thresholds and sign flips are loaded into registers once per row instead of once per pixel
+// (those loads were most of the per-pixel cost), only the input's last group can be partial (masked), and each
+// word joins its four groups' compare masks in mask registers. The same compares as the generic path, so the
+// same bits.
+template <int NG>
+inline void pack_span(const PackArgs& a, int64_t r, int64_t g0) {
+  constexpr int NW = (NG + 3) / 4;
+  const int64_t tail = a.C - 16 * (g0 + NG - 1);   // channels in the span's last group (it may end the input)
+  const __mmask16 last = static_cast<__mmask16>(tail >= 16 ? 0xFFFFu : (1u << tail) - 1u);
+  __m512 tz[NG], tp[NG];
+  __m512i fl[NG];
+  for (int g = 0; g < NG; ++g) {
+    const __mmask16 valid = g == NG - 1 ? last : static_cast<__mmask16>(0xFFFFu);
+    const int64_t c = 16 * (g0 + g);
+    tz[g] = _mm512_maskz_loadu_ps(valid, a.t_zero + c);
+    tp[g] = _mm512_maskz_loadu_ps(valid, a.t_pos + c);
+    fl[g] = _mm512_maskz_loadu_epi32(valid, a.flip + c);
+  }
+  const int64_t n = r / a.H, h = r % a.H;
+  uint64_t* dst = a.out + (((n * a.Hp) + h + a.pad) * a.Wp + a.pad) * a.Kw * 2 + g0 / 2;
+  const float* src = a.x + n * a.sN + h * a.sH + 16 * g0;
+  for (int64_t w = 0; w < a.W; ++w, dst += a.Kw * 2, src += a.sW) {
+    for (int k = 0; k < NW; ++k) {
+      __mmask16 neg[4] = {0, 0, 0, 0}, pos[4] = {0, 0, 0, 0};
+      for (int j = 0; j < 4 && 4 * k + j < NG; ++j) {
+        const int g = 4 * k + j;
+        if (g < NG - 1) {
+          const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_loadu_si512(src + 16 * g), fl[g]));
+          neg[j] = _mm512_cmp_ps_mask(x, tz[g], _CMP_NGE_UQ);
+          pos[j] = _mm512_cmp_ps_mask(x, tp[g], _CMP_GE_OQ);
+        } else {
+          const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_maskz_loadu_epi32(last, src + 16 * g), fl[g]));
+          neg[j] = _mm512_mask_cmp_ps_mask(last, x, tz[g], _CMP_NGE_UQ);
+          pos[j] = _mm512_mask_cmp_ps_mask(last, x, tp[g], _CMP_GE_OQ);
+        }
+      }
+      const __mmask64 n64 = _mm512_kunpackd(_mm512_kunpackw(neg[3], neg[2]), _mm512_kunpackw(neg[1], neg[0]));
+      const __mmask64 p64 = _mm512_kunpackd(_mm512_kunpackw(pos[3], pos[2]), _mm512_kunpackw(pos[1], pos[0]));
+      dst[2 * k] = _cvtmask64_u64(n64);
+      dst[2 * k + 1] = _cvtmask64_u64(_kor_mask64(n64, p64));
+    }
+  }
+}
+
 }  // namespace
 
 namespace bnas_deploy {
@@ -83,32 +128,21 @@ void pack_rows_avx512(const PackArgs& a, int64_t r0, int64_t r1) {
     pack_rows_generic(a, r0, r1);
     return;
   }
-  // per 64-channel word: four 16-channel compares whose masks are joined in mask registers (KUNPCK) and moved
-  // to the words once; a partial last group compares only its valid lanes (the others' bits stay 0)
-  pack_rows_with(a, r0, r1, [&a](const float* src, int64_t k, uint64_t& s, uint64_t& m) {
-    __mmask16 neg[4], pos[4];
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c = k * 64 + j * 16;
-      const int64_t left = a.C - c;
-      if (left >= 16) {
-        const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_loadu_si512(src + c), _mm512_loadu_si512(a.flip + c)));
-        neg[j] = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_zero + c), _CMP_NGE_UQ);
-        pos[j] = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(a.t_pos + c), _CMP_GE_OQ);
-      } else if (left > 0) {
-        const __mmask16 valid = static_cast<__mmask16>((1u << left) - 1u);
-        const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_maskz_loadu_epi32(valid, src + c),
-                                                              _mm512_maskz_loadu_epi32(valid, a.flip + c)));
-        neg[j] = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_zero + c), _CMP_NGE_UQ);
-        pos[j] = _mm512_mask_cmp_ps_mask(valid, x, _mm512_maskz_loadu_ps(valid, a.t_pos + c), _CMP_GE_OQ);
-      } else {
-        neg[j] = pos[j] = 0;
+  const int64_t groups = (a.C + 15) / 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+      switch (groups - g0 < 8 ? groups - g0 : 8) {
+        case 1: pack_span<1>(a, r, g0); break;
+        case 2: pack_span<2>(a, r, g0); break;
+        case 3: pack_span<3>(a, r, g0); break;
+        case 4: pack_span<4>(a, r, g0); break;
+        case 5: pack_span<5>(a, r, g0); break;
+        case 6: pack_span<6>(a, r, g0); break;
+        case 7: pack_span<7>(a, r, g0); break;
+        default: pack_span<8>(a, r, g0); break;
       }
     }
-    const __mmask64 n64 = _mm512_kunpackd(_mm512_kunpackw(neg[3], neg[2]), _mm512_kunpackw(neg[1], neg[0]));
-    const __mmask64 p64 = _mm512_kunpackd(_mm512_kunpackw(pos[3], pos[2]), _mm512_kunpackw(pos[1], pos[0]));
-    s = _cvtmask64_u64(n64);
-    m = _cvtmask64_u64(_kor_mask64(n64, p64));
-  });
+  }
 }
 
 void conv_rows_avx512(const ConvArgs& a, int64_t r0, int64_t r1) {
