@@ -71,6 +71,49 @@ inline void conv_pixel(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
   }
 }
 
+// Word k of every pixel of row r, from its NG 8-channel groups (channel-contiguous input): the word's thresholds
+// and sign flips are loaded once per row instead of once per pixel (as on the AVX-512 path); the input's last
+// group may be partial (masked loads, and its bits beyond C cleared). The same compares as the generic path
+// (x >= t, ordered, so NaN is negative), so the same bits.
+template <int NG>
+inline void pack_word_row(const PackArgs& a, int64_t r, int64_t k) {
+  const int64_t tail = a.C - 64 * k - 8 * (NG - 1);   // channels in the last group: 1 to 8
+  const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const uint64_t last_bits = tail >= 8 ? 0xffu : (1u << tail) - 1u;
+  __m256 tz[NG], tp[NG];
+  __m256i fl[NG];
+  for (int g = 0; g < NG; ++g) {
+    const int64_t c = 64 * k + 8 * g;
+    if (g < NG - 1) {
+      tz[g] = _mm256_loadu_ps(a.t_zero + c);
+      tp[g] = _mm256_loadu_ps(a.t_pos + c);
+      fl[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.flip + c));
+    } else {
+      tz[g] = _mm256_maskload_ps(a.t_zero + c, last);
+      tp[g] = _mm256_maskload_ps(a.t_pos + c, last);
+      fl[g] = _mm256_maskload_epi32(reinterpret_cast<const int*>(a.flip + c), last);
+    }
+  }
+  const int64_t n = r / a.H, h = r % a.H;
+  uint64_t* dst = a.out + (((n * a.Hp) + h + a.pad) * a.Wp + a.pad) * a.Kw * 2 + 2 * k;
+  const float* src = a.x + n * a.sN + h * a.sH + 64 * k;
+  for (int64_t w = 0; w < a.W; ++w, dst += a.Kw * 2, src += a.sW) {
+    uint64_t neg = 0, pos = 0;
+    for (int g = 0; g < NG; ++g) {
+      const __m256i raw = g < NG - 1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 8 * g))
+                                     : _mm256_castps_si256(_mm256_maskload_ps(src + 8 * g, last));
+      const __m256 x = _mm256_castsi256_ps(_mm256_xor_si256(raw, fl[g]));
+      const uint64_t valid = g < NG - 1 ? 0xffu : last_bits;
+      const uint64_t not_neg = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, tz[g], _CMP_GE_OQ)));
+      const uint64_t p = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, tp[g], _CMP_GE_OQ)));
+      neg |= (~not_neg & valid) << (8 * g);
+      pos |= (p & valid) << (8 * g);
+    }
+    dst[0] = neg;
+    dst[1] = neg | pos;
+  }
+}
+
 }  // namespace
 
 namespace bnas_deploy {
@@ -80,22 +123,21 @@ void pack_rows_avx2(const PackArgs& a, int64_t r0, int64_t r1) {
     pack_rows_generic(a, r0, r1);
     return;
   }
-  pack_rows_with(a, r0, r1, [&a](const float* src, int64_t k, uint64_t& s, uint64_t& m) {
-    const int64_t c_end = (k + 1) * 64 < a.C ? (k + 1) * 64 : a.C;
-    int64_t c = k * 64;
-    for (; c + 8 <= c_end; c += 8) {
-      const __m256i xi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c)),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.flip + c)));
-      const __m256 x = _mm256_castsi256_ps(xi);
-      const uint64_t not_neg = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_loadu_ps(a.t_zero + c), _CMP_GE_OQ)));
-      const uint64_t pos = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_loadu_ps(a.t_pos + c), _CMP_GE_OQ)));
-      const uint64_t neg = (~not_neg) & 0xffu;
-      s |= neg << (c - k * 64);
-      m |= (neg | pos) << (c - k * 64);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t k = 0; k < a.Kw; ++k) {
+      const int64_t left = a.C - 64 * k;
+      switch (left >= 64 ? 8 : (left + 7) / 8) {
+        case 1: pack_word_row<1>(a, r, k); break;
+        case 2: pack_word_row<2>(a, r, k); break;
+        case 3: pack_word_row<3>(a, r, k); break;
+        case 4: pack_word_row<4>(a, r, k); break;
+        case 5: pack_word_row<5>(a, r, k); break;
+        case 6: pack_word_row<6>(a, r, k); break;
+        case 7: pack_word_row<7>(a, r, k); break;
+        default: pack_word_row<8>(a, r, k); break;
+      }
     }
-    for (; c < c_end; ++c)
-      sign_bits_generic(src[c], a.t_zero[c], a.t_pos[c], a.flip[c], uint64_t(1) << (c - k * 64), s, m);
-  });
+  }
 }
 
 void conv_rows_avx2(const ConvArgs& a, int64_t r0, int64_t r1) {
