@@ -131,6 +131,27 @@ void column_weights(const uint64_t* w, int64_t KH, int64_t KW, int64_t C, int64_
 void column_rows(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int64_t stride, int64_t dil, int64_t OW,
                  uint64_t* out, int64_t r0, int64_t r1) {
   const int64_t Kw = (C + 63) / 64, Kc = column_words(C, KW);
+  if (Kw == 1 && Kc <= 2) {   // the common case (C <= 42 for 3 taps): a column is built in 128-bit registers
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint64_t* row = planes + r * Wp * 2;
+      uint64_t* dst = out + r * OW * Kc * 2;
+      for (int64_t ow = 0; ow < OW; ++ow, dst += Kc * 2) {
+        unsigned __int128 s = 0, m = 0;
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const uint64_t* px = row + (ow * stride + kw * dil) * 2;
+          s |= static_cast<unsigned __int128>(px[0]) << (kw * C);
+          m |= static_cast<unsigned __int128>(px[1]) << (kw * C);
+        }
+        dst[0] = static_cast<uint64_t>(s);
+        dst[1] = static_cast<uint64_t>(m);
+        if (Kc == 2) {
+          dst[2] = static_cast<uint64_t>(s >> 64);
+          dst[3] = static_cast<uint64_t>(m >> 64);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const uint64_t* row = planes + r * Wp * Kw * 2;
     uint64_t* dst_row = out + r * OW * Kc * 2;

@@ -14,12 +14,17 @@ namespace {
 using bnas_deploy::ConvArgs;
 using bnas_deploy::PackArgs;
 
+// PB output pixels x OB vectors of 8 filters. Each pixel's window count of non-zero activations (nnz) is summed
+// here too, by scalar POPCNTs of the mask words the vector steps broadcast: they run on the integer units,
+// beside the vector work, instead of a separate pass over the window.
 template <int OB, int PB>
-inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t ow0, int64_t v0,
-                       const int32_t* nnz, float* out0) {
+inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t ow0, int64_t v0, float* out0) {
   __m512i acc[PB][OB];
-  for (int p = 0; p < PB; ++p)
+  int64_t nnz[PB];
+  for (int p = 0; p < PB; ++p) {
+    nnz[p] = 0;
     for (int b = 0; b < OB; ++b) acc[p][b] = _mm512_setzero_si512();
+  }
   const int64_t pix = a.Kw * 2;
   for (int64_t kh = 0; kh < a.KH; ++kh) {
     const uint64_t* row = act_n + (oh * a.stride + kh * a.dil) * a.Wp * pix;
@@ -33,6 +38,7 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
           const uint64_t* px = px0 + p * a.col_stride() * pix + 2 * k;
           const __m512i s = _mm512_set1_epi64(static_cast<long long>(px[0]));
           const __m512i m = _mm512_set1_epi64(static_cast<long long>(px[1]));
+          nnz[p] += _mm_popcnt_u64(px[1]);
           for (int b = 0; b < OB; ++b)
             acc[p][b] = _mm512_add_epi64(acc[p][b], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(s, wv[b], m, 0x28)));
         }
@@ -62,14 +68,13 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
 }
 
 template <int OB>
-inline void conv_row_chunk(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t v0, const int32_t* nnz,
-                           float* out_row) {
+inline void conv_row_chunk(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t v0, float* out_row) {
   int64_t ow = 0;
-  for (; ow + 4 <= a.OW; ow += 4) conv_block<OB, 4>(a, act_n, oh, ow, v0, nnz + ow, out_row + ow * a.oW);
+  for (; ow + 4 <= a.OW; ow += 4) conv_block<OB, 4>(a, act_n, oh, ow, v0, out_row + ow * a.oW);
   switch (a.OW - ow) {
-    case 3: conv_block<OB, 3>(a, act_n, oh, ow, v0, nnz + ow, out_row + ow * a.oW); break;
-    case 2: conv_block<OB, 2>(a, act_n, oh, ow, v0, nnz + ow, out_row + ow * a.oW); break;
-    case 1: conv_block<OB, 1>(a, act_n, oh, ow, v0, nnz + ow, out_row + ow * a.oW); break;
+    case 3: conv_block<OB, 3>(a, act_n, oh, ow, v0, out_row + ow * a.oW); break;
+    case 2: conv_block<OB, 2>(a, act_n, oh, ow, v0, out_row + ow * a.oW); break;
+    case 1: conv_block<OB, 1>(a, act_n, oh, ow, v0, out_row + ow * a.oW); break;
     default: break;
   }
 }
@@ -146,23 +151,21 @@ void pack_rows_avx512(const PackArgs& a, int64_t r0, int64_t r1) {
 }
 
 void conv_rows_avx512(const ConvArgs& a, int64_t r0, int64_t r1) {
-  int32_t nnz[kMaxRow];
   const int64_t nv = a.Opad / 8;
   const int64_t groups = (nv + 4) / 5;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / a.OH, oh = r % a.OH;
     const uint64_t* act_n = a.act + n * a.Hp * a.Wp * a.Kw * 2;
-    row_nnz(a, act_n, oh, nnz);
     float* out_row = a.out + n * a.oN + oh * a.oH;
     int64_t v0 = 0;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t ob = nv / groups + (g < nv % groups ? 1 : 0);
       switch (ob) {
-        case 5: conv_row_chunk<5>(a, act_n, oh, v0, nnz, out_row); break;
-        case 4: conv_row_chunk<4>(a, act_n, oh, v0, nnz, out_row); break;
-        case 3: conv_row_chunk<3>(a, act_n, oh, v0, nnz, out_row); break;
-        case 2: conv_row_chunk<2>(a, act_n, oh, v0, nnz, out_row); break;
-        default: conv_row_chunk<1>(a, act_n, oh, v0, nnz, out_row); break;
+        case 5: conv_row_chunk<5>(a, act_n, oh, v0, out_row); break;
+        case 4: conv_row_chunk<4>(a, act_n, oh, v0, out_row); break;
+        case 3: conv_row_chunk<3>(a, act_n, oh, v0, out_row); break;
+        case 2: conv_row_chunk<2>(a, act_n, oh, v0, out_row); break;
+        default: conv_row_chunk<1>(a, act_n, oh, v0, out_row); break;
       }
       v0 += ob;
     }
