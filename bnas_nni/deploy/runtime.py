@@ -73,9 +73,9 @@ class _Workspace(threading.local):
 
     Why: a fresh tensor of a few MB comes from fresh pages, and the kernel maps each 4 KiB page on its first
     write (about a microsecond each): BNAS-A at batch 32 asks for ~100 MB of intermediate maps per pass, which
-    cost ~15 % of the pass in page faults. A buffer is lent by :meth:`take` and given back by :meth:`give` once
-    nothing reads it any more; a given-back buffer serves the next request of the same number of elements, in
-    any shape. Tensors that were not lent here are ignored by :meth:`give`.
+    cost about a fifth of the pass in page faults. A buffer is lent by :meth:`take` and given back by
+    :meth:`give` once nothing reads it any more; a given-back buffer serves the next request of the same number
+    of elements, in any shape. Tensors that were not lent here are ignored by :meth:`give`.
     """
 
     def __init__(self) -> None:
