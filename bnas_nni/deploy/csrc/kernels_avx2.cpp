@@ -75,7 +75,9 @@ inline void conv_pixel(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
 // and sign flips are loaded once per row instead of once per pixel (as on the AVX-512 path); the input's last
 // group may be partial (masked loads, and its bits beyond C cleared). The same compares as the generic path
 // (x >= t, ordered, so NaN is negative), so the same bits.
-template <int NG>
+// ONE_COMPARE: t_zero and t_pos are the same floats in every channel of the word (the usual case; see the
+// AVX-512 path): every valid lane is non-zero, and one compare per group gives the word.
+template <int NG, bool ONE_COMPARE>
 inline void pack_word_row(const PackArgs& a, int64_t r, int64_t k) {
   const int64_t tail = a.C - 64 * k - 8 * (NG - 1);   // channels in the last group: 1 to 8
   const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -105,7 +107,7 @@ inline void pack_word_row(const PackArgs& a, int64_t r, int64_t k) {
       const __m256 x = _mm256_castsi256_ps(_mm256_xor_si256(raw, fl[g]));
       const uint64_t valid = g < NG - 1 ? 0xffu : last_bits;
       const uint64_t not_neg = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, tz[g], _CMP_GE_OQ)));
-      const uint64_t p = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, tp[g], _CMP_GE_OQ)));
+      const uint64_t p = ONE_COMPARE ? valid : static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x, tp[g], _CMP_GE_OQ)));
       neg |= (~not_neg & valid) << (8 * g);
       pos |= (p & valid) << (8 * g);
     }
@@ -125,17 +127,21 @@ void pack_rows_avx2(const PackArgs& a, int64_t r0, int64_t r1) {
   }
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t k = 0; k < a.Kw; ++k) {
-      const int64_t left = a.C - 64 * k;
+      const int64_t left = a.C - 64 * k, end = left >= 64 ? 64 * k + 64 : a.C;
+      bool one = true;
+      for (int64_t c = 64 * k; c < end && one; ++c) one = __builtin_memcmp(a.t_zero + c, a.t_pos + c, 4) == 0;
+#define BNAS_WORD(n) (one ? pack_word_row<n, true>(a, r, k) : pack_word_row<n, false>(a, r, k))
       switch (left >= 64 ? 8 : (left + 7) / 8) {
-        case 1: pack_word_row<1>(a, r, k); break;
-        case 2: pack_word_row<2>(a, r, k); break;
-        case 3: pack_word_row<3>(a, r, k); break;
-        case 4: pack_word_row<4>(a, r, k); break;
-        case 5: pack_word_row<5>(a, r, k); break;
-        case 6: pack_word_row<6>(a, r, k); break;
-        case 7: pack_word_row<7>(a, r, k); break;
-        default: pack_word_row<8>(a, r, k); break;
+        case 1: BNAS_WORD(1); break;
+        case 2: BNAS_WORD(2); break;
+        case 3: BNAS_WORD(3); break;
+        case 4: BNAS_WORD(4); break;
+        case 5: BNAS_WORD(5); break;
+        case 6: BNAS_WORD(6); break;
+        case 7: BNAS_WORD(7); break;
+        default: BNAS_WORD(8); break;
       }
+#undef BNAS_WORD
     }
   }
 }

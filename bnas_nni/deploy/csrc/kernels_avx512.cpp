@@ -84,7 +84,21 @@ inline void conv_row_chunk(const ConvArgs& a, const uint64_t* act_n, int64_t oh,
 // (those loads were most of the per-pixel cost), only the input's last group can be partial (masked), and each
 // word joins its four groups' compare masks in mask registers. The same compares as the generic path, so the
 // same bits.
-template <int NG>
+// whether t_zero and t_pos hold the same floats (bit for bit) for channels [c0, c1)
+inline bool same_thresholds(const PackArgs& a, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; c += 16) {
+    const int64_t left = c1 - c;
+    const __mmask16 valid = static_cast<__mmask16>(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+    if (_mm512_mask_cmpneq_epi32_mask(valid, _mm512_maskz_loadu_epi32(valid, a.t_zero + c),
+                                      _mm512_maskz_loadu_epi32(valid, a.t_pos + c)))
+      return false;
+  }
+  return true;
+}
+
+// ONE_COMPARE: every lane of the span has the same float for both thresholds (no input maps to exactly 0, the
+// usual case): x >= t_pos is then x >= t_zero, every valid lane is non-zero, and one compare gives the word.
+template <int NG, bool ONE_COMPARE>
 inline void pack_span(const PackArgs& a, int64_t r, int64_t g0) {
   constexpr int NW = (NG + 3) / 4;
   const int64_t tail = a.C - 16 * (g0 + NG - 1);   // channels in the span's last group (it may end the input)
@@ -109,11 +123,11 @@ inline void pack_span(const PackArgs& a, int64_t r, int64_t g0) {
         if (g < NG - 1) {
           const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_loadu_si512(src + 16 * g), fl[g]));
           neg[j] = _mm512_cmp_ps_mask(x, tz[g], _CMP_NGE_UQ);
-          pos[j] = _mm512_cmp_ps_mask(x, tp[g], _CMP_GE_OQ);
+          pos[j] = ONE_COMPARE ? static_cast<__mmask16>(0xFFFFu) : _mm512_cmp_ps_mask(x, tp[g], _CMP_GE_OQ);
         } else {
           const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_maskz_loadu_epi32(last, src + 16 * g), fl[g]));
           neg[j] = _mm512_mask_cmp_ps_mask(last, x, tz[g], _CMP_NGE_UQ);
-          pos[j] = _mm512_mask_cmp_ps_mask(last, x, tp[g], _CMP_GE_OQ);
+          pos[j] = ONE_COMPARE ? last : _mm512_mask_cmp_ps_mask(last, x, tp[g], _CMP_GE_OQ);
         }
       }
       const __mmask64 n64 = _mm512_kunpackd(_mm512_kunpackw(neg[3], neg[2]), _mm512_kunpackw(neg[1], neg[0]));
@@ -136,16 +150,20 @@ void pack_rows_avx512(const PackArgs& a, int64_t r0, int64_t r1) {
   const int64_t groups = (a.C + 15) / 16;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t g0 = 0; g0 < groups; g0 += 8) {
-      switch (groups - g0 < 8 ? groups - g0 : 8) {
-        case 1: pack_span<1>(a, r, g0); break;
-        case 2: pack_span<2>(a, r, g0); break;
-        case 3: pack_span<3>(a, r, g0); break;
-        case 4: pack_span<4>(a, r, g0); break;
-        case 5: pack_span<5>(a, r, g0); break;
-        case 6: pack_span<6>(a, r, g0); break;
-        case 7: pack_span<7>(a, r, g0); break;
-        default: pack_span<8>(a, r, g0); break;
+      const int n = static_cast<int>(groups - g0 < 8 ? groups - g0 : 8);
+      const bool one = same_thresholds(a, 16 * g0, 16 * (g0 + n) < a.C ? 16 * (g0 + n) : a.C);
+#define BNAS_SPAN(k) (one ? pack_span<k, true>(a, r, g0) : pack_span<k, false>(a, r, g0))
+      switch (n) {
+        case 1: BNAS_SPAN(1); break;
+        case 2: BNAS_SPAN(2); break;
+        case 3: BNAS_SPAN(3); break;
+        case 4: BNAS_SPAN(4); break;
+        case 5: BNAS_SPAN(5); break;
+        case 6: BNAS_SPAN(6); break;
+        case 7: BNAS_SPAN(7); break;
+        default: BNAS_SPAN(8); break;
       }
+#undef BNAS_SPAN
     }
   }
 }
