@@ -79,11 +79,6 @@ inline void conv_row_chunk(const ConvArgs& a, const uint64_t* act_n, int64_t oh,
   }
 }
 
-// Packing of channel-contiguous input, one row at a time in spans of up to 8 16-channel groups (two 64-channel
-// words): a span's thresholds and sign flips are loaded into registers once per row instead of once per pixel
-// (those loads were most of the per-pixel cost), only the input's last group can be partial (masked), and each
-// word joins its four groups' compare masks in mask registers. The same compares as the generic path, so the
-// same bits.
 // whether t_zero and t_pos hold the same floats (bit for bit) for channels [c0, c1)
 inline bool same_thresholds(const PackArgs& a, int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; c += 16) {
@@ -96,6 +91,11 @@ inline bool same_thresholds(const PackArgs& a, int64_t c0, int64_t c1) {
   return true;
 }
 
+// Packing of channel-contiguous input, one row at a time in spans of up to 8 16-channel groups (two 64-channel
+// words): a span's thresholds and sign flips are loaded into registers once per row instead of once per pixel
+// (those loads were most of the per-pixel cost), only the input's last group can be partial (masked), and each
+// word joins its four groups' compare masks in mask registers. The same compares as the generic path, so the
+// same bits.
 // ONE_COMPARE: every lane of the span has the same float for both thresholds (no input maps to exactly 0, the
 // usual case): x >= t_pos is then x >= t_zero, every valid lane is non-zero, and one compare gives the word.
 template <int NG, bool ONE_COMPARE>
