@@ -243,10 +243,10 @@ def test_forward_passes_reuse_their_buffers_and_keep_the_bits(monkeypatch, chain
         assert torch.equal(net(x).view(torch.int32), want[len(x)])
     ws = net._workspace
     assert not ws.lent and ws.free
-    pool = sorted(t.data_ptr() for stack in ws.free.values() for t in stack)
+    pool = sorted(t.data_ptr() for t in ws.free)
     net(xa)
     net(xb)
-    assert sorted(t.data_ptr() for stack in ws.free.values() for t in stack) == pool
+    assert sorted(t.data_ptr() for t in ws.free) == pool
 
     got, errors = {}, []
 
@@ -267,3 +267,20 @@ def test_forward_passes_reuse_their_buffers_and_keep_the_bits(monkeypatch, chain
     net.release_buffers()
     assert not ws.free
     assert torch.equal(net(xb).view(torch.int32), want[2])
+
+
+def test_workspace_keeps_what_recent_passes_need_not_every_size_it_saw():
+    """Passes at ever new batch sizes do not pile up buffers: after batches 1, 2, ..., 12 the workspace holds what
+    the last two passes used, under 3 times what repeated batch-12 passes keep (keeping every size it saw would
+    hold about 6.5 times as much)."""
+    model, net, g = _small_bnas_a(3)
+    x = torch.randn(12, 3, 16, 16, generator=g)
+    net(x)
+    net(x)
+    one_pass = net._workspace.retained()
+    _, growing, _ = _small_bnas_a(3)
+    for batch in range(1, 13):
+        growing(x[:batch])
+    assert 0 < one_pass and growing._workspace.retained() <= 3 * one_pass
+    assert torch.equal(growing(x).view(torch.int32), net(x).view(torch.int32))
+

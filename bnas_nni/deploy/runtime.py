@@ -74,36 +74,61 @@ class _Workspace(threading.local):
     Why: a fresh tensor of a few MB comes from fresh pages, and the kernel maps each 4 KiB page on its first
     write (about a microsecond each): BNAS-A at batch 32 asks for ~100 MB of intermediate maps per pass, which
     cost about a fifth of the pass in page faults. A buffer is lent by :meth:`take` and given back by
-    :meth:`give` once nothing reads it any more; a given-back buffer serves the next request of the same number
-    of elements, in any shape. Tensors that were not lent here are ignored by :meth:`give`.
+    :meth:`give` once nothing reads it any more. A request gets the smallest free buffer that holds it (its
+    first elements, in any shape), so a pass at a smaller batch reuses a larger pass's buffers; :meth:`end`
+    keeps only the buffers that this pass or the one before used, so that passes of ever new sizes do not pile
+    up buffers while two alternating sizes keep theirs. Tensors that were not lent here are ignored by
+    :meth:`give`.
     """
 
     def __init__(self) -> None:
-        self.free: Dict[int, List[torch.Tensor]] = {}
+        self.free: List[torch.Tensor] = []
         self.lent: Dict[int, torch.Tensor] = {}   # data_ptr -> the flat buffer
+        self.last_used: Dict[int, int] = {}      # data_ptr -> the pass that last lent it
+        self.passes = 0
+
+    def begin(self) -> None:
+        """A new pass: anything a failed pass left lent is dropped, not reused."""
+        self.lent.clear()
+        self.passes += 1
 
     def take(self, shape: Tuple[int, ...], memory_format: torch.memory_format = torch.contiguous_format
              ) -> torch.Tensor:
         numel = 1
         for d in shape:
             numel *= int(d)
-        stack = self.free.get(numel)
-        flat = stack.pop() if stack else torch.empty(numel)
+        best = -1
+        for i, t in enumerate(self.free):
+            if t.numel() >= numel and (best < 0 or t.numel() < self.free[best].numel()):
+                best = i
+        flat = self.free.pop(best) if best >= 0 else torch.empty(numel)
         self.lent[flat.data_ptr()] = flat
+        self.last_used[flat.data_ptr()] = self.passes
+        head = flat[:numel]
         if memory_format == CL and len(shape) == 4:
             N, C, H, W = shape
-            return flat.view(N, H, W, C).permute(0, 3, 1, 2)
-        return flat.view(shape)
+            return head.view(N, H, W, C).permute(0, 3, 1, 2)
+        return head.view(shape)
 
     def give(self, *tensors: Optional[torch.Tensor]) -> None:
         for t in tensors:
             flat = None if t is None else self.lent.pop(t.data_ptr(), None)
             if flat is not None:
-                self.free.setdefault(flat.numel(), []).append(flat)
+                self.free.append(flat)
+
+    def end(self) -> None:
+        """The pass is over: free buffers that neither it nor the pass before used are released."""
+        self.free = [t for t in self.free if self.last_used.get(t.data_ptr(), 0) >= self.passes - 1]
+        self.last_used = {t.data_ptr(): self.last_used[t.data_ptr()] for t in self.free}
+
+    def retained(self) -> int:
+        """Elements held in free buffers."""
+        return sum(t.numel() for t in self.free)
 
     def clear(self) -> None:
-        self.free.clear()
+        self.free = []
         self.lent.clear()
+        self.last_used = {}
 
 
 def _relayout(x: torch.Tensor, memory_format: torch.memory_format, isa: int,
@@ -578,12 +603,13 @@ class PackedNetwork(nn.Module):
             raise ConfigError('the packed engine runs on the CPU; move the images there first (x.cpu())')
         x = x.float()
         isa, timer, workspace = self._isa_id, self._timer, self._workspace
-        workspace.lent.clear()   # anything a failed pass left lent is dropped, not reused
+        workspace.begin()
         try:
             s0, s1 = timer.run('stem', 'float stem', self._stem, x.contiguous(), isa, workspace)
             s0, s1 = self._cells(s0, s1, isa, timer, workspace)
             logits = timer.run('head', 'float head', self._head, s1, isa, workspace)
             workspace.give(s0, s1)
+            workspace.end()
             return logits
         except RuntimeError as exc:   # an argument check of a kernel or a torch op (e.g. images too small)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
