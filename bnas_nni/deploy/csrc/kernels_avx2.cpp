@@ -75,8 +75,7 @@ inline void conv_pixel(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
 // and sign flips are loaded once per row instead of once per pixel (as on the AVX-512 path); the input's last
 // group may be partial (masked loads, and its bits beyond C cleared). The same compares as the generic path
 // (x >= t, ordered, so NaN is negative), so the same bits.
-// ONE_COMPARE: t_zero and t_pos are the same floats in every channel of the word (the usual case; see the
-// AVX-512 path): every valid lane is non-zero, and one compare per group gives the word.
+// ONE_COMPARE: the word's two thresholds coincide (see one_compare_spans), so one compare per group gives it.
 template <int NG, bool ONE_COMPARE>
 inline void pack_word_row(const PackArgs& a, int64_t r, int64_t k) {
   const int64_t tail = a.C - 64 * k - 8 * (NG - 1);   // channels in the last group: 1 to 8
@@ -125,25 +124,16 @@ void pack_rows_avx2(const PackArgs& a, int64_t r0, int64_t r1) {
     pack_rows_generic(a, r0, r1);
     return;
   }
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t k = 0; k < a.Kw; ++k) {
-      const int64_t left = a.C - 64 * k, end = left >= 64 ? 64 * k + 64 : a.C;
-      bool one = true;
-      for (int64_t c = 64 * k; c < end && one; ++c) one = __builtin_memcmp(a.t_zero + c, a.t_pos + c, 4) == 0;
-#define BNAS_WORD(n) (one ? pack_word_row<n, true>(a, r, k) : pack_word_row<n, false>(a, r, k))
-      switch (left >= 64 ? 8 : (left + 7) / 8) {
-        case 1: BNAS_WORD(1); break;
-        case 2: BNAS_WORD(2); break;
-        case 3: BNAS_WORD(3); break;
-        case 4: BNAS_WORD(4); break;
-        case 5: BNAS_WORD(5); break;
-        case 6: BNAS_WORD(6); break;
-        case 7: BNAS_WORD(7); break;
-        default: BNAS_WORD(8); break;
-      }
-#undef BNAS_WORD
-    }
-  }
+  const uint64_t one = one_compare_spans(a, 64);   // spans of one word
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t k = 0; k < a.Kw; ++k)
+      with_group_count((a.C - 64 * k + 7) / 8, [&](auto count) {
+        constexpr int NG = decltype(count)::value;
+        if (has_one_compare(one, k))
+          pack_word_row<NG, true>(a, r, k);
+        else
+          pack_word_row<NG, false>(a, r, k);
+      });
 }
 
 void conv_rows_avx2(const ConvArgs& a, int64_t r0, int64_t r1) {

@@ -79,25 +79,12 @@ inline void conv_row_chunk(const ConvArgs& a, const uint64_t* act_n, int64_t oh,
   }
 }
 
-// whether t_zero and t_pos hold the same floats (bit for bit) for channels [c0, c1)
-inline bool same_thresholds(const PackArgs& a, int64_t c0, int64_t c1) {
-  for (int64_t c = c0; c < c1; c += 16) {
-    const int64_t left = c1 - c;
-    const __mmask16 valid = static_cast<__mmask16>(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
-    if (_mm512_mask_cmpneq_epi32_mask(valid, _mm512_maskz_loadu_epi32(valid, a.t_zero + c),
-                                      _mm512_maskz_loadu_epi32(valid, a.t_pos + c)))
-      return false;
-  }
-  return true;
-}
-
 // Packing of channel-contiguous input, one row at a time in spans of up to 8 16-channel groups (two 64-channel
 // words): a span's thresholds and sign flips are loaded into registers once per row instead of once per pixel
 // (those loads were most of the per-pixel cost), only the input's last group can be partial (masked), and each
 // word joins its four groups' compare masks in mask registers. The same compares as the generic path, so the
 // same bits.
-// ONE_COMPARE: every lane of the span has the same float for both thresholds (no input maps to exactly 0, the
-// usual case): x >= t_pos is then x >= t_zero, every valid lane is non-zero, and one compare gives the word.
+// ONE_COMPARE: the span's two thresholds coincide (see one_compare_spans), so one compare gives each word.
 template <int NG, bool ONE_COMPARE>
 inline void pack_span(const PackArgs& a, int64_t r, int64_t g0) {
   constexpr int NW = (NG + 3) / 4;
@@ -148,24 +135,16 @@ void pack_rows_avx512(const PackArgs& a, int64_t r0, int64_t r1) {
     return;
   }
   const int64_t groups = (a.C + 15) / 16;
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t g0 = 0; g0 < groups; g0 += 8) {
-      const int n = static_cast<int>(groups - g0 < 8 ? groups - g0 : 8);
-      const bool one = same_thresholds(a, 16 * g0, 16 * (g0 + n) < a.C ? 16 * (g0 + n) : a.C);
-#define BNAS_SPAN(k) (one ? pack_span<k, true>(a, r, g0) : pack_span<k, false>(a, r, g0))
-      switch (n) {
-        case 1: BNAS_SPAN(1); break;
-        case 2: BNAS_SPAN(2); break;
-        case 3: BNAS_SPAN(3); break;
-        case 4: BNAS_SPAN(4); break;
-        case 5: BNAS_SPAN(5); break;
-        case 6: BNAS_SPAN(6); break;
-        case 7: BNAS_SPAN(7); break;
-        default: BNAS_SPAN(8); break;
-      }
-#undef BNAS_SPAN
-    }
-  }
+  const uint64_t one = one_compare_spans(a, 128);   // spans of 8 groups
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g0 = 0; g0 < groups; g0 += 8)
+      with_group_count(groups - g0, [&](auto count) {
+        constexpr int NG = decltype(count)::value;
+        if (has_one_compare(one, g0 / 8))
+          pack_span<NG, true>(a, r, g0);
+        else
+          pack_span<NG, false>(a, r, g0);
+      });
 }
 
 void conv_rows_avx512(const ConvArgs& a, int64_t r0, int64_t r1) {
