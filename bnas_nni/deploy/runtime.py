@@ -313,12 +313,9 @@ class _Unit:
         xn = _relayout(x, torch.contiguous_format, isa, workspace)
         if self.sign:
             h = threshold_signs(xn, self.thresholds, self.negate)
-        elif workspace is None:
+        else:   # the kernel F.batch_norm runs in eval mode (the same bits), into a buffer lent when it can be
             b = self.bn
-            h = F.batch_norm(xn, b['mean'], b['var'], b['weight'], b['bias'], False, 0.0, self.eps)
-        else:   # the same kernel as F.batch_norm in eval mode (the same bits), into a lent buffer
-            b = self.bn
-            h = workspace.take(tuple(xn.shape))
+            h = torch.empty_like(xn) if workspace is None else workspace.take(tuple(xn.shape))
             torch.ops.aten.native_batch_norm.out(xn, b['weight'], b['bias'], b['mean'], b['var'], False, 0.0,
                                                  self.eps, out=h, save_mean=_EMPTY, save_invstd=_EMPTY)
         y = F.conv2d(h, self.weight, self.bias, self.stride, self.padding, self.dilation)
