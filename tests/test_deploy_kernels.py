@@ -111,20 +111,34 @@ GEOMETRIES = [  # C_in, C_out, kernel, stride, padding, dilation, H, W
     (100, 13, 3, 1, 2, 2, 5, 6),     # bin_dil_conv_3x3
     (130, 70, 5, 2, 2, 1, 7, 9),     # bin_conv_5x5 stride 2, 3 words
     (8, 4, 3, 1, 1, 1, 1, 1),        # a single pixel: only the centre tap sees data
+    (36, 36, 3, 1, 1, 1, 11, 13),    # border columns, then interior blocks of 4 and a remainder
+    (36, 36, 3, 1, 2, 2, 9, 10),     # bin_dil_conv_3x3 at BNAS-A width: two-word columns 2 pixels apart
+    (16, 8, 3, 1, 1, 1, 6, 9),       # one-word columns
+    (72, 40, 3, 2, 1, 1, 10, 11),    # stride 2 over column-packed input
+    (150, 24, 1, 1, 0, 1, 3, 9),     # 1x1: every window inside
 ]
 
 
+@pytest.mark.parametrize('dense', [False, True], ids=['zeros', 'dense'])
 @pytest.mark.parametrize('geometry', GEOMETRIES, ids=lambda g: 'x'.join(map(str, g)))
-def test_binary_conv_equals_float_bn_sign_conv_relu(ext, geometry):
+def test_binary_conv_equals_float_bn_sign_conv_relu(ext, geometry, dense):
+    """zeros: BN channels where inputs map to exactly 0 (masked steps everywhere); dense: none, so the
+    AVX-512 path skips the masks inside the image (kernels.h, dense windows) and the others do not."""
     C_in, C_out, k, s, p, d, H, W = geometry
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
     m = BNConvReLU(C_in, C_out, k, s, p, d).eval()
-    random_bn_(m.bn, g)
+    if dense:
+        with torch.no_grad():
+            m.bn.running_mean.copy_(torch.randn(C_in, generator=g) * 0.5)
+            m.bn.weight.copy_(torch.randn(C_in, generator=g))
+    else:
+        random_bn_(m.bn, g)
     x = inputs_with_zeros((3, C_in, H, W), g)
     with torch.no_grad():
         ref = m(x)
     args = engine_args(m)
+    assert torch.equal(args[0], args[1]) == dense               # the thresholds coincide exactly when dense
     outs = []
     for isa in ISAS:
         for layout in (torch.channels_last, torch.contiguous_format):   # strided input layouts

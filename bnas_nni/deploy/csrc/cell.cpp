@@ -41,6 +41,7 @@ struct Unit {
   bool relu;
   bool columns = false;             // column-packed (kernels.h): KH x 1 columns of column_words words
   std::vector<uint64_t> wcols;      // the weights in that layout
+  bool dense = false;               // dense windows apply (dense_unit, kernels.h)
   // the react epilogue (set_epilogue): shortcut, then (y - gamma) -> prelu(slope) -> + zeta, else ReLU
   int64_t shortcut = kNoShortcut;
   bool prelu = false;
@@ -284,6 +285,8 @@ class CellProgram {
                   "cell program: flip must be contiguous int32");
       TORCH_CHECK(v.alpha.scalar_type() == torch::kFloat32 && v.alpha.is_contiguous() && v.alpha.numel() >= Opad,
                   "cell program: alpha must be contiguous float32 covering the padded filters");
+      v.dense = dense_unit(v.t_zero.data_ptr<float>(), v.t_pos.data_ptr<float>(), v.in_ch,
+                           reinterpret_cast<const uint64_t*>(v.words.data_ptr<int64_t>()), v.kh * v.kw, Opad);
       v.columns = columns_pay(v.in_ch, v.kw);
       if (v.columns) {
         v.wcols.resize(v.kh * column_words(v.in_ch, v.kw) * Opad);
@@ -448,13 +451,14 @@ class CellProgram {
     void (*conv)(const ConvArgs&, int64_t, int64_t);
     void (*pool)(const PoolArgs&, int64_t, int64_t);
     void (*epilogue)(const EpilogueRow&, bool, bool, bool);
+    void (*columns)(const uint64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint64_t*, int64_t, int64_t);
   };
 
   static Paths paths_for(int64_t isa) {
     TORCH_CHECK(cpu_supports_isa(isa), "this CPU does not support the requested instruction set (id ", isa, ")");
-    if (isa == 2) return {pack_rows_avx512, conv_rows_avx512, pool_rows_avx512, epilogue_row_avx512};
-    if (isa == 1) return {pack_rows_avx2, conv_rows_avx2, pool_rows_avx2, epilogue_row_avx2};
-    return {pack_rows_portable, conv_rows_portable, pool_rows_portable, epilogue_row_portable};
+    if (isa == 2) return {pack_rows_avx512, conv_rows_avx512, pool_rows_avx512, epilogue_row_avx512, column_rows_avx512};
+    if (isa == 1) return {pack_rows_avx2, conv_rows_avx2, pool_rows_avx2, epilogue_row_avx2, column_rows};
+    return {pack_rows_portable, conv_rows_portable, pool_rows_portable, epilogue_row_portable, column_rows};
   }
 
   static void grow(Workspace& ws, const Plan& g) {
@@ -542,9 +546,10 @@ class CellProgram {
                  u.alpha.data_ptr<float>(), u.out_ch, u.words.size(1), u.kh, u.kw, u.stride, u.dil,
                  epi ? ws.ybuf.data() : y.data, y.H, y.W, 0, epi ? y.W * u.out_ch : y.row, epi ? u.out_ch : y.px,
                  (u.relu && !epi) ? 1 : 0, (accumulate && !epi) ? 1 : 0};
+      set_dense_windows(c, u.dense, u.in_ch, x.H, x.W, u.kh, u.kw, u.stride, u.pad, u.dil);
       if (u.columns) {
         const auto [lo, hi] = t.share(Hp);
-        column_rows(ws.planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, ws.cols.data(), lo, hi);
+        paths.columns(ws.planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, ws.cols.data(), lo, hi);
         t.sync();
         c.act = ws.cols.data();
         c.Wp = y.W;

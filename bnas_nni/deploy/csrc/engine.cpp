@@ -105,6 +105,35 @@ int64_t column_words(int64_t C, int64_t KW) { return (KW * C + 63) / 64; }
 
 bool columns_pay(int64_t C, int64_t KW) { return KW > 1 && column_words(C, KW) < KW * ((C + 63) / 64); }
 
+void set_dense_windows(ConvArgs& c, bool dense, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW,
+                       int64_t stride, int64_t padding, int64_t dilation) {
+  c.dense_nnz = 0;
+  c.dense_oh0 = c.dense_oh1 = c.dense_ow0 = c.dense_ow1 = 0;
+  if (!dense) return;
+  // output o reads input rows o * stride - padding + k * dilation, k < K: all inside [0, n) from the first o
+  // with o * stride >= padding up to the last with o * stride - padding + (K - 1) * dilation <= n - 1
+  auto inside = [&](int64_t n, int64_t K, int64_t out, int64_t& lo, int64_t& hi) {
+    lo = (padding + stride - 1) / stride;
+    const int64_t last = n - 1 + padding - (K - 1) * dilation;
+    hi = last < 0 ? 0 : std::min<int64_t>(out, last / stride + 1);
+    if (hi < lo) lo = hi = 0;
+  };
+  inside(H, KH, c.OH, c.dense_oh0, c.dense_oh1);
+  inside(W, KW, c.OW, c.dense_ow0, c.dense_ow1);
+  c.dense_nnz = KH * KW * C;
+}
+
+bool dense_unit(const float* t_zero, const float* t_pos, int64_t C, const uint64_t* w, int64_t taps, int64_t Opad) {
+  if (std::memcmp(t_zero, t_pos, sizeof(float) * C) != 0) return false;
+  const int64_t Kw = (C + 63) / 64, tail = C - 64 * (Kw - 1);
+  if (tail == 64) return true;
+  const uint64_t beyond = ~((uint64_t(1) << tail) - 1);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t o = 0; o < Opad; ++o)
+      if (w[(t * Kw + Kw - 1) * Opad + o] & beyond) return false;
+  return true;
+}
+
 namespace {
 // dst bits [off, off + nbits) |= v (v has no bits at or above nbits); dst words `step` apart
 inline void or_bits(uint64_t* dst, int64_t step, uint64_t v, int64_t off, int64_t nbits) {
@@ -130,12 +159,17 @@ void column_weights(const uint64_t* w, int64_t KH, int64_t KW, int64_t C, int64_
 
 void column_rows(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int64_t stride, int64_t dil, int64_t OW,
                  uint64_t* out, int64_t r0, int64_t r1) {
+  column_rows_tail(planes, Wp, C, KW, stride, dil, OW, 0, out, r0, r1);
+}
+
+void column_rows_tail(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int64_t stride, int64_t dil,
+                      int64_t OW, int64_t ow0, uint64_t* out, int64_t r0, int64_t r1) {
   const int64_t Kw = (C + 63) / 64, Kc = column_words(C, KW);
   if (Kw == 1 && Kc <= 2) {   // the common case (C <= 42 for 3 taps): a column is built in 128-bit registers
     for (int64_t r = r0; r < r1; ++r) {
       const uint64_t* row = planes + r * Wp * 2;
-      uint64_t* dst = out + r * OW * Kc * 2;
-      for (int64_t ow = 0; ow < OW; ++ow, dst += Kc * 2) {
+      uint64_t* dst = out + (r * OW + ow0) * Kc * 2;
+      for (int64_t ow = ow0; ow < OW; ++ow, dst += Kc * 2) {
         unsigned __int128 s = 0, m = 0;
         for (int64_t kw = 0; kw < KW; ++kw) {
           const uint64_t* px = row + (ow * stride + kw * dil) * 2;
@@ -155,8 +189,8 @@ void column_rows(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int6
   for (int64_t r = r0; r < r1; ++r) {
     const uint64_t* row = planes + r * Wp * Kw * 2;
     uint64_t* dst_row = out + r * OW * Kc * 2;
-    std::memset(dst_row, 0, sizeof(uint64_t) * OW * Kc * 2);
-    for (int64_t ow = 0; ow < OW; ++ow) {
+    std::memset(dst_row + ow0 * Kc * 2, 0, sizeof(uint64_t) * (OW - ow0) * Kc * 2);
+    for (int64_t ow = ow0; ow < OW; ++ow) {
       uint64_t* dst = dst_row + ow * Kc * 2;
       for (int64_t kw = 0; kw < KW; ++kw) {
         const uint64_t* px = row + (ow * stride + kw * dil) * Kw * 2;
@@ -216,6 +250,9 @@ void binary_conv(const torch::Tensor& x, const torch::Tensor& t_zero, const torc
   ConvArgs ca{nullptr, 1, Hp, Wp, Kw, reinterpret_cast<const uint64_t*>(weight.data_ptr<int64_t>()),
               alpha.data_ptr<float>(), O, Opad, kernel_h, kernel_w, stride, dilation, out.data_ptr<float>(), OH, OW,
               out.stride(0), out.stride(2), out.stride(3), relu ? 1 : 0, accumulate ? 1 : 0};
+  set_dense_windows(ca, dense_unit(t_zero.data_ptr<float>(), t_pos.data_ptr<float>(), C, ca.w,
+                                   kernel_h * kernel_w, Opad),
+                    C, H, W, kernel_h, kernel_w, stride, padding, dilation);
   auto pack_fn = isa == kAvx512 ? pack_rows_avx512 : isa == kAvx2 ? pack_rows_avx2 : pack_rows_portable;
   auto conv_fn = isa == kAvx512 ? conv_rows_avx512 : isa == kAvx2 ? conv_rows_avx2 : conv_rows_portable;
   // column packing where it saves words (kernels.h): the conv then reads KH x 1 columns
@@ -241,7 +278,8 @@ void binary_conv(const torch::Tensor& x, const torch::Tensor& t_zero, const torc
     c.out = ca.out + n * ca.oN;
     if (columns) {
       if (cols.size() < static_cast<size_t>(Hp * col_words)) cols.resize(Hp * col_words);
-      column_rows(buffer.data(), Wp, C, kernel_w, stride, dilation, OW, cols.data(), pr0, pr1);
+      (isa == kAvx512 ? column_rows_avx512 : column_rows)(buffer.data(), Wp, C, kernel_w, stride, dilation, OW,
+                                                         cols.data(), pr0, pr1);
       c.act = cols.data();
       c.Wp = OW;
       c.Kw = Kc;

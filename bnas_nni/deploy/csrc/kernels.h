@@ -45,8 +45,24 @@ struct ConvArgs {
   int accumulate;            // out += result instead of out = result
   int64_t wstride = 0;       // stride between the input pixels of adjacent output columns; 0: `stride`
                              // (column-packed input, see column_rows below, steps by 1)
+  // Dense windows (set_dense_windows): output pixels in rows [dense_oh0, dense_oh1) x columns [dense_ow0,
+  // dense_ow1) read no padding, and every input channel's non-zero bit is set (no input maps to 0), so there
+  // m has every channel's bit, (s ^ w) & m is s ^ w (neither has bits beyond C), and the window count is
+  // dense_nnz: a path may skip the masks there. dense_nnz 0: no such windows.
+  int64_t dense_nnz = 0;
+  int64_t dense_oh0 = 0, dense_oh1 = 0, dense_ow0 = 0, dense_ow1 = 0;
   int64_t col_stride() const { return wstride ? wstride : stride; }
 };
+
+// Sets the dense windows of `c` for a KH x KW conv over an H x W input of C channels (padding, stride,
+// dilation as given), when `dense` (the unit's thresholds coincide for every channel, see one_compare_spans,
+// and its weights have no bits beyond C); else none. Call with the conv's own geometry, before any column
+// packing rewrites KW.
+void set_dense_windows(ConvArgs& c, bool dense, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW,
+                       int64_t stride, int64_t padding, int64_t dilation);
+// The unit-level condition of dense windows: t_zero and t_pos the same floats for all C channels, and the
+// packed weights [taps * Kw][Opad] with no bits beyond C.
+bool dense_unit(const float* t_zero, const float* t_pos, int64_t C, const uint64_t* w, int64_t taps, int64_t Opad);
 
 struct PoolArgs {
   const float* x;            // input, channel stride 1
@@ -84,6 +100,12 @@ void column_weights(const uint64_t* w, int64_t KH, int64_t KW, int64_t C, int64_
 // padded planes [Hp][Wp][Kw][2] of one image, rows [r0, r1) -> columns [Hp][OW][column_words][2]
 void column_rows(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int64_t stride, int64_t dil, int64_t OW,
                  uint64_t* out, int64_t r0, int64_t r1);
+// the same for output columns [ow0, OW) only (the vector path's last columns)
+void column_rows_tail(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int64_t stride, int64_t dil,
+                      int64_t OW, int64_t ow0, uint64_t* out, int64_t r0, int64_t r1);
+// the AVX-512 path of column_rows (the same bits)
+void column_rows_avx512(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int64_t stride, int64_t dil,
+                        int64_t OW, uint64_t* out, int64_t r0, int64_t r1);
 
 // int8 path of the full-precision convs (the `int8` fp-parts option; changes bits, off by default): the
 // input BN(x) of one image quantized symmetrically with one scale per image, stored +128 as bytes in a

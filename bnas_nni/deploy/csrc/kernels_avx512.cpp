@@ -17,12 +17,15 @@ using bnas_deploy::PackArgs;
 // PB output pixels x OB vectors of 8 filters. Each pixel's window count of non-zero activations (nnz) is summed
 // here too, by scalar POPCNTs of the mask words the vector steps broadcast: they run on the integer units,
 // beside the vector work, instead of a separate pass over the window.
-template <int OB, int PB>
+// DENSE: the pixels' windows are dense (kernels.h, ConvArgs::dense_nnz): the count is known and a step is
+// popcount(s ^ w), a non-destructive XOR where (s ^ w) & m needs a register copy (VPTERNLOGQ overwrites an
+// operand still in use) and a broadcast of m: about a third fewer instructions per step.
+template <int OB, int PB, bool DENSE>
 inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t ow0, int64_t v0, float* out0) {
   __m512i acc[PB][OB];
   int64_t nnz[PB];
   for (int p = 0; p < PB; ++p) {
-    nnz[p] = 0;
+    nnz[p] = DENSE ? a.dense_nnz : 0;
     for (int b = 0; b < OB; ++b) acc[p][b] = _mm512_setzero_si512();
   }
   const int64_t pix = a.Kw * 2;
@@ -37,6 +40,11 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
         for (int p = 0; p < PB; ++p) {
           const uint64_t* px = px0 + p * a.col_stride() * pix + 2 * k;
           const __m512i s = _mm512_set1_epi64(static_cast<long long>(px[0]));
+          if (DENSE) {
+            for (int b = 0; b < OB; ++b)
+              acc[p][b] = _mm512_add_epi64(acc[p][b], _mm512_popcnt_epi64(_mm512_xor_si512(s, wv[b])));
+            continue;
+          }
           const __m512i m = _mm512_set1_epi64(static_cast<long long>(px[1]));
           nnz[p] += _mm_popcnt_u64(px[1]);
           for (int b = 0; b < OB; ++b)
@@ -45,38 +53,55 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
       }
     }
   }
+  // the epilogue: the call's constants in locals (the float stores below could otherwise alias `a`, and each
+  // field was loaded again for every vector), and a whole-vector store unless this block holds the last filters
   const __m256 zero = _mm256_setzero_ps();
+  const float* alpha = a.alpha;
+  const bool relu = a.relu != 0, accumulate = a.accumulate != 0, whole = (v0 + OB) * 8 <= a.O;
+  const int64_t O = a.O, out_px = a.oW;
   for (int p = 0; p < PB; ++p) {
     const __m512i nz = _mm512_set1_epi64(nnz[p]);
-    float* out = out0 + p * a.oW;
+    float* out = out0 + p * out_px;
     for (int b = 0; b < OB; ++b) {
       const int64_t c = (v0 + b) * 8;
-      const int64_t left = a.O - c;
       const __m512i dot = _mm512_sub_epi64(nz, _mm512_slli_epi64(acc[p][b], 1));
-      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(a.alpha + c), _mm512_cvtepi64_ps(dot));
-      if (a.relu) v = _mm256_max_ps(v, zero);
-      if (left >= 8) {  // plain loads and stores: masked memory operations are slow on some CPUs (AMD Zen 4)
-        if (a.accumulate) v = _mm256_add_ps(_mm256_loadu_ps(out + c), v);
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(alpha + c), _mm512_cvtepi64_ps(dot));
+      if (relu) v = _mm256_max_ps(v, zero);
+      if (whole || O - c >= 8) {  // plain loads and stores: masked memory operations are slow on some CPUs (AMD Zen 4)
+        if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(out + c), v);
         _mm256_storeu_ps(out + c, v);
       } else {
-        const __mmask8 mask = static_cast<__mmask8>((1u << left) - 1u);
-        if (a.accumulate) v = _mm256_add_ps(_mm256_maskz_loadu_ps(mask, out + c), v);
+        const __mmask8 mask = static_cast<__mmask8>((1u << (O - c)) - 1u);
+        if (accumulate) v = _mm256_add_ps(_mm256_maskz_loadu_ps(mask, out + c), v);
         _mm256_mask_storeu_ps(out + c, mask, v);
       }
     }
   }
 }
 
-template <int OB>
-inline void conv_row_chunk(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t v0, float* out_row) {
-  int64_t ow = 0;
-  for (; ow + 4 <= a.OW; ow += 4) conv_block<OB, 4>(a, act_n, oh, ow, v0, out_row + ow * a.oW);
-  switch (a.OW - ow) {
-    case 3: conv_block<OB, 3>(a, act_n, oh, ow, v0, out_row + ow * a.oW); break;
-    case 2: conv_block<OB, 2>(a, act_n, oh, ow, v0, out_row + ow * a.oW); break;
-    case 1: conv_block<OB, 1>(a, act_n, oh, ow, v0, out_row + ow * a.oW); break;
+// output columns [ow, end) of one row in blocks of 4 pixels
+template <int OB, bool DENSE>
+inline void conv_span(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t ow, int64_t end, int64_t v0,
+                      float* out_row) {
+  for (; ow + 4 <= end; ow += 4) conv_block<OB, 4, DENSE>(a, act_n, oh, ow, v0, out_row + ow * a.oW);
+  switch (end - ow) {
+    case 3: conv_block<OB, 3, DENSE>(a, act_n, oh, ow, v0, out_row + ow * a.oW); break;
+    case 2: conv_block<OB, 2, DENSE>(a, act_n, oh, ow, v0, out_row + ow * a.oW); break;
+    case 1: conv_block<OB, 1, DENSE>(a, act_n, oh, ow, v0, out_row + ow * a.oW); break;
     default: break;
   }
+}
+
+// a row's dense windows (ConvArgs::dense_nnz) lie between its border columns: those take the masked steps
+template <int OB>
+inline void conv_row_chunk(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t v0, float* out_row) {
+  if (a.dense_nnz == 0 || oh < a.dense_oh0 || oh >= a.dense_oh1) {
+    conv_span<OB, false>(a, act_n, oh, 0, a.OW, v0, out_row);
+    return;
+  }
+  conv_span<OB, false>(a, act_n, oh, 0, a.dense_ow0, v0, out_row);
+  conv_span<OB, true>(a, act_n, oh, a.dense_ow0, a.dense_ow1, v0, out_row);
+  conv_span<OB, false>(a, act_n, oh, a.dense_ow1, a.OW, v0, out_row);
 }
 
 // Packing of channel-contiguous input, one row at a time in spans of up to 8 16-channel groups (two 64-channel
@@ -145,6 +170,49 @@ void pack_rows_avx512(const PackArgs& a, int64_t r0, int64_t r1) {
         else
           pack_span<NG, false>(a, r, g0);
       });
+}
+
+// column_rows (kernels.h) four output columns at a time where the common case allows (one word per pixel,
+// columns of at most two words, stride 1): tap kw of columns ow..ow+3 is one 512-bit load of the four pixels'
+// {s, m} pairs from ow + kw * dil, shifted to bit kw * C of the column's low and high words (VPSLLVQ/VPSRLVQ
+// give 0 for counts of 64 and more, so taps that miss a word drop out); the pairs are then interleaved into
+// the columns' [s_lo, m_lo, s_hi, m_hi]. The same bits as the scalar loop, which does the other cases and
+// the last columns of a row.
+void column_rows_avx512(const uint64_t* planes, int64_t Wp, int64_t C, int64_t KW, int64_t stride, int64_t dil,
+                        int64_t OW, uint64_t* out, int64_t r0, int64_t r1) {
+  const int64_t Kc = column_words(C, KW);
+  if (C > 64 || Kc > 2 || stride != 1 || KW > kMaxKernel || OW < 4) {
+    column_rows(planes, Wp, C, KW, stride, dil, OW, out, r0, r1);
+    return;
+  }
+  __m512i lo_left[kMaxKernel], hi_right[kMaxKernel], hi_left[kMaxKernel];
+  for (int64_t kw = 0; kw < KW; ++kw) {
+    const int64_t off = kw * C;
+    lo_left[kw] = _mm512_set1_epi64(off);
+    hi_right[kw] = _mm512_set1_epi64(off < 64 ? 64 - off : 64);
+    hi_left[kw] = _mm512_set1_epi64(off >= 64 ? off - 64 : 64);
+  }
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  const int64_t quads = OW / 4 * 4;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint64_t* row = planes + r * Wp * 2;
+    uint64_t* dst = out + r * OW * Kc * 2;
+    for (int64_t ow = 0; ow < quads; ow += 4) {
+      __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const __m512i v = _mm512_loadu_si512(row + (ow + kw * dil) * 2);
+        lo = _mm512_or_si512(lo, _mm512_sllv_epi64(v, lo_left[kw]));
+        hi = _mm512_or_si512(hi, _mm512_or_si512(_mm512_srlv_epi64(v, hi_right[kw]), _mm512_sllv_epi64(v, hi_left[kw])));
+      }
+      if (Kc == 1) {
+        _mm512_storeu_si512(dst + ow * 2, lo);
+      } else {
+        _mm512_storeu_si512(dst + ow * 4, _mm512_permutex2var_epi64(lo, first, hi));
+        _mm512_storeu_si512(dst + ow * 4 + 8, _mm512_permutex2var_epi64(lo, second, hi));
+      }
+    }
+  }
+  if (quads < OW) column_rows_tail(planes, Wp, C, KW, stride, dil, OW, quads, out, r0, r1);
 }
 
 void conv_rows_avx512(const ConvArgs& a, int64_t r0, int64_t r1) {
