@@ -153,6 +153,26 @@ def test_binary_conv_equals_float_bn_sign_conv_relu(ext, geometry, dense):
 
 
 @pytest.mark.parametrize('isa', ISAS)
+def test_weight_bits_beyond_the_channels_change_nothing(ext, isa):
+    """Packed weights from a caller may carry bits past C in their last word: the masked steps ignore them,
+    and they keep a unit off the unmasked (dense) steps, which would count them."""
+    g = torch.Generator().manual_seed(5)
+    m = BNConvReLU(36, 16, 1, 1, 0).eval()      # a 1x1 conv reads the words as given (no column packing)
+    with torch.no_grad():
+        m.bn.running_mean.copy_(torch.randn(36, generator=g))
+    x = torch.randn(2, 36, 7, 9, generator=g)
+    t_zero, t_pos, flip, words, alpha = engine_args(m)
+    assert torch.equal(t_zero, t_pos)
+    stray = words | torch.tensor(-(1 << 36), dtype=torch.int64)    # bits 36..63 of every word set
+    outs = []
+    for w in (words, stray):
+        out = torch.empty(2, 16, 7, 9, memory_format=torch.channels_last)
+        ext.binary_conv(x, t_zero, t_pos, flip, w, alpha, out, 1, 1, 1, 0, 1, True, False, kernels.isa_id(isa))
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and outs[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize('isa', ISAS)
 def test_binary_conv_accumulates_into_a_channel_slice(ext, isa):
     """A cell's op writes into its slice of the concat; the node's second op adds to it; nothing else moves."""
     g = torch.Generator().manual_seed(4)
