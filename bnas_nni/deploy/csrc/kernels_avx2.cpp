@@ -14,7 +14,8 @@ namespace {
 using bnas_deploy::ConvArgs;
 using bnas_deploy::PackArgs;
 
-template <int OB>
+// DENSE: the pixel's window is dense (kernels.h, ConvArgs::dense_nnz): no mask to broadcast and apply.
+template <int OB, bool DENSE>
 inline void conv_pixel(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t ow, int64_t v0, int32_t nnz,
                        float* out) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
@@ -32,10 +33,10 @@ inline void conv_pixel(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
       const uint64_t* px = row + (ow * a.col_stride() + kw * a.dil) * pix;
       for (int64_t k = 0; k < a.Kw; ++k) {
         const __m256i s = _mm256_set1_epi64x(static_cast<long long>(px[2 * k]));
-        const __m256i m = _mm256_set1_epi64x(static_cast<long long>(px[2 * k + 1]));
+        const __m256i m = DENSE ? s : _mm256_set1_epi64x(static_cast<long long>(px[2 * k + 1]));
         for (int b = 0; b < OB; ++b) {
           const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + k * a.Opad + b * 4));
-          const __m256i x = _mm256_and_si256(_mm256_xor_si256(s, wv), m);
+          const __m256i x = DENSE ? _mm256_xor_si256(s, wv) : _mm256_and_si256(_mm256_xor_si256(s, wv), m);
           const __m256i lo = _mm256_and_si256(x, low4);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
           acc8[b] = _mm256_add_epi8(acc8[b], _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi)));
@@ -136,23 +137,36 @@ void pack_rows_avx2(const PackArgs& a, int64_t r0, int64_t r1) {
       });
 }
 
+// one output pixel, every filter
+template <bool DENSE>
+inline void conv_pixel_all(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int64_t ow, int32_t nnz, float* out) {
+  const int64_t nv = a.Opad / 4;
+  int64_t v0 = 0;
+  for (; v0 + 4 <= nv; v0 += 4) conv_pixel<4, DENSE>(a, act_n, oh, ow, v0, nnz, out);
+  switch (nv - v0) {
+    case 3: conv_pixel<3, DENSE>(a, act_n, oh, ow, v0, nnz, out); break;
+    case 2: conv_pixel<2, DENSE>(a, act_n, oh, ow, v0, nnz, out); break;
+    case 1: conv_pixel<1, DENSE>(a, act_n, oh, ow, v0, nnz, out); break;
+    default: break;
+  }
+}
+
 void conv_rows_avx2(const ConvArgs& a, int64_t r0, int64_t r1) {
   int32_t nnz[kMaxRow];
-  const int64_t nv = a.Opad / 4;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / a.OH, oh = r % a.OH;
     const uint64_t* act_n = a.act + n * a.Hp * a.Wp * a.Kw * 2;
-    row_nnz(a, act_n, oh, nnz);
     float* out_row = a.out + n * a.oN + oh * a.oH;
+    // a row's dense windows lie between its border columns (masked, with counted windows)
+    const bool dense_row = a.dense_nnz > 0 && oh >= a.dense_oh0 && oh < a.dense_oh1;
+    const int64_t d0 = dense_row ? a.dense_ow0 : a.OW, d1 = dense_row ? a.dense_ow1 : a.OW;
+    row_nnz(a, act_n, oh, 0, d0, nnz);
+    row_nnz(a, act_n, oh, d1, a.OW, nnz);
     for (int64_t ow = 0; ow < a.OW; ++ow) {
-      int64_t v0 = 0;
-      for (; v0 + 4 <= nv; v0 += 4) conv_pixel<4>(a, act_n, oh, ow, v0, nnz[ow], out_row + ow * a.oW);
-      switch (nv - v0) {
-        case 3: conv_pixel<3>(a, act_n, oh, ow, v0, nnz[ow], out_row + ow * a.oW); break;
-        case 2: conv_pixel<2>(a, act_n, oh, ow, v0, nnz[ow], out_row + ow * a.oW); break;
-        case 1: conv_pixel<1>(a, act_n, oh, ow, v0, nnz[ow], out_row + ow * a.oW); break;
-        default: break;
-      }
+      if (ow >= d0 && ow < d1)
+        conv_pixel_all<true>(a, act_n, oh, ow, static_cast<int32_t>(a.dense_nnz), out_row + ow * a.oW);
+      else
+        conv_pixel_all<false>(a, act_n, oh, ow, nnz[ow], out_row + ow * a.oW);
     }
   }
 }
