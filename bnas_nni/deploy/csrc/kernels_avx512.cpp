@@ -59,9 +59,12 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
   const float* alpha = a.alpha;
   const bool relu = a.relu != 0, accumulate = a.accumulate != 0, whole = (v0 + OB) * 8 <= a.O;
   const int64_t O = a.O, out_px = a.oW;
+  // unrolled, so that the accumulators stay in registers (a loop indexing them puts them on the stack)
+#pragma GCC unroll 8
   for (int p = 0; p < PB; ++p) {
     const __m512i nz = _mm512_set1_epi64(nnz[p]);
     float* out = out0 + p * out_px;
+#pragma GCC unroll 8
     for (int b = 0; b < OB; ++b) {
       const int64_t c = (v0 + b) * 8;
       const __m512i dot = _mm512_sub_epi64(nz, _mm512_slli_epi64(acc[p][b], 1));
