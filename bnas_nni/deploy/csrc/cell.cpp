@@ -524,21 +524,20 @@ class CellProgram {
       }
     };
     // one unit on one image: pack the whole (padded) image, then convolve every output row (a team: each
-    // its share of the rows of every stage, with a barrier wherever a stage reads rows another wrote)
+    // its share of the rows of every stage, with a barrier wherever a stage reads rows another wrote). Zeroing,
+    // packing and column packing share one split of the padded rows (a column row reads its own plane row
+    // only), so they need no barrier between them.
     auto unit_on = [&](const Unit& u, const ConstView& x, const View& y, bool accumulate) {
       const int64_t Kw = (u.in_ch + 63) / 64, Hp = x.H + 2 * u.pad, Wp = x.W + 2 * u.pad;
-      if (u.pad > 0) {   // else all packed
-        const auto [lo, hi] = t.share(Hp);
-        std::memset(ws.planes.data() + lo * Wp * Kw * 2, 0, sizeof(uint64_t) * (hi - lo) * Wp * Kw * 2);
-        t.sync();
-      }
       PackArgs p{x.data, 1, u.in_ch, x.H, x.W, 0, x.sC, x.sH, x.sW, u.t_zero.data_ptr<float>(),
                  u.t_pos.data_ptr<float>(), reinterpret_cast<const uint32_t*>(u.flip.data_ptr<int32_t>()),
                  ws.planes.data(), Kw, Hp, Wp, u.pad};
-      {
-        const auto [lo, hi] = t.share(x.H);
-        paths.pack(p, lo, hi);
-      }
+      const auto [plo, phi] = t.share(Hp);
+      if (u.pad > 0)   // else all packed
+        std::memset(ws.planes.data() + plo * Wp * Kw * 2, 0, sizeof(uint64_t) * (phi - plo) * Wp * Kw * 2);
+      const int64_t h0 = std::max<int64_t>(0, plo - u.pad), h1 = std::min<int64_t>(x.H, phi - u.pad);
+      if (h1 > h0) paths.pack(p, h0, h1);
+      if (u.columns) paths.columns(ws.planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, ws.cols.data(), plo, phi);
       t.sync();
       // with an epilogue: the plain conv output (no ReLU) into ybuf, [y.H][y.W][out_ch]
       const bool epi = u.epilogue();
@@ -548,9 +547,6 @@ class CellProgram {
                  (u.relu && !epi) ? 1 : 0, (accumulate && !epi) ? 1 : 0};
       set_dense_windows(c, u.dense, u.in_ch, x.H, x.W, u.kh, u.kw, u.stride, u.pad, u.dil);
       if (u.columns) {
-        const auto [lo, hi] = t.share(Hp);
-        paths.columns(ws.planes.data(), Wp, u.in_ch, u.kw, u.stride, u.dil, y.W, ws.cols.data(), lo, hi);
-        t.sync();
         c.act = ws.cols.data();
         c.Wp = y.W;
         c.Kw = column_words(u.in_ch, u.kw);
