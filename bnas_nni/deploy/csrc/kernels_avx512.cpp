@@ -55,15 +55,31 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
   }
   // the epilogue: the call's constants in locals (the float stores below could otherwise alias `a`, and each
   // field was loaded again for every vector), and a whole-vector store unless this block holds the last filters.
-  // Two accumulators at a time: their counts fit 32 bits, so one permute gathers the 16 filters' counts into
-  // one vector and the rest (dot, conversion, scale, ReLU, store) runs once per 16 filters, not per 8. The same
-  // integer dot, converted by the same rounding (exact below 2^24), so the same bits.
+  // Two accumulators at a time where counts fit 31 bits (windows of under 2^30 inputs: all but absurd shapes):
+  // one permute gathers the 16 filters' counts into one vector and the rest (dot, conversion, scale, ReLU,
+  // store) runs once per 16 filters, not per 8. The same integer dot, converted by the same rounding (exact
+  // below 2^24), so the same bits.
   const __m256 zero = _mm256_setzero_ps();
   const __m512 zero16 = _mm512_setzero_ps();
   const __m512i low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const float* alpha = a.alpha;
   const bool relu = a.relu != 0, accumulate = a.accumulate != 0, whole = (v0 + OB) * 8 <= a.O;
+  const bool narrow = a.KH * a.KW * a.Kw * 64 < (int64_t(1) << 30);
   const int64_t O = a.O, out_px = a.oW;
+  // 8 filters from one accumulator (64-bit lanes)
+  auto finish8 = [&](const __m512i& count, int64_t nz, int64_t c, float* out) {
+    const __m512i dot = _mm512_sub_epi64(_mm512_set1_epi64(nz), _mm512_slli_epi64(count, 1));
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(alpha + c), _mm512_cvtepi64_ps(dot));
+    if (relu) v = _mm256_max_ps(v, zero);
+    if (whole || O - c >= 8) {  // plain loads and stores: masked memory operations are slow on some CPUs (AMD Zen 4)
+      if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(out + c), v);
+      _mm256_storeu_ps(out + c, v);
+    } else {
+      const __mmask8 mask = static_cast<__mmask8>((1u << (O - c)) - 1u);
+      if (accumulate) v = _mm256_add_ps(_mm256_maskz_loadu_ps(mask, out + c), v);
+      _mm256_mask_storeu_ps(out + c, mask, v);
+    }
+  };
   // unrolled, so that the accumulators stay in registers (a loop indexing them puts them on the stack)
 #pragma GCC unroll 8
   for (int p = 0; p < PB; ++p) {
@@ -72,11 +88,16 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
 #pragma GCC unroll 8
     for (int b = 0; b + 1 < OB; b += 2) {
       const int64_t c = (v0 + b) * 8;
+      if (!narrow) {
+        finish8(acc[p][b], nnz[p], c, out);
+        finish8(acc[p][b + 1], nnz[p], c + 8, out);
+        continue;
+      }
       const __m512i counts = _mm512_permutex2var_epi32(acc[p][b], low_halves, acc[p][b + 1]);
       const __m512i dot = _mm512_sub_epi32(nz16, _mm512_slli_epi32(counts, 1));
       __m512 v = _mm512_mul_ps(_mm512_loadu_ps(alpha + c), _mm512_cvtepi32_ps(dot));
       if (relu) v = _mm512_max_ps(v, zero16);
-      if (whole || O - c >= 16) {  // plain loads and stores: masked memory operations are slow on some CPUs (AMD Zen 4)
+      if (whole || O - c >= 16) {
         if (accumulate) v = _mm512_add_ps(_mm512_loadu_ps(out + c), v);
         _mm512_storeu_ps(out + c, v);
       } else {
@@ -85,21 +106,7 @@ inline void conv_block(const ConvArgs& a, const uint64_t* act_n, int64_t oh, int
         _mm512_mask_storeu_ps(out + c, mask, v);
       }
     }
-    if (OB % 2 == 1) {   // the odd vector: 8 filters
-      const int b = OB - 1;
-      const int64_t c = (v0 + b) * 8;
-      const __m512i dot = _mm512_sub_epi64(_mm512_set1_epi64(nnz[p]), _mm512_slli_epi64(acc[p][b], 1));
-      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(alpha + c), _mm512_cvtepi64_ps(dot));
-      if (relu) v = _mm256_max_ps(v, zero);
-      if (whole || O - c >= 8) {
-        if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(out + c), v);
-        _mm256_storeu_ps(out + c, v);
-      } else {
-        const __mmask8 mask = static_cast<__mmask8>((1u << (O - c)) - 1u);
-        if (accumulate) v = _mm256_add_ps(_mm256_maskz_loadu_ps(mask, out + c), v);
-        _mm256_mask_storeu_ps(out + c, mask, v);
-      }
-    }
+    if (OB % 2 == 1) finish8(acc[p][OB - 1], nnz[p], (v0 + OB - 1) * 8, out);   // the odd vector
   }
 }
 
