@@ -186,6 +186,70 @@ def test_cell_programs_give_the_bits_of_the_op_by_op_path(name, monkeypatch):
     assert (op_by_op - float_logits(model, x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize('rule', RULES)
+@pytest.mark.parametrize('name', list(SMALL))
+def test_small_float_parts_on_one_thread_keep_the_bits(name, rule, monkeypatch):
+    """With sleeping threads the small float parts (stem, residual convs, head, their BN and layout copies) run
+    on one thread (runtime.ONE_THREAD_MACS): the logits are the bits of the caller's threads, at batch 1 and 3,
+    and equal the float model's; the switch really happens, and only then."""
+    from bnas_nni.deploy import runtime as engine_module
+
+    model, x = build(name, rule, exact=False, seed=3)
+    net = engine_of(model)
+    switched = []
+    one_thread = engine_module._one_thread
+
+    def spy():
+        switched.append(torch.get_num_threads())
+        return one_thread()
+    monkeypatch.setattr(engine_module, '_one_thread', spy)
+    with torch.no_grad():
+        torch.set_num_threads(2)
+        for batch in (x[:1], x):
+            outs = {}
+            for small_ops in (True, False):
+                monkeypatch.setattr(engine_module, 'ONE_THREAD_SMALL_OPS', small_ops)
+                switched.clear()
+                outs[small_ops] = net(batch)
+                assert bool(switched) == small_ops and set(switched) <= {2}
+            assert torch.equal(outs[True], outs[False]), (name, rule, len(batch))
+            assert (outs[True] - float_logits(model, batch)).abs().max().item() <= 1e-4
+
+
+def test_one_thread_rule_follows_the_wait_policy_and_spares_pointwise_convs(monkeypatch):
+    """Small ops go to one thread only where threads sleep (OMP_WAIT_POLICY=PASSIVE) and only below the size
+    limits; an unstrided 1x1 conv keeps the caller's threads, because PyTorch picks its backend (and so its
+    rounding) by the thread count."""
+    from bnas_nni.deploy import runtime as engine_module
+
+    monkeypatch.setattr(engine_module, 'ONE_THREAD_SMALL_OPS', None)
+    torch.set_num_threads(2)
+    x = torch.randn(1, 108, 16, 16, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(8, 108, 1, 1, generator=torch.Generator().manual_seed(1))
+    w3 = torch.randn(8, 108, 3, 3, generator=torch.Generator().manual_seed(2))
+
+    def threads_in(ctx) -> int:
+        with ctx:
+            return torch.get_num_threads()
+
+    for policy, sleeping in (('PASSIVE', True), ('passive', True), ('ACTIVE', False), (None, False)):
+        if policy is None:
+            monkeypatch.delenv('OMP_WAIT_POLICY', raising=False)
+        else:
+            monkeypatch.setenv('OMP_WAIT_POLICY', policy)
+        assert threads_in(engine_module._conv_threads(x, w3.shape, 1, 1, 1)) == (1 if sleeping else 2), policy
+        assert threads_in(engine_module._threads_for(1000, engine_module.ONE_THREAD_ELEMENTS)) == \
+            (1 if sleeping else 2)
+        assert threads_in(engine_module._threads_for(1 << 20, engine_module.ONE_THREAD_ELEMENTS)) == 2
+        assert threads_in(engine_module._conv_threads(x, w.shape, 1, 0, 1)) == 2           # pointwise: kept
+        assert threads_in(engine_module._conv_threads(x, w.shape, 2, 0, 1)) == (1 if sleeping else 2)
+    assert torch.get_num_threads() == 2                                                   # restored
+    monkeypatch.setenv('OMP_WAIT_POLICY', 'PASSIVE')
+    ref = torch.nn.functional.conv2d(x, w)
+    with engine_module._conv_threads(x, w.shape, 1, 0, 1):
+        assert torch.equal(torch.nn.functional.conv2d(x, w), ref)
+
+
 def test_isa_paths_forced_by_the_environment_agree_bit_for_bit(tmp_path, monkeypatch):
     model, x = build('cifar-latest-cell', 'official-2020-11', exact=False, seed=1)
     path = tmp_path / 'net.bnp'

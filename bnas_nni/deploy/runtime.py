@@ -32,6 +32,8 @@ Deploy section for when that can move a value across a sign threshold.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -65,6 +67,59 @@ CELL_PROGRAM = True
 #: whole chain on one thread (or, at batch 1, the team), and the threads are woken once per chain instead of
 #: once per cell; False runs the cell programs one by one (the same bits; kept for tests and comparison)
 CELL_CHAINS = True
+
+
+#: Float parts (stem, residual convs, head) that run on one thread when the process's OpenMP threads sleep
+#: between parallel regions (``OMP_WAIT_POLICY=PASSIVE``, what a shared machine needs): below these sizes per
+#: call -- multiply-accumulates of a conv, elements of an elementwise op or layout copy -- waking a sleeping
+#: thread (50-250 us on a 2-core VM) costs more than it saves. Measured there: a 2.1M-MAC conv takes 96 us on
+#: one thread and 284 us on two, a 147K-element BN 30 and 69 us; from ~20M MACs and ~600K elements two threads
+#: win. With spinning threads (libgomp's default policy) every op keeps all threads. The thread count does not
+#: change the bits of these ops (each output is computed by one thread, in the same order), with one exception
+#: that keeps its threads: PyTorch picks the backend of an unstrided, undilated 1x1 conv by the thread count
+#: (oneDNN with several threads, im2col + GEMM with one), and the two round differently.
+#: ``tests/test_deploy_network.py`` checks networks and such convs both ways.
+ONE_THREAD_MACS = 1 << 24
+ONE_THREAD_ELEMENTS = 1 << 19
+
+#: None: small float parts go to one thread when ``OMP_WAIT_POLICY`` is ``PASSIVE`` (read when the OpenMP
+#: runtime starts, so it is the policy in force); True / False: always / never (tests and comparisons).
+ONE_THREAD_SMALL_OPS: Optional[bool] = None
+
+
+def _threads_sleep() -> bool:
+    if ONE_THREAD_SMALL_OPS is not None:
+        return ONE_THREAD_SMALL_OPS
+    return os.environ.get('OMP_WAIT_POLICY', '').strip().upper() == 'PASSIVE'
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _threads_for(work: int, limit: int):
+    """A context for an op of ``work`` units (see ONE_THREAD_MACS / ONE_THREAD_ELEMENTS): one thread when the
+    threads sleep and the op is small, else the caller's threads."""
+    if work < limit and torch.get_num_threads() > 1 and _threads_sleep():
+        return _one_thread()
+    return contextlib.nullcontext()
+
+
+def _conv_threads(x: torch.Tensor, weight_shape, stride: int, padding: int, dilation: int):
+    """_threads_for a float conv of ``x``; an unstrided, undilated 1x1 conv keeps the caller's threads (its
+    backend, and so its bits, depend on the thread count; see ONE_THREAD_MACS)."""
+    O, C, KH, KW = weight_shape
+    if (KH, KW) == (1, 1) and stride == 1 and dilation == 1:
+        return contextlib.nullcontext()
+    oh = (x.shape[2] + 2 * padding - dilation * (KH - 1) - 1) // stride + 1
+    ow = (x.shape[3] + 2 * padding - dilation * (KW - 1) - 1) // stride + 1
+    return _threads_for(x.shape[0] * O * max(oh, 0) * max(ow, 0) * C * KH * KW, ONE_THREAD_MACS)
 
 
 class _Workspace(threading.local):
@@ -142,9 +197,11 @@ def _relayout(x: torch.Tensor, memory_format: torch.memory_format, isa: int,
     if x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous(memory_format=src):
         out = (torch.empty(x.shape, memory_format=memory_format) if workspace is None else
                workspace.take(tuple(x.shape), memory_format))
-        kernels.extension().relayout(x, out, isa)
+        with _threads_for(x.numel(), ONE_THREAD_ELEMENTS):
+            kernels.extension().relayout(x, out, isa)
         return out
-    return x.contiguous(memory_format=memory_format)
+    with _threads_for(x.numel(), ONE_THREAD_ELEMENTS):
+        return x.contiguous(memory_format=memory_format)
 
 
 def _cl(x: torch.Tensor, isa: int, workspace: Optional[_Workspace] = None) -> torch.Tensor:
@@ -310,30 +367,33 @@ class _Unit:
             if out is None:
                 return y
             return out.add_(y) if accumulate else out.copy_(y)
-        xn = _relayout(x, torch.contiguous_format, isa, workspace)
-        if self.sign:
-            h = threshold_signs(xn, self.thresholds, self.negate)
-        else:   # the kernel F.batch_norm runs in eval mode (the same bits), into a buffer lent when it can be
-            b = self.bn
-            h = torch.empty_like(xn) if workspace is None else workspace.take(tuple(xn.shape))
-            torch.ops.aten.native_batch_norm.out(xn, b['weight'], b['bias'], b['mean'], b['var'], False, 0.0,
-                                                 self.eps, out=h, save_mean=_EMPTY, save_invstd=_EMPTY)
-        y = F.conv2d(h, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        with _threads_for(x.numel(), ONE_THREAD_ELEMENTS):
+            xn = _relayout(x, torch.contiguous_format, isa, workspace)
+            if self.sign:
+                h = threshold_signs(xn, self.thresholds, self.negate)
+            else:   # the kernel F.batch_norm runs in eval mode (the same bits), into a buffer lent when it can be
+                b = self.bn
+                h = torch.empty_like(xn) if workspace is None else workspace.take(tuple(xn.shape))
+                torch.ops.aten.native_batch_norm.out(xn, b['weight'], b['bias'], b['mean'], b['var'], False, 0.0,
+                                                     self.eps, out=h, save_mean=_EMPTY, save_invstd=_EMPTY)
+        with _conv_threads(h, self.weight.shape, self.stride, self.padding, self.dilation):
+            y = F.conv2d(h, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if workspace is not None:
             workspace.give(h)
-        if self.epilogue:
-            y = self._finish(y, xn)
-        elif self.relu:
-            y = F.relu(y)
-        if workspace is not None and xn is not x:
-            workspace.give(xn)
-        if out is None:
-            return _cl(y, isa, workspace) if layout == 'cl' else y
-        if accumulate:
-            out.add_(y)
-        else:
-            out.copy_(y)
-        return out
+        with _threads_for(y.numel(), ONE_THREAD_ELEMENTS):
+            if self.epilogue:
+                y = self._finish(y, xn)
+            elif self.relu:
+                y = F.relu(y)
+            if workspace is not None and xn is not x:
+                workspace.give(xn)
+            if out is None:
+                return _cl(y, isa, workspace) if layout == 'cl' else y
+            if accumulate:
+                out.add_(y)
+            else:
+                out.copy_(y)
+            return out
 
 
 class _Pool:
@@ -349,20 +409,31 @@ class _Pool:
 
 
 def _prim_fn(p: Dict[str, Any], where: str):
-    """A float stem primitive (conv / bn / relu) as a function of an NCHW tensor."""
+    """A float stem primitive (conv / bn / relu) as a function of an NCHW tensor (on one thread when small,
+    see ONE_THREAD_MACS)."""
+    def elementwise(fn):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with _threads_for(x.numel(), ONE_THREAD_ELEMENTS):
+                return fn(x)
+        return run
+
     if p['type'] == 'relu':
-        return F.relu
+        return elementwise(F.relu)
     if p['type'] == 'bn':
         C = int(p['mean'].numel()) if isinstance(p.get('mean'), torch.Tensor) else 0
         b = {k: (None if p.get(k) is None else _tensor(p, k, where, torch.float32, (C,)))
              for k in ('weight', 'bias', 'mean', 'var')}
         eps = float(p['eps'])
-        return lambda x: F.batch_norm(x, b['mean'], b['var'], b['weight'], b['bias'], False, 0.0, eps)
+        return elementwise(lambda x: F.batch_norm(x, b['mean'], b['var'], b['weight'], b['bias'], False, 0.0, eps))
     if p['type'] == 'conv':
         _, _, w = _conv_weight(p, where)
         bias = None if p.get('bias') is None else _tensor(p, 'bias', where, torch.float32, (int(p['out']),))
         s, pad, dil = int(p['stride']), int(p['padding']), int(p['dilation'])
-        return lambda x: F.conv2d(x, w, bias, s, pad, dil)
+
+        def conv(x: torch.Tensor) -> torch.Tensor:
+            with _conv_threads(x, w.shape, s, pad, dil):
+                return F.conv2d(x, w, bias, s, pad, dil)
+        return conv
     raise CheckpointError(f"packed model: {where}: unknown stem layer {p['type']!r}; re-export it")
 
 
@@ -680,11 +751,12 @@ class PackedNetwork(nn.Module):
         return s, s
 
     def _head(self, s: torch.Tensor, isa: int, workspace: _Workspace) -> torch.Tensor:
-        nchw = _relayout(s, torch.contiguous_format, isa, workspace)
-        pooled = F.adaptive_avg_pool2d(nchw, 1).flatten(1)
-        if nchw is not s:
-            workspace.give(nchw)
-        return F.linear(pooled, self.fc_weight, self.fc_bias)
+        with _threads_for(s.numel(), ONE_THREAD_ELEMENTS):
+            nchw = _relayout(s, torch.contiguous_format, isa, workspace)
+            pooled = F.adaptive_avg_pool2d(nchw, 1).flatten(1)
+            if nchw is not s:
+                workspace.give(nchw)
+            return F.linear(pooled, self.fc_weight, self.fc_bias)
 
     def profile(self, x: torch.Tensor, cpu: bool = False) -> Tuple[torch.Tensor, List[Tuple]]:
         """``(logits, [(layer, kind, seconds), ...])`` of one forward pass, in execution order (a layer that ran
