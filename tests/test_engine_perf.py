@@ -265,7 +265,7 @@ def test_forward_passes_reuse_their_buffers_and_keep_the_bits(monkeypatch, chain
         t.join()
     assert not errors and len(got) == 3
     net.release_buffers()
-    assert not ws.free
+    assert not ws.free and not ws._views
     assert torch.equal(net(xb).view(torch.int32), want[2])
 
 
@@ -281,6 +281,8 @@ def test_workspace_keeps_what_recent_passes_need_not_every_size_it_saw():
     _, growing, _ = _small_bnas_a(3)
     for batch in range(1, 13):
         growing(x[:batch])
+        ws = growing._workspace    # the views it keeps for reuse are views of buffers it keeps, nothing else
+        assert {ptr for ptr, _, _ in ws._views} <= {t.data_ptr() for t in ws.free}
     assert 0 < one_pass and growing._workspace.retained() <= 3 * one_pass
     assert torch.equal(growing(x).view(torch.int32), net(x).view(torch.int32))
 

@@ -93,14 +93,26 @@ def _threads_sleep() -> bool:
     return os.environ.get('OMP_WAIT_POLICY', '').strip().upper() == 'PASSIVE'
 
 
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+class _OneThread:
+    """Torch on one thread inside the block, the caller's thread count restored after (a class: cheaper to enter
+    than a generator context, and it runs several times per forward pass)."""
+
+    __slots__ = ('threads',)
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> bool:
+        torch.set_num_threads(self.threads)
+        return False
+
+
+def _one_thread() -> _OneThread:
+    return _OneThread()
+
+
+_CALLER_THREADS = contextlib.nullcontext()
 
 
 def _threads_for(work: int, limit: int):
@@ -108,7 +120,7 @@ def _threads_for(work: int, limit: int):
     threads sleep and the op is small, else the caller's threads."""
     if work < limit and torch.get_num_threads() > 1 and _threads_sleep():
         return _one_thread()
-    return contextlib.nullcontext()
+    return _CALLER_THREADS
 
 
 def _conv_threads(x: torch.Tensor, weight_shape, stride: int, padding: int, dilation: int):
@@ -116,7 +128,7 @@ def _conv_threads(x: torch.Tensor, weight_shape, stride: int, padding: int, dila
     backend, and so its bits, depend on the thread count; see ONE_THREAD_MACS)."""
     O, C, KH, KW = weight_shape
     if (KH, KW) == (1, 1) and stride == 1 and dilation == 1:
-        return contextlib.nullcontext()
+        return _CALLER_THREADS
     oh = (x.shape[2] + 2 * padding - dilation * (KH - 1) - 1) // stride + 1
     ow = (x.shape[3] + 2 * padding - dilation * (KW - 1) - 1) // stride + 1
     return _threads_for(x.shape[0] * O * max(oh, 0) * max(ow, 0) * C * KH * KW, ONE_THREAD_MACS)
@@ -138,6 +150,8 @@ class _Workspace(threading.local):
 
     def __init__(self) -> None:
         self.free: List[torch.Tensor] = []
+        self._sizes: List[int] = []               # numel of each free buffer (a Python int: no call per look)
+        self._views: Dict[Tuple[int, Tuple[int, ...], bool], torch.Tensor] = {}   # (data_ptr, shape, CL) -> view
         self.lent: Dict[int, torch.Tensor] = {}   # data_ptr -> the flat buffer
         self.last_used: Dict[int, int] = {}      # data_ptr -> the pass that last lent it
         self.passes = 0
@@ -152,36 +166,59 @@ class _Workspace(threading.local):
         numel = 1
         for d in shape:
             numel *= int(d)
-        best = -1
-        for i, t in enumerate(self.free):
-            if t.numel() >= numel and (best < 0 or t.numel() < self.free[best].numel()):
-                best = i
-        flat = self.free.pop(best) if best >= 0 else torch.empty(numel)
-        self.lent[flat.data_ptr()] = flat
-        self.last_used[flat.data_ptr()] = self.passes
-        head = flat[:numel]
-        if memory_format == CL and len(shape) == 4:
-            N, C, H, W = shape
-            return head.view(N, H, W, C).permute(0, 3, 1, 2)
-        return head.view(shape)
+        best, best_size = -1, 0
+        for i, size in enumerate(self._sizes):
+            if size >= numel and (best < 0 or size < best_size):
+                best, best_size = i, size
+        if best >= 0:
+            flat = self.free.pop(best)
+            del self._sizes[best]
+        else:
+            flat = torch.empty(numel)
+        ptr = flat.data_ptr()
+        self.lent[ptr] = flat
+        self.last_used[ptr] = self.passes
+        cl = memory_format == CL and len(shape) == 4
+        key = (ptr, tuple(shape), cl)
+        view = self._views.get(key)   # kept: a pass asks for the same shapes each time (three tensor ops saved)
+        if view is None:
+            head = flat[:numel]
+            if cl:
+                N, C, H, W = shape
+                view = head.view(N, H, W, C).permute(0, 3, 1, 2)
+            else:
+                view = head.view(shape)
+            self._views[key] = view
+        return view
 
     def give(self, *tensors: Optional[torch.Tensor]) -> None:
         for t in tensors:
             flat = None if t is None else self.lent.pop(t.data_ptr(), None)
             if flat is not None:
                 self.free.append(flat)
+                self._sizes.append(flat.numel())
 
     def end(self) -> None:
         """The pass is over: free buffers that neither it nor the pass before used are released."""
-        self.free = [t for t in self.free if self.last_used.get(t.data_ptr(), 0) >= self.passes - 1]
-        self.last_used = {t.data_ptr(): self.last_used[t.data_ptr()] for t in self.free}
+        ptrs = [t.data_ptr() for t in self.free]
+        keep = [i for i, p in enumerate(ptrs) if self.last_used.get(p, 0) >= self.passes - 1]
+        if len(keep) < len(self.free):
+            self.free = [self.free[i] for i in keep]
+            self._sizes = [self._sizes[i] for i in keep]
+        self.last_used = {ptrs[i]: self.last_used[ptrs[i]] for i in keep}
+        # views of released buffers would keep them alive; views of lent ones are still in use
+        alive = set(self.last_used) | set(self.lent)
+        if len(self._views) > 0 and any(k[0] not in alive for k in self._views):
+            self._views = {k: v for k, v in self._views.items() if k[0] in alive}
 
     def retained(self) -> int:
         """Elements held in free buffers."""
-        return sum(t.numel() for t in self.free)
+        return sum(self._sizes)
 
     def clear(self) -> None:
         self.free = []
+        self._sizes = []
+        self._views = {}
         self.lent.clear()
         self.last_used = {}
 
