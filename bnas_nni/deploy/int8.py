@@ -57,9 +57,9 @@ class Int8Conv:
 
     def __call__(self, x: torch.Tensor, isa: int) -> torch.Tensor:
         KH, KW = self.kernel
-        f = lambda n, k: (n + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1  # noqa: E731
-        out = torch.empty((x.shape[0], self.out_ch, f(x.shape[2], KH), f(x.shape[3], KW)),
-                          memory_format=torch.channels_last)
+        oh, ow = (kernels.conv_output_size(n, k, self.stride, self.padding, self.dilation)
+                  for n, k in ((x.shape[2], KH), (x.shape[3], KW)))
+        out = torch.empty((x.shape[0], self.out_ch, oh, ow), memory_format=torch.channels_last)
         kernels.extension().int8_conv(x, self.bn_a, self.bn_b, self.weight, self.wsum128, self.wscale, self.bias, out,
                                       KH, KW, self.stride, self.padding, self.dilation, self.relu, isa)
         return out

@@ -18,7 +18,8 @@ from typing import Optional, Tuple
 from ..errors import ConfigError
 from ..extensions import ExtensionBuildError, load_extension
 
-__all__ = ['ISAS', 'ISA_ENV', 'EngineBuildError', 'extension', 'supported_isas', 'resolve_isa', 'isa_id']
+__all__ = ['ISAS', 'ISA_ENV', 'EngineBuildError', 'extension', 'supported_isas', 'resolve_isa', 'isa_id',
+           'conv_output_size']
 
 ISAS = ('portable', 'avx2', 'avx512')
 ISA_ENV = 'BNAS_DEPLOY_ISA'
@@ -70,3 +71,8 @@ def resolve_isa(isa: Optional[str] = None) -> str:
 
 def isa_id(name: str) -> int:
     return ISAS.index(name)
+
+
+def conv_output_size(n: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution over ``n`` input pixels (PyTorch's rule, which the kernels follow)."""
+    return (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1

@@ -129,8 +129,8 @@ def _conv_threads(x: torch.Tensor, weight_shape, stride: int, padding: int, dila
     O, C, KH, KW = weight_shape
     if (KH, KW) == (1, 1) and stride == 1 and dilation == 1:
         return _CALLER_THREADS
-    oh = (x.shape[2] + 2 * padding - dilation * (KH - 1) - 1) // stride + 1
-    ow = (x.shape[3] + 2 * padding - dilation * (KW - 1) - 1) // stride + 1
+    oh = kernels.conv_output_size(x.shape[2], KH, stride, padding, dilation)
+    ow = kernels.conv_output_size(x.shape[3], KW, stride, padding, dilation)
     return _threads_for(x.shape[0] * O * max(oh, 0) * max(ow, 0) * C * KH * KW, ONE_THREAD_MACS)
 
 
@@ -368,8 +368,8 @@ class _Unit:
 
     def out_hw(self, h: int, w: int) -> Tuple[int, int]:
         KH, KW = self.kernel
-        f = lambda n, k: (n + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1  # noqa: E731
-        return f(h, KH), f(w, KW)
+        return (kernels.conv_output_size(h, KH, self.stride, self.padding, self.dilation),
+                kernels.conv_output_size(w, KW, self.stride, self.padding, self.dilation))
 
     def __call__(self, x: torch.Tensor, isa: int, out: Optional[torch.Tensor] = None, accumulate: bool = False,
                  layout: str = 'cl', workspace: Optional[_Workspace] = None) -> torch.Tensor:
