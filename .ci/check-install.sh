@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT   # the venv holds a full torch install (~6 GB): never leave it behind
 python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q --disable-pip-version-check .
 mkdir "$WORK/elsewhere" && cd "$WORK/elsewhere"
@@ -16,4 +17,4 @@ B="$WORK/venv/bin/bnas-nni"
 "$B" train --arch mycell --dataset fashion-mnist --init-channels 8 --layers 3 --epochs 1 --train-subset 512 \
   --val-subset 256 --batch-size 64 --set lr=0.02 --set run_dir=trained | tail -2
 "$B" export --checkpoint trained --out mycell.bnp | tail -2      # builds the C++ engine from package data
-echo "install check passed in $WORK"
+echo "install check passed"
