@@ -17,7 +17,7 @@ ImageNet config, 224x224), with trained-looking random BN statistics, the bench
 * prints a roofline: the machine's peak XNOR/popcount and fp32 FMA throughput (micro-benchmarks of the
   engine's instruction mix on the VPOPCNTQ and AVX2 paths, measured between the profiled runs), the
   network's binary and full-precision MACs, the time those take at peak, and the achieved fraction per
-  layer kind of the engine's profile;
+  layer kind of the engine's profile, and for the binary convs also per input width;
 * times the binary conv layers alone (the float model's ``BN -> sign -> binary conv -> ReLU`` modules, and
   react blocks ``BN -> RSign -> binary conv [+ shortcut] -> (R)PReLU`` whole, via hooks vs the engine's
   binary layers, epilogues included) and prints a per-layer breakdown of the engine;
@@ -189,13 +189,13 @@ def top1_agreement(model, runners: dict, images, batch: int = 32) -> dict:
 
 
 def layer_macs(net, size: int) -> dict:
-    """Per profile entry name: (kind, binary MACs, full-precision MACs) of one image through the packed network
-    (a binary MAC: one sign x sign-weight product on the XNOR/popcount kernels; everything else, including
-    convs that the engine runs as float ops, counts as full precision)."""
+    """Per profile entry name: (kind, binary MACs, full-precision MACs, input channels) of one image through the
+    packed network (a binary MAC: one sign x sign-weight product on the XNOR/popcount kernels; everything else,
+    including convs that the engine runs as float ops, counts as full precision)."""
     def unit(u, h, w):
         oh, ow = u.out_hw(h, w)
         macs = u.out_ch * u.in_ch * u.kernel[0] * u.kernel[1] * oh * ow
-        return (u.kind, macs, 0) if u.packed else (u.kind, 0, macs)
+        return (u.kind, macs, 0, u.in_ch) if u.packed else (u.kind, 0, macs, u.in_ch)
 
     out = {}
     if net.family != 'cifar':
@@ -213,7 +213,7 @@ def layer_macs(net, size: int) -> dict:
         if hasattr(cell.residual, 'packed'):
             out[f'{cell.name}.residual'] = unit(cell.residual, H, W)
         h0, w0, h1, w1 = H, W, oh, ow
-    out['head'] = ('float head', 0, net.fc_weight.numel())
+    out['head'] = ('float head', 0, net.fc_weight.numel(), net.fc_weight.shape[1])
     return out
 
 
@@ -240,7 +240,9 @@ def peak_rates(isas) -> dict:
 
 def roofline(net, x, isa: str, isas, repeats: int) -> dict:
     """Peak rates and the per-kind profile of ``net`` on ``x`` (CPU seconds of each layer), measured in turns
-    (peak, profile, peak, ...), so each fraction compares a profile with the peak of its own moment; medians."""
+    (peak, profile, peak, ...), so each fraction compares a profile with the peak of its own moment; medians.
+    Binary convs are also split by their input channels ('widths'): the bits per output that a conv's
+    XNOR/popcount work is spread over decide how much of its time packing and the epilogue take."""
     import torch
 
     macs = layer_macs(net, x.shape[-1])
@@ -251,15 +253,19 @@ def roofline(net, x, isa: str, isas, repeats: int) -> dict:
         for _ in range(repeats):
             rates = peak_rates(isas)
             _, records = net.profile(x, cpu=True)
-            kinds = {}
+            kinds, widths = {}, {}
             for name, kind, t, c in records:
-                acc = kinds.setdefault(kind, [0.0, 0.0, 0, 0])
-                acc[0] += t
-                acc[1] += c
-                if name in macs and macs[name][0] == kind:   # (a cell's residual conv and its add share a name)
-                    acc[2] += macs[name][1] * x.shape[0]
-                    acc[3] += macs[name][2] * x.shape[0]
-            samples.append((rates, kinds))
+                known = name in macs and macs[name][0] == kind   # (a cell's residual conv and its add share a name)
+                groups = [kinds.setdefault(kind, [0.0, 0.0, 0, 0])]
+                if known and kind.startswith('binary conv'):
+                    groups.append(widths.setdefault(f'{kind}, {macs[name][3]} channels in', [0.0, 0.0, 0, 0]))
+                for acc in groups:
+                    acc[0] += t
+                    acc[1] += c
+                    if known:
+                        acc[2] += macs[name][1] * x.shape[0]
+                        acc[3] += macs[name][2] * x.shape[0]
+            samples.append((rates, kinds, widths))
     med = statistics.median
     rates = {k: med(s[0][k] for s in samples) for k in samples[0][0]}
     bkey = f'binary {isa}'
@@ -267,17 +273,23 @@ def roofline(net, x, isa: str, isas, repeats: int) -> dict:
     def ideal(r, bmacs, fmacs):   # CPU seconds at peak
         return (bmacs / r[bkey] if bmacs and bkey in r else 0.0) + (fmacs / r['fma'] if fmacs and 'fma' in r else 0.0)
 
-    table = {}
-    for kind in samples[0][1]:
-        _, _, bmacs, fmacs = samples[0][1][kind]
-        frac = [ideal(r, bmacs, fmacs) / k[kind][1] for r, k in samples if k[kind][1] > 0]
-        table[kind] = {'seconds': med(k[kind][0] for _, k in samples), 'cpu_s': med(k[kind][1] for _, k in samples),
-                       'binary_macs': bmacs, 'fp_macs': fmacs, 'ideal_cpu_s': ideal(rates, bmacs, fmacs),
-                       'fraction': med(frac) if (bmacs or fmacs) and frac else None}
+    def summarise(part: int) -> dict:   # part 1: the kinds, 2: the binary convs' widths
+        table = {}
+        for key in samples[0][part]:
+            _, _, bmacs, fmacs = samples[0][part][key]
+            frac = [ideal(s[0], bmacs, fmacs) / s[part][key][1] for s in samples if s[part][key][1] > 0]
+            table[key] = {'seconds': med(s[part][key][0] for s in samples),
+                          'cpu_s': med(s[part][key][1] for s in samples), 'binary_macs': bmacs, 'fp_macs': fmacs,
+                          'ideal_cpu_s': ideal(rates, bmacs, fmacs),
+                          'fraction': med(frac) if (bmacs or fmacs) and frac else None}
+        return table
+
+    table = summarise(1)
     bin_kinds = [k for k in table if k.startswith('binary conv')]
     frac = [sum(ideal(r, k[kind][2], 0) for kind in bin_kinds) / max(sum(k[kind][1] for kind in bin_kinds), 1e-12)
-            for r, k in samples]
-    return {'rates': rates, 'kinds': table, 'binary_fraction': med(frac) if bin_kinds else None,
+            for r, k, _ in samples]
+    return {'rates': rates, 'kinds': table, 'widths': summarise(2),
+            'binary_fraction': med(frac) if bin_kinds else None,
             'binary_macs_per_image': sum(v[1] for v in macs.values()),
             'fp_macs_per_image': sum(v[2] for v in macs.values()), 'runs': repeats, 'isa': isa,
             'threads': torch.get_num_threads()}
@@ -300,12 +312,20 @@ def print_roofline(r: dict, batch: int) -> None:
         line += (f'; at peak on {threads} threads {tb * 1e3:.3f} ms binary + {tf * 1e3:.3f} ms fp per image, '
                  f'{(tb + tf) * batch * 1e3:.2f} ms for the batch')
     print(line, flush=True)
-    print(f'{"":11}{"layer kind":<36}{"wall ms":>9}{"CPU ms":>9}{"binary MACs":>13}{"fp MACs":>11}'
+    width = max([36] + [len(k) + 2 for k in r.get('widths', {})])
+    print(f'{"":11}{"layer kind":<{width}}{"wall ms":>9}{"CPU ms":>9}{"binary MACs":>13}{"fp MACs":>11}'
           f'{"CPU ms at peak":>16}{"of peak":>9}', flush=True)
-    for kind, v in sorted(r['kinds'].items(), key=lambda kv: -kv[1]['cpu_s']):
-        frac = '-' if v['fraction'] is None else f'{100 * v["fraction"]:.1f}%'
-        print(f'{"":11}{kind:<36}{v["seconds"] * 1e3:>9.2f}{v["cpu_s"] * 1e3:>9.2f}{v["binary_macs"]:>13.3g}'
-              f'{v["fp_macs"]:>11.3g}{v["ideal_cpu_s"] * 1e3:>16.3f}{frac:>9}', flush=True)
+
+    def rows(table: dict) -> None:
+        for kind, v in sorted(table.items(), key=lambda kv: -kv[1]['cpu_s']):
+            frac = '-' if v['fraction'] is None else f'{100 * v["fraction"]:.1f}%'
+            print(f'{"":11}{kind:<{width}}{v["seconds"] * 1e3:>9.2f}{v["cpu_s"] * 1e3:>9.2f}'
+                  f'{v["binary_macs"]:>13.3g}{v["fp_macs"]:>11.3g}{v["ideal_cpu_s"] * 1e3:>16.3f}{frac:>9}', flush=True)
+
+    rows(r['kinds'])
+    if r.get('widths'):
+        print(f'{"":11}binary convs by input channels:', flush=True)
+        rows(r['widths'])
     if r['binary_fraction'] is not None:
         print(f'{"":11}all binary convs: {100 * r["binary_fraction"]:.1f}% of the popcount peak', flush=True)
 
